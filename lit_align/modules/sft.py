@@ -1,0 +1,15 @@
+"""SFTModule: imitation only, mu = 1 (no rollouts are sampled)."""
+from __future__ import annotations
+
+from lit_align.modules.policy import PolicyModule
+
+
+class SFTModule(PolicyModule):
+    """Supervised fine-tuning on the expert demonstrations: L = L_SFT.
+
+    Takes the shared PolicyModule arguments; the RL ones are unused. Validation still decodes
+    greedy answers, so val/accuracy is comparable with every other method.
+    """
+
+    def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
+        return 1.0

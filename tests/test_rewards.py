@@ -1,0 +1,411 @@
+"""Tests for lit_align.rewards: answer extraction, equivalence, hostile input, safe scoring."""
+
+from __future__ import annotations
+
+import math
+import time
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lit_align.rewards import (
+    ExactAnswerReward,
+    MathAnswerReward,
+    RewardError,
+    RewardFunction,
+    answers_equivalent,
+    extract_boxed,
+    extract_final_answer,
+    parse_number,
+    score_safely,
+)
+
+FAST_S = 1.0  # generous wall-clock bound for anything that must be "fast"
+
+
+def math_reward(completion: str, answer: str, **kwargs) -> float:
+    return float(MathAnswerReward(**kwargs)(["q"], [completion], [answer])[0])
+
+
+# ------------------------------------------------------------------ ExactAnswerReward
+
+
+def test_exact_embedded_addition_task():
+    fn = ExactAnswerReward()
+    r = fn(["37+48=", "37+48=", "37+48=", "37+48="], ["85", " 85\n", "86", "85 "], ["85"] * 4)
+    assert r.dtype == torch.float32 and r.shape == (4,)
+    assert r.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert fn.correct(["p"], ["8 5"], ["85"]).tolist() == [False]
+
+
+def test_exact_prefix_handling():
+    fn = ExactAnswerReward(answer_prefix="####")
+    completions = [
+        "40+32=72 #### 72",  # after prefix
+        "#### 1 oops, redo #### 72",  # last prefix wins
+        "72",  # prefix absent: whole completion
+        "so 72",  # prefix absent, whole completion is not the answer
+        "#### 73",
+    ]
+    assert fn(["p"] * 5, completions, ["72"] * 5).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_exact_custom_rewards_and_correct():
+    fn = ExactAnswerReward(correct_reward=2.0, wrong_reward=-1.0)
+    assert fn(["p", "p"], ["a", "b"], ["a", "a"]).tolist() == [2.0, -1.0]
+    # correct() follows the match, not the reward value
+    assert fn.correct(["p", "p"], ["a", "b"], ["a", "a"]).tolist() == [True, False]
+    assert ExactAnswerReward(correct_reward=0.5).correct(["p"], ["a"], ["a"]).tolist() == [True]
+
+
+def test_base_correct_threshold_and_empty_and_mismatch():
+    class Const(RewardFunction):
+        def __call__(self, prompts, completions, answers):
+            return torch.tensor([1.0, 0.9999995, 0.999])
+
+    assert Const().correct([], [], []).tolist() == [True, True, False]
+    assert ExactAnswerReward()([], [], []).shape == (0,)
+    with pytest.raises(ValueError):
+        ExactAnswerReward()(["p"], ["a", "b"], ["a"])
+
+
+# ------------------------------------------------------------------ extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),  # nested braces kept
+        (r"\boxed{1} no wait \boxed{2}", "2"),  # last box wins
+        (r"\boxed{3} and \boxed{4", "3"),  # unclosed last box ignored
+        (r"\boxed{\boxed{7}}", "7"),  # box opened last
+        (r"\boxed {5}", "5"),
+        (r"\boxed{}", ""),
+        ("no box 42", None),
+    ],
+)
+def test_extract_boxed(text, expected):
+    assert extract_boxed(text) == expected
+
+
+def test_extract_boxed_depth_limit():
+    assert extract_boxed("\\boxed{" + "{" * 100 + "}" * 100 + "}") is None
+    assert extract_boxed("\\boxed{" + "{" * 10 + "8" + "}" * 10 + "}") == "{" * 10 + "8" + "}" * 10
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("12 apples, so the answer is 42.", "42"),
+        ("it costs 1,234 dollars", "1,234"),
+        ("the result is -3", "-3"),
+        ("5-3", "3"),
+        ("half: 1/2", "1/2"),
+        ("pi is 3.14", "3.14"),
+        (r"\boxed{x} though 9 appears later", "x"),  # box beats numbers
+        ("no digits here", None),
+    ],
+)
+def test_extract_final_answer_last_number_fallback(text, expected):
+    assert extract_final_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1,234", Fraction(1234)),
+        ("-3", Fraction(-3)),
+        ("+3", Fraction(3)),
+        ("0.50", Fraction(1, 2)),
+        (".5", Fraction(1, 2)),
+        ("7.", Fraction(7)),
+        ("3/4", Fraction(3, 4)),
+        (r"-\frac{3}{4}", Fraction(-3, 4)),
+        (r"\dfrac{6}{8}", Fraction(3, 4)),
+        (r"\tfrac12", Fraction(1, 2)),
+        (r"\frac{1.5}{3}", Fraction(1, 2)),
+        ("50%", Fraction(50)),
+        (r"12\%", Fraction(12)),
+        ("$1,000", Fraction(1000)),
+        ("x = 5", Fraction(5)),
+        ("1/0", None),
+        ("1e5", None),  # no exponents: 1e999999999 must not be built
+        ("9**9**9", None),
+        ("1,2", None),
+        ("\u0661\u0662", None),  # non-ASCII digits are not numbers here
+        ("1" * 101, None),  # over the digit cap
+        ("", None),
+        (".", None),
+    ],
+)
+def test_parse_number(text, expected):
+    assert parse_number(text) == expected
+
+
+# ------------------------------------------------------------------ MathAnswerReward
+
+
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        (r"\boxed{1/2}", "0.5", 1.0),
+        (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{\dfrac{1}{2}}", "1/2", 1.0),
+        (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+        ("the total is 1,234", "1234", 1.0),
+        (r"\boxed{1234}", "1,234", 1.0),
+        (r"\boxed{-3}", "3", 0.0),
+        (r"\boxed{3}", "-3", 0.0),
+        (r"\boxed{-3}", "-3", 1.0),
+        ("The answer is 42.", "42", 1.0),
+        (r"\boxed{3.0}", "3", 1.0),
+        (r"\boxed{50\%}", "50", 1.0),
+        (r"\boxed{1/3}", "0.333", 0.0),  # exact, not approximate
+        (r"\boxed{\pi}", r"\pi", 1.0),  # non-numeric: normalised string match
+        (r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0),
+        (r"\boxed{2}", r"so \boxed{2}", 1.0),  # boxed reference
+        ("I give up", "0", 0.0),
+        (r"\boxed{}", "", 0.0),  # empty answers never match
+    ],
+)
+def test_math_equivalence(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+    assert math_reward(completion, answer, timeout_s=0) == expected  # inline path agrees
+
+
+def test_math_custom_rewards_and_max_chars():
+    fn = MathAnswerReward(correct_reward=2.0, wrong_reward=-0.5, max_answer_chars=3)
+    r = fn(["q"] * 3, [r"\boxed{12}", r"\boxed{1234}", "7"], ["12", "1234", "8"])
+    assert r.tolist() == [2.0, -0.5, -0.5]
+    assert fn.correct(["q"] * 2, [r"\boxed{12}", "7"], ["12", "8"]).tolist() == [True, False]
+
+
+def test_math_timeout_scores_wrong_and_is_counted():
+    class Slow(MathAnswerReward):
+        def is_correct(self, prompt, completion, answer):
+            if completion == "slow":
+                time.sleep(0.4)
+            return super().is_correct(prompt, completion, answer)
+
+    fn = Slow(timeout_s=0.05)
+    start = time.perf_counter()
+    r = fn(["q"] * 3, ["1", "slow", "2"], ["1", "slow", "2"])
+    assert time.perf_counter() - start < 0.3
+    assert r.tolist() == [1.0, 0.0, 1.0]
+    assert fn.last_timeouts == 1
+    fn(["q"], ["1"], ["1"])
+    assert fn.last_timeouts == 0
+
+
+HOSTILE = {
+    "1MB text": "a" * 1_000_000,
+    "1MB comma groups": "1,234" * 200_000,
+    "1MB digits and dots": "1." * 500_000,
+    "1MB of box openers": "\\boxed{" * 150_000,
+    "1MB of braces": "{" * 500_000 + "}" * 500_000,
+    "box then 1MB spaces": "\\boxed" + " " * 1_000_000,
+    "10k-digit number": "9" * 10_000,
+    "10k-digit boxed": "\\boxed{" + "9" * 10_000 + "}",
+    "10k nested braces": "\\boxed{" + "{" * 10_000 + "7" + "}" * 10_000 + "}",
+    "10k nested boxes": "\\boxed{" * 10_000 + "}" * 10_000,
+    "power tower": "9**9**9",
+    "boxed power tower": "\\boxed{9**9**9}",
+    "exponent": "\\boxed{1e999999999}",
+    "control chars": "\x00\x01\x1b[31m\\boxed{\x00}\x7f\ud800",
+    "NUL in number": "\\boxed{4\x00}",
+    "unbalanced open": "\\boxed{\\frac{1}{2",
+    "unbalanced close": "}}}}\\boxed{}}}{{{",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_completion_is_fast_and_wrong(name):
+    completion = HOSTILE[name]
+    fn = MathAnswerReward(timeout_s=5.0)
+    start = time.perf_counter()
+    r = fn(["q"], [completion], ["12"])
+    assert time.perf_counter() - start < FAST_S
+    assert r.tolist() == [0.0]
+    assert fn.last_timeouts == 0
+
+
+def test_hostile_specifics():
+    assert extract_boxed(HOSTILE["10k nested braces"]) is None  # depth limit
+    assert parse_number("9" * 10_000) is None  # digit cap
+    # the NUL byte is not silently dropped: "4\x00" is not 4
+    assert math_reward(HOSTILE["NUL in number"], "4") == 0.0
+    # the power tower is never evaluated: 9**9 is not its value, 9 is just its last number
+    assert math_reward("9**9", "387420489") == 0.0
+    assert math_reward(HOSTILE["boxed power tower"], "9**9**9") == 1.0  # plain string match
+    # too long to trust even when equal
+    assert math_reward("9" * 10_000, "9" * 10_000) == 0.0
+
+
+# ------------------------------------------------------------------ property tests
+
+TOKENS = ["\\boxed{", "\\boxed", "\\frac", "\\dfrac", "\\left", "\\text{", "{", "}", "-", "+", "."]
+TOKENS += [",", "/", "%", "$", " ", "x=", "0", "1", "7", "99", "\x00", "é"]
+structured = st.lists(st.sampled_from(TOKENS), max_size=60).map("".join)
+any_text = st.one_of(st.text(max_size=300), structured)
+plain = st.text(alphabet=st.characters(blacklist_characters="{}\\"), max_size=50)
+
+
+def _timed(func, *args):
+    start = time.perf_counter()
+    result = func(*args)
+    assert time.perf_counter() - start < FAST_S
+    return result
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_text, any_text)
+def test_parsers_never_raise(completion, answer):
+    boxed = _timed(extract_boxed, completion)
+    assert boxed is None or isinstance(boxed, str)
+    final = _timed(extract_final_answer, completion)
+    assert final is None or isinstance(final, str)
+    value = _timed(parse_number, completion)
+    assert value is None or isinstance(value, Fraction)
+    assert isinstance(_timed(answers_equivalent, completion, answer), bool)
+    r = _timed(MathAnswerReward(timeout_s=0), ["q"], [completion], [answer])
+    assert r.shape == (1,) and r.item() in (0.0, 1.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(10**30), 10**30), plain, plain)
+def test_boxed_integer_round_trips(n, prefix, suffix):
+    completion = f"{prefix}\\boxed{{{n}}}{suffix}"
+    assert extract_boxed(completion) == str(n)
+    assert MathAnswerReward(timeout_s=0).is_correct("q", completion, str(n))
+    assert MathAnswerReward(timeout_s=0).is_correct("q", f"\\boxed{{{n:,}}}", str(n))  # thousands commas
+    assert not MathAnswerReward(timeout_s=0).is_correct("q", completion, str(n + 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(10**30), 10**30), plain)
+def test_last_number_round_trips(n, prefix):
+    assert extract_final_answer(f"{prefix} so the answer is {n}") == str(n)
+
+
+# ------------------------------------------------------------------ score_safely
+
+
+def test_score_safely_ok_and_list_conversion():
+    r, n_err = score_safely(ExactAnswerReward(), ["p", "p"], ["a", "b"], ["a", "a"])
+    assert r.tolist() == [1.0, 0.0] and n_err == 0
+    r, n_err = score_safely(lambda p, c, a: [1, 0.5], ["p", "p"], ["a", "b"], ["a", "a"])
+    assert isinstance(r, torch.Tensor) and r.dtype == torch.float32 and r.tolist() == [1.0, 0.5]
+    r, _ = score_safely(lambda p, c, a: (True, False), ["p", "p"], ["a", "b"], ["a", "a"])
+    assert r.dtype == torch.float32 and r.tolist() == [1.0, 0.0]
+    r, n_err = score_safely(lambda p, c, a: torch.tensor([3], dtype=torch.float64), ["p"], ["a"], ["a"])
+    assert r.dtype == torch.float32 and r.tolist() == [3.0]
+    assert score_safely(ExactAnswerReward(), [], [], []) == (pytest.approx(torch.zeros(0)), 0)
+
+
+def test_score_safely_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        score_safely(ExactAnswerReward(), ["p"], ["a"], ["a"], on_error="ignore")
+    with pytest.raises(ValueError):
+        score_safely(ExactAnswerReward(), ["p"], ["a", "b"], ["a"])
+
+
+def picky(prompts, completions, answers):
+    """Raises if any completion contains 'bad', else scores 1."""
+    for c in completions:
+        if "bad" in c:
+            raise KeyError(f"cannot score {c}")
+    return torch.ones(len(completions))
+
+
+def test_score_safely_raising_fn_raise_mode_names_item():
+    with pytest.raises(RewardError) as info:
+        score_safely(picky, ["p0", "p1", "p2"], ["good", "bad one", "good"], ["x"] * 3)
+    msg = str(info.value)
+    assert "item 1 of 3" in msg and "'p1'" in msg and "'bad one'" in msg and "KeyError" in msg
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_score_safely_raising_fn_zero_mode_only_bad_items():
+    r, n_err = score_safely(picky, ["p"] * 4, ["good", "bad", "good", "bad"], ["x"] * 4, on_error="zero")
+    assert r.tolist() == [1.0, 0.0, 1.0, 0.0] and n_err == 2
+
+    def always(p, c, a):
+        raise RuntimeError("boom")
+
+    r, n_err = score_safely(always, ["p"] * 3, ["a"] * 3, ["x"] * 3, on_error="zero")
+    assert r.tolist() == [0.0, 0.0, 0.0] and n_err == 3
+
+
+def test_score_safely_truncates_long_text_in_message():
+    with pytest.raises(RewardError) as info:
+        score_safely(picky, ["p" * 5000], ["bad" + "c" * 5000], ["x"])
+    msg = str(info.value)
+    assert len(msg) < 1000 and "[5000 chars]" in msg and "[5003 chars]" in msg
+
+
+def test_score_safely_non_finite_entries():
+    def nan_fn(p, c, a):
+        return torch.tensor([1.0, math.nan, math.inf, -math.inf, 0.5])
+
+    args = (["p"] * 5, list("abcde"), ["x"] * 5)
+    r, n_err = score_safely(nan_fn, *args, on_error="zero")
+    assert r.tolist() == [1.0, 0.0, 0.0, 0.0, 0.5] and n_err == 3
+    with pytest.raises(RewardError, match=r"item 1 of 5: non-finite reward nan.*completion='b'"):
+        score_safely(nan_fn, *args)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [torch.ones(3, 1), torch.ones(4), torch.ones(2), torch.tensor(1.0), ["a", "b", "c"], [1, None, 2]],
+    ids=["column", "too long", "too short", "scalar", "strings", "None entry"],
+)
+def test_score_safely_wrong_shape_or_type(output):
+    fn = lambda p, c, a: output  # noqa: E731  (same output for the item-by-item retry)
+    r, n_err = score_safely(fn, ["p"] * 3, ["a"] * 3, ["x"] * 3, on_error="zero")
+    assert r.tolist() == [0.0, 0.0, 0.0] and n_err == 3
+    with pytest.raises(RewardError):
+        score_safely(fn, ["p"] * 3, ["a"] * 3, ["x"] * 3)
+
+
+def test_score_safely_batch_only_failure():
+    one = lambda p, c, a: torch.ones(1)  # noqa: E731  (right only for batches of 1)
+    with pytest.warns(RuntimeWarning, match="not item by item"):
+        r, n_err = score_safely(one, ["p"] * 3, ["a"] * 3, ["x"] * 3, on_error="zero")
+    assert r.tolist() == [1.0, 1.0, 1.0] and n_err == 0
+    with pytest.raises(RewardError, match="on no single item"):
+        score_safely(one, ["p"] * 3, ["a"] * 3, ["x"] * 3)
+
+
+def test_score_safely_timeout():
+    def hang(p, c, a):
+        time.sleep(0.5)
+        return torch.ones(len(c))
+
+    start = time.perf_counter()
+    r, n_err = score_safely(hang, ["p"] * 2, ["a"] * 2, ["x"] * 2, on_error="zero", timeout_s=0.05)
+    assert time.perf_counter() - start < 0.3
+    assert r.tolist() == [0.0, 0.0] and n_err == 2
+    with pytest.raises(RewardError, match="exceeded timeout_s=0.05"):
+        score_safely(hang, ["p"], ["a"], ["x"], timeout_s=0.05)
+    # within the limit: normal result
+    r, n_err = score_safely(picky, ["p"], ["a"], ["x"], timeout_s=1.0)
+    assert r.tolist() == [1.0] and n_err == 0
+
+
+def test_score_safely_fn_own_timeout_error_is_not_a_hang():
+    def own(p, c, a):
+        raise TimeoutError("mine")
+
+    with pytest.raises(RewardError, match="mine") as info:
+        score_safely(own, ["p"], ["a"], ["x"], timeout_s=1.0)
+    assert "exceeded" not in str(info.value)
+
+
+def test_score_safely_with_math_reward():
+    r, n_err = score_safely(
+        MathAnswerReward(), ["q"] * 3, [r"\boxed{\frac{1}{2}}", HOSTILE["1MB text"], "7"], ["0.5", "1", "8"]
+    )
+    assert r.tolist() == [1.0, 0.0, 0.0] and n_err == 0
