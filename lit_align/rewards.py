@@ -209,7 +209,7 @@ def _parse_decimal(s: str) -> Fraction | None:
     m = _DECIMAL_RE.fullmatch(s)
     if m is None:
         return None
-    sign, whole, frac = m[1], m[2].replace(",", "."), m[3] or ""
+    sign, whole, frac = m[1], m[2].replace(",", ""), m[3] or ""
     if not (whole or frac) or len(whole) + len(frac) > MAX_DIGITS:
         return None
     value = int(whole or "0") + Fraction(int(frac or "0"), 10 ** len(frac))

@@ -49,6 +49,8 @@ class MixedDataModule(L.LightningDataModule):
             columns, or ``"embedded"`` for the default addition task; ``null`` for none.
         prompt_data: file or hub data set with prompt + answer columns (``"embedded"``, ``null``).
         val_data: held-out file with prompt + answer (+ response for val/expert_nll).
+        meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
+            reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
         prompt_column, response_column, answer_column: column names in your files.
         expert_batch_size: demonstrations per step, per device.
         prompt_batch_size: prompts per step, per device (each is sampled num_generations times).
@@ -67,12 +69,14 @@ class MixedDataModule(L.LightningDataModule):
         expert_data: str | None = "embedded",
         prompt_data: str | None = "embedded",
         val_data: str | None = "embedded",
+        meta_data: str | None = None,
         prompt_column: str = "prompt",
         response_column: str = "response",
         answer_column: str = "answer",
         expert_batch_size: int = 32,
         prompt_batch_size: int = 16,
         val_batch_size: int = 100,
+        meta_batch_size: int = 32,
         use_chat_template: bool = True,
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
@@ -83,7 +87,7 @@ class MixedDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        for name in ("expert_batch_size", "prompt_batch_size", "val_batch_size", "max_prompt_length", "max_response_length"):
+        for name in ("expert_batch_size", "prompt_batch_size", "val_batch_size", "meta_batch_size", "max_prompt_length", "max_response_length"):
             if locals()[name] < 1:
                 raise ValueError(f"data.{name}={locals()[name]} must be >= 1")
         if overlong not in ("error", "truncate", "skip"):
@@ -160,6 +164,11 @@ class MixedDataModule(L.LightningDataModule):
             self._encode(hp.prompt_data, "train", {**cols, "answer": hp.answer_column}) if hp.prompt_data else None
         )
         self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}) if hp.val_data else None
+        self.meta_rows = (
+            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.response_column})
+            if hp.meta_data
+            else None
+        )
         if self.val_rows and self.prompt_rows:
             train_prompts = {r["prompt"] for r in self.prompt_rows}
             overlap = sum(r["prompt"] in train_prompts for r in self.val_rows)
@@ -213,6 +222,8 @@ class MixedDataModule(L.LightningDataModule):
             loaders["expert"] = self._loader(self.expert_rows, hp.expert_batch_size, self.collate_expert, True)
         if self.prompt_rows:
             loaders["prompts"] = self._loader(self.prompt_rows, hp.prompt_batch_size, self.collate_prompts, True)
+        if self.meta_rows:
+            loaders["meta"] = self._loader(self.meta_rows, hp.meta_batch_size, self.collate_val, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):

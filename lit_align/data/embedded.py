@@ -131,11 +131,12 @@ def expert_answer(a: int, b: int, wrong: set[tuple[int, int]]) -> str:
 
 
 def write_task(
-    directory: str | Path, expert_error_rate: float = 0.25, num_val: int = 500, seed: int = 0
+    directory: str | Path, expert_error_rate: float = 0.25, num_val: int = 500, num_meta: int = 500, seed: int = 0
 ) -> dict[str, str]:
-    """Write train.jsonl and val.jsonl for all problems a + b with 0 <= a, b <= 99.
+    """Write train.jsonl, val.jsonl and meta.jsonl for all problems a + b with 0 <= a, b <= 99.
 
-    ``num_val`` problems (a seeded random choice) are held out of training; val rows carry the
+    ``num_val`` problems (a seeded random choice) are held out of training for evaluation, and
+    ``num_meta`` others for AMFT's meta-objective; neither is trained on. Their rows carry the
     expert's demonstration too, so held-out imitation (val/expert_nll) can be measured.
     """
     directory = Path(directory)
@@ -143,7 +144,11 @@ def write_task(
     wrong = error_pairs(expert_error_rate)
     problems = [(a, b) for a in range(100) for b in range(100)]
     random.Random(seed).shuffle(problems)
-    splits = {"val": problems[:num_val], "train": problems[num_val:]}
+    splits = {
+        "val": problems[:num_val],
+        "meta": problems[num_val : num_val + num_meta],
+        "train": problems[num_val + num_meta :],
+    }
     paths = {}
     for split, rows in splits.items():
         path = directory / f"{split}.jsonl"
@@ -157,8 +162,12 @@ def write_task(
     return paths
 
 
-def ensure_task(expert_error_rate: float = 0.25, num_val: int = 500, seed: int = 0) -> dict[str, str]:
-    """Paths of the embedded task's JSONL files for these settings, writing them on first use."""
-    name = f"addition-err{expert_error_rate:g}-val{num_val}-seed{seed}"
-    target = _atomic_dir(cache_dir() / "data" / name, lambda d: write_task(d, expert_error_rate, num_val, seed))
-    return {"train": str(target / "train.jsonl"), "val": str(target / "val.jsonl")}
+def ensure_task(
+    expert_error_rate: float = 0.25, num_val: int = 500, num_meta: int = 500, seed: int = 0
+) -> dict[str, str]:
+    """Paths of the embedded task's JSONL files (train, val, meta), writing them on first use."""
+    name = f"addition-err{expert_error_rate:g}-val{num_val}-meta{num_meta}-seed{seed}"
+    target = _atomic_dir(
+        cache_dir() / "data" / name, lambda d: write_task(d, expert_error_rate, num_val, num_meta, seed)
+    )
+    return {split: str(target / f"{split}.jsonl") for split in ("train", "val", "meta")}

@@ -67,7 +67,7 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
 
 
 def validate_rows(rows: list[dict], label: str, columns: dict[str, str]) -> None:
-    """Each ``role -> column`` must exist and hold a non-empty string in every row.
+    """Each ``role -> column`` must exist and hold a non-empty string (or a number) in every row.
 
     ``label`` names the source; row numbers count from 1 (the line number in a JSONL file
     without blank lines).
@@ -82,8 +82,8 @@ def validate_rows(rows: list[dict], label: str, columns: dict[str, str]) -> None
     for i, row in enumerate(rows, start=1):
         for role, column in columns.items():
             value = row.get(column)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and role == "answer":
-                row[column] = value = str(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[column] = value = str(value)  # CSV/Parquet readers infer numbers
             if not isinstance(value, str):
                 raise DataError(f"{label}: row {i}, column {column!r}: expected a string, got {type(value).__name__}")
             if not value.strip():

@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+
+from lit_align.data import embedded
+from lit_align.data.datamodule import MixedDataModule
+from lit_align.data.loading import DataError
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_embedded_expert_errors_are_systematic(task):
+    wrong = embedded.error_pairs(0.25)
+    assert len(wrong) == 25 and all(a + b >= 10 for a, b in wrong)  # every wrong pair carries
+    rows = _rows(task["train"])
+    bad = [r for r in rows if r["response"] != r["answer"]]
+    assert 0.2 < len(bad) / len(rows) < 0.3
+    for r in bad:  # always the same mistake: the ones carry is dropped
+        a, b = map(int, r["prompt"][:-1].split("+"))
+        assert (a % 10, b % 10) in wrong and int(r["response"]) == a + b - 10
+    assert embedded.error_pairs(0.0) == set()
+    with pytest.raises(ValueError, match="expert_error_rate"):
+        embedded.error_pairs(0.6)
+
+
+def test_embedded_splits_are_disjoint_and_complete(task):
+    splits = {k: {r["prompt"] for r in _rows(v)} for k, v in task.items()}
+    assert len(splits["val"]) == 500 and len(splits["meta"]) == 500
+    assert not (splits["val"] & splits["train"]) and not (splits["meta"] & splits["train"])
+    assert not (splits["val"] & splits["meta"])
+    assert sum(len(s) for s in splits.values()) == 100 * 100
+
+
+def _dm(ckpt, **kw):
+    dm = MixedDataModule(model_name_or_path=ckpt, expert_batch_size=4, prompt_batch_size=3, val_batch_size=5, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_mixed_batches_mask_the_prompt_and_pad_prompts_left(ckpt):
+    dm = _dm(ckpt)
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    expert, prompts = batch["expert"], batch["prompts"]
+    assert expert["input_ids"].shape[0] == 4 and prompts["prompt_ids"].shape[0] == 3
+    tok = dm.tokenizer
+    for ids, labels, mask in zip(expert["input_ids"], expert["labels"], expert["attention_mask"]):
+        text = tok.decode(ids[mask.bool()])
+        prompt, response = text.split("=")
+        kept = labels[labels != -100]
+        assert tok.decode(kept) == response  # the labels are exactly the demonstration + EOS
+        assert response.endswith(tok.eos_token)
+    assert (prompts["prompt_mask"][:, -1] == 1).all()  # left padding: last column always real
+    for ids, ans in zip(prompts["prompt_ids"], prompts["answers"]):
+        a, b = tok.decode(ids, skip_special_tokens=True)[:-1].split("+")
+        assert int(a) + int(b) == int(ans)
+    val = next(iter(dm.val_dataloader()))
+    assert "expert" in val and len(val["answers"]) == 5
+
+
+def test_shuffling_is_seeded(ckpt):
+    first = lambda dm: next(iter(dm.train_dataloader()))[0]["prompts"]["prompts"]  # noqa: E731
+    assert first(_dm(ckpt, seed=1)) == first(_dm(ckpt, seed=1))
+    assert first(_dm(ckpt, seed=1)) != first(_dm(ckpt, seed=2))
+
+
+def test_null_streams_are_left_out(ckpt):
+    dm = _dm(ckpt, prompt_data=None)
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"expert"}
+    with pytest.raises(ValueError, match="nothing to train on"):
+        MixedDataModule(model_name_or_path=ckpt, expert_data=None, prompt_data=None)
+
+
+def _write(path, lines):
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_user_files_with_custom_columns(ckpt, tmp_path, suffix):
+    import datasets
+
+    rows = [{"question": f"{i}+1=", "solution": str(i + 1), "target": str(i + 1)} for i in range(6)]
+    path = str(tmp_path / f"d{suffix}")
+    ds = datasets.Dataset.from_list(rows)
+    {".jsonl": lambda: ds.to_json(path), ".csv": lambda: ds.to_csv(path), ".parquet": lambda: ds.to_parquet(path)}[suffix]()
+    dm = _dm(ckpt, expert_data=path, prompt_data=path, val_data=path,
+             prompt_column="question", response_column="solution", answer_column="target")
+    assert len(dm.expert_rows) == 6 and dm.prompt_rows[0]["answer"] == "1"
+
+
+def test_chat_template_is_applied_when_present(ckpt, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=={% endif %}"
+    tok.save_pretrained(d)
+    dm = _dm(str(d))
+    assert dm.tokenizer.decode(dm.prompt_rows[0]["prompt_ids"]).endswith("===")
+    off = _dm(str(d), use_chat_template=False)
+    assert not off.tokenizer.decode(off.prompt_rows[0]["prompt_ids"]).endswith("===")
+
+
+def test_missing_file_is_named(ckpt, tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl does not exist"):
+        _dm(ckpt, expert_data=str(tmp_path / "nope.jsonl"))
+
+
+def test_missing_column_names_file_and_column(ckpt, tmp_path):
+    path = _write(tmp_path / "d.jsonl", ['{"prompt": "1+1=", "answer": "2"}\n'])
+    with pytest.raises(DataError, match=r"d\.jsonl: missing column 'response'"):
+        _dm(ckpt, expert_data=path)
+
+
+def test_malformed_line_names_file_and_line(ckpt, tmp_path):
+    good = '{"prompt": "1+1=", "response": "2", "answer": "2"}\n'
+    path = _write(tmp_path / "bad.jsonl", [good, good, '{"prompt": "1+\n'])
+    with pytest.raises(DataError, match=r"bad\.jsonl: line 3 is not valid JSON"):
+        _dm(ckpt, expert_data=path)
+
+
+def test_empty_dataset_and_empty_field(ckpt, tmp_path):
+    with pytest.raises(DataError, match="empty"):
+        _dm(ckpt, expert_data=_write(tmp_path / "empty.jsonl", []))
+    path = _write(tmp_path / "blank.jsonl", ['{"prompt": "1+1=", "response": "2"}\n', '{"prompt": " ", "response": "2"}\n'])
+    with pytest.raises(DataError, match=r"row 2, column 'prompt' is empty"):
+        _dm(ckpt, expert_data=path, prompt_data=None)
+
+
+def test_overlong_rows_error_truncate_or_skip(ckpt, tmp_path):
+    rows = ['{"prompt": "1+1=", "response": "2", "answer": "2"}\n', '{"prompt": "111111111+1=", "response": "2", "answer": "2"}\n']
+    path = _write(tmp_path / "long.jsonl", rows)
+    kw = dict(expert_data=path, prompt_data=path, val_data=None, max_prompt_length=6)
+    with pytest.raises(DataError, match="row 2 is longer than max_prompt_length=6"):
+        _dm(ckpt, **kw)
+    assert len(_dm(ckpt, overlong="skip", **kw).expert_rows) == 1
+    cut = _dm(ckpt, overlong="truncate", **kw)
+    assert len(cut.expert_rows) == 2 and len(cut.expert_rows[1]["prompt_ids"]) == 6
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MixedDataModule(model_name_or_path=str(tmp_path / "no_model")).setup("fit")
