@@ -1,0 +1,137 @@
+"""Method comparison on the embedded task: same policy-update budget, same seeds.
+
+    python benchmarks/methods.py --seeds 0 1 2 --steps 1500 --out benchmarks/results/methods
+    python benchmarks/methods.py --quick          # smoke test: 2 methods, a few steps
+
+Each run is ``train.py fit --config configs/<method>.yaml`` in its own process; the numbers
+are read back from its TensorBoard event file. Writes ``<out>/methods.md`` (a markdown table,
+mean +- std over seeds), ``<out>/methods.json`` (every run) and, when matplotlib is present,
+``<out>/curves.png`` (val/accuracy and train/mu against step).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_align.events import read_scalars  # noqa: E402
+
+METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft"]
+
+
+def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra: list[str]) -> dict:
+    save_dir = out / "runs" / f"{method}-seed{seed}"
+    args = [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{method}.yaml"),
+        f"--seed_everything={seed}", f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={val_every}",
+        f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", *extra,
+    ]
+    if method == "sft_then_grpo":
+        args.append(f"--model.init_args.sft_steps={int(steps * 0.8)}")
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    s = read_scalars(save_dir)
+    acc = s.get("val/accuracy", [])
+    return {
+        "method": method,
+        "seed": seed,
+        "final_accuracy": acc[-1][1] if acc else float("nan"),
+        "best_accuracy": max(v for _, v in acc) if acc else float("nan"),
+        "final_expert_nll": s["val/expert_nll"][-1][1] if "val/expert_nll" in s else float("nan"),
+        "wall_s": wall,
+        "accuracy_curve": acc,
+        "mu_curve": s.get("train/mu", []),
+    }
+
+
+def summarise(runs: list[dict], methods: list[str]) -> str:
+    def fmt(values: list[float], digits: int = 3) -> str:
+        if len(values) < 2:
+            return f"{values[0]:.{digits}f}"
+        return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+    lines = [
+        "| method | final val/accuracy | best val/accuracy | final val/expert_nll | wall time (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        if rs:
+            lines.append(
+                f"| {m} | {fmt([r['final_accuracy'] for r in rs])} | {fmt([r['best_accuracy'] for r in rs])} "
+                f"| {fmt([r['final_expert_nll'] for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], methods: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, m in enumerate(methods):
+        rs = [r for r in runs if r["method"] == m]
+        for j, r in enumerate(rs):
+            kw = {"color": f"C{i}", "alpha": 0.8, "label": m if j == 0 else None}
+            if r["accuracy_curve"]:
+                ax1.plot(*zip(*r["accuracy_curve"]), marker="o", ms=3, **kw)
+            if r["mu_curve"]:
+                ax2.plot(*zip(*r["mu_curve"]), **kw)
+    ax1.set(xlabel="policy update", ylabel="val/accuracy", title="held-out accuracy")
+    ax2.set(xlabel="policy update", ylabel="train/mu (SFT weight)", title="mu")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=1500, help="policy updates per run")
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods")
+    p.add_argument("--quick", action="store_true", help="smoke test: 2 methods, 1 seed, 6 steps")
+    a, extra = p.parse_known_args()  # anything else is passed to every train.py run
+    if a.quick:
+        a.methods, a.seeds, a.steps, a.val_every = ["sft", "chord_phi"], [0], 6, 3
+        extra += ["--trainer.limit_val_batches=1", "--data.init_args.expert_batch_size=8",
+                  "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=20"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for seed in a.seeds:
+        for m in a.methods:
+            r = run_one(m, seed, a.steps, a.val_every, a.out, extra)
+            print(f"{m} seed {seed}: final acc {r['final_accuracy']:.3f} best {r['best_accuracy']:.3f} "
+                  f"expert_nll {r['final_expert_nll']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+            runs.append(r)
+    table = summarise(runs, a.methods)
+    header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
+              f"updates per run; seeds {a.seeds}; measured {date.today()} with "
+              f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps}`.\n\n")
+    (a.out / "methods.md").write_text(header + table + "\n")
+    (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
+    plotted = plot(runs, a.methods, a.out / "curves.png")
+    print(table)
+    print(f"wrote {a.out / 'methods.md'}" + (f" and {a.out / 'curves.png'}" if plotted else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""AMFTModule: SFT and RL mixed by a learned weight mu, trained by a look-ahead meta-gradient.
+
+AMFT (arXiv 2508.06944). Policy update t, with W = warmup_sft_steps and K = meta_interval::
+
+    t < W:  theta <- step on L_SFT                                   (mu = 1, no rollouts)
+    t >= W: sample G completions per prompt and score them
+            H  = mean entropy of the policy on the sampled (usual) tokens
+            H* = H at the first RL step (t = W), kept in a buffer (checkpointed)
+            mu = controller(sft loss, rl loss, H, last grad norm)
+            theta <- step on (1 - mu) L_RL + mu L_SFT [+ entropy_coef * max(0, H* - H)]
+            every K-th RL step (a meta step):
+                theta' = theta - lr ((1 - mu) g_RL + mu g_SFT)        (g_* at theta; SGD look-ahead)
+                dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>           (averaged over DDP ranks)
+                controller <- SGD step (lr = controller_lr) on dV/dmu   (mu moves to lower V)
+            mu <- clip(mu + eta_H (H* - H))                            (controller.entropy_nudge)
+
+V is a held-out loss (lower is better) on the batch's ``"meta"`` rows: ``expert_nll``, the NLL of
+the held-out demonstrations, or ``reward``, minus the advantage-weighted log-likelihood of G
+fresh samples of the held-out prompts (the policy-gradient surrogate of held-out reward).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from lit_align import losses
+from lit_align.controller import MetaController, ScalarMu, hypergradient, lookahead
+from lit_align.modules.policy import PolicyModule
+from lit_align.rollout import position_ids_from_mask
+
+
+class AMFTModule(PolicyModule):
+    """Adaptive meta fine-tuning: mu is learned so that each update lowers a held-out loss.
+
+    Args:
+        controller: the meta-controller of mu (class path in YAML): ``lit_align.controller.ScalarMu``
+            (default: init 0.8, bounds 0.05/0.95) or ``lit_align.controller.MetaNetwork``. Its
+            ``eta_entropy`` is the entropy step eta_H. Kept in float32 whatever the policy's precision.
+        controller_lr: eta_mu, the learning rate of the controller's SGD optimizer.
+        meta_objective: V, ``reward`` (held-out policy-gradient surrogate, the paper's) or
+            ``expert_nll`` (held-out demonstrations' NLL, the paper's code). Needs ``data.meta_data``.
+        meta_interval: K, RL updates between meta-gradient steps (0: no meta-gradient, an ablation).
+        warmup_sft_steps: W, pure-SFT updates before the RL term and the controller start.
+        entropy_coef: weight of ``max(0, H* - H)`` in the policy loss (0: off).
+
+    Plus every :class:`PolicyModule` argument; ``num_generations`` must be at least 2. The look-ahead
+    is an SGD step with the policy optimizer's current lr (whatever that optimizer is) and no
+    gradient clipping.
+    """
+
+    def __init__(
+        self,
+        *args,
+        controller: MetaController | None = None,
+        controller_lr: float = 1.0,
+        meta_objective: Literal["reward", "expert_nll"] = "reward",
+        meta_interval: int = 20,
+        warmup_sft_steps: int = 50,
+        entropy_coef: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        checks = {
+            "controller_lr": (controller_lr, math.isfinite(controller_lr) and controller_lr >= 0),
+            "meta_interval": (meta_interval, meta_interval >= 0),
+            "warmup_sft_steps": (warmup_sft_steps, warmup_sft_steps >= 0),
+            "entropy_coef": (entropy_coef, math.isfinite(entropy_coef) and entropy_coef >= 0),
+            "num_generations": (self.hparams.num_generations, self.hparams.num_generations >= 2),
+        }
+        for name, (value, ok) in checks.items():
+            if not ok:
+                raise ValueError(f"model.{name}={value!r} is out of range")
+        if meta_objective not in ("reward", "expert_nll"):
+            raise ValueError(f"model.meta_objective={meta_objective!r}: choose one of ['reward', 'expert_nll']")
+        if controller is not None and not isinstance(controller, MetaController):
+            raise ValueError(f"model.controller must be a lit_align.controller.MetaController, got {type(controller)}")
+        self.hparams.update(
+            controller_lr=controller_lr, meta_objective=meta_objective, meta_interval=meta_interval,
+            warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef,
+        )
+        self.controller = (controller if controller is not None else ScalarMu()).float()
+        self.register_buffer("target_entropy", torch.tensor(float("nan")))  # H*, set at the first RL step
+        # mu comes from the controller, never from the DDP-wrapped forward: DDP must not reduce its grads.
+        self._ddp_params_and_buffers_to_ignore = [f"controller.{n}" for n, _ in self.controller.named_parameters()]
+        self._stats: dict[str, float] = {}  # the controller's inputs at the last RL step
+        self._last_grad_norm = 0.0
+        self._captured: list[torch.Tensor] | None = None
+        self._policy_stepping = False
+
+    # ------------------------------------------------------------------ set-up
+    def configure_optimizers(self):
+        policy = super().configure_optimizers()
+        meta = torch.optim.SGD(self.controller.parameters(), lr=self.hparams.controller_lr)
+        return [policy["optimizer"], meta], [policy["lr_scheduler"]]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self._sharded():
+            raise ValueError("AMFTModule's look-ahead needs whole parameters on every rank: use a DDP strategy")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for p in self.controller.parameters():  # DDP ignores them, so it does not sync them either
+                dist.broadcast(p.data, src=0)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves reach the controller and H*, dtype casts (``bf16-true``, ``.half()``) do not."""
+        modules, buffers = self._modules, self._buffers
+        self._modules = {k: m for k, m in modules.items() if k != "controller"}
+        self._buffers = {k: b for k, b in buffers.items() if k != "target_entropy"}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules, self._buffers = modules, buffers
+        move = lambda t: t.to(fn(t.new_empty(0)).device)  # noqa: E731
+        if "controller" in modules:
+            modules["controller"]._apply(move, recurse)
+        if "target_entropy" in buffers:
+            buffers["target_entropy"] = move(buffers["target_entropy"])
+        return self
+
+    def optimizers(self, use_pl_optimizer: bool = True):
+        # PolicyModule.policy_step wants the policy optimizer alone; elsewhere [policy, controller].
+        opts = super().optimizers(use_pl_optimizer)
+        return opts[0] if self._policy_stepping and isinstance(opts, list) else opts
+
+    def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
+        self._policy_stepping = True
+        try:
+            applied = super().policy_step(loss, metrics)
+        finally:
+            self._policy_stepping = False
+        self._last_grad_norm = float(metrics["grad_norm"])
+        return applied
+
+    # ------------------------------------------------------------------ mu
+    def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
+        return 1.0 if step < self.hparams.warmup_sft_steps else self.controller_mu(self._stats)
+
+    def controller_mu(self, stats: dict) -> float:
+        with torch.autocast(self.device.type, enabled=False):
+            return self.controller.mu_value(stats)
+
+    def controller_step(self, dV_dmu: float, stats: dict) -> None:
+        """SGD on the controller along dV/dmu, through the raw torch optimizer: Lightning counts every
+        LightningOptimizer.step() in global_step, which must count policy updates only."""
+        opt = self.optimizers()[1].optimizer
+        opt.zero_grad(set_to_none=True)
+        with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+            self.controller.apply_meta_gradient(dV_dmu, stats)
+        opt.step()
+
+    # ------------------------------------------------------------------ the meta-gradient
+    def _trainable(self) -> tuple[list[str], list[torch.Tensor]]:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        return [n for n, _ in named], [p for _, p in named]
+
+    def term_gradients(self, l_sft: torch.Tensor, l_rl: torch.Tensor) -> tuple[list, list]:
+        """grad L_SFT and grad L_RL at theta, each on its own; the graph is kept for the policy step.
+
+        torch.autograd.grad on self.model's parameters, not manual_backward: Lightning arms DDP's
+        gradient all-reduce only inside manual_backward, so these stay local to this rank, cost no
+        communication and leave DDP's reducer alone. The scalar dV/dmu is averaged over ranks instead.
+        """
+        params = self._trainable()[1]
+        g_sft = torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True)
+        g_rl = torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True)
+        return list(g_sft), list(g_rl)
+
+    @torch.no_grad()
+    def held_out_batch(self, meta: dict) -> dict:
+        """What V needs from the meta rows: the demonstrations, or G scored samples of the prompts."""
+        if self.hparams.meta_objective == "expert_nll":
+            return {"expert": meta["expert"]}
+        shown = self.last_samples
+        rollout, rewards, _ = self.rollout_and_score(meta)
+        self.last_samples = shown  # the sample monitor keeps showing training rollouts
+        adv, m = losses.group_advantages(rewards, self.hparams.num_generations, self.hparams.advantage_norm)
+        return {"rollout": rollout, "advantages": adv, "reward": float(m["reward_mean"])}
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, params: dict | None) -> torch.Tensor:
+        if params is None:
+            return self._forward_logits(ids, mask)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+        return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits
+
+    def val_objective(self, held: dict, params: dict | None = None) -> torch.Tensor:
+        """V at ``params`` ({name: tensor}, via functional_call) or at the model's own weights."""
+        agg = self.hparams.loss_aggregation
+        if "expert" in held:
+            e = held["expert"]
+            logits = self._logits(e["input_ids"], e["attention_mask"], params)[:, :-1]
+            labels = e["labels"][:, 1:]
+            logp = losses.token_logprobs(logits, labels.clamp(min=0))
+            return losses.masked_nll(logp, labels != -100, None, agg)[0]
+        r = held["rollout"]
+        P = r.prompt_ids.shape[1]
+        logits = self._logits(r.input_ids, r.attention_mask, params)[:, P - 1 : -1]
+        logp = losses.token_logprobs(logits, r.completion_ids, self.hparams.temperature)
+        return -losses.aggregate(held["advantages"].unsqueeze(-1) * logp, r.completion_mask, agg)
+
+    def meta_gradient(self, theta_prime: list, g_sft: list, g_rl: list, lr: float, held: dict) -> tuple[float, float]:
+        """(dV/dmu, V(theta')), both averaged over ranks. theta' goes in through functional_call, so
+        the model's own weights are never written and nothing needs restoring."""
+        names = self._trainable()[0]
+        theta_prime = [t.requires_grad_() for t in theta_prime]
+        with torch.enable_grad():
+            V = self.val_objective(held, dict(zip(names, theta_prime)))
+            g_val = torch.autograd.grad(V, theta_prime, allow_unused=True)
+        dV_dmu, V = self._rank_mean([hypergradient(g_val, g_sft, g_rl, lr), float(V)])
+        return dV_dmu, V
+
+    def _rank_mean(self, values: list[float]) -> list[float]:
+        """Average scalars over DDP ranks, so that every rank holds the same mu."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / dist.get_world_size()).tolist()
+
+    # ------------------------------------------------------------------ the step
+    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = super()._forward_logits(input_ids, attention_mask)
+        if self._captured is not None:  # rl_terms' logits, for the differentiable entropy
+            self._captured.append(logits)
+        return logits
+
+    def rl_terms(self, rollout, rewards) -> tuple[torch.Tensor, dict]:
+        """PolicyModule.rl_terms; with entropy_coef > 0 also the differentiable usual-token entropy."""
+        if self.hparams.entropy_coef == 0:
+            return super().rl_terms(rollout, rewards)
+        self._captured = []
+        try:
+            loss, metrics = super().rl_terms(rollout, rewards)
+            logits = self._captured[0][:, rollout.prompt_ids.shape[1] - 1 : -1]
+        finally:
+            self._captured = None
+        entropy = losses.entropy_from_logits(logits, self.hparams.temperature)
+        metrics["entropy_usual_grad"] = losses.aggregate(entropy, rollout.completion_mask)
+        return loss, metrics
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp, t = self.hparams, self.global_step
+        if t < hp.warmup_sft_steps:  # warm-up: pure imitation, no rollouts
+            loss, metrics = self.mixed_loss(batch, mu=1.0)
+            self.policy_step(loss, metrics)
+            return
+        is_meta = hp.meta_interval > 0 and (t - hp.warmup_sft_steps + 1) % hp.meta_interval == 0
+        for key, field in (("expert", "expert_data"), ("prompts", "prompt_data"), ("meta", "meta_data")):
+            if key not in batch and (key != "meta" or is_meta):
+                raise ValueError(f"AMFTModule needs batch key {key!r}: set data.{field}")
+        rollout, rewards, metrics = self.rollout_and_score(batch["prompts"])
+        l_rl, m_rl = self.rl_terms(rollout, rewards)
+        l_sft, m_sft = self.sft_terms(batch["expert"])
+        entropy_grad = m_rl.pop("entropy_usual_grad", None)
+        metrics.update(m_rl, **m_sft)
+        sft_loss, rl_loss, H = self._rank_mean([float(l_sft), float(l_rl), float(m_rl["entropy_usual"])])
+        if not torch.isfinite(self.target_entropy):
+            self.target_entropy.fill_(H)  # H*: the usual-token entropy at the first RL step
+        H_star = float(self.target_entropy)
+        stats = {"sft_loss": sft_loss, "rl_loss": rl_loss, "entropy": H, "grad_norm": self._last_grad_norm}
+        if all(math.isfinite(v) for v in stats.values()):
+            self._stats = stats
+        mu = self.controller_mu(self._stats)
+        if is_meta:
+            lr = self.optimizers()[0].param_groups[0]["lr"]
+            g_sft, g_rl = self.term_gradients(l_sft, l_rl)
+            theta_prime = lookahead(self._trainable()[1], g_sft, g_rl, mu, lr)
+        loss = (1.0 - mu) * l_rl + mu * l_sft
+        if entropy_grad is not None:
+            loss = loss + hp.entropy_coef * torch.relu(H_star - entropy_grad)
+        metrics.update(mu=torch.tensor(mu), entropy=torch.tensor(H), target_entropy=torch.tensor(H_star))
+        applied = self.policy_step(loss, metrics)
+        if is_meta and applied:
+            held = self.held_out_batch(batch["meta"])
+            dV_dmu, V = self.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+            self.controller_step(dV_dmu, self._stats)
+            extra = {"meta_grad": dV_dmu, "val_objective": V}
+            if "reward" in held:
+                extra["meta_reward"] = self._rank_mean([held["reward"]])[0]
+            self.log_metrics(extra)
+        nudge = self.controller.eta_entropy * (H_star - H)
+        if math.isfinite(nudge):  # entropy below H* raises mu (more imitation)
+            self.controller.entropy_nudge(nudge)
+        self.controller.after_step()
