@@ -86,6 +86,10 @@ def export(pl_module, target: str | Path, is_global_zero: bool = True) -> Path:
     if get_full is not None:
         state = get_full()  # collective under sharding: every rank must call it
     if is_global_zero:
+        if state is not None:  # whole weights, LoRA merged: works under FSDP2 shards and peft wrappers
+            from lit_align.export import save_module
+
+            return save_module(pl_module, target, state)
         target.mkdir(parents=True, exist_ok=True)
         pl_module.model.save_pretrained(target, state_dict=state)
         pl_module.tokenizer.save_pretrained(target)

@@ -7,6 +7,7 @@ from lightning.pytorch.cli import LightningCLI
 from lit_align.callbacks import AlignmentMonitor, HFExport
 from lit_align.data.datamodule import MixedDataModule
 from lit_align.modules.policy import PolicyModule
+from lit_align.strategies import check_strategy  # importing lit_align.strategies registers "fsdp2"
 
 
 class AlignCLI(LightningCLI):
@@ -17,6 +18,16 @@ class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+    def _parse_ckpt_path(self) -> None:
+        """Resuming with ``--ckpt_path`` keeps the settings given on the command line / ``--config``
+        (pass the run's own ``config.yaml`` to resume it exactly). Lightning would re-parse the
+        checkpoint's hyper_parameters into the config instead, which fails on values logged for
+        reading rather than re-parsing (e.g. CHORD's ``mu_schedule``, stored as its repr)."""
+
+    def before_instantiate_classes(self) -> None:
+        check_run_config(self.config[self.subcommand] if self.subcommand else self.config)
+        check_strategy((self.config[self.subcommand] if self.subcommand else self.config).get("trainer.strategy"))
 
 
 def trainer_defaults() -> dict:
@@ -35,6 +46,9 @@ def trainer_defaults() -> dict:
             HFExport(),
         ],
         "check_val_every_n_epoch": None,
+        # checkpoints are written to a temporary file and renamed into place: a save interrupted by
+        # a crash or SIGKILL never replaces the last good checkpoint
+        "plugins": [{"class_path": "lit_align.strategies.AtomicCheckpointIO"}],
     }
 
 
@@ -50,3 +64,16 @@ def main(args: list[str] | None = None, run: bool = True) -> AlignCLI:
         args=args,
         run=run,
     )
+
+
+def check_run_config(config) -> None:
+    """Before any model is loaded: an unknown ``trainer.strategy`` name is an error listing the known
+    ones, and checkpoints (``--ckpt_path``) load with ``weights_only=True`` unless set otherwise."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = config.get("trainer.strategy")
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if isinstance(strategy, str) and strategy.lower() not in known:
+        raise ValueError(f"trainer.strategy={strategy!r} is not a known strategy: choose one of {known}")
+    if "weights_only" in config and config.get("weights_only") is None:
+        config["weights_only"] = True

@@ -10,3 +10,32 @@ class LengthMatchReward(RewardFunction):
 
     def __call__(self, prompts, completions, answers):
         return torch.tensor([float(len(c.strip()) == len(a)) for c, a in zip(completions, answers)])
+
+
+class FlakyReward(RewardFunction):
+    """Length match, except on rows whose reference answer is ``"raise"`` (the call raises) or
+    ``"nan"`` (it scores NaN): a reward that fails on a fixed, known share of the items."""
+
+    def __call__(self, prompts, completions, answers):
+        if "raise" in answers:
+            raise RuntimeError("reward service unavailable")
+        return torch.tensor(
+            [float("nan") if a == "nan" else float(len(c.strip()) == len(a)) for c, a in zip(completions, answers)]
+        )
+
+
+class ExplodingReward(RewardFunction):
+    """Finite but absurd rewards (+-3e38, alternating) on the calls numbered in ``explode_on``
+    (0-based; ``from_call`` explodes on every call from that one on), length match otherwise.
+    Without advantage normalisation they overflow the loss or its gradient."""
+
+    def __init__(self, explode_on: list[int] | None = None, from_call: int | None = None):
+        self.explode_on = set(explode_on or [])
+        self.from_call = from_call
+        self.calls = 0
+
+    def __call__(self, prompts, completions, answers):
+        call, self.calls = self.calls, self.calls + 1
+        if call in self.explode_on or (self.from_call is not None and call >= self.from_call):
+            return torch.tensor([3e38 if i % 2 else -3e38 for i in range(len(completions))])
+        return torch.tensor([float(len(c.strip()) == len(a)) for c, a in zip(completions, answers)])

@@ -6,10 +6,10 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_align.data import embedded
-from lit_align.data.loading import DataError, load_table, validate_rows
+from lit_align.data.loading import DataError, load_table, report, validate_rows
 from lit_align.hf import load_tokenizer
 
 
@@ -52,13 +52,25 @@ class MixedDataModule(L.LightningDataModule):
         meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
             reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
         prompt_column, response_column, answer_column: column names in your files.
-        expert_batch_size: demonstrations per step, per device.
-        prompt_batch_size: prompts per step, per device (each is sampled num_generations times).
+        expert_batch_size: demonstrations per step (per device, or in all, see ``batch_scope``).
+        prompt_batch_size: prompts per step (each is sampled num_generations times on the device
+            that holds it, so G needs no divisibility of its own).
+        val_batch_size, meta_batch_size: held-out rows per validation / meta batch.
+        batch_scope: ``per_device`` (the batch sizes above are per device, Lightning's usual
+            meaning) or ``global`` (they are totals for all devices: each must be divisible by the
+            number of devices, and each device gets its share, so a recipe keeps its batch when
+            the device count changes).
         use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
         max_prompt_length, max_response_length: token limits; ``overlong`` says what to do with
             rows beyond them: ``error`` (stop at set-up, naming the row), ``truncate`` (keep the
-            end of the prompt / start of the response) or ``skip`` (drop the row). Counts are
-            reported.
+            end of the prompt / start of the response) or ``skip`` (drop the row).
+        invalid_rows: what to do with rows whose fields are missing, empty, of a wrong type or not
+            valid Unicode: ``error`` (stop at set-up with a report naming file, row and column) or
+            ``skip`` (drop them, with the same report as a warning). A file with no usable row
+            is always an error.
+            Every count (``data/invalid_rows``, ``data/skipped_rows``, ``data/truncated_rows``,
+            ``data/heldout_duplicates``, and ``data/<stream>_rows`` kept) is logged once at set-up
+            to the trainer's loggers and kept in ``self.stats``.
         expert_error_rate: share of embedded problems the embedded expert gets wrong.
         seed: shuffling seed.
     """
@@ -81,22 +93,39 @@ class MixedDataModule(L.LightningDataModule):
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
         overlong: Literal["error", "truncate", "skip"] = "error",
+        invalid_rows: Literal["error", "skip"] = "error",
+        batch_scope: Literal["per_device", "global"] = "per_device",
         expert_error_rate: float = 0.25,
         trust_remote_code: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ):
         super().__init__()
+        args = locals()
         for name in ("expert_batch_size", "prompt_batch_size", "val_batch_size", "meta_batch_size", "max_prompt_length", "max_response_length"):
-            if locals()[name] < 1:
-                raise ValueError(f"data.{name}={locals()[name]} must be >= 1")
-        if overlong not in ("error", "truncate", "skip"):
-            raise ValueError(f"data.overlong={overlong!r}: choose one of ['error', 'truncate', 'skip']")
+            if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 1:
+                raise ValueError(f"data.{name}={args[name]!r} must be an integer >= 1")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+        if not 0.0 <= expert_error_rate <= 0.45:
+            raise ValueError(f"data.expert_error_rate={expert_error_rate!r} must lie in [0, 0.45]")
+        for name, allowed in (
+            ("overlong", ("error", "truncate", "skip")),
+            ("invalid_rows", ("error", "skip")),
+            ("batch_scope", ("per_device", "global")),
+        ):
+            if args[name] not in allowed:
+                raise ValueError(f"data.{name}={args[name]!r}: choose one of {list(allowed)}")
+        for name in ("prompt_column", "response_column", "answer_column"):
+            if not isinstance(args[name], str) or not args[name]:
+                raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
         if expert_data is None and prompt_data is None:
             raise ValueError("data.expert_data and data.prompt_data are both null: nothing to train on")
         self.save_hyperparameters()
         self.tokenizer = None
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, int] = {}  # data/... counts, see ``invalid_rows``
+        self.labels: dict[str, str] = {}  # stream -> file or data set it came from
+        self.batch_sizes: dict[str, int] = {}  # per-device batch size of each stream
 
     # ------------------------------------------------------------------ set-up
     def _source(self, value: str, split: str) -> str:
@@ -111,13 +140,15 @@ class MixedDataModule(L.LightningDataModule):
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(text, add_special_tokens=True)["input_ids"]
 
-    def _encode(self, source: str, split: str, need: dict[str, str]) -> list[dict]:
+    def _encode(self, source: str, split: str, need: dict[str, str], stream: str) -> list[dict]:
         rows, label = load_table(self._source(source, split), split)
-        validate_rows(rows, label, need)
         hp = self.hparams
+        valid, problems = validate_rows(rows, label, need, hp.invalid_rows)
+        if problems:
+            rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
         eos = self.tokenizer.eos_token_id
         out, dropped, cut = [], 0, 0
-        for i, row in enumerate(rows, start=1):
+        for i, row in valid:
             item = {"prompt": row[need["prompt"]]}
             ids = self._encode_prompt(item["prompt"])
             resp = None
@@ -145,35 +176,80 @@ class MixedDataModule(L.LightningDataModule):
             out.append(item)
         if dropped or cut:
             rank_zero_warn(f"{label}: {dropped} rows skipped and {cut} rows truncated as longer than the token limits")
-        self.stats[f"{split}_{source}_skipped"] = dropped
-        self.stats[f"{split}_{source}_truncated"] = cut
         if not out:
             raise DataError(f"{label}: no usable rows left after applying data.overlong={hp.overlong!r}")
+        self.labels[stream] = label
+        for key, n in (("rows", len(out)), ("invalid_rows", len(rows) - len(valid)), ("skipped_rows", dropped), ("truncated_rows", cut)):
+            self.stats[f"data/{stream}_{key}"] = n
+            if key != "rows":
+                self.stats[f"data/{key}"] = self.stats.get(f"data/{key}", 0) + n
         return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
             return
         hp = self.hparams
+        self._split_batch_sizes()
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         cols = {"prompt": hp.prompt_column}
+        self.stats = {f"data/{key}": 0 for key in ("invalid_rows", "skipped_rows", "truncated_rows")}
         self.expert_rows = (
-            self._encode(hp.expert_data, "train", {**cols, "response": hp.response_column}) if hp.expert_data else None
+            self._encode(hp.expert_data, "train", {**cols, "response": hp.response_column}, "expert") if hp.expert_data else None
         )
         self.prompt_rows = (
-            self._encode(hp.prompt_data, "train", {**cols, "answer": hp.answer_column}) if hp.prompt_data else None
+            self._encode(hp.prompt_data, "train", {**cols, "answer": hp.answer_column}, "prompts") if hp.prompt_data else None
         )
-        self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}) if hp.val_data else None
+        self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}, "val") if hp.val_data else None
         self.meta_rows = (
-            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.response_column})
+            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.response_column}, "meta")
             if hp.meta_data
             else None
         )
-        if self.val_rows and self.prompt_rows:
-            train_prompts = {r["prompt"] for r in self.prompt_rows}
-            overlap = sum(r["prompt"] in train_prompts for r in self.val_rows)
+        self._check_heldout_overlap()
+        self._log_stats()
+
+    def _world_size(self) -> int:
+        trainer = self.trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _split_batch_sizes(self) -> None:
+        """Per-device batch sizes; under ``batch_scope=global`` each total must divide among devices."""
+        hp, world = self.hparams, self._world_size()
+        for stream in ("expert", "prompt", "val", "meta"):
+            name, size = f"{stream}_batch_size", self.hparams[f"{stream}_batch_size"]
+            if hp.batch_scope == "global":
+                if size % world:
+                    raise ValueError(
+                        f"data.{name}={size} is a global batch size (data.batch_scope=global) and must be divisible "
+                        f"by the {world} devices: use a multiple of {world} (e.g. {max(world, size - size % world)}), "
+                        f"or set data.batch_scope=per_device"
+                    )
+                size //= world
+            self.batch_sizes[stream] = size
+
+    def _check_heldout_overlap(self) -> None:
+        """Warn (and count) held-out rows whose prompt is also a training prompt."""
+        train = [(s, rows) for s, rows in (("expert", self.expert_rows), ("prompts", self.prompt_rows)) if rows]
+        seen = {r["prompt"] for _, rows in train for r in rows}
+        total = 0
+        for stream, rows in (("val", self.val_rows), ("meta", self.meta_rows)):
+            if not rows:
+                continue
+            overlap = sum(r["prompt"] in seen for r in rows)
+            total += overlap
             if overlap:
-                rank_zero_warn(f"{overlap} validation prompts also appear in the training prompts")
+                sources = " and ".join(sorted({self.labels[s] for s, _ in train}))
+                rank_zero_warn(
+                    f"{self.labels[stream]} ({stream}_data): {overlap} of its {len(rows)} rows have a prompt that "
+                    f"also appears in the training data ({sources}); held-out scores on them are not held out"
+                )
+        self.stats["data/heldout_duplicates"] = total
+
+    def _log_stats(self) -> None:
+        """Write the data counts once, at step 0, to every logger of the trainer (if any)."""
+        trainer = self.trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            logger.log_metrics({k: float(v) for k, v in self.stats.items()}, step=0)
 
     # ------------------------------------------------------------------ batches
     def collate_expert(self, rows: list[dict]) -> dict:
@@ -204,32 +280,98 @@ class MixedDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, rows, batch_size, collate, shuffle) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
+        if shuffle:  # training streams: order from (seed, pass), position saved in checkpoints
+            trainer = self.trainer
+            replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+            return ResumableLoader(
+                _Rows(rows), batch_size, collate, seed=self.hparams.seed, num_workers=self.hparams.num_workers,
+                drop_last=len(rows) // self._world_size() >= batch_size, **replicas,
+            )
+        # a generator of its own: creating an iterator must not draw from the global RNG (exact resume)
+        gen = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
             _Rows(rows),
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(rows) >= batch_size,
+            # each device sees len / world rows: keep a short last batch rather than an empty epoch
+            drop_last=shuffle and len(rows) // self._world_size() >= batch_size,
             collate_fn=collate,
             generator=gen,
             num_workers=self.hparams.num_workers,
         )
 
     def train_dataloader(self):
-        hp = self.hparams
+        bs = self.batch_sizes
         loaders = {}
         if self.expert_rows:
-            loaders["expert"] = self._loader(self.expert_rows, hp.expert_batch_size, self.collate_expert, True)
+            loaders["expert"] = self._loader(self.expert_rows, bs["expert"], self.collate_expert, True)
         if self.prompt_rows:
-            loaders["prompts"] = self._loader(self.prompt_rows, hp.prompt_batch_size, self.collate_prompts, True)
+            loaders["prompts"] = self._loader(self.prompt_rows, bs["prompt"], self.collate_prompts, True)
         if self.meta_rows:
-            loaders["meta"] = self._loader(self.meta_rows, hp.meta_batch_size, self.collate_val, True)
+            loaders["meta"] = self._loader(self.meta_rows, bs["meta"], self.collate_val, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):
         if not self.val_rows:
             return []
-        return self._loader(self.val_rows, self.hparams.val_batch_size, self.collate_val, False)
+        return self._loader(self.val_rows, self.batch_sizes["val"], self.collate_val, False)
 
     def test_dataloader(self):
         return self.val_dataloader()
+
+
+# ----------------------------------------------------------------------------- resumable training loaders
+class _PassSampler(DistributedSampler):
+    """DistributedSampler (so Lightning keeps it under DDP/FSDP) whose pass number is set by its loader
+    (Lightning's ``set_epoch`` is ignored) and which can start a pass after ``skip`` of its indices."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # ResumableLoader counts passes itself (a cycled stream makes several per epoch)
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip :])
+
+
+class ResumableLoader(DataLoader):
+    """A shuffling training DataLoader whose position survives a restart.
+
+    Pass k's order is a function of (seed, k) alone (``torch.randperm`` seeded ``seed + k``, split
+    over ranks as DistributedSampler does), and ``state_dict()`` is ``{"pass": k, "batches": n}``,
+    the batches this rank has consumed in pass k. Lightning stores it in every checkpoint (the fit
+    loop's ``combined_loader`` state) and after ``load_state_dict`` the next pass resumes after
+    those n batches, so a resumed run trains on exactly the batches an uninterrupted run would.
+    A stream that CombinedLoader cycles starts a new pass (new order) each time it is exhausted.
+    Workers' base seed comes from the loader's own generator, never from the global RNG.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate_fn, seed: int = 0, num_replicas: int = 1, rank: int = 0,
+                 drop_last: bool = True, num_workers: int = 0):
+        super().__init__(
+            dataset, batch_size=batch_size, sampler=_PassSampler(dataset, num_replicas, rank, seed),
+            drop_last=drop_last, collate_fn=collate_fn, num_workers=num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.passes, self.batches, self._resuming = -1, 0, False
+
+    def __iter__(self):
+        if not self._resuming or self.batches >= len(self):
+            self.passes, self.batches = self.passes + 1, 0
+        self._resuming = False
+        self.sampler.epoch = self.passes
+        self.sampler.skip = self.batches * self.batch_size
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"pass": self.passes, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.passes, self.batches, self._resuming = int(state["pass"]), int(state["batches"]), True

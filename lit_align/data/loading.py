@@ -1,6 +1,8 @@
 """Loading prompt / demonstration tables from local files or the hub, with row validation.
 
 Errors name the file, the line or row, and the column, and are raised before any training.
+Files are only ever parsed as data: nothing named in a config is imported or executed here
+(a ``.py`` path is refused, and hub data sets load without remote code).
 """
 from __future__ import annotations
 
@@ -8,28 +10,84 @@ import json
 from pathlib import Path
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+MAX_REPORTED = 10
+"""At most this many problems are spelled out in one report; the rest are counted."""
 
 
 class DataError(ValueError):
     """A data file or row is unusable; the message says where."""
 
 
-def _check_jsonl(path: Path) -> None:
-    """Parse every line so a malformed one is reported with its line number."""
+def _decode_lines(path: Path):
+    """(line number, text) of every line, failing on the first line that is not UTF-8."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object")
+
+
+def _bad_unicode(value, where: str) -> str | None:
+    """A message if a parsed JSON value holds a lone surrogate (``"\\ud800"``), which no encoder accepts."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} holds an unpaired surrogate escape ({value[e.start]!r}), which is not valid Unicode"
+    elif isinstance(value, dict):
+        return next(filter(None, (_bad_unicode(v, f"{where}[{k!r}]") for k, v in value.items())), None)
+    elif isinstance(value, list):
+        return next(filter(None, (_bad_unicode(v, f"{where}[{i}]") for i, v in enumerate(value))), None)
+    return None
+
+
+def _check_text(path: Path, json_lines: bool) -> None:
+    """Every line must be UTF-8; for JSONL, also a JSON object with valid Unicode strings."""
+    for lineno, line in _decode_lines(path):
+        if not json_lines or not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {lineno} is a JSON {type(row).__name__}, expected an object")
+        for column, value in row.items():
+            problem = _bad_unicode(value, f"column {column!r}")
+            if problem:
+                raise DataError(f"{path}: line {lineno}, {problem}")
+
+
+def _check_parquet(path: Path) -> None:
+    """String columns must hold UTF-8 (Arrow does not check it when reading)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise DataError(f"{path}: could not be read as parquet: {e}") from e
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+            for i, raw in enumerate(column.cast(binary).to_pylist(), start=1):
+                if raw is None:
+                    continue
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(
+                        f"{path}: row {i}, column {name!r} is not valid UTF-8 ({e.reason} at byte {e.start})"
+                    ) from None
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception's message (datasets wraps parser errors in generic ones)."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {e}"
 
 
 def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
@@ -44,15 +102,17 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
             raise DataError(f"data file {source} does not exist")
-        if path.suffix == ".jsonl":
-            _check_jsonl(path)
+        if path.suffix == ".parquet":
+            _check_parquet(path)
+        else:
+            _check_text(path, json_lines=path.suffix == ".jsonl")
         try:
             ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # datasets wraps parser errors; keep the cause, name the file
-            raise DataError(f"{source}: could not be read as {LOCAL_FORMATS[path.suffix]}: {e}") from e
+            raise DataError(f"{source}: could not be read as {LOCAL_FORMATS[path.suffix]}: {_root_cause(e)}") from e
         label = str(path)
-    elif path.exists():
-        raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
+    elif path.exists() or path.suffix == ".py":
+        raise DataError(f"{source}: unsupported data file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
     else:
         name, _, name_split = source.partition(":")
         try:
@@ -66,25 +126,67 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
     return rows, label
 
 
-def validate_rows(rows: list[dict], label: str, columns: dict[str, str]) -> None:
-    """Each ``role -> column`` must exist and hold a non-empty string (or a number) in every row.
+def _cell_problem(row: dict, column: str) -> str | None:
+    """Why ``row[column]`` is unusable as text, or None (numbers and UTF-8 bytes become strings in place)."""
+    if column not in row or row[column] is None:
+        return "is missing"
+    value = row[column]
+    if isinstance(value, bytes):
+        try:
+            row[column] = value = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"is not valid UTF-8 ({e.reason} at byte {e.start})"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        row[column] = value = str(value)  # CSV/Parquet readers infer numbers
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    if not value.strip():
+        return "is empty"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds an unpaired surrogate ({value[e.start]!r}), which is not valid Unicode"
+    return None
+
+
+def report(label: str, problems: list[str], what: str) -> str:
+    """One message for many problems: the first :data:`MAX_REPORTED` spelled out, the rest counted."""
+    shown = "\n  ".join(problems[:MAX_REPORTED])
+    more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+    return f"{label}: {len(problems)} {what}:\n  {shown}{more}"
+
+
+def validate_rows(
+    rows: list[dict], label: str, columns: dict[str, str], invalid_rows: str = "error"
+) -> tuple[list[tuple[int, dict]], list[str]]:
+    """Check that each ``role -> column`` holds a non-empty string (or a number) in every row.
 
     ``label`` names the source; row numbers count from 1 (the line number in a JSONL file
-    without blank lines).
+    without blank lines). With ``invalid_rows="error"`` any bad row raises one :class:`DataError`
+    listing the bad rows; with ``"skip"`` they are dropped. Returns the kept ``(row number, row)``
+    pairs and one ``row N, column 'c' ...`` line per problem. A column
+    absent from every row, or no usable row at all, is always an error.
     """
-    present = set(rows[0])
+    present = set().union(*rows) if rows else set()
     for role, column in columns.items():
         if column not in present:
             raise DataError(
                 f"{label}: missing column {column!r} (the {role} column); columns found: {sorted(present)}. "
                 f"Set the data module's {role}_column to the right name."
             )
+    kept, problems = [], []
     for i, row in enumerate(rows, start=1):
-        for role, column in columns.items():
-            value = row.get(column)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[column] = value = str(value)  # CSV/Parquet readers infer numbers
-            if not isinstance(value, str):
-                raise DataError(f"{label}: row {i}, column {column!r}: expected a string, got {type(value).__name__}")
-            if not value.strip():
-                raise DataError(f"{label}: row {i}, column {column!r} is empty")
+        found = [(c, _cell_problem(row, c)) for c in columns.values()]
+        found = [f"row {i}, column {c!r} {why}" for c, why in found if why]
+        if found:
+            problems.extend(found)
+        else:
+            kept.append((i, row))
+    if problems and invalid_rows == "error":
+        raise DataError(
+            report(label, problems, f"invalid fields in {len(rows) - len(kept)} of {len(rows)} rows")
+            + "\nFix the rows, or set data.invalid_rows=skip to drop them (they are counted and logged)."
+        )
+    if not kept:
+        raise DataError(report(label, problems, f"invalid fields: none of the {len(rows)} rows is usable"))
+    return kept, problems

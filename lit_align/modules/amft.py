@@ -81,6 +81,8 @@ class AMFTModule(PolicyModule):
             controller_lr=controller_lr, meta_objective=meta_objective, meta_interval=meta_interval,
             warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef,
         )
+        for hparams in (self.hparams, self._hparams_initial):  # a module: its state is in the state_dict
+            hparams.pop("controller", None)
         self.controller = (controller if controller is not None else ScalarMu()).float()
         self.register_buffer("target_entropy", torch.tensor(float("nan")))  # H*, set at the first RL step
         # mu comes from the controller, never from the DDP-wrapped forward: DDP must not reduce its grads.
@@ -100,9 +102,17 @@ class AMFTModule(PolicyModule):
         super().on_fit_start()
         if self._sharded():
             raise ValueError("AMFTModule's look-ahead needs whole parameters on every rank: use a DDP strategy")
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._distributed():
             for p in self.controller.parameters():  # DDP ignores them, so it does not sync them either
                 dist.broadcast(p.data, src=0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["amft_last_grad_norm"] = self._last_grad_norm  # a MetaNetwork input: exact resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._last_grad_norm = checkpoint.get("amft_last_grad_norm", 0.0)
 
     def _apply(self, fn, recurse=True):
         """Device moves reach the controller and H*, dtype casts (``bf16-true``, ``.half()``) do not."""
@@ -156,17 +166,18 @@ class AMFTModule(PolicyModule):
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return [n for n, _ in named], [p for _, p in named]
 
-    def term_gradients(self, l_sft: torch.Tensor, l_rl: torch.Tensor) -> tuple[list, list]:
-        """grad L_SFT and grad L_RL at theta, each on its own; the graph is kept for the policy step.
+    def look_ahead(self, l_sft: torch.Tensor, l_rl: torch.Tensor, mu: float, lr: float) -> tuple[list, list, list]:
+        """(theta', g_SFT, g_RL): the two gradients at theta, each on its own, and the SGD look-ahead
+        theta' = theta - lr ((1 - mu) g_RL + mu g_SFT). The graph is kept for the policy step.
 
         torch.autograd.grad on self.model's parameters, not manual_backward: Lightning arms DDP's
         gradient all-reduce only inside manual_backward, so these stay local to this rank, cost no
         communication and leave DDP's reducer alone. The scalar dV/dmu is averaged over ranks instead.
         """
         params = self._trainable()[1]
-        g_sft = torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True)
-        g_rl = torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True)
-        return list(g_sft), list(g_rl)
+        g_sft = list(torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True))
+        g_rl = list(torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True))
+        return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
 
     @torch.no_grad()
     def held_out_batch(self, meta: dict) -> dict:
@@ -208,16 +219,7 @@ class AMFTModule(PolicyModule):
         with torch.enable_grad():
             V = self.val_objective(held, dict(zip(names, theta_prime)))
             g_val = torch.autograd.grad(V, theta_prime, allow_unused=True)
-        dV_dmu, V = self._rank_mean([hypergradient(g_val, g_sft, g_rl, lr), float(V)])
-        return dV_dmu, V
-
-    def _rank_mean(self, values: list[float]) -> list[float]:
-        """Average scalars over DDP ranks, so that every rank holds the same mu."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / dist.get_world_size()).tolist()
+        return self._rank_average(hypergradient(g_val, g_sft, g_rl, lr)), self._rank_average(V.detach())
 
     # ------------------------------------------------------------------ the step
     def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -255,7 +257,8 @@ class AMFTModule(PolicyModule):
         l_sft, m_sft = self.sft_terms(batch["expert"])
         entropy_grad = m_rl.pop("entropy_usual_grad", None)
         metrics.update(m_rl, **m_sft)
-        sft_loss, rl_loss, H = self._rank_mean([float(l_sft), float(l_rl), float(m_rl["entropy_usual"])])
+        # the controller's inputs, averaged over ranks: every rank must compute the same mu
+        sft_loss, rl_loss, H = (self._rank_average(x.detach()) for x in (l_sft, l_rl, m_rl["entropy_usual"]))
         if not torch.isfinite(self.target_entropy):
             self.target_entropy.fill_(H)  # H*: the usual-token entropy at the first RL step
         H_star = float(self.target_entropy)
@@ -265,8 +268,7 @@ class AMFTModule(PolicyModule):
         mu = self.controller_mu(self._stats)
         if is_meta:
             lr = self.optimizers()[0].param_groups[0]["lr"]
-            g_sft, g_rl = self.term_gradients(l_sft, l_rl)
-            theta_prime = lookahead(self._trainable()[1], g_sft, g_rl, mu, lr)
+            theta_prime, g_sft, g_rl = self.look_ahead(l_sft, l_rl, mu, lr)
         loss = (1.0 - mu) * l_rl + mu * l_sft
         if entropy_grad is not None:
             loss = loss + hp.entropy_coef * torch.relu(H_star - entropy_grad)
@@ -276,10 +278,8 @@ class AMFTModule(PolicyModule):
             held = self.held_out_batch(batch["meta"])
             dV_dmu, V = self.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
             self.controller_step(dV_dmu, self._stats)
-            extra = {"meta_grad": dV_dmu, "val_objective": V}
-            if "reward" in held:
-                extra["meta_reward"] = self._rank_mean([held["reward"]])[0]
-            self.log_metrics(extra)
+            reward = {"meta_reward": held["reward"]} if "reward" in held else {}
+            self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward})
         nudge = self.controller.eta_entropy * (H_star - H)
         if math.isfinite(nudge):  # entropy below H* raises mu (more imitation)
             self.controller.entropy_nudge(nudge)

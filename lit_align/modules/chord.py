@@ -43,6 +43,10 @@ class CHORDModule(PolicyModule):
         allowed = ("none", "phi", "sft_is", "adaptive", "entropy", "margin")
         if token_weighting not in allowed:
             raise ValueError(f"model.token_weighting={token_weighting!r}: choose one of {list(allowed)}")
+        if self.hparams.num_generations < 2:
+            raise ValueError(
+                f"model.num_generations={self.hparams.num_generations}: CHORD's GRPO term needs at least 2 samples per prompt"
+            )
         self.mu_schedule = mu_schedule if mu_schedule is not None else ReferenceMu()
         self.token_weighting = token_weighting
         self.hparams["token_weighting"] = token_weighting

@@ -7,6 +7,7 @@ Each term is normalised over its own tokens, so mu is a true convex weight.
 from __future__ import annotations
 
 import math
+import random
 from typing import Literal
 
 import lightning as L
@@ -43,10 +44,24 @@ class PolicyModule(L.LightningModule):
         reward: reward function (class path in YAML); exact final-answer match by default.
         reward_errors: ``raise`` stops at a failing reward call, naming prompt and completion;
             ``zero`` scores it 0 and counts it in ``train/reward_errors``.
+            ``train/reward_errors`` is the run's cumulative count of failed reward items.
         reward_timeout_s: time limit of one reward call (None: no limit).
-        max_consecutive_skips: stop after this many updates in a row skipped as non-finite.
+        max_consecutive_skips: stop after this many updates in a row skipped as non-finite
+            (each skipped update counts in ``train/skipped_steps``). A checkpoint is never written
+            while a weight or optimizer state is non-finite: the save raises NonFiniteError.
         trust_remote_code: passed to from_pretrained; off unless you set it.
         model_dtype: load the weights in this torch dtype (e.g. bfloat16); None keeps the file's.
+        lora: train LoRA adapters (peft) instead of all weights: ``peft.LoraConfig`` arguments, e.g.
+            ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.0}``; null
+            (default) trains every weight. With ``beta > 0`` the reference model is the policy with
+            its adapters disabled, so no second model is loaded. Exports are merged full weights.
+
+    Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
+    own prompts, advantages are computed within each prompt's group (every group lives on one
+    rank), scalars are averaged over ranks before logging, and mu, the finite-update decision and
+    the reward mean seen by adaptive schedules are identical on all ranks. Both loss terms are
+    token-means per rank, then gradients are averaged over ranks: equal to one process on the
+    global batch when ranks hold equal token counts, otherwise a per-rank-weighted mean.
     """
 
     def __init__(
@@ -74,6 +89,7 @@ class PolicyModule(L.LightningModule):
         max_consecutive_skips: int = 10,
         trust_remote_code: bool = False,
         model_dtype: str | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         self._validate(locals())
@@ -82,9 +98,12 @@ class PolicyModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.reward = reward if reward is not None else ExactAnswerReward()
         self.model = load_model(model_name_or_path, trust_remote_code, model_dtype).train()
+        if lora:
+            self.model = apply_lora(self.model, lora)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         # The reference model is not a registered submodule: it is frozen and never checkpointed.
-        ref = load_model(model_name_or_path, trust_remote_code, model_dtype).eval() if beta > 0 else None
+        # Under LoRA it is the policy with its adapters disabled (see _ref_logits): nothing to load.
+        ref = load_model(model_name_or_path, trust_remote_code, model_dtype).eval() if beta > 0 and not lora else None
         if ref is not None:
             ref.requires_grad_(False)
         object.__setattr__(self, "ref_model", ref)
@@ -93,28 +112,43 @@ class PolicyModule(L.LightningModule):
         self.last_samples: dict | None = None  # read by the sample-text callback
         self.last_token_weights: torch.Tensor | None = None  # read by the token-weight callback
         self.skipped_steps = 0
+        self.reward_errors = 0
         self._consecutive_skips = 0
+        self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
 
     @staticmethod
     def _validate(args: dict) -> None:
-        checks = {
-            "num_generations": args["num_generations"] >= 1,
-            "max_new_tokens": args["max_new_tokens"] >= 1,
-            "temperature": args["temperature"] > 0,
-            "top_p": 0 < args["top_p"] <= 1,
-            "top_k": args["top_k"] >= 0,
-            "epsilon_low": 0 <= args["epsilon_low"] < 1,
-            "epsilon_high": args["epsilon_high"] >= 0,
-            "beta": args["beta"] >= 0,
-            "warmup_steps": args["warmup_steps"] >= 0,
-            "gradient_clip": args["gradient_clip"] >= 0,
-            "min_lr_ratio": 0 <= args["min_lr_ratio"] <= 1,
-            "max_consecutive_skips": args["max_consecutive_skips"] >= 1,
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def integer(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        timeout = args["reward_timeout_s"]
+        checks = {  # name: (holds, what is allowed)
+            "num_generations": (integer(args["num_generations"]) and args["num_generations"] >= 1, "an integer >= 1"),
+            "max_new_tokens": (integer(args["max_new_tokens"]) and args["max_new_tokens"] >= 1, "an integer >= 1"),
+            "temperature": (number(args["temperature"]) and args["temperature"] > 0, "a finite number > 0"),
+            "top_p": (number(args["top_p"]) and 0 < args["top_p"] <= 1, "in (0, 1]"),
+            "top_k": (integer(args["top_k"]) and args["top_k"] >= 0, "an integer >= 0 (0: off)"),
+            "epsilon_low": (number(args["epsilon_low"]) and 0 <= args["epsilon_low"] < 1, "in [0, 1)"),
+            "epsilon_high": (number(args["epsilon_high"]) and args["epsilon_high"] >= 0, "a finite number >= 0"),
+            "beta": (number(args["beta"]) and args["beta"] >= 0, "a finite number >= 0"),
+            "warmup_steps": (integer(args["warmup_steps"]) and args["warmup_steps"] >= 0, "an integer >= 0"),
+            "gradient_clip": (number(args["gradient_clip"]) and args["gradient_clip"] >= 0, "a finite number >= 0 (0: off)"),
+            "min_lr_ratio": (number(args["min_lr_ratio"]) and 0 <= args["min_lr_ratio"] <= 1, "in [0, 1]"),
+            "max_consecutive_skips": (
+                integer(args["max_consecutive_skips"]) and args["max_consecutive_skips"] >= 1, "an integer >= 1"
+            ),
+            "reward_timeout_s": (timeout is None or (number(timeout) and timeout > 0), "null or a finite number > 0"),
         }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"model.{name}={args[name]!r} is out of range")
+                raise ValueError(f"model.{name}={args[name]!r} is out of range: it must be {allowed}")
+        if args["reward"] is not None and not callable(args["reward"]):
+            raise ValueError(f"model.reward={args['reward']!r} must be a lit_align.rewards.RewardFunction (or a callable)")
         for name, allowed in (
+            ("model_dtype", (None, "float32", "float16", "bfloat16", "float64")),
             ("loss_aggregation", losses.AGGREGATIONS),
             ("advantage_norm", losses.ADVANTAGE_NORMS),
             ("kl_estimator", losses.KL_ESTIMATORS),
@@ -140,7 +174,7 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.model.parameters())
+        opt = self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -204,7 +238,10 @@ class PolicyModule(L.LightningModule):
         return self._trainer is not None and self.trainer.world_size > 1 and self._sharded()
 
     def _sharded(self) -> bool:
-        return False
+        """True once configure_model has sharded the policy with FSDP2 (``--trainer.strategy=fsdp2``)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.model, FSDPModule)
 
     def score(self, prompts: list[str], rollout: Rollout, answers: list[str]) -> tuple[torch.Tensor, int]:
         hp = self.hparams
@@ -218,9 +255,10 @@ class PolicyModule(L.LightningModule):
         answers = [a for a in batch["answers"] for _ in range(G)]
         rewards, n_errors = self.score(prompts, rollout, answers)
         rewards = rewards.to(self.device)
+        self.reward_errors += n_errors
         self.last_samples = {"prompts": prompts, "completions": rollout.completions, "rewards": rewards.tolist()}
         metrics = {
-            "reward_errors": torch.tensor(float(n_errors)),
+            "reward_errors": torch.tensor(float(self.reward_errors)),  # cumulative, like skipped_steps
             "completion_length": rollout.completion_mask.sum(-1).float().mean(),
         }
         return rollout, rewards, metrics
@@ -235,8 +273,7 @@ class PolicyModule(L.LightningModule):
         ref_logp = None
         if hp.beta > 0:
             with torch.no_grad():
-                ids, mask = rollout.input_ids, rollout.attention_mask
-                ref_logits = self.ref_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+                ref_logits = self._ref_logits(rollout.input_ids, rollout.attention_mask)
                 ref_logp = losses.token_logprobs(ref_logits[:, P - 1 : -1], rollout.completion_ids, hp.temperature)
         loss, more = losses.clipped_surrogate(
             logp, rollout.old_logp, adv, rollout.completion_mask, hp.epsilon_low, hp.epsilon_high,
@@ -257,7 +294,8 @@ class PolicyModule(L.LightningModule):
             mu = self.mixing_weight(self.global_step)
         if "prompts" in batch and (mu is None or mu < 1.0):
             rollout, rewards, metrics = self.rollout_and_score(batch["prompts"])
-        reward_mean = rewards.mean().item() if rewards is not None else None
+        # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
+        reward_mean = self._rank_average(rewards.mean()) if rewards is not None else None
         if mu is None:
             mu = self.mixing_weight(self.global_step, reward_mean)
         loss = torch.zeros((), device=self.device)
@@ -288,6 +326,7 @@ class PolicyModule(L.LightningModule):
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(grad_norm).item())
+        finite = self._rank_average(float(finite)) == 1.0  # all ranks step, or none does
         if finite:
             opt.step()
             self.lr_schedulers().step()
@@ -309,8 +348,40 @@ class PolicyModule(L.LightningModule):
             )
         return finite
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_align_state"] = self._resume_state()  # collective under DDP/FSDP: first
+        self.check_finite_checkpoint(checkpoint)
+
+    def check_finite_checkpoint(self, checkpoint: dict) -> None:
+        """Raise NonFiniteError, so nothing is written, if a weight or optimizer state is NaN/inf.
+
+        Buffers are not checked: they may hold NaN on purpose (e.g. a "not yet set" marker).
+        """
+        buffers = {name for name, _ in self.named_buffers()}
+
+        def bad(tree, where: str):
+            if torch.is_tensor(tree):
+                local = tree.to_local() if hasattr(tree, "to_local") else tree
+                if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
+                    yield where
+            elif isinstance(tree, dict):
+                for k, v in tree.items():
+                    yield from bad(v, f"{where}.{k}")
+            elif isinstance(tree, (list, tuple)):
+                for i, v in enumerate(tree):
+                    yield from bad(v, f"{where}[{i}]")
+
+        weights = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k not in buffers}
+        found = [*bad(weights, "state_dict"), *bad(checkpoint.get("optimizer_states", []), "optimizer_states")]
+        if found:
+            raise NonFiniteError(
+                f"refusing to save a checkpoint at step {self.global_step}: {len(found)} tensors hold NaN or inf "
+                f"(first: {', '.join(found[:3])}); the last checkpoint written is the last good one"
+            )
+
     def log_metrics(self, metrics: dict) -> None:
         shown = {"loss", "reward_mean"}
+        metrics = self._reduce_metrics(metrics)
         for name, value in metrics.items():
             value = value.detach().float().cpu() if torch.is_tensor(value) else float(value)
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in shown, batch_size=1)
@@ -323,7 +394,10 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.sample(batch, greedy=True, num_generations=1)
         rewards, _ = self.score(batch["prompts"], rollout, batch["answers"])
-        correct = self.reward.correct(batch["prompts"], rollout.completions, batch["answers"])
+        hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
+        correct, _ = score_safely(
+            self.reward.correct, batch["prompts"], rollout.completions, batch["answers"], hp.reward_errors, hp.reward_timeout_s
+        )
         self.val_reward.update(rewards.to(self.device))
         self.val_accuracy.update(correct.float().to(self.device))
         if "expert" in batch:
@@ -344,3 +418,143 @@ class PolicyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
+
+    # ------------------------------------------------------------------ scale-out: sharding, checkpoints, export
+    def setup(self, stage: str) -> None:
+        from lit_align.strategies import check_strategy
+
+        check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2
+        over the data-parallel mesh (one unit per decoder layer, then the root). A no-op otherwise."""
+        if self.device_mesh is None or self._sharded():
+            return
+        from lit_align.strategies import shard_model
+
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.model, mesh, **getattr(self.trainer.strategy, "sharding_options", {}))
+        if self.ref_model is not None:
+            shard_model(self.ref_model.eval(), mesh)
+
+    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy."""
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        if self.ref_model is not None:
+            return self.ref_model(**kwargs).logits
+        with self.model.disable_adapter():
+            return self.model(**kwargs, use_cache=False).logits
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.
+
+        Under sharding this is a collective (every rank must call it) and only rank 0 gets the
+        weights (the other ranks get an empty dict). HFExport and ``lit_align.export`` use it.
+        """
+        if self._sharded():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if state and hasattr(self.model, "peft_config"):
+            from lit_align.export import merge_lora
+
+            state = merge_lora(self.model, state)
+        return state
+
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def _rank_average(self, value) -> float:
+        """Mean of a scalar over all ranks (the value itself in a single process)."""
+        value = float(value)
+        if not self._distributed():
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+
+    SUMMED_METRICS = ("reward_errors",)  # counts: summed over ranks; every other scalar is averaged
+
+    def _reduce_metrics(self, metrics: dict) -> dict:
+        """One all-reduce for all of a step's scalars, so rank 0's logs describe the global batch."""
+        if not self._distributed():
+            return metrics
+        import torch.distributed as dist
+
+        names = sorted(metrics)
+        t = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        world = dist.get_world_size()
+        return {n: torch.tensor(float(v) if n in self.SUMMED_METRICS else float(v) / world) for n, v in zip(names, t.tolist())}
+
+    def _resume_state(self) -> dict:
+        """What a checkpoint needs beyond weights, optimizers and schedules for an exact resume: the
+        counters and every rank's RNG states (torch, CUDA, Python, NumPy), gathered to rank 0."""
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        states = [rng]
+        if self._distributed():
+            import torch.distributed as dist
+
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng)
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+            "reward_errors": self.reward_errors,
+            "rng": states,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lit_align_state")
+        if not state:
+            return
+        self.skipped_steps = state["skipped_steps"]
+        self._consecutive_skips = state["consecutive_skips"]
+        self.reward_errors = state.get("reward_errors", 0)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        states = state["rng"]
+        self._rng_to_restore = states[rank] if rank < len(states) else None  # another world size: fresh RNG
+
+    def on_train_start(self) -> None:
+        """Put back the RNG states of the checkpoint, as late as possible: after the sanity check and
+        the data-loader set-up, right before the first resumed step, as in the uninterrupted run."""
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is None:
+            return
+        import numpy as np
+
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        n = rng["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def apply_lora(model, lora: dict):
+    """Wrap ``model`` with peft LoRA adapters (``lora``: LoraConfig arguments); the base is frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("model.lora needs peft: pip install 'lit-align[lora]' (or pip install peft)") from e
+    try:
+        config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.lora={dict(lora)!r}: {e}") from e
+    return get_peft_model(model, config)

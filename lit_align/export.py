@@ -1,0 +1,140 @@
+"""Export a policy as a Hugging Face directory, from a live module or from any training checkpoint.
+
+    python -m lit_align.export CKPT OUT_DIR [--base PATH_OR_HUB_ID]
+
+CKPT is a Lightning checkpoint written by ``train.py fit`` (``last.ckpt``, a ``best-...ckpt``, or
+the directory of a sharded ``fsdp2`` checkpoint). OUT_DIR receives the weights (LoRA adapters
+merged into them), the model config, the generation config and the tokenizer, and loads with
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. The base model's
+config and tokenizer come from the checkpoint's ``model_name_or_path`` unless ``--base`` names
+another copy (e.g. when the run was trained on another machine).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def merge_lora(peft_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold LoRA adapters into the base weights of a full state dict of a peft model.
+
+    ``state`` holds peft names (``base_model.model.<hf name>``, ``...base_layer.weight``,
+    ``...lora_A.<adapter>.weight``); the result holds plain Hugging Face names with
+    W = W_base + scaling * B @ A for every adapted linear layer. Works on gathered (unsharded)
+    tensors, so the peft model itself is never modified.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    state = dict(state)
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, LoraLinear):
+            raise NotImplementedError(f"{name}: merging {type(module).__name__} adapters is not supported (Linear only)")
+        base = state.pop(f"{name}.base_layer.weight")
+        merged = base.float()
+        for adapter in module.active_adapters:
+            A = state.pop(f"{name}.lora_A.{adapter}.weight").float()
+            B = state.pop(f"{name}.lora_B.{adapter}.weight").float()
+            delta = (B @ A) * module.scaling[adapter]
+            merged = merged + (delta.T if module.fan_in_fan_out else delta)
+        state[f"{name}.weight"] = merged.to(base.dtype)
+        if f"{name}.base_layer.bias" in state:
+            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
+    for key in [k for k in state if ".lora_" in k]:  # inactive adapters
+        del state[key]
+    prefix = "base_model.model."
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def save_hf_dir(config, generation_config, tokenizer, state: dict[str, torch.Tensor], target: str | Path,
+                trust_remote_code: bool = False) -> Path:
+    """Write ``state`` (plain HF names, whole tensors) as a from_pretrained-able directory.
+
+    The weights go through a parameter-free skeleton (built on the meta device from ``config``), so
+    this works whatever wraps the live model (FSDP2 shards, peft) and from a bare state dict.
+    """
+    from transformers import AutoModelForCausalLM
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if generation_config is not None:
+        skeleton.generation_config = generation_config
+    state = {k: v.contiguous() for k, v in state.items()}
+    skeleton.save_pretrained(target, state_dict=state)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def save_module(pl_module, target: str | Path, state: dict[str, torch.Tensor]) -> Path:
+    """Save a PolicyModule's policy (``state`` from its ``full_state_dict()``) and tokenizer."""
+    model = pl_module.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return save_hf_dir(base.config, getattr(base, "generation_config", None), pl_module.tokenizer, state, target,
+                       pl_module.hparams.get("trust_remote_code", False))
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint as a dict: a ``.ckpt`` file, or a sharded (distributed) directory."""
+    path = Path(path)
+    if path.is_dir():
+        from lightning.fabric.utilities.consolidate_checkpoint import _load_distributed_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        checkpoint = _load_distributed_checkpoint(path)
+        meta = path / _METADATA_FILENAME
+        if meta.is_file():
+            checkpoint.update(torch.load(meta, map_location="cpu", weights_only=True))
+        return checkpoint
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = None) -> Path:
+    """Export the policy saved in a training checkpoint to a Hugging Face directory."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from lit_align.hf import _resolve, load_tokenizer
+
+    checkpoint = load_checkpoint(ckpt)
+    hp = dict(checkpoint.get("hyper_parameters") or {})
+    name = base or hp.get("model_name_or_path")
+    if not name:
+        raise ValueError(f"{ckpt}: no model_name_or_path in its hyper_parameters; pass --base PATH_OR_HUB_ID")
+    remote = bool(hp.get("trust_remote_code", False))
+    source = _resolve(name)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=remote)
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation_config = GenerationConfig.from_model_config(config)
+    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise ValueError(f"{ckpt}: its state_dict holds no policy weights (keys starting with 'model.')")
+    if hp.get("lora"):
+        from transformers import AutoModelForCausalLM
+
+        from lit_align.modules.policy import apply_lora
+
+        with torch.device("meta"):
+            skeleton = apply_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=remote), hp["lora"])
+        state = merge_lora(skeleton, state)
+    return save_hf_dir(config, generation_config, load_tokenizer(name, remote), state, out_dir, remote)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lit_align.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt file or sharded checkpoint directory)")
+    parser.add_argument("out_dir", help="directory to write the Hugging Face model and tokenizer to")
+    parser.add_argument("--base", default=None, help="base model (config + tokenizer) if not the checkpoint's model_name_or_path")
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.ckpt, args.out_dir, args.base)
+    print(f"exported {args.ckpt} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
