@@ -180,7 +180,8 @@ def test_warmup_target_entropy_and_global_step(ckpt, batch):
     fresh = make(ckpt)
     assert math.isnan(float(fresh.target_entropy))
     fresh.load_state_dict(m.state_dict())
-    assert float(fresh.target_entropy) == pytest.approx(h_star) and fresh.controller.mu_value() == m.controller.mu_value()
+    assert float(fresh.target_entropy) == pytest.approx(h_star)
+    assert fresh.controller.mu_value() == m.controller.mu_value()
     assert m.state_dict()["controller.mu"].dtype == torch.float32
     # the entropy term moved mu every RL step: mu_{t+1} = mu_t - eta * dV/dmu [meta] + eta_H (H* - H_t)
     for s, nxt in zip(steps[2:], steps[3:]):
@@ -238,7 +239,8 @@ def test_controller_and_target_entropy_stay_float32_under_a_precision_cast(ckpt)
     m.to(torch.bfloat16)  # what the bf16-true precision plugin does to the whole module
     assert next(m.model.parameters()).dtype == torch.bfloat16
     assert m.controller.mu.dtype == m.target_entropy.dtype == torch.float32
-    assert float(m.controller.mu) == pytest.approx(0.8, abs=1e-7) and float(m.target_entropy) == pytest.approx(1.2345678)
+    assert float(m.controller.mu) == pytest.approx(0.8, abs=1e-7)
+    assert float(m.target_entropy) == pytest.approx(1.2345678)
 
 
 DDP_SCRIPT = """
@@ -298,7 +300,7 @@ def test_cli_run_logs_the_controller(tmp_path, ckpt):
     from lit_align.events import read_scalars
 
     main([
-        "fit", "--config", "configs/amft.yaml",
+        "fit", "--config", str(ROOT / "configs" / "amft.yaml"),
         "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={tmp_path}",

@@ -48,7 +48,12 @@ class AMFTModule(PolicyModule):
 
     Plus every :class:`PolicyModule` argument; ``num_generations`` must be at least 2. The look-ahead
     is an SGD step with the policy optimizer's current lr (whatever that optimizer is) and no
-    gradient clipping.
+    gradient clipping, so dV/dmu scales with that lr: scale controller_lr with 1 / lr. A meta step
+    holds three extra parameter-sized tensors (g_SFT, g_RL, theta') and samples the meta prompts.
+
+    Logged: ``train/mu``, ``train/entropy`` (H) and ``train/target_entropy`` (H*) every update;
+    ``train/meta_grad`` (dV/dmu), ``train/val_objective`` (V(theta')) and, for the reward objective,
+    ``train/meta_reward`` at meta steps (Lightning repeats the latest value until the next one).
     """
 
     def __init__(
@@ -81,8 +86,6 @@ class AMFTModule(PolicyModule):
             controller_lr=controller_lr, meta_objective=meta_objective, meta_interval=meta_interval,
             warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef,
         )
-        for hparams in (self.hparams, self._hparams_initial):  # a module: its state is in the state_dict
-            hparams.pop("controller", None)
         self.controller = (controller if controller is not None else ScalarMu()).float()
         self.register_buffer("target_entropy", torch.tensor(float("nan")))  # H*, set at the first RL step
         # mu comes from the controller, never from the DDP-wrapped forward: DDP must not reduce its grads.
@@ -90,7 +93,6 @@ class AMFTModule(PolicyModule):
         self._stats: dict[str, float] = {}  # the controller's inputs at the last RL step
         self._last_grad_norm = 0.0
         self._captured: list[torch.Tensor] | None = None
-        self._policy_stepping = False
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
@@ -130,17 +132,8 @@ class AMFTModule(PolicyModule):
             buffers["target_entropy"] = move(buffers["target_entropy"])
         return self
 
-    def optimizers(self, use_pl_optimizer: bool = True):
-        # PolicyModule.policy_step wants the policy optimizer alone; elsewhere [policy, controller].
-        opts = super().optimizers(use_pl_optimizer)
-        return opts[0] if self._policy_stepping and isinstance(opts, list) else opts
-
     def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
-        self._policy_stepping = True
-        try:
-            applied = super().policy_step(loss, metrics)
-        finally:
-            self._policy_stepping = False
+        applied = super().policy_step(loss, metrics)
         self._last_grad_norm = float(metrics["grad_norm"])
         return applied
 

@@ -93,7 +93,7 @@ class PolicyModule(L.LightningModule):
     ):
         super().__init__()
         self._validate(locals())
-        self.save_hyperparameters(ignore=["optimizer", "reward"])
+        self.save_hyperparameters(ignore=["optimizer", "reward", "controller", "mu_schedule"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.reward = reward if reward is not None else ExactAnswerReward()
@@ -317,7 +317,8 @@ class PolicyModule(L.LightningModule):
 
         Returns True if the update was applied.
         """
-        opt = self.optimizers()
+        opts = self.optimizers()
+        opt = opts[0] if isinstance(opts, list) else opts  # the policy's (AMFT adds a controller's)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -1,0 +1,300 @@
+"""Two CPU processes (gloo): DDP and the sharded strategy (``fsdp2``).
+
+- numerical equivalence: one update on 2 ranks equals one process on the same global batch, for
+  the SFT term and for the GRPO term with rollouts held fixed (guards the gloo AVG bug);
+- generation under FSDP2 does not deadlock when ranks stop at different lengths;
+- end to end through ``train.py``: CHORD and AMFT under ``ddp``, CHORD under ``fsdp2`` (AMFT
+  refuses it at start-up: its look-ahead needs whole parameters), ``fsdp`` fails naming ``fsdp2``.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
+
+from lit_align.events import read_scalars
+from lit_align.modules.grpo import GRPOModule
+from lit_align.modules.sft import SFTModule
+from lit_align.rollout import Rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = 0.5  # SGD: the update is proportional to the gradient, so a summed (2x) gradient shows
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- fixed batches
+class FixedRolloutGRPO(GRPOModule):
+    """GRPO whose rollouts and rewards come with the batch: the update is a pure function of it."""
+
+    def rollout_and_score(self, batch):
+        r = batch["rollout"]
+        rollout = Rollout(r["prompt_ids"], r["prompt_mask"], r["completion_ids"], r["completion_mask"],
+                          r["old_logp"], torch.zeros_like(r["old_logp"]), [""] * len(r["prompt_ids"]))
+        return rollout, batch["rewards"], {}
+
+
+def _batches(ckpt: str) -> dict:
+    """Global batches: 4 expert rows, and 2 prompts x G=2 rollouts, every row with the same token
+    count (token-mean is per rank: equal counts make 2 ranks exactly one process)."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 16, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    expert = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    prompt_ids = torch.randint(3, 16, (4, 5), generator=g)
+    prompt_ids[2:] = prompt_ids[2:3]  # rows 0-1: prompt 0, rows 2-3: prompt 1
+    prompt_ids[:2] = prompt_ids[0:1]
+    completion_ids = torch.randint(3, 16, (4, 6), generator=g)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    with torch.no_grad():
+        full = torch.cat([prompt_ids, completion_ids], 1)
+        logits = model(full).logits[:, 4:-1]
+        old_logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    rollout = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+               "completion_mask": torch.ones_like(completion_ids), "old_logp": old_logp - 0.05}
+    return {"expert": expert, "rollout": rollout, "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9])}
+
+
+def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
+    take = lambda t: t.chunk(world)[rank] if world > 1 else t  # noqa: E731  (whole prompt groups per rank)
+    if method == "sft":
+        return {"expert": {k: take(v) for k, v in batches["expert"].items()}}
+    return {"prompts": {"rollout": {k: take(v) for k, v in batches["rollout"].items()}, "rewards": take(batches["rewards"])}}
+
+
+def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
+    cls, extra = (SFTModule, {}) if method == "sft" else (FixedRolloutGRPO, {"num_generations": 2})
+    module = cls(model_name_or_path=ckpt, optimizer=lambda p: torch.optim.SGD(p, lr=LR), gradient_clip=0.0, **extra)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    return module, trainer
+
+
+def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE="2")
+    import lit_align.strategies  # noqa: F401  registers fsdp2
+
+    results = {}
+    for strategy in ("ddp", "fsdp2"):
+        for method in ("sft", "grpo"):
+            module, trainer = _one_step(ckpt, method, _slice(batches, method, rank, 2), strategy, 2)
+            state = module.full_state_dict()  # collective under fsdp2; every rank gets it under ddp
+            if rank == 0 or strategy == "ddp":
+                results[f"{strategy}-{method}-rank{rank}"] = state
+            if strategy == "fsdp2" and method == "grpo":
+                results[f"reduce-rank{rank}"] = module._reduce_metrics({"x": torch.tensor(float(rank)), "reward_errors": 1.0})
+                results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def _uneven_generation(module, rank: int) -> int:
+    """Greedy generation where rank 1 stops after one token and rank 0 runs to max_new_tokens:
+    without synced_gpus the ranks would wait on each other's all-gathers for ever."""
+    assert module._sharded() and module._sync_generation()
+    prompts = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long)}
+    first = module.sample(prompts, greedy=True, num_generations=1)
+    tokens = first.completion_ids[0].tolist()
+    unused = next(t for t in range(3, 200) if t not in tokens)
+    module.model.generation_config.eos_token_id = tokens[0] if rank == 1 else unused
+    again = module.sample(prompts, greedy=True, num_generations=1)
+    return int(again.completion_mask.sum())
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_ranks")
+    batches = _batches(ckpt)
+    mp.start_processes(_worker, args=(free_port(), ckpt, batches, str(out)), nprocs=2, start_method="spawn")
+    results = {}
+    for rank in range(2):
+        results.update(torch.load(out / f"rank{rank}.pt", weights_only=False))
+    single = {}
+    for method in ("sft", "grpo"):
+        single[method] = _one_step(ckpt, method, _slice(batches, method, 0, 1), "auto", 1)[0].full_state_dict()
+    return results, single
+
+
+def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> None:
+    moved = 0.0
+    for k, w0 in start.items():
+        d_single = single_state[k] - w0
+        d_dist = dist_state[k] - w0
+        torch.testing.assert_close(d_dist, d_single, rtol=1e-4, atol=1e-6, msg=k)
+        moved += float(d_single.abs().sum())
+    assert moved > 1e-3, "the step did not move the weights: the comparison would be vacuous"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("method", ["sft", "grpo"])
+def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
+    from safetensors.torch import load_file
+
+    results, single = two_rank_results
+    start = load_file(str(Path(ckpt) / "model.safetensors"))
+    start.setdefault("lm_head.weight", start["model.embed_tokens.weight"])  # tied
+    _assert_same_update(results[f"{strategy}-{method}-rank0"], single[method], start)
+    if strategy == "ddp":  # both replicas hold the same weights
+        for k, v in results[f"ddp-{method}-rank0"].items():
+            assert torch.equal(v, results[f"ddp-{method}-rank1"][k]), k
+
+
+def test_metrics_are_reduced_over_ranks(two_rank_results):
+    results, _ = two_rank_results
+    for rank in range(2):
+        reduced = results[f"reduce-rank{rank}"]
+        assert float(reduced["x"]) == 0.5  # a mean over ranks 0 and 1
+        assert float(reduced["reward_errors"]) == 2.0  # counts are summed
+
+
+def test_sharded_generation_survives_ranks_stopping_at_different_lengths(two_rank_results):
+    results, _ = two_rank_results
+    assert results["generate-rank1"] == 1
+    assert results["generate-rank0"] > 1
+
+
+# ----------------------------------------------------------------------------- end to end
+class RankReport(L.Callback):
+    """Test helper (added with --trainer.callbacks+=test_distributed.RankReport): each rank writes
+    what it saw and holds at the end of fit to ``<out>/rank<r>.json``."""
+
+    def __init__(self, out: str):
+        self.out, self.prompts, self.rollouts = out, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if "prompts" in batch:
+            self.prompts += batch["prompts"]["prompts"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.last_samples:
+            self.rollouts.append(len(pl_module.last_samples["completions"]))
+
+    def on_fit_end(self, trainer, pl_module):
+        from torch.distributed.fsdp import FSDPModule
+
+        params = list(pl_module.model.parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        ref = pl_module.ref_model
+        report = {
+            "rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
+            "prompts": self.prompts, "rollouts": self.rollouts,
+            "param_sum": sum(float(t.detach().double().sum()) for t in local),
+            "local_numel": sum(t.numel() for t in local), "numel": sum(p.numel() for p in params),
+            "sharded": isinstance(pl_module.model, FSDPModule),
+            "ref": None if ref is None else {"training": ref.training, "sharded": isinstance(ref, FSDPModule)},
+        }
+        if hasattr(pl_module, "controller"):
+            report["controller"] = {k: v.tolist() for k, v in pl_module.controller.state_dict().items()}
+            report["target_entropy"] = float(pl_module.target_entropy)
+            report["mu"] = pl_module.controller_mu(pl_module._stats)
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+TINY = [
+    "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+    "--trainer.accelerator=cpu", "--trainer.devices=2",
+    "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
+    "--model.init_args.num_generations=2", "--model.init_args.max_new_tokens=4",
+    "--model.init_args.reward=_rewards.LengthMatchReward",
+]
+
+
+def train(config: str, strategy: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python train.py fit`` on 2 CPU processes (Lightning launches rank 1 itself)."""
+    env = {**os.environ, "MASTER_PORT": str(free_port()),
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *TINY,
+            f"--trainer.strategy={strategy}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.callbacks+=test_distributed.RankReport", f"--trainer.callbacks.out={tmp_path}", *extra]
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    return proc, tmp_path
+
+
+def _reports(path: Path) -> list[dict]:
+    return [json.loads((path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _check_run(proc, path: Path) -> tuple[list[dict], Path]:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = _reports(path)
+    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [3, 3]
+    for r in reports:  # rollouts are sampled on each rank, from that rank's own prompts
+        assert r["rollouts"] == [2 * 2] * 3
+    assert not set(reports[0]["prompts"]) & set(reports[1]["prompts"]), "ranks must see different prompts"
+    log_dir = next(path.rglob("hf_model")).parent
+    scalars = read_scalars(log_dir)
+    assert {"train/mu", "train/loss", "train/reward_mean", "val/accuracy"} <= set(scalars)
+    return reports, log_dir
+
+
+def _check_export(log_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(log_dir / "hf_model")
+    model = AutoModelForCausalLM.from_pretrained(log_dir / "hf_model")
+    enc = tok(["12+3="], return_tensors="pt")
+    assert model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > 5
+
+
+def test_chord_under_ddp(tmp_path):
+    proc, path = train("chord_phi", "ddp", tmp_path, "--model.init_args.beta=0.05")
+    reports, log_dir = _check_run(proc, path)
+    assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
+    assert not reports[0]["sharded"] and reports[0]["ref"] == {"training": False, "sharded": False}
+    assert "train/kl" in read_scalars(log_dir)
+
+
+def test_chord_under_fsdp2_shards_generates_and_exports(tmp_path):
+    proc, path = train("chord_phi", "fsdp2", tmp_path, "--model.init_args.beta=0.05")
+    reports, log_dir = _check_run(proc, path)
+    for r in reports:
+        assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"], "each rank holds about half the weights"
+        assert r["ref"] == {"training": False, "sharded": True}, "the frozen reference is sharded and in eval mode"
+    _check_export(log_dir)
+
+
+def test_amft_under_ddp_keeps_one_controller(tmp_path):
+    if not (ROOT / "configs" / "amft.yaml").exists():
+        pytest.skip("AMFT not merged yet")
+    proc, path = train("amft", "ddp", tmp_path, "--model.init_args.warmup_sft_steps=1",
+                       "--model.init_args.meta_interval=1", "--data.init_args.meta_batch_size=2")
+    reports, log_dir = _check_run(proc, path)
+    assert reports[0]["param_sum"] == reports[1]["param_sum"]
+    assert reports[0]["controller"] == reports[1]["controller"], "the AMFT controller must be identical on all ranks"
+    assert reports[0]["target_entropy"] == reports[1]["target_entropy"] and reports[0]["mu"] == reports[1]["mu"]
+    assert "train/meta_grad" in read_scalars(log_dir)
+
+
+def test_amft_under_fsdp2_fails_at_start_naming_ddp(tmp_path):
+    if not (ROOT / "configs" / "amft.yaml").exists():
+        pytest.skip("AMFT not merged yet")
+    proc, _ = train("amft", "fsdp2", tmp_path, "--trainer.max_steps=1")
+    assert proc.returncode != 0
+    assert "use a DDP strategy" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):
+    from lit_align.cli import main
+
+    with pytest.raises(ValueError, match="--trainer.strategy=fsdp2"):
+        main(["fit", "--config", "configs/sft.yaml", "--trainer.strategy=fsdp", "--trainer.accelerator=cpu",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])
