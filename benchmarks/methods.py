@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from lit_align.events import read_scalars  # noqa: E402
 METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft"]
 
 
-def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra: list[str]) -> dict:
+def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra: list[str], threads: int = 1) -> dict:
     save_dir = out / "runs" / f"{method}-seed{seed}"
     args = [
         sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{method}.yaml"),
@@ -37,8 +39,9 @@ def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra
     ]
     if method == "sft_then_grpo":
         args.append(f"--model.init_args.sft_steps={int(steps * 0.8)}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -109,23 +112,30 @@ def main() -> None:
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods")
     p.add_argument("--quick", action="store_true", help="smoke test: 2 methods, 1 seed, 6 steps")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, each with --threads torch threads")
+    p.add_argument("--threads", type=int, default=1)
     a, extra = p.parse_known_args()  # anything else is passed to every train.py run
     if a.quick:
         a.methods, a.seeds, a.steps, a.val_every = ["sft", "chord_phi"], [0], 6, 3
         extra += ["--trainer.limit_val_batches=1", "--data.init_args.expert_batch_size=8",
                   "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=20"]
     a.out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in a.seeds:
-        for m in a.methods:
-            r = run_one(m, seed, a.steps, a.val_every, a.out, extra)
-            print(f"{m} seed {seed}: final acc {r['final_accuracy']:.3f} best {r['best_accuracy']:.3f} "
-                  f"expert_nll {r['final_expert_nll']:.3f} ({r['wall_s']:.0f} s)", flush=True)
-            runs.append(r)
+    def one(job: tuple[int, str]) -> dict:
+        seed, m = job
+        r = run_one(m, seed, a.steps, a.val_every, a.out, extra, a.threads)
+        print(f"{m} seed {seed}: final acc {r['final_accuracy']:.3f} best {r['best_accuracy']:.3f} "
+              f"expert_nll {r['final_expert_nll']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+        return r
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        runs = list(pool.map(one, [(seed, m) for seed in a.seeds for m in a.methods]))
+    total = time.perf_counter() - start
     table = summarise(runs, a.methods)
     header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
               f"updates per run; seeds {a.seeds}; measured {date.today()} with "
-              f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps}`.\n\n")
+              f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs}` "
+              f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min).\n\n")
     (a.out / "methods.md").write_text(header + table + "\n")
     (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
     plotted = plot(runs, a.methods, a.out / "curves.png")

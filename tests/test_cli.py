@@ -90,10 +90,13 @@ def test_rerun_into_same_log_dir_and_print_config(tmp_path, capsys):
     assert "lit_align.CHORDModule" in printed and "token_weighting: phi" in printed
 
 
-def test_validate_subcommand_reports_accuracy(tmp_path):
-    cli = main(["validate", "--config", "configs/sft.yaml", "--trainer.limit_val_batches=1",
-                f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
-    assert "val/accuracy" in cli.trainer.callback_metrics
+def test_validate_and_test_subcommands_report_accuracy(tmp_path):
+    common = ["--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"]
+    cli = main(["validate", *common, "--trainer.limit_val_batches=1"])
+    assert {"val/accuracy", "val/expert_nll"} <= set(cli.trainer.callback_metrics)
+    cli = main(["test", *common, "--trainer.limit_test_batches=1"])
+    assert {"test/accuracy", "test/reward", "test/expert_token_acc"} <= set(cli.trainer.callback_metrics)
 
 
 def test_bad_model_path_fails_before_training(tmp_path):

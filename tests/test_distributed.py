@@ -209,7 +209,7 @@ class RankReport(L.Callback):
 
 
 TINY = [
-    "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+    "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
     "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
     "--trainer.accelerator=cpu", "--trainer.devices=2",
     "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
@@ -233,12 +233,12 @@ def _reports(path: Path) -> list[dict]:
     return [json.loads((path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def _check_run(proc, path: Path) -> tuple[list[dict], Path]:
+def _check_run(proc, path: Path, rl_steps: int = 3) -> tuple[list[dict], Path]:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     reports = _reports(path)
     assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [3, 3]
     for r in reports:  # rollouts are sampled on each rank, from that rank's own prompts
-        assert r["rollouts"] == [2 * 2] * 3
+        assert r["rollouts"] == [2 * 2] * rl_steps  # 2 prompts x G=2 per rank and step
     assert not set(reports[0]["prompts"]) & set(reports[1]["prompts"]), "ranks must see different prompts"
     log_dir = next(path.rglob("hf_model")).parent
     scalars = read_scalars(log_dir)
@@ -263,13 +263,44 @@ def test_chord_under_ddp(tmp_path):
     assert "train/kl" in read_scalars(log_dir)
 
 
-def test_chord_under_fsdp2_shards_generates_and_exports(tmp_path):
-    proc, path = train("chord_phi", "fsdp2", tmp_path, "--model.init_args.beta=0.05")
+def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path):
+    from lit_align.export import export_checkpoint
+
+    proc, path = train("chord_phi", "fsdp2", tmp_path / "a", "--model.init_args.beta=0.05")
     reports, log_dir = _check_run(proc, path)
     for r in reports:
         assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"], "each rank holds about half the weights"
         assert r["ref"] == {"training": False, "sharded": True}, "the frozen reference is sharded and in eval mode"
     _check_export(log_dir)
+    # the consolidated checkpoint (step 3, the first validation) exports to the same weights
+    last = log_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    exported = export_checkpoint(last, tmp_path / "from_ckpt")
+    _same_weights(exported, log_dir / "hf_model")
+
+    # resume it under FSDP2 with activation checkpointing, writing a sharded (per-rank) checkpoint
+    proc, path = train(
+        "chord_phi", "lit_align.strategies.FSDP2Strategy", tmp_path / "b", "--model.init_args.beta=0.05",
+        "--trainer.strategy.activation_checkpointing=true", "--trainer.strategy.save_distributed_checkpoint=true",
+        f"--ckpt_path={last}", "--trainer.max_steps=4",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
+        "--trainer.callbacks.filename=periodic-{step}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["step"] for r in _reports(path)] == [4, 4]
+    sharded = next(path.rglob("periodic-step=4.ckpt"))
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
+    log_dir = next(path.rglob("hf_model")).parent
+    _same_weights(export_checkpoint(sharded, tmp_path / "from_sharded"), log_dir / "hf_model")
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], msg=k)
 
 
 def test_amft_under_ddp_keeps_one_controller(tmp_path):
@@ -277,7 +308,7 @@ def test_amft_under_ddp_keeps_one_controller(tmp_path):
         pytest.skip("AMFT not merged yet")
     proc, path = train("amft", "ddp", tmp_path, "--model.init_args.warmup_sft_steps=1",
                        "--model.init_args.meta_interval=1", "--data.init_args.meta_batch_size=2")
-    reports, log_dir = _check_run(proc, path)
+    reports, log_dir = _check_run(proc, path, rl_steps=2)  # step 1 is the SFT warm-up
     assert reports[0]["param_sum"] == reports[1]["param_sum"]
     assert reports[0]["controller"] == reports[1]["controller"], "the AMFT controller must be identical on all ranks"
     assert reports[0]["target_entropy"] == reports[1]["target_entropy"] and reports[0]["mu"] == reports[1]["mu"]

@@ -392,7 +392,8 @@ class PolicyModule(L.LightningModule):
         self.policy_step(loss, metrics)
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, prefix: str = "val") -> None:
+        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations."""
         rollout = self.sample(batch, greedy=True, num_generations=1)
         rewards, _ = self.score(batch["prompts"], rollout, batch["answers"])
         hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
@@ -411,14 +412,14 @@ class PolicyModule(L.LightningModule):
             self.val_expert_nll.update(-(logp[mask]).mean(), weight=n)
             hits = (logits.argmax(-1) == labels)[mask].float()
             self.val_expert_token_acc.update(hits.mean(), weight=n)
-            self.log("val/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
-            self.log("val/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
+            self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
+            self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
         bs = len(batch["prompts"])
-        self.log("val/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("val/reward", self.val_reward, on_epoch=True, batch_size=bs)
+        self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        self.validation_step(batch, batch_idx, prefix="test")
 
     # ------------------------------------------------------------------ scale-out: sharding, checkpoints, export
     def setup(self, stage: str) -> None:

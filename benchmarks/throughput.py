@@ -1,0 +1,270 @@
+"""Throughput of full RL training steps (generation + reward + loss + backward + optimizer step).
+
+    python benchmarks/throughput.py --methods grpo chord --prompts 8 --G 8 --max-new-tokens 32 --steps 5
+    python benchmarks/throughput.py --model path/to/hf_checkpoint --prompts 4 --G 16
+    python benchmarks/throughput.py --quick          # smoke test: tiny model, a few steps
+
+Each method runs in its own process (so peak memory is its own): the real GRPOModule / CHORDModule
+and MixedDataModule under a Lightning Trainer, the same training_step a ``train.py fit`` run takes.
+A callback times every step from the end of the previous one (so data loading and the loop's own
+work count); ``sample`` (generation, log-probs at sampling time, decoding) and ``score`` (reward)
+are timed inside it, and the rest of the step is "training" (forward, losses, backward, clip,
+optimizer step, logging). The first ``--warmup`` steps are not timed. Prints one JSON object:
+completion tokens per second, seconds per step and its split, peak RSS (and peak CUDA memory).
+
+Without ``--model``, a freshly initialised Llama (``--hidden``, ``--layers``, ``--heads``) is built
+with lit_align.data.embedded.build_checkpoint; prompts are the embedded task's two-digit sums
+(all the same length, so every step has the same shapes).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("grpo", "chord")
+
+
+# ----------------------------------------------------------------------------- assets
+def bench_checkpoint(hidden: int = 384, layers: int = 6, heads: int = 6) -> str:
+    """A freshly initialised tiny Llama + char tokenizer, built once into the lit_align cache."""
+    from lit_align.data import embedded
+
+    target = embedded.cache_dir() / "bench" / f"llama-h{hidden}-l{layers}-a{heads}"
+    return str(embedded._atomic_dir(target, lambda d: embedded.build_checkpoint(d, hidden, layers, heads)))
+
+
+def bench_prompts() -> str:
+    """JSONL of the embedded training prompts of the form ``ab+cd=`` (all 6 tokens long)."""
+    from lit_align.data import embedded
+
+    def write(d: Path) -> None:
+        rows = [json.loads(line) for line in open(embedded.ensure_task()["train"])]
+        with open(d / "prompts.jsonl", "w") as f:
+            for row in rows:
+                if len(row["prompt"]) == 6:
+                    f.write(json.dumps(row) + "\n")
+
+    return str(embedded._atomic_dir(embedded.cache_dir() / "bench" / "prompts-6tok", write) / "prompts.jsonl")
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_memory_mib() -> dict:
+    """Peak resident set size of this process (and peak CUDA memory allocated, on a GPU)."""
+    import torch
+
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def summarise_steps(steps: list[dict]) -> dict:
+    """Per-step records {total, generation, scoring, tokens} -> the numbers the benchmark prints."""
+    total = sum(s["total"] for s in steps)
+    mean = lambda key: sum(s[key] for s in steps) / len(steps)  # noqa: E731
+    return {
+        "completion_tokens_per_s": sum(s["tokens"] for s in steps) / total,
+        "step_s": mean("total"),
+        "step_s_median": statistics.median(s["total"] for s in steps),
+        "generation_s": mean("generation"),
+        "scoring_s": mean("scoring"),
+        "training_s": mean("total") - mean("generation") - mean("scoring"),
+        "completion_tokens_per_step": mean("tokens"),
+        "timed_steps": len(steps),
+    }
+
+
+# ----------------------------------------------------------------------------- one measurement
+def measure(
+    method: str = "grpo",
+    model: str | None = None,
+    prompts: int = 8,
+    G: int = 8,
+    max_new_tokens: int = 32,
+    steps: int = 5,
+    warmup: int = 2,
+    lr: float = 1e-5,
+    temperature: float = 1.0,
+    expert_batch_size: int | None = None,
+    loss_aggregation: str = "token-mean",
+    accelerator: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """Time ``steps`` training steps of ``method`` after ``warmup`` untimed ones; in this process."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from lit_align import CHORDModule, GRPOModule, MixedDataModule
+    from lit_align.weighting import ConstantMu
+
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: choose one of {list(METHODS)}")
+    if warmup < 1 or steps < 1:
+        raise ValueError("warmup and steps must be >= 1 (a step is timed from the end of the one before)")
+    model = model or bench_checkpoint()
+    L.seed_everything(seed, verbose=False)
+    common = dict(
+        model_name_or_path=model, num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0), beta=0.0,
+        loss_aggregation=loss_aggregation,
+    )
+    if method == "grpo":
+        module = GRPOModule(**common)
+        expert = None
+    else:  # CHORD-phi: both terms every step (mu = 0.1), phi token weights on the expert tokens
+        module = CHORDModule(**common, mu_schedule=ConstantMu(0.1), token_weighting="phi")
+        expert = "embedded"
+    expert_batch_size = expert_batch_size or max(1, prompts * G // 4)  # the paper's ~20% expert share
+    data = MixedDataModule(
+        model_name_or_path=model, expert_data=expert, prompt_data=bench_prompts(), val_data=None,
+        prompt_batch_size=prompts, expert_batch_size=expert_batch_size, seed=seed,
+    )
+
+    class StepTimer(Callback):
+        def __init__(self):
+            self.records: list[dict] = []
+            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0}
+            self.last_end: float | None = None
+            for name, phase in (("sample", "generation"), ("score", "scoring")):
+                setattr(module, name, self.timed(getattr(module, name), phase))
+
+        def timed(self, fn, phase):
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                sync()
+                start = time.perf_counter()
+                out = fn(*args, **kwargs)
+                sync()
+                self.current[phase] += time.perf_counter() - start
+                if phase == "generation":
+                    self.current["tokens"] += int(out.completion_mask.sum())
+                return out
+
+            return wrapper
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            sync()
+            now = time.perf_counter()
+            if self.last_end is not None:
+                self.records.append({"total": now - self.last_end, **self.current})
+            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0}
+            self.last_end = now
+
+    def sync():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=data)
+    timed = timer.records[warmup - 1:]
+    return {
+        "method": method,
+        "model": model,
+        "parameters": num_parameters(module.model),
+        "prompts": prompts,
+        "G": G,
+        "expert_rows": expert_batch_size if expert else 0,
+        "max_new_tokens": max_new_tokens,
+        "warmup": warmup,
+        "steps": steps,
+        "device": str(module.device),
+        "torch_threads": torch.get_num_threads(),
+        **summarise_steps(timed),
+        **peak_memory_mib(),
+        "per_step_s": [round(r["total"], 4) for r in timed],
+    }
+
+
+def measure_in_subprocess(method: str, args: argparse.Namespace, env: dict | None = None) -> dict:
+    """``measure`` in a fresh Python process (its own peak memory, its own warm-up); returns its JSON."""
+    cmd = [sys.executable, __file__, "--in-process", "--methods", method, *_forwarded(args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["runs"][0]
+
+
+def _forwarded(a: argparse.Namespace) -> list[str]:
+    out = ["--model", a.model, "--prompts", str(a.prompts), "--G", str(a.G), "--max-new-tokens", str(a.max_new_tokens),
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--temperature", str(a.temperature),
+           "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation]
+    if a.expert_batch_size:
+        out += ["--expert-batch-size", str(a.expert_batch_size)]
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: build --hidden/--layers/--heads)")
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    p.add_argument("--G", type=int, default=8, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (>= 1)")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--expert-batch-size", type=int, default=None, help="CHORD's expert rows (default prompts*G/4)")
+    p.add_argument("--loss-aggregation", default="token-mean")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 prompts x 4, 2+1 steps")
+
+
+def apply_quick(a: argparse.Namespace) -> None:
+    if a.quick:
+        a.hidden, a.layers, a.heads = 64, 2, 2
+        a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup = 2, 4, 8, 2, 1
+        a.model = None
+
+
+def command_line() -> str:
+    return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if Path(sys.argv[0]).exists()
+                                 else sys.argv[0], *sys.argv[1:]])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--in-process", action="store_true", help="measure in this process (default: one process each)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    a = p.parse_args()
+    apply_quick(a)
+    a.model = a.model or bench_checkpoint(a.hidden, a.layers, a.heads)
+    if a.in_process:
+        runs = [measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
+                        a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed) for m in a.methods]
+    else:
+        runs = [measure_in_subprocess(m, a) for m in a.methods]
+    result = {"date": str(date.today()), "command": command_line(), "runs": runs}
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
