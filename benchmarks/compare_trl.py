@@ -153,6 +153,29 @@ def measure_trl(a: argparse.Namespace) -> dict:
     }
 
 
+def markdown(result: dict) -> str:
+    r0, ratio = result["runs"][0], result["ratio_tokens_per_s"]
+    lines = [
+        f"lit_align GRPO vs TRL {result['trl_version']} GRPOTrainer, measured {result['date']} on {r0['device']} "
+        f"({r0['torch_threads']} torch threads) with `{result['command']}`: a {result['parameters'] / 1e6:.1f}M-parameter "
+        f"Llama, {r0['prompts']} prompts x G = {r0['G']}, {r0['max_new_tokens']} new tokens, {r0['warmup']} warm-up + "
+        f"{r0['steps']} timed steps per run, {len(ratio['per_round'])} rounds (ours, TRL, ours, TRL, ...).",
+        "",
+        "| completion tokens / s, ours / TRL | min | median | max |",
+        "|---|---|---|---|",
+        f"| ratio | {ratio['min']:.2f} | {ratio['median']:.2f} | {ratio['max']:.2f} |",
+        "",
+        "| median over rounds | completion tokens / s | s / step | generation s | scoring s | training s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["median"].items():
+        lines.append(
+            f"| {'lit_align' if name == 'ours' else 'TRL'} | {m['completion_tokens_per_s']:.0f} | {m['step_s']:.2f} "
+            f"| {m['generation_s']:.2f} | {m['scoring_s']:.3f} | {m['training_s']:.2f} | {m['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run_child(side: str, a: argparse.Namespace) -> dict:
     if side == "ours":
         return throughput.measure_in_subprocess("grpo", a)
@@ -168,7 +191,7 @@ def main() -> None:
     throughput.add_arguments(p)
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (ours, TRL)")
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--out", type=Path, default=None, help="also write <out>/compare_trl.json and compare_trl.md")
     a = p.parse_args()
     if a.quick:
         throughput.apply_quick(a)
@@ -202,8 +225,7 @@ def main() -> None:
         "runs": runs,
     }
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        throughput.write(a.out, "compare_trl", result, markdown(result))
     print(json.dumps(result), flush=True)
 
 

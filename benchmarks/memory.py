@@ -9,13 +9,18 @@ gloo), and reports for every rank, measured after the last step:
 - ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``: what this rank holds (its local shards
   under FSDP2), counted tensor by tensor;
 - ``param_and_optimizer_bytes``: the sum of those two, the number sharding is meant to halve;
-- ``peak_rss_mb``: the process's peak resident memory (includes Python, torch and activations).
+- ``rss_mb``: the process's resident memory then (after ``malloc_trim``, so freed heap is not
+  counted); ``peak_rss_mb``: its peak over the run. Both
+  include the interpreter, torch and transformers (about 0.6 GB here), and the peak includes the
+  whole model as loaded by ``from_pretrained`` on every rank before sharding.
 
 Prints one JSON object; ``fsdp2_over_ddp`` is the ratio of param+optimizer bytes per rank.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -50,11 +55,17 @@ def worker(args) -> None:
             params = list(pl_module.model.parameters())
             opt = trainer.optimizers[0]
             state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+            gc.collect()
+            try:  # hand freed heap back to the OS (glibc), so RSS shows live memory
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except OSError:
+                pass
             report = {
                 "rank": trainer.global_rank,
                 "param_bytes": sum(_local_bytes(p) for p in params),
                 "grad_bytes": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
                 "optimizer_bytes": sum(_local_bytes(v) for v in state),
+                "rss_mb": int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "model_params": sum(p.numel() for p in params),
             }
@@ -113,7 +124,7 @@ def main() -> None:
             mean = lambda s, k: sum(r[k] for r in result[s]["per_rank"]) / 2  # noqa: E731
             result["fsdp2_over_ddp"] = {
                 k: round(mean("fsdp2", k) / mean("ddp", k), 3)
-                for k in ("param_and_optimizer_bytes", "param_bytes", "optimizer_bytes", "grad_bytes", "peak_rss_mb")
+                for k in ("param_and_optimizer_bytes", "param_bytes", "optimizer_bytes", "grad_bytes", "rss_mb", "peak_rss_mb")
             }
     text = json.dumps(result, indent=2)
     print(text)

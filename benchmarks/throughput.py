@@ -240,6 +240,34 @@ def apply_quick(a: argparse.Namespace) -> None:
         a.model = None
 
 
+def markdown(result: dict) -> str:
+    """The measurement as a markdown table, headed by its date and command."""
+    r0 = result["runs"][0]
+    lines = [
+        f"Measured {result['date']} on {r0['device']} ({r0['torch_threads']} torch threads) with "
+        f"`{result['command']}`; {r0['warmup']} warm-up + {r0['steps']} timed steps each.",
+        "",
+        "| method | parameters | prompts x G (+ expert rows) | max new tokens | completion tokens / s | s / step "
+        "| generation s | scoring s | training s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        expert = f" (+ {r['expert_rows']})" if r["expert_rows"] else ""
+        cuda = f", CUDA {r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else ""
+        lines.append(
+            f"| {r['method']} | {r['parameters'] / 1e6:.1f}M | {r['prompts']} x {r['G']}{expert} | {r['max_new_tokens']} "
+            f"| {r['completion_tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['scoring_s']:.3f} "
+            f"| {r['training_s']:.2f} | {r['peak_rss_mib']:.0f}{cuda} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, name: str, result: dict, md: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(md)
+
+
 def command_line() -> str:
     return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if Path(sys.argv[0]).exists()
                                  else sys.argv[0], *sys.argv[1:]])
@@ -250,7 +278,7 @@ def main() -> None:
     add_arguments(p)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--in-process", action="store_true", help="measure in this process (default: one process each)")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--out", type=Path, default=None, help="also write <out>/throughput.json and throughput.md")
     a = p.parse_args()
     apply_quick(a)
     a.model = a.model or bench_checkpoint(a.hidden, a.layers, a.heads)
@@ -261,8 +289,7 @@ def main() -> None:
         runs = [measure_in_subprocess(m, a) for m in a.methods]
     result = {"date": str(date.today()), "command": command_line(), "runs": runs}
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        write(a.out, "throughput", result, markdown(result))
     print(json.dumps(result), flush=True)
 
 

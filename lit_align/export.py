@@ -66,6 +66,11 @@ def save_hf_dir(config, generation_config, tokenizer, state: dict[str, torch.Ten
     if generation_config is not None:
         skeleton.generation_config = generation_config
     state = {k: v.contiguous() for k, v in state.items()}
+    first: dict[int, str] = {}  # tied weights (e.g. lm_head = embed_tokens) are written once
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        kept = first.setdefault(id(param), name)
+        if kept != name and name in state and kept in state and torch.equal(state[name], state[kept]):
+            del state[name]
     skeleton.save_pretrained(target, state_dict=state)
     tokenizer.save_pretrained(target)
     return target

@@ -57,6 +57,17 @@ def test_phi_weights_reach_the_sft_term(ckpt, batch):
     assert loss.item() < m["expert_nll"].item()  # weights < 1 shrink the NLL
 
 
+def test_sft_warmup_then_schedule_from_its_end(ckpt, batch):
+    mod = CHORDModule(model_name_or_path=ckpt, num_generations=2, sft_warmup_steps=3,
+                      mu_schedule=ReferenceMu(mu_peak=0.9, mu_valley=0.1, warmup_steps=0, decay_steps=4))
+    assert [mod.mixing_weight(s) for s in range(3)] == [1.0, 1.0, 1.0]
+    assert mod.mixing_weight(3) == pytest.approx(0.9) and mod.mixing_weight(7) == pytest.approx(0.1)
+    _, m = _loss(mod, batch)  # global_step 0: warm-up, plain SFT, no rollouts, no token weights
+    assert m["mu"].item() == 1.0 and "reward_mean" not in m and "token_weight_mean" not in m
+    with pytest.raises(ValueError, match="sft_warmup_steps"):
+        CHORDModule(model_name_or_path=ckpt, sft_warmup_steps=-1)
+
+
 def test_unknown_token_weighting_is_named(ckpt):
     with pytest.raises(ValueError, match="token_weighting='bogus'"):
         CHORDModule(model_name_or_path=ckpt, token_weighting="bogus")
@@ -81,7 +92,7 @@ TINY = [
     [
         ("chord_mu", ["--model.init_args.mu_schedule.init_args.decay_steps=4"],
          ReferenceMu(mu_peak=0.9, mu_valley=0.05, warmup_steps=0, decay_steps=4)),
-        ("chord_phi", [], ConstantMu(0.1)),
+        ("chord_phi", ["--model.init_args.sft_warmup_steps=3"], lambda s: 1.0 if s < 3 else 0.1),
     ],
 )
 def test_cli_logs_mu_following_the_schedule(config, extra, expected, tmp_path):

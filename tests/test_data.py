@@ -60,10 +60,17 @@ def test_mixed_batches_mask_the_prompt_and_pad_prompts_left(ckpt):
     assert "expert" in val and len(val["answers"]) == 5
 
 
-def test_shuffling_is_seeded(ckpt):
+def test_shuffling_is_seeded(ckpt, monkeypatch):
     first = lambda dm: next(iter(dm.train_dataloader()))[0]["prompts"]["prompts"]  # noqa: E731
     assert first(_dm(ckpt, seed=1)) == first(_dm(ckpt, seed=1))
     assert first(_dm(ckpt, seed=1)) != first(_dm(ckpt, seed=2))
+    # without data.seed the order follows the run's seed_everything
+    import lightning as L
+
+    L.seed_everything(1)
+    assert first(_dm(ckpt)) == first(_dm(ckpt, seed=1))
+    L.seed_everything(2)
+    assert first(_dm(ckpt)) == first(_dm(ckpt, seed=2))
 
 
 def test_null_streams_are_left_out(ckpt):

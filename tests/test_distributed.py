@@ -219,11 +219,13 @@ TINY = [
 
 
 def train(config: str, strategy: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """``python train.py fit`` on 2 CPU processes (Lightning launches rank 1 itself)."""
+    """``python train.py fit`` on 2 CPU processes (Lightning launches rank 1 itself). ``strategy``
+    is a --trainer.strategy value or a trainer preset file (configs/trainer_*.yaml)."""
     env = {**os.environ, "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *TINY,
-            f"--trainer.strategy={strategy}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    chosen = ["--config", strategy] if strategy.endswith(".yaml") else [f"--trainer.strategy={strategy}"]
+    args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *chosen, *TINY,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
             "--trainer.callbacks+=test_distributed.RankReport", f"--trainer.callbacks.out={tmp_path}", *extra]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     return proc, tmp_path
@@ -256,22 +258,26 @@ def _check_export(log_dir: Path) -> None:
 
 
 def test_chord_under_ddp(tmp_path):
-    proc, path = train("chord_phi", "ddp", tmp_path, "--model.init_args.beta=0.05")
+    proc, path = train("chord_phi", "configs/trainer_ddp.yaml", tmp_path, "--model.init_args.beta=0.05")
     reports, log_dir = _check_run(proc, path)
     assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
     assert not reports[0]["sharded"] and reports[0]["ref"] == {"training": False, "sharded": False}
     assert "train/kl" in read_scalars(log_dir)
 
 
-def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path):
+def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path, ckpt):
+    from safetensors.torch import load_file
+
     from lit_align.export import export_checkpoint
 
-    proc, path = train("chord_phi", "fsdp2", tmp_path / "a", "--model.init_args.beta=0.05")
+    proc, path = train("chord_phi", "configs/trainer_fsdp.yaml", tmp_path / "a", "--model.init_args.beta=0.05")
     reports, log_dir = _check_run(proc, path)
     for r in reports:
         assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"], "each rank holds about half the weights"
         assert r["ref"] == {"training": False, "sharded": True}, "the frozen reference is sharded and in eval mode"
     _check_export(log_dir)
+    names = set(load_file(str(log_dir / "hf_model" / "model.safetensors")))
+    assert names == set(load_file(str(Path(ckpt) / "model.safetensors"))), "same names, tied weights once"
     # the consolidated checkpoint (step 3, the first validation) exports to the same weights
     last = log_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 3

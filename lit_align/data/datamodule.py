@@ -1,6 +1,8 @@
 """MixedDataModule: every training step gets expert demonstrations and prompts, side by side."""
 from __future__ import annotations
 
+import os
+
 from typing import Literal
 
 import lightning as L
@@ -72,7 +74,7 @@ class MixedDataModule(L.LightningDataModule):
             ``data/heldout_duplicates``, and ``data/<stream>_rows`` kept) is logged once at set-up
             to the trainer's loggers and kept in ``self.stats``.
         expert_error_rate: share of embedded problems the embedded expert gets wrong.
-        seed: shuffling seed.
+        seed: shuffling seed; None (default) follows the run's ``seed_everything``.
     """
 
     def __init__(
@@ -98,7 +100,7 @@ class MixedDataModule(L.LightningDataModule):
         expert_error_rate: float = 0.25,
         trust_remote_code: bool = False,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
     ):
         super().__init__()
         args = locals()
@@ -184,6 +186,13 @@ class MixedDataModule(L.LightningDataModule):
             if key != "rows":
                 self.stats[f"data/{key}"] = self.stats.get(f"data/{key}", 0) + n
         return out
+
+    @property
+    def seed(self) -> int:
+        """The shuffling seed: ``data.seed``, else the run's seed_everything, else 0."""
+        if self.hparams.seed is not None:
+            return self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is not None:
@@ -284,11 +293,11 @@ class MixedDataModule(L.LightningDataModule):
             trainer = self.trainer
             replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
             return ResumableLoader(
-                _Rows(rows), batch_size, collate, seed=self.hparams.seed, num_workers=self.hparams.num_workers,
+                _Rows(rows), batch_size, collate, seed=self.seed, num_workers=self.hparams.num_workers,
                 drop_last=len(rows) // self._world_size() >= batch_size, **replicas,
             )
         # a generator of its own: creating an iterator must not draw from the global RNG (exact resume)
-        gen = torch.Generator().manual_seed(self.hparams.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             _Rows(rows),
             batch_size=batch_size,

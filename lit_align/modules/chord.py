@@ -29,6 +29,10 @@ class CHORDModule(PolicyModule):
         token_weighting: weight of each expert token in the SFT term: ``phi`` = p(1-p)
             (CHORD-phi), ``sft_is`` = p, ``none`` (plain SFT; CHORD-mu), or ``adaptive``,
             ``entropy``, ``margin``. Always detached and within [0, 1].
+        sft_warmup_steps: plain SFT (mu = 1, no token weights, no rollouts) for this many policy
+            updates before the schedule starts; the schedule's step counts from the warm-up's end.
+            The paper starts CHORD from an instruct model that already answers in format; from a
+            freshly initialised model (the embedded task) the warm-up plays that part. Default 0.
         **kwargs: the shared PolicyModule arguments (model, optimizer, G, clipping, reward, ...).
     """
 
@@ -37,6 +41,7 @@ class CHORDModule(PolicyModule):
         *args,
         mu_schedule: MuSchedule | None = None,
         token_weighting: Literal["none", "phi", "sft_is", "adaptive", "entropy", "margin"] = "phi",
+        sft_warmup_steps: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -47,19 +52,29 @@ class CHORDModule(PolicyModule):
             raise ValueError(
                 f"model.num_generations={self.hparams.num_generations}: CHORD's GRPO term needs at least 2 samples per prompt"
             )
+        if isinstance(sft_warmup_steps, bool) or not isinstance(sft_warmup_steps, int) or sft_warmup_steps < 0:
+            raise ValueError(f"model.sft_warmup_steps={sft_warmup_steps!r} must be an integer >= 0")
+        self.sft_warmup_steps = sft_warmup_steps
+        self.hparams["sft_warmup_steps"] = sft_warmup_steps
         self.mu_schedule = mu_schedule if mu_schedule is not None else ReferenceMu()
         self.token_weighting = token_weighting
         self.hparams["token_weighting"] = token_weighting
         self.hparams["mu_schedule"] = repr(self.mu_schedule)
 
+    def _warming_up(self) -> bool:
+        return self.global_step < self.sft_warmup_steps
+
     @property
     def mu_needs_reward(self) -> bool:
-        return isinstance(self.mu_schedule, AdaptiveMu) or self.token_weighting == "adaptive"
+        adaptive = isinstance(self.mu_schedule, AdaptiveMu) or self.token_weighting == "adaptive"
+        return adaptive and not self._warming_up()
 
     def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
-        return float(self.mu_schedule(step, mean_reward))
+        if step < self.sft_warmup_steps:
+            return 1.0
+        return float(self.mu_schedule(step - self.sft_warmup_steps, mean_reward))
 
     def token_weights(self, logp: torch.Tensor, logits: torch.Tensor, reward_mean: float | None) -> torch.Tensor | None:
-        if self.token_weighting == "none":
+        if self.token_weighting == "none" or self._warming_up():
             return None
         return token_weights(self.token_weighting, logp, logits, reward_mean)

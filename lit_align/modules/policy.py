@@ -493,7 +493,7 @@ class PolicyModule(L.LightningModule):
         t = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         world = dist.get_world_size()
-        return {n: torch.tensor(float(v) if n in self.SUMMED_METRICS else float(v) / world) for n, v in zip(names, t.tolist())}
+        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / world, dtype=torch.float32) for n, v in zip(names, t.tolist())}
 
     def _resume_state(self) -> dict:
         """What a checkpoint needs beyond weights, optimizers and schedules for an exact resume: the

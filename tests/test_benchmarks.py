@@ -1,0 +1,130 @@
+"""The throughput benchmarks: our GRPO loss equals TRL's, and the --quick variants print sane JSON."""
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lit_align import losses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- loss equivalence with TRL
+def _fixed_batch(seed: int = 0, rows: int = 6, tokens: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(rows, tokens, generator=g, dtype=torch.float64) * 3
+    old_logp = logp + 0.4 * torch.randn(rows, tokens, generator=g, dtype=torch.float64)  # ratios well outside 1 +- 0.2
+    ref_logp = logp + 0.3 * torch.randn(rows, tokens, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([7, 1, 4, 6, 2, 5])[:rows]  # every row has tokens; lengths differ
+    mask = (torch.arange(tokens).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    adv = torch.randn(rows, generator=g, dtype=torch.float64)
+    return {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "adv": adv}
+
+
+def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's own GRPOTrainer._compute_loss on the batch, with a minimal stand-in for the trainer.
+
+    The stand-in's forward returns the fixed log-probs, so TRL's code computes ratios, clipping,
+    the KL term and the aggregation exactly as it does in training.
+    """
+    from trl import GRPOConfig, GRPOTrainer
+
+    extra = {}
+    if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
+        extra["use_bias_correction_kl"] = False  # recent TRL multiplies the KL by the ratio by default; ours is plain k3
+    args = GRPOConfig(
+        output_dir="/tmp/unused", loss_type=loss_type, epsilon=eps_low, epsilon_high=eps_high, beta=beta,
+        max_completion_length=b["mask"].shape[1], use_cpu=True, bf16=False, report_to="none", **extra,
+    )
+    logp = b["logp"].clone().requires_grad_(True)
+    ident = lambda t, *a, **k: t  # noqa: E731  (one process: gather / reduce are the identity)
+    stub = SimpleNamespace(
+        args=args, loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
+        importance_sampling_level=args.importance_sampling_level, top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold, use_vllm=False, aux_loss_enabled=False,
+        _entropy_bonus_enabled=False, max_completion_length=args.max_completion_length,
+        current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True),
+        accelerator=SimpleNamespace(num_processes=1, gather=ident, reduce=ident, gather_for_metrics=ident),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+    )
+    T = b["mask"].shape[1]
+    inputs = {
+        "prompt_ids": torch.zeros(len(b["adv"]), 3, dtype=torch.long), "prompt_mask": torch.ones(len(b["adv"]), 3, dtype=torch.long),
+        "completion_ids": torch.zeros(len(b["adv"]), T, dtype=torch.long), "completion_mask": b["mask"],
+        "advantages": b["adv"], "old_per_token_logps": b["old_logp"], "ref_per_token_logps": b["ref_logp"],
+        "num_items_in_batch": b["mask"].sum(),
+    }
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad
+
+
+def _our_loss(b: dict, aggregation: str, eps_low: float, eps_high: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, _ = losses.clipped_surrogate(
+        logp, b["old_logp"], b["adv"], b["mask"], eps_low, eps_high, aggregation,
+        ref_logp=b["ref_logp"] if beta > 0 else None, beta=beta, kl_estimator="k3",
+    )
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss.detach(), grad
+
+
+# ours -> TRL's loss_type, and the constant that separates them (dr_grpo divides the token sum by
+# rows x max_completion_length; our seq-mean-token-sum divides it by rows)
+MATCHES = [("token-mean", "dapo", 1.0), ("token-mean", "bnpo", 1.0), ("seq-mean-token-mean", "grpo", 1.0),
+           ("seq-mean-token-sum", "dr_grpo", 7.0)]
+
+
+@pytest.mark.parametrize("aggregation,loss_type,scale", MATCHES, ids=[m[1] for m in MATCHES])
+@pytest.mark.parametrize("eps_high,beta", [(0.2, 0.0), (0.28, 0.0), (0.2, 0.04)], ids=["sym", "dapo-clip", "kl-k3"])
+def test_our_grpo_loss_equals_trls(aggregation, loss_type, scale, eps_high, beta):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
+    b = _fixed_batch()
+    ours, our_grad = _our_loss(b, aggregation, 0.2, eps_high, beta)
+    theirs, their_grad = _trl_loss(b, loss_type, 0.2, eps_high, beta)
+    assert ours.item() != 0.0
+    torch.testing.assert_close(ours / scale, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad / scale, their_grad, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the --quick variants
+def _run_json(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check_run(run: dict) -> None:
+    for key in ("completion_tokens_per_s", "step_s", "generation_s", "training_s", "peak_rss_mib", "parameters",
+                "completion_tokens_per_step"):
+        assert run[key] > 0, (key, run)
+    assert run["scoring_s"] >= 0
+    assert run["generation_s"] + run["scoring_s"] <= run["step_s"] * 1.001
+    assert run["timed_steps"] == run["steps"] == len(run["per_step_s"])
+
+
+def test_throughput_quick_prints_json():
+    out = _run_json("benchmarks/throughput.py", "--quick", "--in-process")
+    assert out["command"].startswith("python benchmarks/throughput.py") and out["date"]
+    assert [r["method"] for r in out["runs"]] == ["grpo", "chord"]
+    for run in out["runs"]:
+        _check_run(run)
+    assert out["runs"][0]["expert_rows"] == 0 and out["runs"][1]["expert_rows"] > 0
+
+
+def test_compare_trl_quick_prints_json():
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
+    out = _run_json("benchmarks/compare_trl.py", "--quick")
+    ratio = out["ratio_tokens_per_s"]
+    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert [r["method"] for r in out["runs"]] == ["grpo", "trl_grpo"]
+    for run in out["runs"]:
+        _check_run(run)
+    assert out["runs"][0]["parameters"] == out["runs"][1]["parameters"]
