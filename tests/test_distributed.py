@@ -257,8 +257,12 @@ def _check_export(log_dir: Path) -> None:
     assert model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > 5
 
 
+# rollouts from the first step (no SFT warm-up), and a KL term to a frozen reference model
+CHORD_RL = ["--model.init_args.sft_warmup_steps=0", "--model.init_args.beta=0.05"]
+
+
 def test_chord_under_ddp(tmp_path):
-    proc, path = train("chord_phi", "configs/trainer_ddp.yaml", tmp_path, "--model.init_args.beta=0.05")
+    proc, path = train("chord_phi", "configs/trainer_ddp.yaml", tmp_path, *CHORD_RL)
     reports, log_dir = _check_run(proc, path)
     assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
     assert not reports[0]["sharded"] and reports[0]["ref"] == {"training": False, "sharded": False}
@@ -270,7 +274,7 @@ def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path, ckpt):
 
     from lit_align.export import export_checkpoint
 
-    proc, path = train("chord_phi", "configs/trainer_fsdp.yaml", tmp_path / "a", "--model.init_args.beta=0.05")
+    proc, path = train("chord_phi", "configs/trainer_fsdp.yaml", tmp_path / "a", *CHORD_RL)
     reports, log_dir = _check_run(proc, path)
     for r in reports:
         assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"], "each rank holds about half the weights"
@@ -286,7 +290,7 @@ def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path, ckpt):
 
     # resume it under FSDP2 with activation checkpointing, writing a sharded (per-rank) checkpoint
     proc, path = train(
-        "chord_phi", "lit_align.strategies.FSDP2Strategy", tmp_path / "b", "--model.init_args.beta=0.05",
+        "chord_phi", "lit_align.strategies.FSDP2Strategy", tmp_path / "b", *CHORD_RL,
         "--trainer.strategy.activation_checkpointing=true", "--trainer.strategy.save_distributed_checkpoint=true",
         f"--ckpt_path={last}", "--trainer.max_steps=4",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",

@@ -87,7 +87,7 @@ def test_lora_from_yaml_trains_adapters_and_exports_merged_weights(tmp_path, ckp
 def test_precision_flag_runs_a_step_on_cpu(tmp_path, precision):
     cli = main(["fit", "--config", "configs/chord_phi.yaml", *TINY, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
                 f"--trainer.precision={precision}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--model.init_args.num_generations=2"])
+                "--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"])
     module = cli.trainer.lightning_module
     assert cli.trainer.global_step == 1 and module.skipped_steps == 0
     dtype = next(module.model.parameters()).dtype

@@ -50,7 +50,7 @@ def _args(tmp_path: Path, save_dir: Path, *extra: str) -> list[str]:
         "--trainer.max_steps=7", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
         "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        "--model.init_args.num_generations=2", "--model.init_args.warmup_steps=2",
+        "--model.init_args.num_generations=2", "--model.init_args.warmup_steps=2", "--model.init_args.sft_warmup_steps=0",
         "--model.init_args.lr_decay=linear",  # the LR schedule's position matters too
         "--model.init_args.mu_schedule.init_args.warmup_steps=2",
         "--model.init_args.mu_schedule.init_args.decay_steps=4",  # mu changes every step
