@@ -37,8 +37,10 @@ def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra
         f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", *extra,
     ]
-    if method == "sft_then_grpo":
+    if method == "sft_then_grpo":  # the SFT share of the budget, as in the configs (1200 of 1500)
         args.append(f"--model.init_args.sft_steps={int(steps * 0.8)}")
+    if method == "chord_phi":
+        args.append(f"--model.init_args.sft_warmup_steps={int(steps * 0.8)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
