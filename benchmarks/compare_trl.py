@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -180,7 +179,7 @@ def run_child(side: str, a: argparse.Namespace) -> dict:
     if side == "ours":
         return throughput.measure_in_subprocess("grpo", a)
     cmd = [sys.executable, __file__, "--trl-child", *throughput._forwarded(a)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=throughput.child_env(a.threads))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -198,6 +197,7 @@ def main() -> None:
         a.rounds = 1
     a.model = a.model or throughput.bench_checkpoint(a.hidden, a.layers, a.heads)
     if a.trl_child:
+        throughput.set_threads(a.threads)
         print(json.dumps(measure_trl(a)), flush=True)
         return
     runs, ratios = [], []

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per measuring process (0: torch's default)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scaling")
     p.add_argument("--quick", action="store_true", help="smoke test: two points per knob, tiny models")
     a = p.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
                 args = argparse.Namespace(
                     model=throughput.bench_checkpoint(hidden, layers, heads), prompts=a.prompts, G=point["G"],
                     max_new_tokens=point["max_new_tokens"], steps=a.steps, warmup=a.warmup, lr=1e-5, temperature=1.0,
-                    accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None,
+                    accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None, threads=a.threads,
                 )
                 seen[key] = dict(throughput.measure_in_subprocess("grpo", args), size=f"h{hidden}-l{layers}")
                 r = seen[key]

@@ -196,10 +196,26 @@ def measure(
     }
 
 
-def measure_in_subprocess(method: str, args: argparse.Namespace, env: dict | None = None) -> dict:
+def child_env(threads: int) -> dict:
+    """The environment of a measuring process: ``threads`` intra-op threads (0: torch's default)."""
+    env = os.environ.copy()
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def measure_in_subprocess(method: str, args: argparse.Namespace) -> dict:
     """``measure`` in a fresh Python process (its own peak memory, its own warm-up); returns its JSON."""
     cmd = [sys.executable, __file__, "--in-process", "--methods", method, *_forwarded(args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env or os.environ.copy(), cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads), cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["runs"][0]
@@ -208,7 +224,8 @@ def measure_in_subprocess(method: str, args: argparse.Namespace, env: dict | Non
 def _forwarded(a: argparse.Namespace) -> list[str]:
     out = ["--model", a.model, "--prompts", str(a.prompts), "--G", str(a.G), "--max-new-tokens", str(a.max_new_tokens),
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--temperature", str(a.temperature),
-           "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation]
+           "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation,
+           "--threads", str(a.threads)]
     if a.expert_batch_size:
         out += ["--expert-batch-size", str(a.expert_batch_size)]
     return out
@@ -230,6 +247,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-aggregation", default="token-mean")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per measuring process (0: torch's default, one per core). One "
+                        "thread keeps CPU timings stable on a shared machine, where several threads per process "
+                        "oversubscribe the cores")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 prompts x 4, 2+1 steps")
 
 
@@ -283,6 +304,7 @@ def main() -> None:
     apply_quick(a)
     a.model = a.model or bench_checkpoint(a.hidden, a.layers, a.heads)
     if a.in_process:
+        set_threads(a.threads)
         runs = [measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
                         a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed) for m in a.methods]
     else:

@@ -47,7 +47,8 @@ def weights(path) -> dict:
                                            "--model.init_args.reward=_rewards.LengthMatchReward"]),
         ("sft_then_grpo", SFT_NAMES | RL_NAMES, ["--model.init_args.num_generations=2", "--model.init_args.sft_steps=2"]),
         ("chord_mu", SFT_NAMES | RL_NAMES | {"train/entropy_usual", "train/entropy_expert"}, ["--model.init_args.num_generations=2"]),
-        ("chord_phi", SFT_NAMES | RL_NAMES | {"train/token_weight_mean"}, ["--model.init_args.num_generations=2"]),
+        ("chord_phi", SFT_NAMES | RL_NAMES | {"train/token_weight_mean"},
+         ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"]),
     ],
 )
 def test_config_trains_logs_and_checkpoints(config, names, extra, tmp_path, ckpt):
