@@ -156,7 +156,9 @@ def markdown(result: dict) -> str:
     r0, ratio = result["runs"][0], result["ratio_tokens_per_s"]
     lines = [
         f"lit_align GRPO vs TRL {result['trl_version']} GRPOTrainer, measured {result['date']} on {r0['device']} "
-        f"({r0['torch_threads']} torch threads) with `{result['command']}`: a {result['parameters'] / 1e6:.1f}M-parameter "
+        f"({r0['torch_threads']} torch thread(s) per process, {r0['cpu_count']} cores; 1-min load average at the end "
+        f"of the runs {min(x['load_avg_1m'] for x in result['runs']):.1f} to {max(x['load_avg_1m'] for x in result['runs']):.1f}) "
+        f"with `{result['command']}`: a {result['parameters'] / 1e6:.1f}M-parameter "
         f"Llama, {r0['prompts']} prompts x G = {r0['G']}, {r0['max_new_tokens']} new tokens, {r0['warmup']} warm-up + "
         f"{r0['steps']} timed steps per run, {len(ratio['per_round'])} rounds (ours, TRL, ours, TRL, ...).",
         "",

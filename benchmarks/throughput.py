@@ -67,7 +67,8 @@ def peak_memory_mib() -> dict:
     """Peak resident set size of this process (and peak CUDA memory allocated, on a GPU)."""
     import torch
 
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+           "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count()}  # other work on the machine during the run (CPU timings)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -264,8 +265,10 @@ def apply_quick(a: argparse.Namespace) -> None:
 def markdown(result: dict) -> str:
     """The measurement as a markdown table, headed by its date and command."""
     r0 = result["runs"][0]
+    loads = ", ".join(f"{r['load_avg_1m']:.1f}" for r in result["runs"])
     lines = [
-        f"Measured {result['date']} on {r0['device']} ({r0['torch_threads']} torch threads) with "
+        f"Measured {result['date']} on {r0['device']} ({r0['torch_threads']} torch threads, {r0['cpu_count']} cores, "
+        f"1-min load average at the end of each run {loads}) with "
         f"`{result['command']}`; {r0['warmup']} warm-up + {r0['steps']} timed steps each.",
         "",
         "| method | parameters | prompts x G (+ expert rows) | max new tokens | completion tokens / s | s / step "
