@@ -9,10 +9,15 @@ lit_align.data.embedded.build_checkpoint; about 10.7M parameters by default) on 
 max_new_tokens, temperature, top_p = 1, top_k = 0, learning rate (AdamW, no weight decay, constant),
 gradient clipping at 1.0, beta = 0 (no reference model), token-mean loss (TRL: loss_type="dapo"),
 fp32 and no gradient checkpointing (TRL's defaults bf16=True and gradient_checkpointing=True are
-turned off so both do the same arithmetic), one update per generation batch, one process.
+turned off so both do the same arithmetic), one update per generation batch, one process, the
+same number of torch threads (``--threads``, 1 by default).
+By default every completion is exactly max_new_tokens long (``min_new_tokens`` masks EOS on both
+sides): otherwise the two sides sample different lengths from their own random streams, and the
+tokens-per-second ratio measures those lengths as much as the code (``--no-ignore-eos`` to see it).
 Runs alternate, ours, TRL, ours, TRL, ..., each in a fresh process; a step is timed from the end of
 the previous one (warm-up steps untimed) and the ratio of tokens per second, ours / TRL's, is taken
-within each round. Prints one JSON object with min / median / max of the ratios and every run.
+within each round (so is TRL's seconds per step / ours). Prints one JSON object with min / median /
+max of the ratios and every run.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def trl_config(a: argparse.Namespace, output_dir: str):
         steps_per_generation=1,
         num_iterations=1,
         max_completion_length=a.max_new_tokens,
+        generation_kwargs={"min_new_tokens": a.max_new_tokens} if a.ignore_eos else None,
         temperature=a.temperature,
         top_p=1.0,
         top_k=0,
@@ -142,6 +148,7 @@ def measure_trl(a: argparse.Namespace) -> dict:
         "prompts": a.prompts,
         "G": a.G,
         "max_new_tokens": a.max_new_tokens,
+        "ignore_eos": a.ignore_eos,
         "warmup": a.warmup,
         "steps": a.steps,
         "device": str(trainer.accelerator.device),
@@ -153,18 +160,20 @@ def measure_trl(a: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    r0, ratio = result["runs"][0], result["ratio_tokens_per_s"]
+    r0, ratio, steps = result["runs"][0], result["ratio_tokens_per_s"], result["ratio_step_time_trl_over_ours"]
     lines = [
         f"lit_align GRPO vs TRL {result['trl_version']} GRPOTrainer, measured {result['date']} on {r0['device']} "
         f"({r0['torch_threads']} torch thread(s) per process, {r0['cpu_count']} cores; 1-min load average at the end "
         f"of the runs {min(x['load_avg_1m'] for x in result['runs']):.1f} to {max(x['load_avg_1m'] for x in result['runs']):.1f}) "
         f"with `{result['command']}`: a {result['parameters'] / 1e6:.1f}M-parameter "
         f"Llama, {r0['prompts']} prompts x G = {r0['G']}, {r0['max_new_tokens']} new tokens, {r0['warmup']} warm-up + "
-        f"{r0['steps']} timed steps per run, {len(ratio['per_round'])} rounds (ours, TRL, ours, TRL, ...).",
+        f"{r0['steps']} timed steps per run, {len(ratio['per_round'])} rounds (ours, TRL, ours, TRL, ...)"
+        + (", every completion exactly max new tokens long (EOS masked until then)." if r0["ignore_eos"] else "."),
         "",
-        "| completion tokens / s, ours / TRL | min | median | max |",
+        "| ratio per round | min | median | max |",
         "|---|---|---|---|",
-        f"| ratio | {ratio['min']:.2f} | {ratio['median']:.2f} | {ratio['max']:.2f} |",
+        f"| completion tokens / s, ours / TRL | {ratio['min']:.2f} | {ratio['median']:.2f} | {ratio['max']:.2f} |",
+        f"| s / step, TRL / ours | {steps['min']:.2f} | {steps['median']:.2f} | {steps['max']:.2f} |",
         "",
         "| median over rounds | completion tokens / s | s / step | generation s | scoring s | training s | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
@@ -189,7 +198,7 @@ def run_child(side: str, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    throughput.add_arguments(p)
+    throughput.add_arguments(p, ignore_eos=True)
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (ours, TRL)")
     p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help="also write <out>/compare_trl.json and compare_trl.md")
@@ -202,12 +211,13 @@ def main() -> None:
         throughput.set_threads(a.threads)
         print(json.dumps(measure_trl(a)), flush=True)
         return
-    runs, ratios = [], []
+    runs, ratios, step_ratios = [], [], []
     for r in range(a.rounds):
         ours = run_child("ours", a)
         theirs = run_child("trl", a)
         runs += [dict(ours, round=r), dict(theirs, round=r)]
         ratios.append(ours["completion_tokens_per_s"] / theirs["completion_tokens_per_s"])
+        step_ratios.append(theirs["step_s"] / ours["step_s"])
         print(f"round {r}: ours {ours['completion_tokens_per_s']:.1f} tok/s, TRL {theirs['completion_tokens_per_s']:.1f} "
               f"tok/s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
     side = lambda name: [x for x in runs if (x["method"] == "grpo") == (name == "ours")]  # noqa: E731
@@ -223,6 +233,8 @@ def main() -> None:
         "parameters": runs[0]["parameters"],
         "ratio_tokens_per_s": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios),
                                "per_round": ratios},
+        "ratio_step_time_trl_over_ours": {"min": min(step_ratios), "median": statistics.median(step_ratios),
+                                          "max": max(step_ratios), "per_round": step_ratios},
         "median": summary,
         "runs": runs,
     }

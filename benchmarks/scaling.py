@@ -4,7 +4,7 @@
     python benchmarks/scaling.py --quick --out /tmp/scaling     # smoke test
 
 From a base setting (``--prompts`` prompts, G = 8, 32 new tokens, the 10.7M-parameter Llama), one
-knob is varied at a time; each point is ``benchmarks/throughput.py``'s measurement of GRPO in a
+knob is varied at a time (every completion exactly max new tokens long); each point is ``benchmarks/throughput.py``'s measurement of GRPO in a
 fresh process. Writes ``<out>/scaling.md`` (a markdown table with the date and the command) and
 ``<out>/scaling.json`` (every run).
 """
@@ -54,6 +54,7 @@ def main() -> None:
                     model=throughput.bench_checkpoint(hidden, layers, heads), prompts=a.prompts, G=point["G"],
                     max_new_tokens=point["max_new_tokens"], steps=a.steps, warmup=a.warmup, lr=1e-5, temperature=1.0,
                     accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None, threads=a.threads,
+                    ignore_eos=True,
                 )
                 seen[key] = dict(throughput.measure_in_subprocess("grpo", args), size=f"h{hidden}-l{layers}")
                 r = seen[key]

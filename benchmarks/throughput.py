@@ -105,8 +105,14 @@ def measure(
     loss_aggregation: str = "token-mean",
     accelerator: str = "auto",
     seed: int = 0,
+    ignore_eos: bool = False,
 ) -> dict:
-    """Time ``steps`` training steps of ``method`` after ``warmup`` untimed ones; in this process."""
+    """Time ``steps`` training steps of ``method`` after ``warmup`` untimed ones; in this process.
+
+    ``ignore_eos``: every completion is exactly ``max_new_tokens`` long (the checkpoint's generation
+    config gets ``min_new_tokens = max_new_tokens``, which masks EOS until then), so the work per
+    step does not depend on what the model happens to sample.
+    """
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -131,6 +137,8 @@ def measure(
     else:  # CHORD-phi: both terms every step (mu = 0.1), phi token weights on the expert tokens
         module = CHORDModule(**common, mu_schedule=ConstantMu(0.1), token_weighting="phi")
         expert = "embedded"
+    if ignore_eos:
+        module.model.generation_config.min_new_tokens = max_new_tokens
     expert_batch_size = expert_batch_size or max(1, prompts * G // 4)  # the paper's ~20% expert share
     data = MixedDataModule(
         model_name_or_path=model, expert_data=expert, prompt_data=bench_prompts(), val_data=None,
@@ -187,6 +195,7 @@ def measure(
         "G": G,
         "expert_rows": expert_batch_size if expert else 0,
         "max_new_tokens": max_new_tokens,
+        "ignore_eos": ignore_eos,
         "warmup": warmup,
         "steps": steps,
         "device": str(module.device),
@@ -226,13 +235,13 @@ def _forwarded(a: argparse.Namespace) -> list[str]:
     out = ["--model", a.model, "--prompts", str(a.prompts), "--G", str(a.G), "--max-new-tokens", str(a.max_new_tokens),
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--temperature", str(a.temperature),
            "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation,
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--ignore-eos" if a.ignore_eos else "--no-ignore-eos"]
     if a.expert_batch_size:
         out += ["--expert-batch-size", str(a.expert_batch_size)]
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool = False) -> None:
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: build --hidden/--layers/--heads)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
@@ -252,7 +261,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch intra-op threads per measuring process (0: torch's default, one per core). One "
                         "thread keeps CPU timings stable on a shared machine, where several threads per process "
                         "oversubscribe the cores")
-    p.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 prompts x 4, 2+1 steps")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=ignore_eos,
+                   help="make every completion max-new-tokens long (EOS masked until then), so that both the work "
+                        "and the token count per step are fixed")
+    p.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 prompts x 4, 1+2 steps")
 
 
 def apply_quick(a: argparse.Namespace) -> None:
@@ -269,7 +281,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Measured {result['date']} on {r0['device']} ({r0['torch_threads']} torch threads, {r0['cpu_count']} cores, "
         f"1-min load average at the end of each run {loads}) with "
-        f"`{result['command']}`; {r0['warmup']} warm-up + {r0['steps']} timed steps each.",
+        f"`{result['command']}`; {r0['warmup']} warm-up + {r0['steps']} timed steps each"
+        + ("; completions forced to max new tokens (EOS masked until then)." if r0["ignore_eos"] else "."),
         "",
         "| method | parameters | prompts x G (+ expert rows) | max new tokens | completion tokens / s | s / step "
         "| generation s | scoring s | training s | peak RSS (MiB) |",
@@ -309,7 +322,7 @@ def main() -> None:
     if a.in_process:
         set_threads(a.threads)
         runs = [measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
-                        a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed) for m in a.methods]
+                        a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed, a.ignore_eos) for m in a.methods]
     else:
         runs = [measure_in_subprocess(m, a) for m in a.methods]
     result = {"date": str(date.today()), "command": command_line(), "runs": runs}
