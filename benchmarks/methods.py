@@ -47,6 +47,11 @@ def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{method} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return collect(method, seed, save_dir, wall)
+
+
+def collect(method: str, seed: int, save_dir: Path, wall: float) -> dict:
+    """One run's numbers, read back from its TensorBoard event file."""
     s = read_scalars(save_dir)
     acc = s.get("val/accuracy", [])
     return {
@@ -58,7 +63,30 @@ def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra
         "wall_s": wall,
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
+        "steps": len(s.get("train/loss", [])),
     }
+
+
+def finished_runs(out: Path, methods: list[str], seeds: list[int], steps: int) -> list[dict]:
+    """Runs of an earlier (possibly interrupted) invocation that reached ``steps`` updates; wall
+    time is the span of the run's event-file timestamps (training and validation, not start-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = []
+    for seed in seeds:
+        for m in methods:
+            save_dir = out / "runs" / f"{m}-seed{seed}"
+            if not save_dir.exists():
+                continue
+            times = []
+            for f in save_dir.rglob("events.out.tfevents.*"):
+                acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+                acc.Reload()
+                times += [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
+            r = collect(m, seed, save_dir, max(times) - min(times) if times else float("nan"))
+            if r["steps"] >= steps:
+                runs.append(r)
+    return runs
 
 
 def summarise(runs: list[dict], methods: list[str]) -> str:
@@ -116,12 +144,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: 2 methods, 1 seed, 6 steps")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each with --threads torch threads")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--from-runs", action="store_true",
+                   help="train nothing: summarise the finished runs already under --out")
     a, extra = p.parse_known_args()  # anything else is passed to every train.py run
     if a.quick:
         a.methods, a.seeds, a.steps, a.val_every = ["sft", "chord_phi"], [0], 6, 3
         extra += ["--trainer.limit_val_batches=1", "--data.init_args.expert_batch_size=8",
                   "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=20"]
     a.out.mkdir(parents=True, exist_ok=True)
+
     def one(job: tuple[int, str]) -> dict:
         seed, m = job
         r = run_one(m, seed, a.steps, a.val_every, a.out, extra, a.threads)
@@ -130,14 +161,21 @@ def main() -> None:
         return r
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(a.jobs) as pool:
-        runs = list(pool.map(one, [(seed, m) for seed in a.seeds for m in a.methods]))
+    if a.from_runs:
+        runs = finished_runs(a.out, a.methods, a.seeds, a.steps)
+        a.seeds = sorted({r["seed"] for r in runs})
+    else:
+        with ThreadPoolExecutor(a.jobs) as pool:
+            runs = list(pool.map(one, [(seed, m) for seed in a.seeds for m in a.methods]))
     total = time.perf_counter() - start
     table = summarise(runs, a.methods)
+    how = (f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs}` "
+           f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
+    if a.from_runs:
+        how = (f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had finished "
+               f"(wall time: span of each run's event file, training and validation only)")
     header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
-              f"updates per run; seeds {a.seeds}; measured {date.today()} with "
-              f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs}` "
-              f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min).\n\n")
+              f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
     (a.out / "methods.md").write_text(header + table + "\n")
     (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
     plotted = plot(runs, a.methods, a.out / "curves.png")
