@@ -1,5 +1,5 @@
 # The README's commands. `make demo` sets up and trains on the embedded task; `make test` sets up
-# and runs the test suite. Both create .venv on first use; where no NVIDIA GPU is present the CPU
+# and runs the test suite (with the bench extra, so the TRL loss-equivalence tests run). Both create .venv on first use; where no NVIDIA GPU is present the CPU
 # build of torch is installed first, so pip does not pull the multi-GB CUDA build.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,7 +25,7 @@ setup-bench: setup
 demo: setup
 	$(PY) train.py fit --config $(CONFIG)
 
-test: setup
+test: setup-bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup-bench

@@ -86,10 +86,11 @@ def measure_trl(a: argparse.Namespace) -> dict:
     """TRL's GRPOTrainer on ``a.model``, timed like ``throughput.measure``; in this process."""
     import torch
     import trl
-    from datasets import load_dataset
+    from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
+    from lit_align.data.loading import load_table
     from lit_align.hf import load_tokenizer
     from lit_align.rewards import ExactAnswerReward
 
@@ -98,7 +99,8 @@ def measure_trl(a: argparse.Namespace) -> dict:
     def exact_answer(prompts, completions, answer, **kwargs):
         return reward(prompts, completions, answer).tolist()
 
-    dataset = load_dataset("json", data_files=throughput.bench_prompts(), split="train").remove_columns("response")
+    rows, _ = load_table(a.prompt_data or throughput.bench_prompts())  # what MixedDataModule reads
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in rows])
     records: list[dict] = []
     current = {"generation": 0.0, "scoring": 0.0, "tokens": 0}
     last_end: list[float] = []
@@ -161,10 +163,11 @@ def measure_trl(a: argparse.Namespace) -> dict:
 
 def markdown(result: dict) -> str:
     r0, ratio, steps = result["runs"][0], result["ratio_tokens_per_s"], result["ratio_step_time_trl_over_ours"]
+    loads = [x["load_avg_1m"] for x in result["runs"]]
     lines = [
         f"lit_align GRPO vs TRL {result['trl_version']} GRPOTrainer, measured {result['date']} on {r0['device']} "
         f"({r0['torch_threads']} torch thread(s) per process, {r0['cpu_count']} cores; 1-min load average at the end "
-        f"of the runs {min(x['load_avg_1m'] for x in result['runs']):.1f} to {max(x['load_avg_1m'] for x in result['runs']):.1f}) "
+        f"of the runs {min(loads):.1f} to {max(loads):.1f}) "
         f"with `{result['command']}`: a {result['parameters'] / 1e6:.1f}M-parameter "
         f"Llama, {r0['prompts']} prompts x G = {r0['G']}, {r0['max_new_tokens']} new tokens, {r0['warmup']} warm-up + "
         f"{r0['steps']} timed steps per run, {len(ratio['per_round'])} rounds (ours, TRL, ours, TRL, ...)"
@@ -175,7 +178,8 @@ def markdown(result: dict) -> str:
         f"| completion tokens / s, ours / TRL | {ratio['min']:.2f} | {ratio['median']:.2f} | {ratio['max']:.2f} |",
         f"| s / step, TRL / ours | {steps['min']:.2f} | {steps['median']:.2f} | {steps['max']:.2f} |",
         "",
-        "| median over rounds | completion tokens / s | s / step | generation s | scoring s | training s | peak RSS (MiB) |",
+        "| median over rounds | completion tokens / s | s / step | generation s | scoring s | training s "
+        "| peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, m in result["median"].items():
@@ -200,7 +204,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     throughput.add_arguments(p, ignore_eos=True)
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (ours, TRL)")
-    p.add_argument("--trl-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trl-child", action="store_true", help="measure TRL only, in this process")
+    p.add_argument("--profile", type=Path, default=None, help="with --trl-child: write a cProfile summary here")
     p.add_argument("--out", type=Path, default=None, help="also write <out>/compare_trl.json and compare_trl.md")
     a = p.parse_args()
     if a.quick:
@@ -209,7 +214,7 @@ def main() -> None:
     a.model = a.model or throughput.bench_checkpoint(a.hidden, a.layers, a.heads)
     if a.trl_child:
         throughput.set_threads(a.threads)
-        print(json.dumps(measure_trl(a)), flush=True)
+        print(json.dumps(throughput.profiled(lambda: measure_trl(a), a.profile)), flush=True)
         return
     runs, ratios, step_ratios = [], [], []
     for r in range(a.rounds):
@@ -218,8 +223,8 @@ def main() -> None:
         runs += [dict(ours, round=r), dict(theirs, round=r)]
         ratios.append(ours["completion_tokens_per_s"] / theirs["completion_tokens_per_s"])
         step_ratios.append(theirs["step_s"] / ours["step_s"])
-        print(f"round {r}: ours {ours['completion_tokens_per_s']:.1f} tok/s, TRL {theirs['completion_tokens_per_s']:.1f} "
-              f"tok/s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+        print(f"round {r}: ours {ours['completion_tokens_per_s']:.1f} tok/s, "
+              f"TRL {theirs['completion_tokens_per_s']:.1f} tok/s, ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
     side = lambda name: [x for x in runs if (x["method"] == "grpo") == (name == "ours")]  # noqa: E731
     summary = {
         name: {key: statistics.median(x[key] for x in side(name)) for key in

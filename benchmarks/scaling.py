@@ -3,10 +3,10 @@
     python benchmarks/scaling.py --out benchmarks/results/scaling
     python benchmarks/scaling.py --quick --out /tmp/scaling     # smoke test
 
-From a base setting (``--prompts`` prompts, G = 8, 32 new tokens, the 10.7M-parameter Llama), one
-knob is varied at a time (every completion exactly max new tokens long); each point is ``benchmarks/throughput.py``'s measurement of GRPO in a
-fresh process. Writes ``<out>/scaling.md`` (a markdown table with the date and the command) and
-``<out>/scaling.json`` (every run).
+From a base setting (``--prompts`` prompts, G = 8, 32 new tokens, the 14.2M-parameter Llama), one
+knob is varied at a time; every completion is exactly max new tokens long (``--ignore-eos``). Each
+point is ``benchmarks/throughput.py``'s measurement of GRPO in a fresh process. Writes
+``<out>/scaling.md`` (a markdown table with the date and the command) and ``<out>/scaling.json``.
 """
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def main() -> None:
                 args = argparse.Namespace(
                     model=throughput.bench_checkpoint(hidden, layers, heads), prompts=a.prompts, G=point["G"],
                     max_new_tokens=point["max_new_tokens"], steps=a.steps, warmup=a.warmup, lr=1e-5, temperature=1.0,
-                    accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None, threads=a.threads,
-                    ignore_eos=True,
+                    accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None,
+                    threads=a.threads, ignore_eos=True, prompt_data=None,
                 )
                 seen[key] = dict(throughput.measure_in_subprocess("grpo", args), size=f"h{hidden}-l{layers}")
                 r = seen[key]
@@ -71,11 +71,13 @@ def main() -> None:
             f"| {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['scoring_s']:.3f} | {r['training_s']:.2f} "
             f"| {r['completion_tokens_per_step']:.0f} | {r['completion_tokens_per_s']:.0f} | {r['peak_rss_mib']:.0f} |"
         )
-    r0 = rows[0]
+    r0, loads = rows[0], [r["load_avg_1m"] for r in rows]
     header = (
         f"GRPO training steps on {r0['device']} ({r0['torch_threads']} torch threads), {a.prompts} prompts per step, "
         f"{a.warmup} warm-up + {a.steps} timed steps per point, one knob varied at a time from G = {base['G']}, "
-        f"{base['max_new_tokens']} new tokens, h{base['size'][0]}-l{base['size'][1]}; measured {date.today()} with "
+        f"{base['max_new_tokens']} new tokens, h{base['size'][0]}-l{base['size'][1]}; every completion exactly max "
+        f"new tokens long; {r0['cpu_count']} cores, 1-min load average "
+        f"{min(loads):.1f} to {max(loads):.1f}; measured {date.today()} with "
         f"`{throughput.command_line()}`.\n\n"
     )
     a.out.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,11 @@ def peak_memory_mib() -> dict:
     """Peak resident set size of this process (and peak CUDA memory allocated, on a GPU)."""
     import torch
 
-    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-           "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count()}  # other work on the machine during the run (CPU timings)
+    out = {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "load_avg_1m": os.getloadavg()[0],  # other work on the machine during the run (CPU timings)
+        "cpu_count": os.cpu_count(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -106,12 +109,14 @@ def measure(
     accelerator: str = "auto",
     seed: int = 0,
     ignore_eos: bool = False,
+    prompt_data: str | None = None,
 ) -> dict:
     """Time ``steps`` training steps of ``method`` after ``warmup`` untimed ones; in this process.
 
     ``ignore_eos``: every completion is exactly ``max_new_tokens`` long (the checkpoint's generation
     config gets ``min_new_tokens = max_new_tokens``, which masks EOS until then), so the work per
-    step does not depend on what the model happens to sample.
+    step does not depend on what the model happens to sample. ``prompt_data``: a file with a
+    ``prompt`` and an ``answer`` column (default: the embedded ``ab+cd=`` sums).
     """
     import lightning as L
     import torch
@@ -141,7 +146,7 @@ def measure(
         module.model.generation_config.min_new_tokens = max_new_tokens
     expert_batch_size = expert_batch_size or max(1, prompts * G // 4)  # the paper's ~20% expert share
     data = MixedDataModule(
-        model_name_or_path=model, expert_data=expert, prompt_data=bench_prompts(), val_data=None,
+        model_name_or_path=model, expert_data=expert, prompt_data=prompt_data or bench_prompts(), val_data=None,
         prompt_batch_size=prompts, expert_batch_size=expert_batch_size, seed=seed,
     )
 
@@ -236,6 +241,8 @@ def _forwarded(a: argparse.Namespace) -> list[str]:
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--temperature", str(a.temperature),
            "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation,
            "--threads", str(a.threads), "--ignore-eos" if a.ignore_eos else "--no-ignore-eos"]
+    if a.prompt_data:
+        out += ["--prompt-data", a.prompt_data]
     if a.expert_batch_size:
         out += ["--expert-batch-size", str(a.expert_batch_size)]
     return out
@@ -246,6 +253,8 @@ def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool = False) -> None:
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--prompt-data", default=None, help="JSONL/CSV/... with prompt and answer columns "
+                   "(default: the embedded task's ab+cd= sums, all 6 tokens long)")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--G", type=int, default=8, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -274,6 +283,25 @@ def apply_quick(a: argparse.Namespace) -> None:
         a.model = None
 
 
+def profiled(fn, path: Path | None, top: int = 25):
+    """Run ``fn()``; with ``path``, under cProfile, writing the ``top`` functions by own time to ``path``."""
+    if path is None:
+        return fn()
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).sort_stats("tottime")
+    stats.print_stats(top)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {date.today()}: `{command_line()}`, cProfile, the {top} functions with the most own time\n"
+                    + text.getvalue())
+    return result
+
+
 def markdown(result: dict) -> str:
     """The measurement as a markdown table, headed by its date and command."""
     r0 = result["runs"][0]
@@ -292,9 +320,10 @@ def markdown(result: dict) -> str:
         expert = f" (+ {r['expert_rows']})" if r["expert_rows"] else ""
         cuda = f", CUDA {r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else ""
         lines.append(
-            f"| {r['method']} | {r['parameters'] / 1e6:.1f}M | {r['prompts']} x {r['G']}{expert} | {r['max_new_tokens']} "
-            f"| {r['completion_tokens_per_s']:.0f} | {r['step_s']:.2f} | {r['generation_s']:.2f} | {r['scoring_s']:.3f} "
-            f"| {r['training_s']:.2f} | {r['peak_rss_mib']:.0f}{cuda} |"
+            f"| {r['method']} | {r['parameters'] / 1e6:.1f}M | {r['prompts']} x {r['G']}{expert} "
+            f"| {r['max_new_tokens']} | {r['completion_tokens_per_s']:.0f} | {r['step_s']:.2f} "
+            f"| {r['generation_s']:.2f} | {r['scoring_s']:.3f} | {r['training_s']:.2f} "
+            f"| {r['peak_rss_mib']:.0f}{cuda} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -316,13 +345,17 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--in-process", action="store_true", help="measure in this process (default: one process each)")
     p.add_argument("--out", type=Path, default=None, help="also write <out>/throughput.json and throughput.md")
+    p.add_argument("--profile", type=Path, default=None, help="with --in-process: write a cProfile summary here")
     a = p.parse_args()
     apply_quick(a)
     a.model = a.model or bench_checkpoint(a.hidden, a.layers, a.heads)
     if a.in_process:
         set_threads(a.threads)
-        runs = [measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
-                        a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed, a.ignore_eos) for m in a.methods]
+        runs = profiled(lambda: [
+            measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
+                    a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed, a.ignore_eos, a.prompt_data)
+            for m in a.methods
+        ], a.profile)
     else:
         runs = [measure_in_subprocess(m, a) for m in a.methods]
     result = {"date": str(date.today()), "command": command_line(), "runs": runs}

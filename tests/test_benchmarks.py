@@ -26,7 +26,7 @@ def _fixed_batch(seed: int = 0, rows: int = 6, tokens: int = 7) -> dict:
     return {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "adv": adv}
 
 
-def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: float) -> tuple:
     """TRL's own GRPOTrainer._compute_loss on the batch, with a minimal stand-in for the trainer.
 
     The stand-in's forward returns the fixed log-probs, so TRL's code computes ratios, clipping,
@@ -36,7 +36,7 @@ def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: fl
 
     extra = {}
     if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
-        extra["use_bias_correction_kl"] = False  # recent TRL multiplies the KL by the ratio by default; ours is plain k3
+        extra["use_bias_correction_kl"] = False  # TRL 1.x weights the KL by the ratio by default; ours is plain k3
     args = GRPOConfig(
         output_dir="/tmp/unused", loss_type=loss_type, epsilon=eps_low, epsilon_high=eps_high, beta=beta,
         max_completion_length=b["mask"].shape[1], use_cpu=True, bf16=False, report_to="none", **extra,
@@ -54,10 +54,10 @@ def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: fl
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
     )
-    T = b["mask"].shape[1]
+    rows, T = b["mask"].shape
     inputs = {
-        "prompt_ids": torch.zeros(len(b["adv"]), 3, dtype=torch.long), "prompt_mask": torch.ones(len(b["adv"]), 3, dtype=torch.long),
-        "completion_ids": torch.zeros(len(b["adv"]), T, dtype=torch.long), "completion_mask": b["mask"],
+        "prompt_ids": torch.zeros(rows, 3, dtype=torch.long), "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, T, dtype=torch.long), "completion_mask": b["mask"],
         "advantages": b["adv"], "old_per_token_logps": b["old_logp"], "ref_per_token_logps": b["ref_logp"],
         "num_items_in_batch": b["mask"].sum(),
     }
@@ -66,12 +66,13 @@ def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: fl
     return loss.detach(), grad
 
 
-def _our_loss(b: dict, aggregation: str, eps_low: float, eps_high: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _our_loss(b: dict, aggregation: str, eps_low: float, eps_high: float, beta: float) -> tuple:
     logp = b["logp"].clone().requires_grad_(True)
-    loss, _ = losses.clipped_surrogate(
+    loss, metrics = losses.clipped_surrogate(
         logp, b["old_logp"], b["adv"], b["mask"], eps_low, eps_high, aggregation,
         ref_logp=b["ref_logp"] if beta > 0 else None, beta=beta, kl_estimator="k3",
     )
+    assert 0 < metrics["clip_ratio"] < 1  # both branches of the clipped min are exercised
     (grad,) = torch.autograd.grad(loss, logp)
     return loss.detach(), grad
 
