@@ -33,3 +33,5 @@ bench: setup-bench
 
 bench-quick: setup-bench
 	$(PY) benchmarks/methods.py --quick --out /tmp/lit_align_bench_quick
+	$(PY) benchmarks/throughput.py --quick
+	$(PY) benchmarks/compare_trl.py --quick
