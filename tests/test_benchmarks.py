@@ -129,3 +129,26 @@ def test_compare_trl_quick_prints_json():
     for run in out["runs"]:
         _check_run(run)
     assert out["runs"][0]["parameters"] == out["runs"][1]["parameters"]
+
+
+def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/methods.py", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "methods.md").read_text()
+    assert "| sft |" in table and "| chord_phi |" in table and "1 torch thread" in table
+    runs = json.loads((tmp_path / "methods.json").read_text())
+    assert {r["method"] for r in runs} == {"sft", "chord_phi"} and all(r["steps"] == 6 for r in runs)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_amft_cost_quick_times_meta_and_ordinary_updates():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/amft_cost.py", "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["meta_updates"] == 2 and out["rl_updates"] == 4
+    assert out["rl_update_s"] > 0 and out["meta_update_s"] > 0 and out["extra_tensors_mib"] > 0
