@@ -56,9 +56,13 @@ def save_hf_dir(config, generation_config, tokenizer, state: dict[str, torch.Ten
 
     The weights go through a parameter-free skeleton (built on the meta device from ``config``), so
     this works whatever wraps the live model (FSDP2 shards, peft) and from a bare state dict.
+    Refuses (ValueError, nothing written) when a weight holds NaN or inf.
     """
     from transformers import AutoModelForCausalLM
 
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"not exporting to {target}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):

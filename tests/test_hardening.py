@@ -352,3 +352,18 @@ def test_data_paths_are_read_never_executed(ckpt, tmp_path):
         with pytest.raises(DataError, match="unsupported data file type"):
             MixedDataModule(model_name_or_path=ckpt, expert_data=str(source), prompt_data=None, val_data=None).setup("fit")
     assert not sentinel.exists()
+
+
+def test_hf_export_refuses_non_finite_weights(ckpt, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lit_align.export import save_hf_dir
+    from lit_align.hf import load_model
+
+    state = {k: v.clone() for k, v in load_model(ckpt).state_dict().items()}
+    key = next(k for k in state if k.endswith("q_proj.weight"))
+    state[key][0, 0] = float("nan")
+    target = tmp_path / "hf"
+    with pytest.raises(ValueError, match="non-finite values in .*q_proj"):
+        save_hf_dir(AutoConfig.from_pretrained(ckpt), None, AutoTokenizer.from_pretrained(ckpt), state, target)
+    assert not target.exists()
