@@ -251,7 +251,7 @@ class AMFTModule(PolicyModule):
         entropy_grad = m_rl.pop("entropy_usual_grad", None)
         metrics.update(m_rl, **m_sft)
         # the controller's inputs, averaged over ranks: every rank must compute the same mu
-        sft_loss, rl_loss, H = (self._rank_average(x.detach()) for x in (l_sft, l_rl, m_rl["entropy_usual"]))
+        sft_loss, rl_loss, H = self._rank_averages(l_sft.detach(), l_rl.detach(), m_rl["entropy_usual"])
         if not torch.isfinite(self.target_entropy):
             self.target_entropy.fill_(H)  # H*: the usual-token entropy at the first RL step
         H_star = float(self.target_entropy)

@@ -470,16 +470,25 @@ class PolicyModule(L.LightningModule):
 
         return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
 
-    def _rank_average(self, value) -> float:
-        """Mean of a scalar over all ranks (the value itself in a single process)."""
-        value = float(value)
+    def _rank_sums(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks, in float64, with one all-reduce (the values themselves
+        in a single process)."""
         if not self._distributed():
-            return value
+            return [float(v) for v in values]
         import torch.distributed as dist
 
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
+        return t.tolist()
+
+    def _rank_averages(self, *values) -> list[float]:
+        """Means of scalars over all ranks (one all-reduce)."""
+        world = self.trainer.world_size if self._distributed() else 1
+        return [v / world for v in self._rank_sums(list(values))]
+
+    def _rank_average(self, value) -> float:
+        """Mean of a scalar over all ranks (the value itself in a single process)."""
+        return self._rank_averages(value)[0]
 
     SUMMED_METRICS = ("reward_errors",)  # counts: summed over ranks; every other scalar is averaged
 
@@ -487,13 +496,10 @@ class PolicyModule(L.LightningModule):
         """One all-reduce for all of a step's scalars, so rank 0's logs describe the global batch."""
         if not self._distributed():
             return metrics
-        import torch.distributed as dist
-
         names = sorted(metrics)
-        t = torch.tensor([float(metrics[n]) for n in names], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        world = dist.get_world_size()
-        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / world, dtype=torch.float32) for n, v in zip(names, t.tolist())}
+        world = self.trainer.world_size
+        sums = self._rank_sums([metrics[n] for n in names])
+        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / world, dtype=torch.float32) for n, v in zip(names, sums)}
 
     def _resume_state(self) -> dict:
         """What a checkpoint needs beyond weights, optimizers and schedules for an exact resume: the
