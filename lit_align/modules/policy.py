@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
-from lit_align.rollout import Rollout, generate, position_ids_from_mask
+from lit_align.rollout import Rollout, generate, length_groups, position_ids_from_mask
 
 
 class NonFiniteError(RuntimeError):
@@ -55,6 +55,11 @@ class PolicyModule(L.LightningModule):
             ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.0}``; null
             (default) trains every weight. With ``beta > 0`` the reference model is the policy with
             its adapters disabled, so no second model is loaded. Exports are merged full weights.
+        length_buckets: a forward pass over rows of unequal length (rollouts, expert rows) runs as at
+            most this many passes over groups of rows of similar length, each cut to its own longest
+            row, so fewer padded positions are computed; logits at every attended position, the
+            losses and their gradients are those of one pass (up to float rounding). 1: always one
+            pass. Under FSDP2 always one pass, since every rank must run the same number of forwards.
 
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
@@ -90,6 +95,7 @@ class PolicyModule(L.LightningModule):
         trust_remote_code: bool = False,
         model_dtype: str | None = None,
         lora: dict | None = None,
+        length_buckets: int = 4,
     ):
         super().__init__()
         self._validate(locals())
@@ -141,6 +147,7 @@ class PolicyModule(L.LightningModule):
                 integer(args["max_consecutive_skips"]) and args["max_consecutive_skips"] >= 1, "an integer >= 1"
             ),
             "reward_timeout_s": (timeout is None or (number(timeout) and timeout > 0), "null or a finite number > 0"),
+            "length_buckets": (integer(args["length_buckets"]) and args["length_buckets"] >= 1, "an integer >= 1"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -195,13 +202,26 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward helpers
     def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        )
-        return out.logits
+        def forward(ids, mask):
+            positions = position_ids_from_mask(mask)
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+
+        return self._by_length(forward, input_ids, attention_mask)
+
+    def _by_length(self, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward(ids, mask)`` -> logits (B, S, V), run over groups of rows of similar length
+        (``length_buckets``), each cut to its longest row. The result is one (B, S, V) tensor in the
+        batch's row order, zero at the positions after a row's group width (never attended, so never
+        read by a loss), and differentiable: its gradient reaches every group's forward."""
+        groups = None if self._sharded() else length_groups(attention_mask, self.hparams.length_buckets)
+        if groups is None:
+            return forward(input_ids, attention_mask)
+        pieces = [(rows, forward(input_ids[rows, :width], attention_mask[rows, :width])) for rows, width in groups]
+        first = pieces[0][1]
+        logits = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
+        for rows, piece in pieces:
+            logits[rows, : piece.shape[1]] = piece
+        return logits
 
     def sft_terms(self, expert: dict, reward_mean: float | None = None) -> tuple[torch.Tensor, dict]:
         """(Weighted) NLL of the demonstrations over expert tokens, plus what the monitors need."""
@@ -441,11 +461,14 @@ class PolicyModule(L.LightningModule):
 
     def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy."""
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
-        if self.ref_model is not None:
-            return self.ref_model(**kwargs).logits
-        with self.model.disable_adapter():
-            return self.model(**kwargs, use_cache=False).logits
+        def forward(ids, mask):
+            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+            if self.ref_model is not None:
+                return self.ref_model(**kwargs).logits
+            with self.model.disable_adapter():
+                return self.model(**kwargs).logits
+
+        return self._by_length(forward, input_ids, attention_mask)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.
