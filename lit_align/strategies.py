@@ -233,6 +233,30 @@ class FSDP2Strategy(ModelParallelStrategy):
                 old.unlink()
         self.barrier("fsdp2_ckpt_swapped")
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, able to restore optimizers that hold no state tensors (AMFT's controller:
+        plain SGD on a 0-dim mu). For a consolidated checkpoint Lightning indexes the first entry of
+        each optimizer's state and torch's full-state loader needs a state tensor to find the device,
+        so trailing stateless optimizers are kept out of Lightning's loop and get their param-group
+        settings (lr, ...) back directly; the others (the policy's) take Lightning's path unchanged."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not path.is_file():  # a sharded checkpoint directory: torch's distributed loader copes
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only).get("optimizer_states", [])
+        keep = min(len(self._optimizers), len(saved))
+        while keep > 1 and not saved[keep - 1].get("state"):
+            keep -= 1
+        everything = self._optimizers
+        self._optimizers = everything[:keep]
+        try:
+            checkpoint = super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            self._optimizers = everything
+        for optimizer, state in zip(everything[keep:], saved[keep:]):
+            for group, saved_group in zip(optimizer.param_groups, state["param_groups"]):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return checkpoint
+
 
 def _register() -> None:
     for name, kwargs, text in (

@@ -3,8 +3,9 @@
 - numerical equivalence: one update on 2 ranks equals one process on the same global batch, for
   the SFT term and for the GRPO term with rollouts held fixed (guards the gloo AVG bug);
 - generation under FSDP2 does not deadlock when ranks stop at different lengths;
-- end to end through ``train.py``: CHORD and AMFT under ``ddp``, CHORD under ``fsdp2`` (AMFT
-  refuses it at start-up: its look-ahead needs whole parameters), ``fsdp`` fails naming ``fsdp2``.
+- AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
+- end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
+  resume), ``fsdp`` fails naming ``fsdp2``.
 """
 import json
 import os
@@ -20,6 +21,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from lit_align.events import read_scalars
+from lit_align.controller import ScalarMu
+from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.sft import SFTModule
 from lit_align.rollout import Rollout
@@ -45,6 +48,13 @@ class FixedRolloutGRPO(GRPOModule):
         return rollout, batch["rewards"], {}
 
 
+class FixedRolloutAMFT(AMFTModule):
+    """AMFT with the batch's fixed rollouts and a held-out expert-NLL objective: one meta step is a
+    pure function of the batch, so 2 ranks can be compared with 1 process."""
+
+    rollout_and_score = FixedRolloutGRPO.rollout_and_score
+
+
 def _batches(ckpt: str) -> dict:
     """Global batches: 4 expert rows, and 2 prompts x G=2 rollouts, every row with the same token
     count (token-mean is per rank: equal counts make 2 ranks exactly one process)."""
@@ -66,18 +76,34 @@ def _batches(ckpt: str) -> dict:
         old_logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     rollout = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
                "completion_mask": torch.ones_like(completion_ids), "old_logp": old_logp - 0.05}
-    return {"expert": expert, "rollout": rollout, "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9])}
+    meta_ids = torch.randint(3, 16, (4, 10), generator=g)
+    meta_labels = meta_ids.clone()
+    meta_labels[:, :3] = -100
+    meta = {"input_ids": meta_ids, "attention_mask": torch.ones_like(meta_ids), "labels": meta_labels}
+    return {"expert": expert, "rollout": rollout, "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9]), "meta": meta}
 
 
 def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     take = lambda t: t.chunk(world)[rank] if world > 1 else t  # noqa: E731  (whole prompt groups per rank)
+    expert = {"expert": {k: take(v) for k, v in batches["expert"].items()}}
+    prompts = {"prompts": {"rollout": {k: take(v) for k, v in batches["rollout"].items()}, "rewards": take(batches["rewards"])}}
     if method == "sft":
-        return {"expert": {k: take(v) for k, v in batches["expert"].items()}}
-    return {"prompts": {"rollout": {k: take(v) for k, v in batches["rollout"].items()}, "rewards": take(batches["rewards"])}}
+        return expert
+    if method == "grpo":
+        return prompts
+    return {**expert, **prompts, "meta": {"expert": {k: take(v) for k, v in batches["meta"].items()}}}
+
+
+AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves by controller_lr * dV/dmu
+    num_generations=2, warmup_sft_steps=0, meta_interval=1, meta_objective="expert_nll", controller_lr=0.5,
+)
 
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
-    cls, extra = (SFTModule, {}) if method == "sft" else (FixedRolloutGRPO, {"num_generations": 2})
+    cls, extra = {
+        "sft": (SFTModule, {}), "grpo": (FixedRolloutGRPO, {"num_generations": 2}),
+        "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}),
+    }[method]
     module = cls(model_name_or_path=ckpt, optimizer=lambda p: torch.optim.SGD(p, lr=LR), gradient_clip=0.0, **extra)
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
@@ -95,11 +121,13 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
 
     results = {}
     for strategy in ("ddp", "fsdp2"):
-        for method in ("sft", "grpo"):
+        for method in ("sft", "grpo", "amft"):
             module, trainer = _one_step(ckpt, method, _slice(batches, method, rank, 2), strategy, 2)
             state = module.full_state_dict()  # collective under fsdp2; every rank gets it under ddp
             if rank == 0 or strategy == "ddp":
                 results[f"{strategy}-{method}-rank{rank}"] = state
+            if method == "amft":
+                results[f"{strategy}-mu-rank{rank}"] = float(module.controller.mu.detach())
             if strategy == "fsdp2" and method == "grpo":
                 results[f"reduce-rank{rank}"] = module._reduce_metrics({"x": torch.tensor(float(rank)), "reward_errors": 1.0})
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
@@ -128,8 +156,11 @@ def two_rank_results(ckpt, tmp_path_factory):
     for rank in range(2):
         results.update(torch.load(out / f"rank{rank}.pt", weights_only=False))
     single = {}
-    for method in ("sft", "grpo"):
-        single[method] = _one_step(ckpt, method, _slice(batches, method, 0, 1), "auto", 1)[0].full_state_dict()
+    for method in ("sft", "grpo", "amft"):
+        module = _one_step(ckpt, method, _slice(batches, method, 0, 1), "auto", 1)[0]
+        single[method] = module.full_state_dict()
+        if method == "amft":
+            single["mu"] = float(module.controller.mu.detach())
     return results, single
 
 
@@ -144,7 +175,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("method", ["sft", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -155,6 +186,18 @@ def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, met
     if strategy == "ddp":  # both replicas hold the same weights
         for k, v in results[f"ddp-{method}-rank0"].items():
             assert torch.equal(v, results[f"ddp-{method}-rank1"][k]), k
+
+
+def test_amft_meta_step_on_two_ranks(two_rank_results):
+    """The controller is identical on every rank. Under FSDP2 the meta-gradient is built from the
+    global (rank-averaged) gradients, so it equals one process's on the global batch; under DDP
+    it is the average of each rank's own inner product (no gradient communication), close to it."""
+    results, single = two_rank_results
+    assert abs(single["mu"] - 0.5) > 1e-3, "the meta step did not move mu: the comparison would be vacuous"
+    for strategy in ("ddp", "fsdp2"):
+        assert results[f"{strategy}-mu-rank0"] == results[f"{strategy}-mu-rank1"], strategy
+    assert results["fsdp2-mu-rank0"] == pytest.approx(single["mu"], rel=1e-5, abs=1e-7)
+    assert (results["ddp-mu-rank0"] - 0.5) * (single["mu"] - 0.5) > 0, "DDP moved mu the other way"
 
 
 def test_metrics_are_reduced_over_ranks(two_rank_results):
@@ -325,12 +368,34 @@ def test_amft_under_ddp_keeps_one_controller(tmp_path):
     assert "train/meta_grad" in read_scalars(log_dir)
 
 
-def test_amft_under_fsdp2_fails_at_start_naming_ddp(tmp_path):
-    if not (ROOT / "configs" / "amft.yaml").exists():
-        pytest.skip("AMFT not merged yet")
-    proc, _ = train("amft", "fsdp2", tmp_path, "--trainer.max_steps=1")
-    assert proc.returncode != 0
-    assert "use a DDP strategy" in proc.stderr, proc.stderr[-3000:]
+def test_amft_under_fsdp2_shards_meta_steps_and_resumes(tmp_path):
+    """AMFT's look-ahead on sharded parameters: meta steps from the second update on (with the entropy
+    regulariser, so the RL term's graph is back-propagated twice), one controller on both ranks,
+    the export, and a resume from the consolidated checkpoint."""
+    amft = ["--model.init_args.warmup_sft_steps=1", "--model.init_args.meta_interval=1",
+            "--data.init_args.meta_batch_size=2", "--model.init_args.entropy_coef=0.1",
+            "--model.init_args.meta_objective=expert_nll"]  # the tiny runs' rewards are often all equal
+    proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "a", *amft)
+    reports, log_dir = _check_run(proc, path, rl_steps=2)  # step 1 is the SFT warm-up
+    for r in reports:
+        assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"]
+    assert reports[0]["controller"] == reports[1]["controller"], "the AMFT controller must be identical on all ranks"
+    assert reports[0]["mu"] == reports[1]["mu"] and reports[0]["target_entropy"] == reports[1]["target_entropy"]
+    scalars = read_scalars(log_dir)
+    meta = [v for _, v in scalars["train/meta_grad"]]
+    assert meta and all(v == v for v in meta) and any(v != 0.0 for v in meta), meta
+    mu = [v for _, v in scalars["train/mu"]]
+    assert mu[0] == 1.0 and mu[-1] != mu[1], f"the meta steps did not move mu: {mu}"
+    _check_export(log_dir)
+
+    last = log_dir / "checkpoints" / "last.ckpt"
+    proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "b", *amft, f"--ckpt_path={last}",
+                       "--trainer.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = _reports(path)
+    assert [r["step"] for r in resumed] == [4, 4]
+    assert resumed[0]["controller"] == resumed[1]["controller"]
+    assert resumed[0]["target_entropy"] == reports[0]["target_entropy"], "H* comes back from the checkpoint"
 
 
 def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):

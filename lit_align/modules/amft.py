@@ -10,13 +10,20 @@ AMFT (arXiv 2508.06944). Policy update t, with W = warmup_sft_steps and K = meta
             theta <- step on (1 - mu) L_RL + mu L_SFT [+ entropy_coef * max(0, H* - H)]
             every K-th RL step (a meta step):
                 theta' = theta - lr ((1 - mu) g_RL + mu g_SFT)        (g_* at theta; SGD look-ahead)
-                dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>           (averaged over DDP ranks)
+                dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>           (same on every rank, below)
                 controller <- SGD step (lr = controller_lr) on dV/dmu   (mu moves to lower V)
             mu <- clip(mu + eta_H (H* - H))                            (controller.entropy_nudge)
 
 V is a held-out loss (lower is better) on the batch's ``"meta"`` rows: ``expert_nll``, the NLL of
 the held-out demonstrations, or ``reward``, minus the advantage-weighted log-likelihood of G
 fresh samples of the held-out prompts (the policy-gradient surrogate of held-out reward).
+
+Distributed: under DDP each rank forms dV/dmu from its own gradients (autograd.grad, no gradient
+communication) and the scalar is averaged over ranks. Under FSDP2 gradients exist only as shards of
+the rank-averaged gradient, after a backward: the meta step back-propagates L_SFT and L_RL one
+after the other, builds theta' shard by shard, writes it into the parameters for V's backward and
+puts the weights back; the shards' inner products are summed over ranks (:meth:`split_backward`,
+:meth:`sharded_meta_gradient`).
 """
 from __future__ import annotations
 
@@ -30,6 +37,11 @@ from lit_align import losses
 from lit_align.controller import MetaController, ScalarMu, hypergradient, lookahead
 from lit_align.modules.policy import PolicyModule
 from lit_align.rollout import position_ids_from_mask
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard (FSDP2), any other tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class AMFTModule(PolicyModule):
@@ -102,8 +114,6 @@ class AMFTModule(PolicyModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self._sharded():
-            raise ValueError("AMFTModule's look-ahead needs whole parameters on every rank: use a DDP strategy")
         if self._distributed():
             for p in self.controller.parameters():  # DDP ignores them, so it does not sync them either
                 dist.broadcast(p.data, src=0)
@@ -132,8 +142,8 @@ class AMFTModule(PolicyModule):
             buffers["target_entropy"] = move(buffers["target_entropy"])
         return self
 
-    def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
-        applied = super().policy_step(loss, metrics)
+    def policy_step(self, loss: torch.Tensor, metrics: dict, backward=None) -> bool:
+        applied = super().policy_step(loss, metrics, backward)
         self._last_grad_norm = float(metrics["grad_norm"])
         return applied
 
@@ -171,6 +181,63 @@ class AMFTModule(PolicyModule):
         g_sft = list(torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True))
         g_rl = list(torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True))
         return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
+
+    # ------------------------------------------------------------------ the meta-gradient under FSDP2
+    def split_backward(self, l_sft: torch.Tensor, l_rl: torch.Tensor, extra: torch.Tensor | None,
+                       mu: float, lr: float, out: dict) -> None:
+        """A meta step's backward under FSDP2 (``policy_step(backward=...)``): the SFT and RL terms come
+        from separate forward passes, so back-propagating them one after the other costs what one
+        backward of the sum costs. Each term's gradient shard (already averaged over ranks by FSDP's
+        reduce-scatter) is kept in ``out`` with the look-ahead shard theta'; ``.grad`` ends as the
+        gradient of ``(1 - mu) L_RL + mu L_SFT + extra``, exactly what ``manual_backward`` would give.
+        Sharded autograd.grad is not an option: FSDP2 only delivers gradients to ``.grad``."""
+        params = self._trainable()[1]
+        grads = []
+        for term, keep in ((l_sft, False), (l_rl, extra is not None)):
+            self.manual_backward(term, retain_graph=keep)
+            grads.append([None if p.grad is None else _local(p.grad).clone() for p in params])
+            for p in params:
+                if p.grad is not None:
+                    _local(p.grad).zero_()  # keep the (sharded) grad object; the next backward adds to it
+        if extra is not None:
+            self.manual_backward(extra)  # the entropy regulariser: same graph as L_RL, kept above
+        g_sft, g_rl = grads
+        theta_prime = []
+        with torch.no_grad():
+            for p, gs, gr in zip(params, g_sft, g_rl):
+                if p.grad is not None:
+                    if gs is not None:
+                        _local(p.grad).add_(gs, alpha=mu)
+                    if gr is not None:
+                        _local(p.grad).add_(gr, alpha=1.0 - mu)
+            theta_prime = lookahead([_local(p) for p in params], g_sft, g_rl, mu, lr)
+        out.update(theta_prime=theta_prime, g_sft=g_sft, g_rl=g_rl)
+
+    def sharded_meta_gradient(self, theta_prime: list, g_sft: list, g_rl: list, lr: float, held: dict) -> tuple[float, float]:
+        """(dV/dmu, V(theta')) under FSDP2: theta' is written into the parameter shards, V is
+        back-propagated through the sharded model (FSDP gathers theta' layer by layer), the local
+        shards of <grad V, g_SFT - g_RL> are summed over ranks, and the weights are put back. All
+        gradients are global (rank-averaged) ones, so this is one process's dV/dmu on the global batch."""
+        params = self._trainable()[1]
+        with torch.no_grad():
+            saved = [_local(p).clone() for p in params]
+            for p, t in zip(params, theta_prime):
+                _local(p).copy_(t)
+        try:
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                V = self.val_objective(held)
+            self.manual_backward(V)
+            g_val = [None if p.grad is None else _local(p.grad) for p in params]
+            local = -hypergradient(g_val, g_sft, g_rl, 1.0)  # this rank's shard of the inner product
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, saved):
+                    _local(p).copy_(t)
+                    p.grad = None
+        dot = self._rank_sums([local])[0]
+        return -lr * dot, self._rank_average(V.detach())
 
     @torch.no_grad()
     def held_out_batch(self, meta: dict) -> dict:
@@ -259,17 +326,23 @@ class AMFTModule(PolicyModule):
         if all(math.isfinite(v) for v in stats.values()):
             self._stats = stats
         mu = self.controller_mu(self._stats)
+        extra = None if entropy_grad is None else hp.entropy_coef * torch.relu(H_star - entropy_grad)
+        loss = (1.0 - mu) * l_rl + mu * l_sft
+        if extra is not None:
+            loss = loss + extra
+        backward, look = None, {}
         if is_meta:
             lr = self.optimizers()[0].param_groups[0]["lr"]
-            theta_prime, g_sft, g_rl = self.look_ahead(l_sft, l_rl, mu, lr)
-        loss = (1.0 - mu) * l_rl + mu * l_sft
-        if entropy_grad is not None:
-            loss = loss + hp.entropy_coef * torch.relu(H_star - entropy_grad)
+            if self._sharded():  # the gradients exist only as shards, after backward
+                backward = lambda: self.split_backward(l_sft, l_rl, extra, mu, lr, look)  # noqa: E731
+            else:
+                look["theta_prime"], look["g_sft"], look["g_rl"] = self.look_ahead(l_sft, l_rl, mu, lr)
         metrics.update(mu=torch.tensor(mu), entropy=torch.tensor(H), target_entropy=torch.tensor(H_star))
-        applied = self.policy_step(loss, metrics)
+        applied = self.policy_step(loss, metrics, backward=backward)
         if is_meta and applied:
             held = self.held_out_batch(batch["meta"])
-            dV_dmu, V = self.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+            meta_gradient = self.sharded_meta_gradient if self._sharded() else self.meta_gradient
+            dV_dmu, V = meta_gradient(look["theta_prime"], look["g_sft"], look["g_rl"], lr, held)
             self.controller_step(dV_dmu, self._stats)
             reward = {"meta_reward": held["reward"]} if "reward" in held else {}
             self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward})

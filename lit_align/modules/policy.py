@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -332,15 +333,20 @@ class PolicyModule(L.LightningModule):
         return loss, metrics
 
     # ------------------------------------------------------------------ the step
-    def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
+    def policy_step(self, loss: torch.Tensor, metrics: dict, backward: Callable[[], None] | None = None) -> bool:
         """Backward, clip, step the optimizer and the LR schedule; skip non-finite updates.
 
-        Returns True if the update was applied.
+        ``backward``, when given, fills the parameters' ``.grad`` in place of ``manual_backward(loss)``
+        (AMFT's meta steps under FSDP2 back-propagate the two terms separately). Returns True if the
+        update was applied.
         """
         opts = self.optimizers()
         opt = opts[0] if isinstance(opts, list) else opts  # the policy's (AMFT adds a controller's)
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        if backward is None:
+            self.manual_backward(loss)
+        else:
+            backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
