@@ -4,6 +4,7 @@ No Lightning here. The model is any ``transformers`` causal LM; prompts arrive l
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -131,13 +132,18 @@ def generate(
     top_k: int = 0,
     greedy: bool = False,
     synced_gpus: bool = False,
+    drop_finished: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions for each prompt (or one greedy one).
 
-    Log-probs and entropies come from the raw logits ``generate`` returns (one forward pass, KV
-    cache), divided by ``temperature``: the same distribution the training loss uses, so the
-    PPO ratio starts at 1 for a strictly on-policy update. The model's train/eval mode is
-    restored afterwards.
+    Log-probs and entropies come from the raw logits of the sampling forward passes (KV cache),
+    divided by ``temperature``: the same distribution the training loss uses, so the PPO ratio
+    starts at 1 for a strictly on-policy update. The model's train/eval mode is restored afterwards.
+
+    ``drop_finished``: sample with :func:`decode`, which stops computing a row once it has emitted
+    EOS, instead of Hugging Face ``generate``, which carries finished rows to the end of the batch.
+    Used only where it samples from the same distribution (see :func:`decode_applies`); otherwise,
+    and under ``synced_gpus`` (every rank steps until all are done), ``generate`` runs.
     """
     was_training = model.training
     model.eval()
@@ -146,27 +152,134 @@ def generate(
             prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         eos_ids = _eos_ids(model, tokenizer)
-        kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            use_cache=True,
-            return_dict_in_generate=True,
-            output_logits=True,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0],
-            eos_token_id=eos_ids,
-            synced_gpus=synced_gpus,
-        )
-        if greedy:
-            kwargs.update(do_sample=False)
-        else:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-        completion_ids = out.sequences[:, prompt_ids.shape[1]:]
-        logits = torch.stack(out.logits, dim=1)[:, : completion_ids.shape[1]]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+        settings = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids, do_sample=not greedy)
+        if not greedy:
+            settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
         t = 1.0 if greedy else temperature
-        mask = completion_mask(completion_ids, eos_ids)
-        old_logp = token_logprobs(logits, completion_ids, t) * mask
-        entropy = entropy_from_logits(logits, t) * mask
-        texts = tokenizer.batch_decode(completion_ids * mask + (1 - mask) * kwargs["pad_token_id"], skip_special_tokens=True)
+        if drop_finished and not synced_gpus and decode_applies(model, settings):
+            completion_ids, old_logp, entropy = decode(model, prompt_ids, prompt_mask, settings)
+            mask = completion_mask(completion_ids, eos_ids)
+        else:
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, return_dict_in_generate=True,
+                output_logits=True, synced_gpus=synced_gpus, **settings,
+            )
+            completion_ids = out.sequences[:, prompt_ids.shape[1]:]
+            logits = torch.stack(out.logits, dim=1)[:, : completion_ids.shape[1]]
+            mask = completion_mask(completion_ids, eos_ids)
+            old_logp = token_logprobs(logits, completion_ids, t) * mask
+            entropy = entropy_from_logits(logits, t) * mask
+        texts = tokenizer.batch_decode(completion_ids * mask + (1 - mask) * pad, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, old_logp, entropy, texts)
+
+
+# generation settings decode() reproduces; any other one away from its default sends generate() to HF
+_DECODE_SETTINGS = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "bos_token_id",
+    "eos_token_id", "max_length", "use_cache", "return_dict_in_generate", "output_logits", "output_scores",
+    "output_attentions", "output_hidden_states", "transformers_version", "_from_model_config",
+})
+
+
+def _generation_config(model, settings: dict):
+    """The model's generation config with ``settings`` on top: what HF generate would use."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.update(**settings)
+    return config
+
+
+def decode_applies(model, settings: dict) -> bool:
+    """True when :func:`decode` samples as HF ``generate`` would with ``settings`` on this model: a
+    decoder-only model with a plain dynamic KV cache (no sliding-window or recurrent layers) and no
+    generation setting beyond max/min_new_tokens, do_sample, temperature, top_k, top_p and the special
+    tokens (a checkpoint's repetition_penalty, bad_words_ids, ... keep HF generate)."""
+    from transformers import DynamicCache, GenerationConfig
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    default = GenerationConfig().to_dict()
+    for name, value in _generation_config(model, settings).to_dict().items():
+        if name not in _DECODE_SETTINGS and (name not in default or default[name] != value):
+            return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a cache this loop does not know
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def decode(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, compact_at: float = 0.25
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or greedily pick) completions token by token with a KV cache, as HF ``generate`` does
+    for ``settings`` (see :func:`decode_applies`), but stop computing rows that have emitted EOS.
+
+    Each step takes the next-token logits in float32, applies HF's own processors in HF's order
+    (EOS masked while fewer than min_new_tokens; then temperature, top-k, top-p when sampling) and
+    draws from their softmax (argmax when greedy). A finished row is fed padding, as in HF, until
+    finished rows make up ``compact_at`` of the rows still in the cache; then they are dropped from
+    it (so the cache is copied a few times, not every step). Until rows are dropped, the random
+    draws are HF's, token for token. Returns (completion ids (B, T), log-probs and entropies of the
+    raw logits / temperature (B, T), 0 after EOS), T = steps until every row finished or max_new_tokens.
+    """
+    from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    config = _generation_config(model, settings)
+    sample = bool(config.do_sample)
+    temperature = config.temperature if sample and config.temperature is not None else 1.0
+    warpers = LogitsProcessorList()
+    if sample and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if sample and config.top_k:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k))
+    if sample and config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p))
+    eos = config.eos_token_id
+    eos = torch.as_tensor([] if eos is None else eos, dtype=torch.long, device=prompt_ids.device).reshape(-1)
+    B, T, device = prompt_ids.shape[0], config.max_new_tokens, prompt_ids.device
+    ids = torch.full((B, T), config.pad_token_id, dtype=torch.long, device=device)
+    logp = torch.zeros(B, T, dtype=torch.float32, device=device)
+    entropy = torch.zeros(B, T, dtype=torch.float32, device=device)
+    rows = torch.arange(B, device=device)  # the batch row of each row in the cache
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # per row in the cache: still generating
+    mask = prompt_mask
+    cache = DynamicCache(config=model.config)
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                past_key_values=cache, use_cache=True, **keep_last)
+    steps = 0
+    for step in range(T):
+        logits = out.logits[:, -1].float()
+        scores = logits
+        if eos.numel() and config.min_new_tokens and step < config.min_new_tokens:
+            scores = scores.index_fill(-1, eos, float("-inf"))
+        if sample:
+            token = torch.multinomial(torch.softmax(warpers(None, scores), dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(alive, token, torch.full_like(token, config.pad_token_id))
+        live = rows[alive]
+        ids[live, step] = token[alive]
+        logp[live, step] = token_logprobs(logits[alive], token[alive], temperature)
+        entropy[live, step] = entropy_from_logits(logits[alive], temperature)
+        steps = step + 1
+        if eos.numel():
+            alive = alive & ~torch.isin(token, eos)
+        if steps == T or not bool(alive.any()):
+            break
+        finished = int((~alive).sum())
+        if finished and finished >= compact_at * len(rows):
+            kept = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            rows, mask, token, alive = rows[kept], mask[kept], token[kept], alive[kept]
+        position = mask.sum(-1, keepdim=True)  # tokens attended so far: the new token's position
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+    return ids[:, :steps], logp[:, :steps], entropy[:, :steps]

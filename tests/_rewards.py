@@ -12,6 +12,14 @@ class LengthMatchReward(RewardFunction):
         return torch.tensor([float(len(c.strip()) == len(a)) for c, a in zip(completions, answers)])
 
 
+class CharCodeReward(RewardFunction):
+    """Sum of the completion's character codes / 1000: two samples score alike only if they hold the
+    same characters, so nearly every prompt group has non-zero advantages, whatever the random stream."""
+
+    def __call__(self, prompts, completions, answers):
+        return torch.tensor([sum(map(ord, c)) / 1000 for c in completions])
+
+
 class FlakyReward(RewardFunction):
     """Length match, except on rows whose reference answer is ``"raise"`` (the call raises) or
     ``"nan"`` (it scores NaN): a reward that fails on a fixed, known share of the items."""

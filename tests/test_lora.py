@@ -59,7 +59,7 @@ def test_bad_lora_config_names_the_field(ckpt):
 def test_lora_from_yaml_trains_adapters_and_exports_merged_weights(tmp_path, ckpt):
     cli = main(["fit", "--config", "configs/grpo.yaml", *TINY, f"--trainer.logger.init_args.save_dir={tmp_path}",
                 f"--model.init_args.lora={LORA}", "--model.init_args.beta=0.05", "--model.init_args.num_generations=2",
-                "--model.init_args.optimizer.init_args.lr=0.05", "--model.init_args.reward=_rewards.LengthMatchReward"])
+                "--model.init_args.optimizer.init_args.lr=0.05", "--model.init_args.reward=_rewards.CharCodeReward"])
     log_dir = Path(cli.trainer.log_dir)
     assert "train/kl" in read_scalars(log_dir)
     exported, start = _weights(log_dir / "hf_model"), _weights(ckpt)

@@ -1,0 +1,118 @@
+"""rollout.decode, the sampling loop that stops computing finished rows: HF generate's samples token
+for token while no row is dropped, the right conditionals after rows are dropped, and HF generate
+wherever the loop could not sample the same distribution."""
+import pytest
+import torch
+
+import lit_align.rollout as rollout
+from lit_align.hf import load_model, load_tokenizer
+from lit_align.losses import entropy_from_logits, token_logprobs
+from lit_align.rollout import completion_mask, decode, decode_applies, generate, position_ids_from_mask
+
+PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4="]
+G, T = 4, 12
+
+
+@pytest.fixture(scope="module")
+def setup(ckpt):
+    tok, model = load_tokenizer(ckpt), load_model(ckpt).eval()
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    ids, mask = enc.input_ids.repeat_interleave(G, 0), enc.attention_mask.repeat_interleave(G, 0)
+    return tok, model, ids, mask
+
+
+def _settings(tok, **sampling):
+    greedy = not sampling
+    return dict(max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], do_sample=not greedy,
+                **sampling)
+
+
+SAMPLING = [dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=1.3,
+            top_k=0, top_p=0.8), {}]
+
+
+@pytest.mark.parametrize("sampling", SAMPLING, ids=["t0.7-k5-p0.9", "plain", "t1.3-p0.8", "greedy"])
+def test_without_dropping_rows_the_samples_are_hf_generates(setup, sampling):
+    tok, model, ids, mask = setup
+    settings = _settings(tok, **sampling)
+    assert decode_applies(model, settings)
+    torch.manual_seed(3)
+    hf = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **settings)
+    torch.manual_seed(3)
+    out, logp, entropy = decode(model, ids, mask, settings, compact_at=float("inf"))
+    hf_ids = hf.sequences[:, ids.shape[1]:]
+    assert torch.equal(out, hf_ids)
+    m = completion_mask(hf_ids, tok.eos_token_id)
+    if sampling:  # (the untrained model's greedy answers never reach EOS)
+        assert 0 < m.sum() < m.numel(), "some rows stop early, some run to max_new_tokens"
+    t = sampling.get("temperature", 1.0)
+    logits = torch.stack(hf.logits, dim=1)
+    torch.testing.assert_close(logp, token_logprobs(logits, hf_ids, t) * m, rtol=0, atol=1e-6)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, t) * m, rtol=0, atol=1e-6)
+
+
+def test_after_dropping_rows_each_step_samples_from_the_full_forward(setup):
+    tok, model, ids, mask = setup
+    settings = _settings(tok, temperature=0.8, top_k=0, top_p=1.0)
+    torch.manual_seed(5)
+    out, logp, entropy = decode(model, ids, mask, settings, compact_at=0.0)  # drop rows at every step
+    m = completion_mask(out, tok.eos_token_id)
+    lengths = m.sum(-1)
+    assert lengths.min() < lengths.max() == out.shape[1], "rows finish at different steps"
+    assert (out[m == 0] == tok.pad_token_id).all()
+    full = torch.cat([mask, m], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([ids, out], 1), attention_mask=full,
+                       position_ids=position_ids_from_mask(full)).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(logp, token_logprobs(logits, out, 0.8) * m, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.8) * m, rtol=0, atol=1e-5)
+
+
+def test_fixed_length_rollouts_equal_hf_generate(setup):
+    """min_new_tokens = max_new_tokens: no row finishes early, so dropping rows changes nothing."""
+    tok, model, _, _ = setup
+    enc = tok(PROMPTS, padding=True, return_tensors="pt")
+    model.generation_config.min_new_tokens = T
+    try:
+        runs = []
+        for drop in (True, False):
+            torch.manual_seed(1)
+            runs.append(generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
+                                 temperature=0.9, drop_finished=drop))
+    finally:
+        model.generation_config.min_new_tokens = None
+    ours, hf = runs
+    assert ours.completion_ids.shape == (len(PROMPTS) * G, T) and ours.completion_mask.all()
+    assert torch.equal(ours.completion_ids, hf.completion_ids) and ours.completions == hf.completions
+    torch.testing.assert_close(ours.old_logp, hf.old_logp, rtol=0, atol=1e-6)
+
+
+def test_hf_generate_where_the_loop_would_differ(setup, monkeypatch):
+    tok, model, _, _ = setup
+    plain = _settings(tok, temperature=1.0, top_k=0, top_p=1.0)
+    assert decode_applies(model, plain)
+    before = model.generation_config.repetition_penalty
+    model.generation_config.repetition_penalty = 1.2  # a checkpoint's own setting the loop does not apply
+    try:
+        assert not decode_applies(model, plain)
+    finally:
+        model.generation_config.repetition_penalty = before
+    assert not decode_applies(model, {**plain, "no_repeat_ngram_size": 2})
+    assert not decode_applies(model, {**plain, "min_length": 3})
+
+    def no_loop(*a, **k):
+        raise AssertionError("decode must not run here")
+
+    monkeypatch.setattr(rollout, "decode", no_loop)
+    hf_generate, synced = model.generate, []
+
+    def one_process_generate(*a, synced_gpus, **k):  # no process group here: record the flag, run alone
+        synced.append(synced_gpus)
+        return hf_generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", one_process_generate)
+    enc = tok(PROMPTS[:2], padding=True, return_tensors="pt")
+    r = generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4, synced_gpus=True)
+    assert r.completion_ids.shape[0] == 4 and synced == [True]  # every rank steps until all are done: HF's loop
+    with pytest.raises(AssertionError, match="decode must not run"):
+        generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4)
