@@ -78,7 +78,7 @@ def peak_memory_mib() -> dict:
 
 
 def summarise_steps(steps: list[dict]) -> dict:
-    """Per-step records {total, generation, scoring, tokens} -> the numbers the benchmark prints."""
+    """Per-step records {total, generation, scoring, tokens, prompt_tokens} -> the numbers the benchmark prints."""
     total = sum(s["total"] for s in steps)
     mean = lambda key: sum(s[key] for s in steps) / len(steps)  # noqa: E731
     return {
@@ -89,7 +89,72 @@ def summarise_steps(steps: list[dict]) -> dict:
         "scoring_s": mean("scoring"),
         "training_s": mean("total") - mean("generation") - mean("scoring"),
         "completion_tokens_per_step": mean("tokens"),
+        "prompt_tokens_per_step": mean("prompt_tokens"),
         "timed_steps": len(steps),
+    }
+
+
+# ----------------------------------------------------------------------------- FLOP accounting
+def linear_parameters(model) -> int:
+    """Parameters of the model's Linear layers (attention and MLP projections, LM head): the ones that
+    cost 2 FLOPs per token each in a forward pass. Input embeddings are a lookup and cost none."""
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def step_flops(model, step: dict) -> dict:
+    """Model FLOPs of one step's useful work, from its token counts: generation 2 x N x tokens (one
+    forward per token, KV cache), training 6 x N x tokens (forward + backward), N = linear_parameters,
+    tokens = prompt + completion tokens of the step (padding and finished rows not counted). Attention
+    scores (4 x hidden x context per token and layer, under 1% at a few dozen tokens) are not counted."""
+    n = linear_parameters(model)
+    tokens = step["prompt_tokens_per_step"] + step["completion_tokens_per_step"]
+    return {"linear_parameters": n, "generation_gflop_per_step": 2 * n * tokens / 1e9,
+            "training_gflop_per_step": 6 * n * tokens / 1e9}
+
+
+def matmul_gflops(model, rows: int, seconds: float = 1.0) -> float:
+    """GFLOP/s of the model's own Linear matmuls, (rows x in) @ (in x out) for every Linear layer in
+    turn, run back to back for ``seconds`` in this process (same threads, same machine load): what
+    this device sustains on the shapes of a forward pass over ``rows`` tokens, with no framework around."""
+    import torch
+
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in weights}
+    flop = 2 * rows * sum(w.numel() for w in weights)
+
+    def sync():
+        if weights[0].is_cuda:
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for w in weights:  # warm-up
+            inputs[w.shape[1]] @ w.T
+        sync()
+        runs, start = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - start < seconds:
+            for w in weights:
+                inputs[w.shape[1]] @ w.T
+            sync()
+            runs += 1
+        elapsed = time.perf_counter() - start
+    return flop * runs / elapsed / 1e9
+
+
+def flop_accounting(model, summary: dict, rows: int) -> dict:
+    """Model FLOPs per step and the rates achieved, next to the matmul rate of this process at the
+    training shapes (all of a step's tokens at once) and at the decoding shapes (one token per row)."""
+    flops = step_flops(model, summary)
+    tokens = round(summary["prompt_tokens_per_step"] + summary["completion_tokens_per_step"])
+    gen, train = flops["generation_gflop_per_step"], flops["training_gflop_per_step"]
+    return {
+        **flops,
+        "generation_gflops": gen / summary["generation_s"],
+        "training_gflops": train / summary["training_s"],
+        "step_gflops": (gen + train) / summary["step_s"],
+        "matmul_gflops_training_shapes": matmul_gflops(model, max(tokens, 1)),
+        "matmul_gflops_decoding_shapes": matmul_gflops(model, rows),
     }
 
 
@@ -153,7 +218,7 @@ def measure(
     class StepTimer(Callback):
         def __init__(self):
             self.records: list[dict] = []
-            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0}
+            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0, "prompt_tokens": 0}
             self.last_end: float | None = None
             for name, phase in (("sample", "generation"), ("score", "scoring")):
                 setattr(module, name, self.timed(getattr(module, name), phase))
@@ -168,6 +233,7 @@ def measure(
                 self.current[phase] += time.perf_counter() - start
                 if phase == "generation":
                     self.current["tokens"] += int(out.completion_mask.sum())
+                    self.current["prompt_tokens"] += int(out.prompt_mask.sum())
                 return out
 
             return wrapper
@@ -177,7 +243,7 @@ def measure(
             now = time.perf_counter()
             if self.last_end is not None:
                 self.records.append({"total": now - self.last_end, **self.current})
-            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0}
+            self.current = {"generation": 0.0, "scoring": 0.0, "tokens": 0, "prompt_tokens": 0}
             self.last_end = now
 
     def sync():
@@ -192,6 +258,10 @@ def measure(
     )
     trainer.fit(module, datamodule=data)
     timed = timer.records[warmup - 1:]
+    summary = summarise_steps(timed)
+    memory = peak_memory_mib()  # before the matmul measurement allocates anything
+    # FLOPs for GRPO only: CHORD's expert rows add training work that step_flops does not count
+    flops = flop_accounting(module.model, summary, prompts * G) if method == "grpo" else {}
     return {
         "method": method,
         "model": model,
@@ -205,8 +275,9 @@ def measure(
         "steps": steps,
         "device": str(module.device),
         "torch_threads": torch.get_num_threads(),
-        **summarise_steps(timed),
-        **peak_memory_mib(),
+        **summary,
+        **flops,
+        **memory,
         "per_step_s": [round(r["total"], 4) for r in timed],
     }
 
@@ -248,7 +319,8 @@ def _forwarded(a: argparse.Namespace) -> list[str]:
     return out
 
 
-def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool = False) -> None:
+def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool | None = False) -> None:
+    """The measurement's options; ``ignore_eos`` is --ignore-eos's default (None: neither, the caller decides)."""
     p.add_argument("--model", default=None, help="HF checkpoint directory (default: build --hidden/--layers/--heads)")
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)

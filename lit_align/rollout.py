@@ -1,4 +1,5 @@
-"""Sampling G completions per prompt with Hugging Face ``generate``, plus masks and log-probs.
+"""Sampling G completions per prompt (a KV-cache decoding loop that drops finished rows, or Hugging
+Face ``generate``), plus masks and log-probs; grouping rows by length for the training forward.
 
 No Lightning here. The model is any ``transformers`` causal LM; prompts arrive left-padded.
 """

@@ -120,15 +120,28 @@ def test_throughput_quick_prints_json():
     assert out["runs"][0]["expert_rows"] == 0 and out["runs"][1]["expert_rows"] > 0
 
 
-def test_compare_trl_quick_prints_json():
+def test_compare_trl_quick_measures_both_length_modes(tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
-    out = _run_json("benchmarks/compare_trl.py", "--quick")
-    ratio = out["ratio_tokens_per_s"]
-    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
-    assert [r["method"] for r in out["runs"]] == ["grpo", "trl_grpo"]
+    out = _run_json("benchmarks/compare_trl.py", "--quick", "--out", str(tmp_path))
+    assert [(r["method"], r["lengths"], r["ignore_eos"]) for r in out["runs"]] == [
+        ("grpo", "fixed", True), ("trl_grpo", "fixed", True), ("grpo", "free", False), ("trl_grpo", "free", False)]
     for run in out["runs"]:
         _check_run(run)
-    assert out["runs"][0]["parameters"] == out["runs"][1]["parameters"]
+        assert run["parameters"] == out["parameters"] and run["prompt_tokens_per_step"] > 0
+        # FLOP accounting: 2 N (generation) and 6 N (training) per prompt or completion token
+        tokens = run["prompt_tokens_per_step"] + run["completion_tokens_per_step"]
+        assert run["training_gflop_per_step"] == pytest.approx(3 * run["generation_gflop_per_step"])
+        assert run["generation_gflop_per_step"] == pytest.approx(2 * run["linear_parameters"] * tokens / 1e9)
+        assert run["matmul_gflops_training_shapes"] > 0 and run["matmul_gflops_decoding_shapes"] > 0
+    fixed = [r for r in out["runs"] if r["lengths"] == "fixed"]
+    assert all(r["completion_tokens_per_step"] == r["prompts"] * r["G"] * r["max_new_tokens"] for r in fixed)
+    for mode in ("fixed", "free"):
+        m = out["lengths"][mode]
+        ratio = m["ratio_tokens_per_s"]
+        assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+        assert 0 < m["trl_step_at_matmul_rate_s"] < m["median"]["trl"]["step_s"] and m["max_speedup_over_trl"] > 1
+    table = (tmp_path / "compare_trl.md").read_text()
+    assert "fixed-length: min" in table and "free-length, TRL" in table and "no implementation of the same math" in table
 
 
 def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
