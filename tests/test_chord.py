@@ -90,8 +90,8 @@ TINY = [
 @pytest.mark.parametrize(
     "config,extra,expected",
     [
-        ("chord_mu", ["--model.init_args.mu_schedule.init_args.decay_steps=4"],
-         ReferenceMu(mu_peak=0.9, mu_valley=0.05, warmup_steps=0, decay_steps=4)),
+        ("chord_mu", ["--model.init_args.sft_warmup_steps=1", "--model.init_args.mu_schedule.init_args.decay_steps=4"],
+         lambda s: 1.0 if s < 1 else ReferenceMu(mu_peak=0.9, mu_valley=0.05, warmup_steps=0, decay_steps=4)(s - 1)),
         ("chord_phi", ["--model.init_args.sft_warmup_steps=3"], lambda s: 1.0 if s < 3 else 0.1),
     ],
 )
