@@ -278,10 +278,10 @@ def _reports(path: Path) -> list[dict]:
     return [json.loads((path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def _check_run(proc, path: Path, rl_steps: int = 3) -> tuple[list[dict], Path]:
+def _check_run(proc, path: Path, rl_steps: int = 3, steps: int = 3) -> tuple[list[dict], Path]:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     reports = _reports(path)
-    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [3, 3]
+    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [steps, steps]
     for r in reports:  # rollouts are sampled on each rank, from that rank's own prompts
         assert r["rollouts"] == [2 * 2] * rl_steps  # 2 prompts x G=2 per rank and step
     assert not set(reports[0]["prompts"]) & set(reports[1]["prompts"]), "ranks must see different prompts"
@@ -368,15 +368,16 @@ def test_amft_under_ddp_keeps_one_controller(tmp_path):
     assert "train/meta_grad" in read_scalars(log_dir)
 
 
-def test_amft_under_fsdp2_shards_meta_steps_and_resumes(tmp_path):
+def test_amft_under_fsdp2_shards_meta_steps_and_resumes_exactly(tmp_path):
     """AMFT's look-ahead on sharded parameters: meta steps from the second update on (with the entropy
-    regulariser, so the RL term's graph is back-propagated twice), one controller on both ranks,
-    the export, and a resume from the consolidated checkpoint."""
+    regulariser, so the RL term's graph is back-propagated twice), one controller on both ranks, the
+    export; then a resume from the step-3 checkpoint ends where the uninterrupted run did."""
     amft = ["--model.init_args.warmup_sft_steps=1", "--model.init_args.meta_interval=1",
             "--data.init_args.meta_batch_size=2", "--model.init_args.entropy_coef=0.1",
-            "--model.init_args.meta_objective=expert_nll"]  # the tiny runs' rewards are often all equal
+            "--model.init_args.meta_objective=expert_nll",  # the tiny runs' rewards are often all equal
+            "--trainer.max_steps=4"]  # validation and last.ckpt at step 3
     proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "a", *amft)
-    reports, log_dir = _check_run(proc, path, rl_steps=2)  # step 1 is the SFT warm-up
+    reports, log_dir = _check_run(proc, path, rl_steps=3, steps=4)  # step 1 is the SFT warm-up
     for r in reports:
         assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"]
     assert reports[0]["controller"] == reports[1]["controller"], "the AMFT controller must be identical on all ranks"
@@ -389,13 +390,15 @@ def test_amft_under_fsdp2_shards_meta_steps_and_resumes(tmp_path):
     _check_export(log_dir)
 
     last = log_dir / "checkpoints" / "last.ckpt"
-    proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "b", *amft, f"--ckpt_path={last}",
-                       "--trainer.max_steps=4")
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "b", *amft, f"--ckpt_path={last}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed = _reports(path)
     assert [r["step"] for r in resumed] == [4, 4]
-    assert resumed[0]["controller"] == resumed[1]["controller"]
-    assert resumed[0]["target_entropy"] == reports[0]["target_entropy"], "H* comes back from the checkpoint"
+    for r, full in zip(resumed, reports):  # each rank's shard, the controller and H*
+        assert r["param_sum"] == pytest.approx(full["param_sum"], rel=1e-6)
+        assert r["controller"]["mu"] == pytest.approx(full["controller"]["mu"], rel=1e-6)
+        assert r["target_entropy"] == full["target_entropy"], "H* comes back from the checkpoint"
 
 
 def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):
