@@ -79,8 +79,13 @@ class RewardFunction:
         raise NotImplementedError
 
     def correct(self, prompts: list[str], completions: list[str], answers: list[str]) -> torch.Tensor:
-        """Bool tensor ``(N,)``: which completions are correct."""
-        return self(prompts, completions, answers) >= 1.0 - 1e-6
+        """Bool tensor ``(N,)``: which completions are correct (default: full reward, >= 1)."""
+        return self.is_full_reward(self(prompts, completions, answers))
+
+    @staticmethod
+    def is_full_reward(rewards: torch.Tensor) -> torch.Tensor:
+        """The default verdict from computed rewards; validation uses it to score once, not twice."""
+        return rewards >= 1.0 - 1e-6
 
 
 class BinaryReward(RewardFunction):

@@ -47,3 +47,16 @@ class ExplodingReward(RewardFunction):
         if call in self.explode_on or (self.from_call is not None and call >= self.from_call):
             return torch.tensor([3e38 if i % 2 else -3e38 for i in range(len(completions))])
         return torch.tensor([float(len(c.strip()) == len(a)) for c, a in zip(completions, answers)])
+
+
+class CountingReward(RewardFunction):
+    """1 for the exact answer, 0.5 for one of the right length, else 0; keeps every call's rewards
+    (it does not override ``correct``, so accuracy follows the default verdict, reward >= 1)."""
+
+    def __init__(self):
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, prompts, completions, answers):
+        r = torch.tensor([1.0 if c.strip() == a else 0.5 * (len(c.strip()) == len(a)) for c, a in zip(completions, answers)])
+        self.calls.append(r)
+        return r

@@ -101,6 +101,20 @@ def test_validate_and_test_subcommands_report_accuracy(tmp_path):
     assert {"test/accuracy", "test/reward", "test/expert_token_acc"} <= set(cli.trainer.callback_metrics)
 
 
+def test_validation_scores_each_batch_once(tmp_path):
+    """A reward without its own ``correct`` is called once per validation batch; accuracy is the
+    share of full rewards among those same scores."""
+    cli = main(["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
+                "--data.init_args.val_batch_size=16", "--model.init_args.reward=_rewards.CountingReward"])
+    calls = cli.model.reward.calls
+    assert len(calls) == 2, "one reward call per validation batch"
+    rewards = torch.cat(calls)
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["val/accuracy"]) == pytest.approx(float((rewards >= 1).float().mean()))
+    assert float(metrics["val/reward"]) == pytest.approx(float(rewards.mean()))
+
+
 def test_bad_model_path_fails_before_training(tmp_path):
     # the CLI reports the constructor's error (jsonargparse wraps it in a ValueError)
     with pytest.raises((FileNotFoundError, ValueError), match="no_such_dir.*directory does not exist"):

@@ -423,9 +423,13 @@ class PolicyModule(L.LightningModule):
         rollout = self.sample(batch, greedy=True, num_generations=1)
         rewards, _ = self.score(batch["prompts"], rollout, batch["answers"])
         hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
-        correct, _ = score_safely(
-            self.reward.correct, batch["prompts"], rollout.completions, batch["answers"], hp.reward_errors, hp.reward_timeout_s
-        )
+        if getattr(type(self.reward), "correct", None) is RewardFunction.correct:
+            correct = RewardFunction.is_full_reward(rewards)  # the default verdict: no second scoring pass
+        else:
+            correct, _ = score_safely(
+                self.reward.correct, batch["prompts"], rollout.completions, batch["answers"], hp.reward_errors,
+                hp.reward_timeout_s,
+            )
         self.val_reward.update(rewards.to(self.device))
         self.val_accuracy.update(correct.float().to(self.device))
         if "expert" in batch:
