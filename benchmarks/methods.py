@@ -69,15 +69,22 @@ def collect(method: str, seed: int, save_dir: Path, wall: float) -> dict:
         "wall_s": wall,
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
-        "steps": len(s.get("train/loss", [])),
+        "steps": s["train/loss"][-1][0] + 1 if s.get("train/loss") else 0,  # logged every n updates
+        # AMFT: dV/dmu of each meta step (logged values repeat until the next meta step: deduplicated)
+        "meta_grads": [v for i, (_, v) in enumerate(s.get("train/meta_grad", []))
+                       if i == 0 or v != s["train/meta_grad"][i - 1][1]],
     }
 
 
 def finished_runs(out: Path, methods: list[str], seeds: list[int], steps: int) -> list[dict]:
     """Runs of an earlier (possibly interrupted) invocation that reached ``steps`` updates; wall
-    time is the span of the run's event-file timestamps (training and validation, not start-up)."""
+    time is the one that invocation recorded in methods.json, else the span of the run's event-file
+    timestamps (training and validation, not start-up)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    measured = {}  # the process wall times an earlier full invocation recorded, where there are any
+    if (out / "methods.json").exists():
+        measured = {(r["method"], r["seed"]): r["wall_s"] for r in json.loads((out / "methods.json").read_text())}
     runs = []
     for seed in seeds:
         for m in methods:
@@ -89,7 +96,8 @@ def finished_runs(out: Path, methods: list[str], seeds: list[int], steps: int) -
                 acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
                 acc.Reload()
                 times += [e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)]
-            r = collect(m, seed, save_dir, max(times) - min(times) if times else float("nan"))
+            span = max(times) - min(times) if times else float("nan")
+            r = collect(m, seed, save_dir, measured.get((m, seed), span))
             if r["steps"] >= steps:
                 runs.append(r)
     return runs
@@ -112,6 +120,22 @@ def summarise(runs: list[dict], methods: list[str]) -> str:
                 f"| {m} | {fmt([r['final_accuracy'] for r in rs])} | {fmt([r['best_accuracy'] for r in rs])} "
                 f"| {fmt([r['final_expert_nll'] for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
             )
+    meta = [(m, [r for r in runs if r["method"] == m and r.get("meta_grads")]) for m in methods]
+    meta = [(m, rs) for m, rs in meta if rs]
+    if meta:
+        lines += [
+            "",
+            "Meta-gradient dV/dmu of each meta step (V: held-out loss; dV/dmu > 0 lowers mu, towards RL):",
+            "",
+            "| method | meta steps per run | mean dV/dmu | share > 0 | final mu |",
+            "|---|---|---|---|---|",
+        ]
+        for m, rs in meta:
+            means = [statistics.mean(r["meta_grads"]) for r in rs]
+            shares = [sum(g > 0 for g in r["meta_grads"]) / len(r["meta_grads"]) for r in rs]
+            final_mu = [r["mu_curve"][-1][1] for r in rs if r["mu_curve"]]
+            lines.append(f"| {m} | {fmt([len(r['meta_grads']) for r in rs], 0)} | {fmt(means, 5)} | {fmt(shares, 2)} "
+                         f"| {fmt(final_mu, 2)} |")
     return "\n".join(lines)
 
 
@@ -177,11 +201,18 @@ def main() -> None:
     table = summarise(runs, a.methods)
     how = (f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs}` "
            f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
-    if a.from_runs:
-        how = (f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had finished "
-               f"(wall time: span of each run's event file, training and validation only)")
     header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
               f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
+    earlier = a.out / "methods.md"
+    if a.from_runs:
+        first = earlier.read_text().split("\n", 1)[0] if earlier.exists() else ""
+        if "whole benchmark" in first:  # re-summarising a complete run: keep how it was measured
+            header = f"{first} Summarised again on {date.today()} with `python benchmarks/methods.py --from-runs`.\n\n"
+        else:
+            how = (f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had "
+                   f"finished (wall time: span of each run's event file, training and validation only)")
+            header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
+                      f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
     (a.out / "methods.md").write_text(header + table + "\n")
     (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
     plotted = plot(runs, a.methods, a.out / "curves.png")
