@@ -17,7 +17,9 @@ Two completion-length modes (``--lengths``, both by default; ``--ignore-eos`` / 
 pick one): ``fixed``, every completion exactly max_new_tokens long (``min_new_tokens`` masks EOS on
 both sides), so both do the same work per step; ``free``, completions end at the EOS the model
 samples, as in real training. There the two sides sample different lengths from their own random
-streams, so the mean completion length of each side is reported next to the ratio.
+streams, so each side's completion tokens per step are reported next to the ratio, and round r
+uses seed ``--seed + r`` on both sides (so the gap between the two sides' lengths is chance, not
+the same in every round).
 Runs alternate, ours, TRL, ours, TRL, ..., each in a fresh process; a step is timed from the end of
 the previous one (warm-up steps untimed) and the ratio of tokens per second, ours / TRL's, is taken
 within each round (so is TRL's seconds per step / ours).
@@ -163,6 +165,7 @@ def measure_trl(a: argparse.Namespace) -> dict:
         "G": a.G,
         "max_new_tokens": a.max_new_tokens,
         "ignore_eos": a.ignore_eos,
+        "seed": a.seed,
         "warmup": a.warmup,
         "steps": a.steps,
         "device": str(trainer.accelerator.device),
@@ -210,7 +213,7 @@ def markdown(result: dict) -> str:
         f"{r0['max_new_tokens']} new tokens, {r0['warmup']} warm-up + {r0['steps']} timed steps per run, "
         f"{result['rounds']} round(s) (ours, TRL, ours, TRL, ...) per mode. Fixed-length: every completion exactly "
         f"max new tokens long (EOS masked until then), the same work on both sides. Free-length: completions end "
-        f"at the EOS the model samples.",
+        f"at the EOS the model samples; round r uses seed {r0['seed']} + r on both sides.",
         "",
         "| ratio per round, ours / TRL | " + " | ".join(f"{name[m]}: min | median | max" for m in modes) + " |",
         "|---|" + "---|---|---|" * len(modes),
@@ -298,7 +301,9 @@ def main() -> None:
     runs: list[dict] = []
     for r in range(a.rounds):
         for mode in lengths:
-            mode_args = argparse.Namespace(**{**vars(a), "ignore_eos": mode == "fixed"})
+            # a fresh seed per round, the same on both sides: in free-length mode each side's completion
+            # lengths then differ from the other's by chance, not by the same amount in every round
+            mode_args = argparse.Namespace(**{**vars(a), "ignore_eos": mode == "fixed", "seed": a.seed + r})
             ours, theirs = run_child("ours", mode_args), run_child("trl", mode_args)
             runs += [dict(ours, round=r, lengths=mode), dict(theirs, round=r, lengths=mode)]
             print(f"round {r}, {mode} lengths: ours {ours['completion_tokens_per_s']:.1f} tok/s "

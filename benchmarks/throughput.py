@@ -271,6 +271,7 @@ def measure(
         "expert_rows": expert_batch_size if expert else 0,
         "max_new_tokens": max_new_tokens,
         "ignore_eos": ignore_eos,
+        "seed": seed,
         "warmup": warmup,
         "steps": steps,
         "device": str(module.device),
