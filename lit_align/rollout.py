@@ -6,6 +6,7 @@ No Lightning here. The model is any ``transformers`` causal LM; prompts arrive l
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,29 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int] | int
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as ``generate`` uses them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+_KEEPS_LOGITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """True when ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs: Llama, Qwen,
+    Mistral, ...), so a forward can skip the LM head at positions whose logits are not needed. A peft
+    wrapper passes it through to the model it wraps, which decides. Looked up once per model."""
+    try:
+        return _KEEPS_LOGITS[model]
+    except (KeyError, TypeError):
+        pass
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        ok = "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):  # no introspectable signature
+        ok = False
+    try:
+        _KEEPS_LOGITS[model] = ok
+    except TypeError:  # not weak-referenceable: look it up again next time
+        pass
+    return ok
 
 
 def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
@@ -251,7 +275,7 @@ def decode(
     alive = torch.ones(B, dtype=torch.bool, device=device)  # per row in the cache: still generating
     mask = prompt_mask
     cache = DynamicCache(config=model.config)
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 past_key_values=cache, use_cache=True, **keep_last)
     steps = 0

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from lit_align import losses
 from lit_align.controller import MetaController, ScalarMu, hypergradient, lookahead
 from lit_align.modules.policy import PolicyModule
-from lit_align.rollout import position_ids_from_mask
+from lit_align.rollout import accepts_logits_to_keep, position_ids_from_mask
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -250,11 +250,17 @@ class AMFTModule(PolicyModule):
         adv, m = losses.group_advantages(rewards, self.hparams.num_generations, self.hparams.advantage_norm)
         return {"rollout": rollout, "advantages": adv, "reward": float(m["reward_mean"])}
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, params: dict | None) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, params: dict | None, start: int | None = None) -> torch.Tensor:
+        """Logits as :meth:`_forward_logits` gives them (``start``: only ``logits[:, start:-1]``), at
+        ``params`` through functional_call when given (one pass, no length groups)."""
         if params is None:
-            return self._forward_logits(ids, mask)
+            return self._forward_logits(ids, mask, start)
         kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-        return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits
+        if start is not None and accepts_logits_to_keep(self.model):
+            kwargs["logits_to_keep"] = max(ids.shape[1] - start, 1)
+            return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits[:, :-1]
+        logits = torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits
+        return logits if start is None else logits[:, start:-1]
 
     def val_objective(self, held: dict, params: dict | None = None) -> torch.Tensor:
         """V at ``params`` ({name: tensor}, via functional_call) or at the model's own weights."""
@@ -267,7 +273,7 @@ class AMFTModule(PolicyModule):
             return losses.masked_nll(logp, labels != -100, None, agg)[0]
         r = held["rollout"]
         P = r.prompt_ids.shape[1]
-        logits = self._logits(r.input_ids, r.attention_mask, params)[:, P - 1 : -1]
+        logits = self._logits(r.input_ids, r.attention_mask, params, start=P - 1)
         logp = losses.token_logprobs(logits, r.completion_ids, self.hparams.temperature)
         return -losses.aggregate(held["advantages"].unsqueeze(-1) * logp, r.completion_mask, agg)
 
@@ -282,8 +288,8 @@ class AMFTModule(PolicyModule):
         return self._rank_average(hypergradient(g_val, g_sft, g_rl, lr)), self._rank_average(V.detach())
 
     # ------------------------------------------------------------------ the step
-    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = super()._forward_logits(input_ids, attention_mask)
+    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        logits = super()._forward_logits(input_ids, attention_mask, start)
         if self._captured is not None:  # rl_terms' logits, for the differentiable entropy
             self._captured.append(logits)
         return logits
@@ -295,7 +301,7 @@ class AMFTModule(PolicyModule):
         self._captured = []
         try:
             loss, metrics = super().rl_terms(rollout, rewards)
-            logits = self._captured[0][:, rollout.prompt_ids.shape[1] - 1 : -1]
+            logits = self._captured[0]  # already the completion positions' (start = P - 1)
         finally:
             self._captured = None
         entropy = losses.entropy_from_logits(logits, self.hparams.temperature)

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
-from lit_align.rollout import Rollout, generate, length_groups, position_ids_from_mask
+from lit_align.rollout import Rollout, accepts_logits_to_keep, generate, length_groups, position_ids_from_mask
 
 
 class NonFiniteError(RuntimeError):
@@ -202,24 +202,44 @@ class PolicyModule(L.LightningModule):
             self.ref_model.to(self.device)
 
     # ------------------------------------------------------------------ forward helpers
-    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        def forward(ids, mask):
+    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """The policy's logits (B, S, V); with ``start``, only those that predict tokens start + 1 .. S - 1
+        (B, S - 1 - start, V), i.e. ``logits[:, start:-1]``, and the LM head runs only there when the
+        model takes ``logits_to_keep`` (see :meth:`_by_length`)."""
+        def forward(ids, mask, keep):
             positions = position_ids_from_mask(mask)
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **keep).logits
 
-        return self._by_length(forward, input_ids, attention_mask)
+        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(self.model))
 
-    def _by_length(self, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``forward(ids, mask)`` -> logits (B, S, V), run over groups of rows of similar length
-        (``length_buckets``), each cut to its longest row. The result is one (B, S, V) tensor in the
-        batch's row order, zero at the positions after a row's group width (never attended, so never
-        read by a loss), and differentiable: its gradient reaches every group's forward."""
+    def _by_length(self, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None,
+                   keeps_logits: bool = False) -> torch.Tensor:
+        """``forward(ids, mask, keep)`` -> logits, run over groups of rows of similar length
+        (``length_buckets``), each cut to its longest row. The result is one tensor in the batch's row
+        order, zero at the positions after a row's group width (never attended, so never read by a
+        loss), and differentiable: its gradient reaches every group's forward.
+
+        ``start`` None: the logits at every position (B, S, V); ``keep`` is ``{}``. ``start`` s: only the
+        logits at positions s .. S - 2 (B, S - 1 - s, V), those that predict tokens s + 1 .. S - 1 (a
+        completion's tokens, for s = prompt width - 1). With ``keeps_logits`` (the model's forward takes
+        ``logits_to_keep``), a pass of width w gets ``keep = {"logits_to_keep": w - s}``, so the LM head
+        and the logits exist only at positions s .. w - 1 (the last one, predicting past the row, is
+        dropped); otherwise it computes every position and the rest are sliced off. Same values
+        either way: the hidden states, and so the logits, do not depend on which positions are kept."""
+        def run(ids, mask):
+            if start is None:
+                return forward(ids, mask, {})
+            if keeps_logits:  # (0 would mean every position to Hugging Face: at least 1)
+                return forward(ids, mask, {"logits_to_keep": max(ids.shape[1] - start, 1)})[:, :-1]
+            return forward(ids, mask, {})[:, start:-1]
+
         groups = None if self._sharded() else length_groups(attention_mask, self.hparams.length_buckets)
         if groups is None:
-            return forward(input_ids, attention_mask)
-        pieces = [(rows, forward(input_ids[rows, :width], attention_mask[rows, :width])) for rows, width in groups]
+            return run(input_ids, attention_mask)
+        pieces = [(rows, run(input_ids[rows, :width], attention_mask[rows, :width])) for rows, width in groups]
         first = pieces[0][1]
-        logits = first.new_zeros(input_ids.shape[0], input_ids.shape[1], first.shape[-1])
+        S = input_ids.shape[1] if start is None else input_ids.shape[1] - 1 - start
+        logits = first.new_zeros(input_ids.shape[0], S, first.shape[-1])
         for rows, piece in pieces:
             logits[rows, : piece.shape[1]] = piece
         return logits
@@ -289,13 +309,14 @@ class PolicyModule(L.LightningModule):
         hp = self.hparams
         adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
         P = rollout.prompt_ids.shape[1]
-        logits = self._forward_logits(rollout.input_ids, rollout.attention_mask)[:, P - 1 : -1]
+        # logits at the completion positions only: the LM head skips the prompt (logits_to_keep)
+        logits = self._forward_logits(rollout.input_ids, rollout.attention_mask, start=P - 1)
         logp = losses.token_logprobs(logits, rollout.completion_ids, hp.temperature)
         ref_logp = None
         if hp.beta > 0:
             with torch.no_grad():
-                ref_logits = self._ref_logits(rollout.input_ids, rollout.attention_mask)
-                ref_logp = losses.token_logprobs(ref_logits[:, P - 1 : -1], rollout.completion_ids, hp.temperature)
+                ref_logits = self._ref_logits(rollout.input_ids, rollout.attention_mask, start=P - 1)
+                ref_logp = losses.token_logprobs(ref_logits, rollout.completion_ids, hp.temperature)
         loss, more = losses.clipped_surrogate(
             logp, rollout.old_logp, adv, rollout.completion_mask, hp.epsilon_low, hp.epsilon_high,
             hp.loss_aggregation, ref_logp, hp.beta, hp.kl_estimator,
@@ -469,16 +490,19 @@ class PolicyModule(L.LightningModule):
         if self.ref_model is not None:
             shard_model(self.ref_model.eval(), mesh)
 
-    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy."""
-        def forward(ids, mask):
+    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy.
+        ``start`` as in :meth:`_forward_logits`."""
+        model = self.ref_model if self.ref_model is not None else self.model
+
+        def forward(ids, mask, keep):
             kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
             if self.ref_model is not None:
-                return self.ref_model(**kwargs).logits
+                return self.ref_model(**kwargs, **keep).logits
             with self.model.disable_adapter():
-                return self.model(**kwargs).logits
+                return self.model(**kwargs, **keep).logits
 
-        return self._by_length(forward, input_ids, attention_mask)
+        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(model))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.

@@ -1,0 +1,196 @@
+"""RL forwards compute logits only at completion positions (``logits_to_keep``) when the model's
+forward takes it, and all of them otherwise: the losses and gradients are the same either way."""
+import pytest
+import torch
+
+from lit_align.modules import policy as policy_module
+from lit_align.modules.amft import AMFTModule
+from lit_align.modules.grpo import GRPOModule
+from lit_align.rollout import Rollout, accepts_logits_to_keep
+
+G = 4
+PROMPT_LENS = [3, 5, 4, 5, 2, 5, 3, 4]
+COMPLETION_LENS = [9, 1, 4, 9, 2, 6, 3, 7]  # mixed lengths: the length groups differ in width
+REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
+
+
+def _rollout(vocab: int, pad: int, seed: int = 0) -> Rollout:
+    g = torch.Generator().manual_seed(seed)
+    P, T = max(PROMPT_LENS), max(COMPLETION_LENS)
+    rows = len(PROMPT_LENS)
+    prompt_mask = torch.tensor([[0] * (P - n) + [1] * n for n in PROMPT_LENS])
+    prompt_ids = torch.randint(3, vocab, (rows, P), generator=g) * prompt_mask + pad * (1 - prompt_mask)
+    completion_mask = torch.tensor([[1] * n + [0] * (T - n) for n in COMPLETION_LENS])
+    completion_ids = torch.randint(3, vocab, (rows, T), generator=g) * completion_mask + pad * (1 - completion_mask)
+    old_logp = (-torch.rand(rows, T, generator=g, dtype=torch.float64) * 3) * completion_mask
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logp,
+                   torch.zeros(rows, T, dtype=torch.float64), [""] * rows)
+
+
+def _perturb_reference(module) -> None:
+    """A reference that differs from the policy, so the KL term has a gradient."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.ref_model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _lm_head_rows(model) -> tuple[list, object]:
+    """Record the sequence length of every input the model's LM head sees."""
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    return seen, head.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+
+
+def _rl(module, rollout, full: bool, monkeypatch):
+    """(loss, metrics, entropy term, grads by name, LM-head widths of policy and reference) of one
+    rl_terms + backward; ``full``: as if no model took ``logits_to_keep``."""
+    with monkeypatch.context() as m:
+        if full:
+            m.setattr(policy_module, "accepts_logits_to_keep", lambda model: False)
+        policy_widths, h1 = _lm_head_rows(module.model)
+        ref = module.ref_model
+        ref_widths, h2 = _lm_head_rows(ref) if ref is not None else ([], None)
+        try:
+            module.model.zero_grad(set_to_none=True)
+            loss, metrics = module.rl_terms(rollout, REWARDS)
+            extra = metrics.pop("entropy_usual_grad", None)
+            (loss if extra is None else loss + extra).backward()
+        finally:
+            h1.remove()
+            if h2 is not None:
+                h2.remove()
+    grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, extra, grads, policy_widths, ref_widths
+
+
+def _assert_same(a, b, rtol=1e-10, atol=1e-12):
+    loss_a, metrics_a, extra_a, grads_a, *_ = a
+    loss_b, metrics_b, extra_b, grads_b, *_ = b
+    assert loss_a.item() != 0.0
+    torch.testing.assert_close(loss_a, loss_b, rtol=rtol, atol=atol)
+    for name in metrics_b:
+        torch.testing.assert_close(metrics_a[name].double(), metrics_b[name].double(), rtol=rtol, atol=atol, msg=name)
+    if extra_b is not None:
+        torch.testing.assert_close(extra_a, extra_b, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name, grad in grads_a.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, grads_b[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("buckets", [1, 4])
+def test_grpo_with_reference_keeps_only_completion_logits_and_matches_full_logits(ckpt, buckets, monkeypatch):
+    torch.manual_seed(0)
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.05, temperature=0.7, model_dtype="float64",
+                        length_buckets=buckets)
+    _perturb_reference(module)
+    assert accepts_logits_to_keep(module.model) and accepts_logits_to_keep(module.ref_model)
+    tok = module.tokenizer
+    rollout = _rollout(len(tok), tok.pad_token_id)
+    kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
+    full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
+    assert "kl" in full[1] and full[1]["kl"].item() > 0
+    _assert_same(kept, full)
+    P, S = rollout.prompt_ids.shape[1], rollout.input_ids.shape[1]
+    for widths_kept, widths_full in ((kept[4], full[4]), (kept[5], full[5])):
+        assert len(widths_kept) == len(widths_full) == (1 if buckets == 1 else 4)  # same forwards
+        # the LM head ran at positions P - 1 .. width - 1 of each pass only, not at the prompt
+        assert [w - P + 1 for w in widths_full] == widths_kept
+        assert max(widths_full) == S
+
+
+def test_fallback_for_a_model_without_logits_to_keep(ckpt, monkeypatch):
+    """A wrapper whose forward has no ``logits_to_keep`` gets full logits (it would raise on the
+    argument) and gives the loss and gradients of the model it wraps with ``logits_to_keep``."""
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config, self.generation_config = inner.config, inner.generation_config
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    torch.manual_seed(0)
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.05, temperature=0.7, model_dtype="float64",
+                        length_buckets=3)
+    _perturb_reference(module)
+    tok = module.tokenizer
+    rollout = _rollout(len(tok), tok.pad_token_id, seed=2)
+    kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
+    module.model = NoKeep(module.model)
+    object.__setattr__(module, "ref_model", NoKeep(module.ref_model))
+    assert not accepts_logits_to_keep(module.model) and not accepts_logits_to_keep(module.ref_model)
+    fallback = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
+    fallback = (*fallback[:3], {n.removeprefix("inner."): g for n, g in fallback[3].items()}, *fallback[4:])
+    _assert_same(fallback, kept)
+    P = rollout.prompt_ids.shape[1]
+    assert [w - P + 1 for w in fallback[4]] == kept[4] and [w - P + 1 for w in fallback[5]] == kept[5]
+
+
+def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
+    pytest.importorskip("peft")
+    torch.manual_seed(0)
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.1, model_dtype="float64", length_buckets=4,
+                        lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():  # adapters away from B = 0, so policy and reference differ
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    assert module.ref_model is None and accepts_logits_to_keep(module.model)
+    tok = module.tokenizer
+    rollout = _rollout(len(tok), tok.pad_token_id, seed=3)
+    kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
+    full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
+    assert full[1]["kl"].item() > 0
+    _assert_same(kept, full)
+    P = rollout.prompt_ids.shape[1]
+    assert len(full[4]) == 2 * 4  # 4 groups each of the policy and the adapter-free reference, one head
+    assert [w - P + 1 for w in full[4]] == kept[4]
+
+
+def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypatch):
+    torch.manual_seed(0)
+    module = AMFTModule(model_name_or_path=ckpt, num_generations=G, entropy_coef=0.5, model_dtype="float64",
+                        length_buckets=3)
+    tok = module.tokenizer
+    rollout = _rollout(len(tok), tok.pad_token_id, seed=1)
+    kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
+    full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
+    assert kept[2] is not None
+    _assert_same(kept, full)
+
+    # V of the reward objective, at theta' through functional_call and at the model's own weights
+    names, params = module._trainable()
+    g = torch.Generator().manual_seed(4)
+    theta = [(p.detach() + 0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype)).requires_grad_() for p in params]
+    adv = torch.linspace(-1.0, 1.0, len(PROMPT_LENS), dtype=torch.float64)
+    held = {"rollout": rollout, "advantages": adv}
+
+    def objective(full: bool, at_theta: bool):
+        with monkeypatch.context() as m:
+            if full:
+                m.setattr("lit_align.modules.amft.accepts_logits_to_keep", lambda model: False)
+                m.setattr(policy_module, "accepts_logits_to_keep", lambda model: False)
+            widths, hook = _lm_head_rows(module.model)
+            try:
+                V = module.val_objective(held, dict(zip(names, theta)) if at_theta else None)
+            finally:
+                hook.remove()
+        grads = torch.autograd.grad(V, theta if at_theta else params)
+        return V.detach(), grads, widths
+
+    P = rollout.prompt_ids.shape[1]
+    for at_theta in (True, False):
+        (V_kept, g_kept, w_kept), (V_full, g_full, w_full) = objective(False, at_theta), objective(True, at_theta)
+        assert V_full.item() != 0.0
+        torch.testing.assert_close(V_kept, V_full, rtol=1e-10, atol=1e-12)
+        for a, b in zip(g_kept, g_full):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert [w - P + 1 for w in w_full] == w_kept and len(w_kept) == (1 if at_theta else 3)
