@@ -37,11 +37,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--meta-prompts", type=int, default=64, help="held-out prompts per meta step (configs/amft.yaml: 64)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     if a.quick:
-        a.rl_steps, a.meta_interval, a.warmup, a.prompts, a.generations = 6, 3, 1, 2, 2
+        a.rl_steps, a.meta_interval, a.warmup, a.prompts, a.generations, a.meta_prompts = 6, 3, 1, 2, 2, 2
     torch.manual_seed(0)
 
     W, K = a.warmup, a.meta_interval
@@ -67,7 +68,7 @@ def main() -> None:
         controller=ScalarMu(), controller_lr=10.0,
     )
     data = MixedDataModule(expert_batch_size=64, prompt_batch_size=a.prompts, meta_data="embedded",
-                           meta_batch_size=a.prompts, val_data=None)
+                           meta_batch_size=a.meta_prompts, val_data=None)
     trainer = L.Trainer(
         max_steps=W + a.rl_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()],
@@ -77,10 +78,11 @@ def main() -> None:
     rl, meta = statistics.mean(times["rl"]), statistics.mean(times["meta"])
     result = {
         "date": str(date.today()),
-        "command": "python benchmarks/amft_cost.py" + (" --quick" if a.quick else ""),
+        "command": "python " + " ".join(["benchmarks/amft_cost.py", *sys.argv[1:]]),
         "params": n_params,
         "prompts_per_step": a.prompts,
         "num_generations": a.generations,
+        "meta_prompts_per_meta_step": a.meta_prompts,
         "rl_updates": len(times["rl"]),
         "meta_updates": len(times["meta"]),
         "rl_update_s": round(rl, 4),
