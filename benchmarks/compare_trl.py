@@ -25,7 +25,8 @@ the previous one (warm-up steps untimed) and the ratio of tokens per second, our
 within each round (so is TRL's seconds per step / ours).
 
 Each run also accounts for its FLOPs (throughput.flop_accounting): the model FLOPs of the step's
-tokens (generation 2 N, training 6 N per token), the rates achieved, and the rate of the model's own
+tokens (generation 2 N, training 6 N per token; the LM head's N only at completion tokens, where
+logits are needed), the rates achieved, and the rate of the model's own
 matmuls alone in the same process. From TRL's runs comes the ceiling: the step's model FLOPs at that
 matmul rate, i.e. the time no implementation of the same math can beat on this machine.
 Prints one JSON object with the ratios per mode, the medians, the ceilings and every run.
@@ -238,8 +239,10 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "Where the time goes: model FLOPs of each step's tokens (generation 2 N, forward + backward 6 N per "
-        f"prompt or completion token; N = {r0['linear_parameters'] / 1e6:.1f}M parameters in Linear layers; "
-        "padding and finished rows not counted), the rate achieved, and the rate of the model's own matmuls "
+        f"prompt or completion token, N = {(r0['linear_parameters'] - r0['head_parameters']) / 1e6:.1f}M parameters "
+        f"in the Linear layers below the LM head, plus the LM head's {r0['head_parameters'] / 1e6:.1f}M only where "
+        "a logit is needed, once per completion token, as both sides compute it; padding and finished rows not "
+        "counted), the rate achieved, and the rate of the model's own matmuls "
         "alone, back to back in the same process (at the decoding shapes, one token per row, and at the "
         "training shapes, all of the step's tokens).",
         "",

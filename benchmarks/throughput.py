@@ -103,15 +103,28 @@ def linear_parameters(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+def head_parameters(model) -> int:
+    """Parameters of the LM head (the output embedding, a Linear layer): 0 if the model has none."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.numel() if isinstance(head, torch.nn.Linear) else 0
+
+
 def step_flops(model, step: dict) -> dict:
-    """Model FLOPs of one step's useful work, from its token counts: generation 2 x N x tokens (one
-    forward per token, KV cache), training 6 x N x tokens (forward + backward), N = linear_parameters,
-    tokens = prompt + completion tokens of the step (padding and finished rows not counted). Attention
-    scores (4 x hidden x context per token and layer, under 1% at a few dozen tokens) are not counted."""
-    n = linear_parameters(model)
-    tokens = step["prompt_tokens_per_step"] + step["completion_tokens_per_step"]
-    return {"linear_parameters": n, "generation_gflop_per_step": 2 * n * tokens / 1e9,
-            "training_gflop_per_step": 6 * n * tokens / 1e9}
+    """Model FLOPs of one step's useful work, from its token counts: 2 FLOPs per Linear parameter and
+    token in a forward pass (generation: one forward per token, KV cache), 6 in forward + backward
+    (training). The layers below the LM head (linear_parameters - head_parameters) run at every prompt
+    and completion token of the step; the LM head only where a logit is needed, once per completion
+    token (generation: the logits that sample it; training: those that score it), as both sides compute
+    it (``logits_to_keep``). Padding and finished rows are not counted. Attention scores (4 x hidden x
+    context per token and layer, under 1% at a few dozen tokens) are not counted."""
+    n, head = linear_parameters(model), head_parameters(model)
+    completion = step["completion_tokens_per_step"]
+    tokens = step["prompt_tokens_per_step"] + completion
+    per_forward = (n - head) * tokens + head * completion
+    return {"linear_parameters": n, "head_parameters": head, "generation_gflop_per_step": 2 * per_forward / 1e9,
+            "training_gflop_per_step": 6 * per_forward / 1e9}
 
 
 def matmul_gflops(model, rows: int, seconds: float = 1.0) -> float:

@@ -128,10 +128,14 @@ def test_compare_trl_quick_measures_both_length_modes(tmp_path):
     for run in out["runs"]:
         _check_run(run)
         assert run["parameters"] == out["parameters"] and run["prompt_tokens_per_step"] > 0
-        # FLOP accounting: 2 N (generation) and 6 N (training) per prompt or completion token
+        # FLOP accounting: 2 N (generation) and 6 N (training) per prompt or completion token, the LM head's
+        # parameters only per completion token (logits are needed there only)
         tokens = run["prompt_tokens_per_step"] + run["completion_tokens_per_step"]
+        head = run["head_parameters"]
+        assert 0 < head < run["linear_parameters"]
+        per_forward = (run["linear_parameters"] - head) * tokens + head * run["completion_tokens_per_step"]
         assert run["training_gflop_per_step"] == pytest.approx(3 * run["generation_gflop_per_step"])
-        assert run["generation_gflop_per_step"] == pytest.approx(2 * run["linear_parameters"] * tokens / 1e9)
+        assert run["generation_gflop_per_step"] == pytest.approx(2 * per_forward / 1e9)
         assert run["matmul_gflops_training_shapes"] > 0 and run["matmul_gflops_decoding_shapes"] > 0
     fixed = [r for r in out["runs"] if r["lengths"] == "fixed"]
     assert all(r["completion_tokens_per_step"] == r["prompts"] * r["G"] * r["max_new_tokens"] for r in fixed)
