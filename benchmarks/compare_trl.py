@@ -202,6 +202,11 @@ def summarise_mode(runs: list[dict]) -> dict:
     }
 
 
+def _count(n: int) -> str:
+    """A parameter count for the text: 14.2M, 6.1k."""
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
+
+
 def markdown(result: dict) -> str:
     modes, r0 = result["lengths"], result["runs"][0]
     loads = [x["load_avg_1m"] for x in result["runs"]]
@@ -239,8 +244,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         "Where the time goes: model FLOPs of each step's tokens (generation 2 N, forward + backward 6 N per "
-        f"prompt or completion token, N = {(r0['linear_parameters'] - r0['head_parameters']) / 1e6:.1f}M parameters "
-        f"in the Linear layers below the LM head, plus the LM head's {r0['head_parameters'] / 1e6:.1f}M only where "
+        f"prompt or completion token, N = {_count(r0['linear_parameters'] - r0['head_parameters'])} parameters "
+        f"in the Linear layers below the LM head, plus the LM head's {_count(r0['head_parameters'])} only where "
         "a logit is needed, once per completion token, as both sides compute it; padding and finished rows not "
         "counted), the rate achieved, and the rate of the model's own matmuls "
         "alone, back to back in the same process (at the decoding shapes, one token per row, and at the "
