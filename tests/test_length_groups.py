@@ -6,11 +6,12 @@ import random
 import pytest
 import torch
 
+from _rollouts import mixed_length_rollout
 from lit_align import losses
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.sft import SFTModule
-from lit_align.rollout import Rollout, _best_cuts, length_groups
+from lit_align.rollout import _best_cuts, length_groups
 
 
 def _cells(values, counts, cuts):
@@ -48,20 +49,6 @@ def test_length_groups_cover_every_row_once_up_to_its_end():
 
 # ----------------------------------------------------------------------------- the losses
 G = 4
-PROMPT_LENS = [3, 5, 4, 5, 2, 5, 3, 4]
-COMPLETION_LENS = [9, 1, 4, 9, 2, 6, 3, 7]  # rows of 4 groups, one row with a single token
-
-
-def _rollout(vocab: int, pad: int, seed: int = 0) -> Rollout:
-    g = torch.Generator().manual_seed(seed)
-    P, T = max(PROMPT_LENS), max(COMPLETION_LENS)
-    rows = len(PROMPT_LENS)
-    prompt_mask = torch.tensor([[0] * (P - n) + [1] * n for n in PROMPT_LENS])
-    prompt_ids = torch.randint(3, vocab, (rows, P), generator=g) * prompt_mask + pad * (1 - prompt_mask)
-    completion_mask = torch.tensor([[1] * n + [0] * (T - n) for n in COMPLETION_LENS])
-    completion_ids = torch.randint(3, vocab, (rows, T), generator=g) * completion_mask + pad * (1 - completion_mask)
-    old_logp = (-torch.rand(rows, T, generator=g) * 3) * completion_mask
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logp, torch.zeros(rows, T), [""] * rows)
 
 
 def _terms(module, rollout, rewards, buckets: int):
@@ -94,7 +81,7 @@ def test_grouped_rl_loss_and_gradients_equal_one_pass(ckpt, aggregation, beta):
             for p in module.ref_model.parameters():
                 p.add_(0.02 * torch.randn_like(p))
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
     one_loss, _, one_metrics, one_grads, one_widths = _terms(module, rollout, rewards, 1)
     loss, _, metrics, grads, widths = _terms(module, rollout, rewards, 4)
@@ -115,7 +102,7 @@ def test_amft_entropy_term_sees_the_same_logits(ckpt):
     torch.manual_seed(0)
     module = AMFTModule(model_name_or_path=ckpt, num_generations=G, entropy_coef=0.5)
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id, seed=1)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=1)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
     one_loss, one_entropy, _, one_grads, _ = _terms(module, rollout, rewards, 1)
     loss, entropy, _, grads, widths = _terms(module, rollout, rewards, 3)

@@ -3,28 +3,14 @@ forward takes it, and all of them otherwise: the losses and gradients are the sa
 import pytest
 import torch
 
+from _rollouts import PROMPT_LENS, mixed_length_rollout
 from lit_align.modules import policy as policy_module
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
-from lit_align.rollout import Rollout, accepts_logits_to_keep
+from lit_align.rollout import accepts_logits_to_keep
 
 G = 4
-PROMPT_LENS = [3, 5, 4, 5, 2, 5, 3, 4]
-COMPLETION_LENS = [9, 1, 4, 9, 2, 6, 3, 7]  # mixed lengths: the length groups differ in width
 REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
-
-
-def _rollout(vocab: int, pad: int, seed: int = 0) -> Rollout:
-    g = torch.Generator().manual_seed(seed)
-    P, T = max(PROMPT_LENS), max(COMPLETION_LENS)
-    rows = len(PROMPT_LENS)
-    prompt_mask = torch.tensor([[0] * (P - n) + [1] * n for n in PROMPT_LENS])
-    prompt_ids = torch.randint(3, vocab, (rows, P), generator=g) * prompt_mask + pad * (1 - prompt_mask)
-    completion_mask = torch.tensor([[1] * n + [0] * (T - n) for n in COMPLETION_LENS])
-    completion_ids = torch.randint(3, vocab, (rows, T), generator=g) * completion_mask + pad * (1 - completion_mask)
-    old_logp = (-torch.rand(rows, T, generator=g, dtype=torch.float64) * 3) * completion_mask
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logp,
-                   torch.zeros(rows, T, dtype=torch.float64), [""] * rows)
 
 
 def _perturb_reference(module) -> None:
@@ -87,7 +73,7 @@ def test_grpo_with_reference_keeps_only_completion_logits_and_matches_full_logit
     _perturb_reference(module)
     assert accepts_logits_to_keep(module.model) and accepts_logits_to_keep(module.ref_model)
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=0, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
     full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
     assert "kl" in full[1] and full[1]["kl"].item() > 0
@@ -122,7 +108,7 @@ def test_fallback_for_a_model_without_logits_to_keep(ckpt, monkeypatch):
                         length_buckets=3)
     _perturb_reference(module)
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id, seed=2)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=2, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
     module.model = NoKeep(module.model)
     object.__setattr__(module, "ref_model", NoKeep(module.ref_model))
@@ -145,7 +131,7 @@ def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
                 p.normal_(std=0.05)
     assert module.ref_model is None and accepts_logits_to_keep(module.model)
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id, seed=3)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=3, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
     full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
     assert full[1]["kl"].item() > 0
@@ -160,7 +146,7 @@ def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypa
     module = AMFTModule(model_name_or_path=ckpt, num_generations=G, entropy_coef=0.5, model_dtype="float64",
                         length_buckets=3)
     tok = module.tokenizer
-    rollout = _rollout(len(tok), tok.pad_token_id, seed=1)
+    rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=1, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
     full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
     assert kept[2] is not None
