@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MetaController", "ScalarMu", "MetaNetwork", "hypergradient", "lookahead"]
+__all__ = ["MetaController", "ScalarMu", "MetaNetwork", "adam_lookahead", "hypergradient", "lookahead"]
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -291,3 +291,71 @@ def lookahead(
                 new.sub_(g_r, alpha=lr * (1.0 - mu))
             out.append(new)
     return out
+
+
+def adam_lookahead(
+    params: Sequence[Tensor],
+    grad_sft: Sequence[Tensor | None],
+    grad_rl: Sequence[Tensor | None],
+    mu: float,
+    lr: float,
+    states: Sequence[Mapping[str, Tensor]],
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True,
+) -> tuple[list[Tensor], list[Tensor | None], list[Tensor | None]]:
+    """The look-ahead as the Adam / AdamW step itself, and its exact derivative in ``mu``.
+
+    With ``g = mu g_sft + (1 - mu) g_rl`` and the optimizer's moments ``m, v`` and step count
+    ``t - 1`` before the step (``states[i]``: torch's ``exp_avg``, ``exp_avg_sq``, ``step``; empty
+    for a parameter not stepped yet)::
+
+        m' = b1 m + (1 - b1) g        v' = b2 v + (1 - b2) g^2      t = step + 1
+        s = sqrt(v' / (1 - b2^t))     theta' = theta (1 - lr wd) - lr m' / (1 - b1^t) / (s + eps)
+
+    (``wd`` decoupled, AdamW; torch's Adam adds ``wd theta`` to ``g`` instead). ``g`` moves with
+    ``mu`` along ``d = g_sft - g_rl``, and so do ``m'`` and ``v'``::
+
+        d theta' / d mu = -lr c * d,
+        c = (1 - b1) / ((1 - b1^t)(s + eps)) - m' (1 - b2) g / ((1 - b1^t)(1 - b2^t) s (s + eps)^2)
+
+    Returns ``(theta', c * g_sft, c * g_rl)``: :func:`hypergradient` of the latter two gives
+    ``dV/dmu`` of the step the optimizer will actually take (gradient clipping aside). Parameters
+    and optimizer states are left untouched.
+    """
+    if not len(params) == len(grad_sft) == len(grad_rl) == len(states):
+        raise ValueError(
+            "params, grad_sft, grad_rl and states must have the same length, got "
+            f"{len(params)}, {len(grad_sft)}, {len(grad_rl)}, {len(states)}"
+        )
+    b1, b2 = betas
+    theta_prime: list[Tensor] = []
+    eff_sft: list[Tensor | None] = []
+    eff_rl: list[Tensor | None] = []
+    with torch.no_grad():
+        for p, g_s, g_r, state in zip(params, grad_sft, grad_rl, states):
+            p32 = _upcast(p.detach())
+            g = torch.zeros_like(p32)
+            if g_s is not None:
+                g.add_(_upcast(g_s), alpha=mu)
+            if g_r is not None:
+                g.add_(_upcast(g_r), alpha=1.0 - mu)
+            if weight_decay and not decoupled_weight_decay:
+                g.add_(p32, alpha=weight_decay)
+            m = _upcast(state["exp_avg"]) if "exp_avg" in state else torch.zeros_like(p32)
+            v = _upcast(state["exp_avg_sq"]) if "exp_avg_sq" in state else torch.zeros_like(p32)
+            t = int(float(state["step"])) + 1 if "step" in state else 1
+            m1 = m * b1 + g * (1.0 - b1)
+            v1 = v * b2 + g * g * (1.0 - b2)
+            bc1, bc2 = 1.0 - b1**t, 1.0 - b2**t
+            s = (v1 / bc2).sqrt()
+            denom = s + eps
+            new = p32 * (1.0 - lr * weight_decay) if weight_decay and decoupled_weight_decay else p32.clone()
+            new.sub_(lr * (m1 / bc1) / denom)
+            theta_prime.append(new.to(p.dtype))
+            through_v = torch.where(s > 0, m1 * g * (1.0 - b2) / (bc1 * bc2 * s.clamp_min(1e-30) * denom * denom), 0.0)
+            c = (1.0 - b1) / (bc1 * denom) - through_v
+            eff_sft.append(None if g_s is None else c * _upcast(g_s))
+            eff_rl.append(None if g_r is None else c * _upcast(g_r))
+    return theta_prime, eff_sft, eff_rl

@@ -131,6 +131,60 @@ def test_hypergradient_matches_finite_difference_of_a_real_step(ckpt, batch, obj
     assert abs(dV_dmu - finite_diff) < 0.1 * abs(finite_diff), (dV_dmu, finite_diff)
 
 
+@pytest.mark.parametrize("objective", ["reward", "expert_nll"])
+def test_optimizer_lookahead_matches_finite_difference_of_the_real_adamw_step(ckpt, batch, objective):
+    """lookahead: optimizer: dV/dmu is the derivative of the step AdamW really takes, with the moments
+    it has gathered over earlier updates (the SGD formula is not, for an Adam-trained policy)."""
+    torch.manual_seed(0)
+    adamw = lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)  # noqa: E731
+    m = make(ckpt, meta_objective=objective, optimizer=adamw, lookahead="optimizer", meta_interval=0)
+    m.model.model.embed_tokens.padding_idx = None  # see the SGD test above
+    fit(m, batch, steps=3)  # three real updates: AdamW's moments and step count
+    opt = m.optimizers()[0].optimizer
+    rollout, rewards, _ = m.rollout_and_score(batch["prompts"])
+    held = m.held_out_batch(batch["meta"])
+    start, opt_start = copy.deepcopy(m.model.state_dict()), copy.deepcopy(opt.state_dict())
+    mu, eps = 0.5, 0.02
+    lr = opt.param_groups[0]["lr"]
+
+    l_rl, _ = m.rl_terms(rollout, rewards)
+    l_sft, _ = m.sft_terms(batch["expert"])
+    theta_prime, g_sft, g_rl = m.look_ahead(l_sft, l_rl, mu, lr)
+    dV_dmu, _ = m.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+    m.hparams.lookahead = "sgd"  # the papers' formula on the same batch, for contrast
+    sgd_dV_dmu, _ = m.meta_gradient(*m.look_ahead(l_sft, l_rl, mu, lr), lr, held)
+
+    def V_after_step(mu_: float) -> float:  # AdamW's own step, from the same weights and moments
+        m.model.load_state_dict(start)
+        opt.load_state_dict(copy.deepcopy(opt_start))  # load_state_dict keeps the tensors: step() would edit opt_start
+        opt.zero_grad(set_to_none=True)
+        l_rl, _ = m.rl_terms(rollout, rewards)
+        l_sft, _ = m.sft_terms(batch["expert"])
+        ((1 - mu_) * l_rl + mu_ * l_sft).backward()
+        opt.step()
+        with torch.no_grad():
+            return float(m.val_objective(held))
+
+    stepped = V_after_step(mu)
+    names = m._trainable()[0]
+    for name, t in zip(names, theta_prime):  # theta' is the step itself
+        torch.testing.assert_close(t, dict(m.model.named_parameters())[name].detach(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        assert stepped == pytest.approx(float(m.val_objective(held)))
+    finite_diff = (V_after_step(mu + eps) - V_after_step(mu - eps)) / (2 * eps)
+    assert dV_dmu != 0 and math.copysign(1, dV_dmu) == math.copysign(1, finite_diff)
+    assert abs(dV_dmu - finite_diff) < 0.1 * abs(finite_diff), (dV_dmu, finite_diff)
+    assert abs(sgd_dV_dmu - finite_diff) > 0.5 * abs(finite_diff), (sgd_dV_dmu, finite_diff)
+
+
+def test_optimizer_lookahead_needs_an_adam_family_optimizer(ckpt, batch):
+    m = make(ckpt, lookahead="optimizer")  # the helper's default optimizer is SGD
+    with pytest.raises(ValueError, match="model.lookahead='optimizer'.*SGD"):
+        fit(m, batch, steps=1)
+    with pytest.raises(ValueError, match="model.lookahead"):
+        make(ckpt, lookahead="adam")
+
+
 # ----------------------------------------------------------------------------- where mu goes
 @pytest.mark.parametrize(
     "objective, meta_sign",

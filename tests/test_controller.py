@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lit_align.controller import MetaController, MetaNetwork, ScalarMu, hypergradient, lookahead
+from lit_align.controller import MetaController, MetaNetwork, ScalarMu, adam_lookahead, hypergradient, lookahead
 
 STATS = {"sft_loss": 1.3, "rl_loss": -0.4, "entropy": 2.1, "grad_norm": 7.5}
 
@@ -93,6 +93,68 @@ def test_lookahead_equals_sgd_step_and_leaves_params() -> None:
     for new, ref, p, b in zip(theta_prime, model.parameters(), prob.params(), before):
         torch.testing.assert_close(new, ref.detach())
         assert torch.equal(p, b) and not new.requires_grad
+
+
+def _adam_after_history(prob: Problem, opt_cls, steps: int, **opt_kwargs):
+    """A copy of the problem's model and an Adam-family optimizer that has taken ``steps`` steps on
+    changing mixtures (so its moments are not those of the next step's gradient)."""
+    model = copy.deepcopy(prob.model)
+    opt = opt_cls(model.parameters(), **opt_kwargs)
+    for k in range(steps):
+        opt.zero_grad()
+        mix = 0.2 + 0.6 * (k % 3) / 2
+        ((1 - mix) * prob.rl(model) + mix * prob.sft(model)).backward()
+        opt.step()
+    return model, opt
+
+
+def _adam_case(prob: Problem, opt_cls, steps: int, mu: float, **opt_kwargs):
+    """(theta', dV/dmu from adam_lookahead, V after the optimizer's real step at mu +- eps)."""
+    model, opt = _adam_after_history(prob, opt_cls, steps, **opt_kwargs)
+    params = list(model.parameters())
+    g_sft = list(torch.autograd.grad(prob.sft(model), params))
+    g_rl = list(torch.autograd.grad(prob.rl(model), params))
+    group = opt.param_groups[0]
+    theta_prime, e_sft, e_rl = adam_lookahead(
+        params, g_sft, g_rl, mu, group["lr"], [opt.state[p] for p in params], group["betas"], group["eps"],
+        group["weight_decay"], group["decoupled_weight_decay"],
+    )
+    names = [n for n, _ in model.named_parameters()]
+    at = [t.detach().requires_grad_(True) for t in theta_prime]
+    g_val = torch.autograd.grad(prob.val(lambda x: functional_call(model, dict(zip(names, at)), (x,))), at)
+    dV_dmu = hypergradient(g_val, e_sft, e_rl, group["lr"])
+
+    def real_step(mu_: float) -> tuple[list[torch.Tensor], float]:
+        m, o = copy.deepcopy((model, opt))  # one deepcopy: the copy's state is keyed by the copy's params
+        o.zero_grad()
+        ((1 - mu_) * prob.rl(m) + mu_ * prob.sft(m)).backward()
+        o.step()
+        with torch.no_grad():
+            return [q.detach().clone() for q in m.parameters()], float(prob.val(m))
+
+    return theta_prime, dV_dmu, real_step
+
+
+@pytest.mark.parametrize(
+    "opt_cls, steps, kwargs",
+    [
+        (torch.optim.AdamW, 5, dict(lr=0.05, weight_decay=0.1)),
+        (torch.optim.Adam, 5, dict(lr=0.05, weight_decay=0.01)),
+        (torch.optim.AdamW, 0, dict(lr=0.05, betas=(0.8, 0.99))),  # the first step: no moments yet
+    ],
+)
+@pytest.mark.parametrize("mu", [0.2, 0.7])
+def test_adam_lookahead_is_the_optimizers_step_and_its_derivative(opt_cls, steps, kwargs, mu) -> None:
+    prob = Problem(4)
+    theta_prime, dV_dmu, real_step = _adam_case(prob, opt_cls, steps, mu, **kwargs)
+    stepped, _ = real_step(mu)
+    for new, ref in zip(theta_prime, stepped):
+        torch.testing.assert_close(new, ref, rtol=1e-10, atol=1e-12)
+    eps = 1e-5
+    fd = (real_step(mu + eps)[1] - real_step(mu - eps)[1]) / (2 * eps)
+    assert abs(dV_dmu - fd) < 0.01 * abs(fd) + 1e-8, (dV_dmu, fd)
+    if steps > 0:  # (Adam's first step, g / |g| per element, is nearly flat in mu)
+        assert abs(fd) > 1e-4 and math.copysign(1, dV_dmu) == math.copysign(1, fd)
 
 
 def test_none_gradients_count_as_zero() -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from lit_align import losses
-from lit_align.controller import MetaController, ScalarMu, hypergradient, lookahead
+from lit_align.controller import MetaController, ScalarMu, adam_lookahead, hypergradient, lookahead
 from lit_align.modules.policy import PolicyModule
 from lit_align.rollout import accepts_logits_to_keep, position_ids_from_mask
 
@@ -57,6 +57,12 @@ class AMFTModule(PolicyModule):
         meta_interval: K, RL updates between meta-gradient steps (0: no meta-gradient, an ablation).
         warmup_sft_steps: W, pure-SFT updates before the RL term and the controller start.
         entropy_coef: weight of ``max(0, H* - H)`` in the policy loss (0: off).
+        lookahead: theta' for the meta-gradient. ``sgd`` (the papers' first-order formula):
+            theta - lr grad L_total, dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>. ``optimizer``: the
+            step the policy's Adam / AdamW will actually take, with its moments, bias corrections and
+            weight decay, and the exact derivative of that step in mu
+            (:func:`lit_align.controller.adam_lookahead`); dV/dmu is then independent of the raw
+            gradient scale, like the step itself.
 
     Plus every :class:`PolicyModule` argument; ``num_generations`` must be at least 2. The look-ahead
     is an SGD step with the policy optimizer's current lr (whatever that optimizer is) and no
@@ -77,6 +83,7 @@ class AMFTModule(PolicyModule):
         meta_interval: int = 20,
         warmup_sft_steps: int = 50,
         entropy_coef: float = 0.0,
+        lookahead: Literal["sgd", "optimizer"] = "sgd",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -92,11 +99,13 @@ class AMFTModule(PolicyModule):
                 raise ValueError(f"model.{name}={value!r} is out of range")
         if meta_objective not in ("reward", "expert_nll"):
             raise ValueError(f"model.meta_objective={meta_objective!r}: choose one of ['reward', 'expert_nll']")
+        if lookahead not in ("sgd", "optimizer"):
+            raise ValueError(f"model.lookahead={lookahead!r}: choose one of ['sgd', 'optimizer']")
         if controller is not None and not isinstance(controller, MetaController):
             raise ValueError(f"model.controller must be a lit_align.controller.MetaController, got {type(controller)}")
         self.hparams.update(
             controller_lr=controller_lr, meta_objective=meta_objective, meta_interval=meta_interval,
-            warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef,
+            warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef, lookahead=lookahead,
         )
         self.controller = (controller if controller is not None else ScalarMu()).float()
         self.register_buffer("target_entropy", torch.tensor(float("nan")))  # H*, set at the first RL step
@@ -109,6 +118,14 @@ class AMFTModule(PolicyModule):
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
         policy = super().configure_optimizers()
+        opt = policy["optimizer"]
+        if self.hparams.lookahead == "optimizer":
+            ok = isinstance(opt, torch.optim.Adam) and not any(g["amsgrad"] or g["maximize"] for g in opt.param_groups)
+            if not ok:
+                raise ValueError(
+                    f"model.lookahead='optimizer' follows torch.optim.Adam / AdamW steps (without amsgrad or "
+                    f"maximize); model.optimizer is {type(opt).__name__}: use model.lookahead='sgd'"
+                )
         meta = torch.optim.SGD(self.controller.parameters(), lr=self.hparams.controller_lr)
         return [policy["optimizer"], meta], [policy["lr_scheduler"]]
 
@@ -180,7 +197,31 @@ class AMFTModule(PolicyModule):
         params = self._trainable()[1]
         g_sft = list(torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True))
         g_rl = list(torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True))
-        return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
+        return self.step_ahead(params, g_sft, g_rl, mu, lr)
+
+    def step_ahead(self, params: list, g_sft: list, g_rl: list, mu: float, lr: float) -> tuple[list, list, list]:
+        """(theta', g_SFT, g_RL) for :func:`hypergradient` at ``lr``: the SGD look-ahead, or (``lookahead:
+        optimizer``) the Adam step with its mu-derivative folded into the two gradients (each scaled
+        by its param group's lr / ``lr``). ``params`` may be local shards (FSDP2), like the gradients."""
+        if self.hparams.lookahead == "sgd":
+            return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
+        opt = self.optimizers()[0].optimizer
+        theta_prime, eff_sft, eff_rl = [None] * len(params), [None] * len(params), [None] * len(params)
+        index = {id(p): i for i, p in enumerate(self._trainable()[1])}
+        for group in opt.param_groups:
+            members = [(index[id(p)], p) for p in group["params"] if id(p) in index]
+            ids = [i for i, _ in members]
+            states = [{k: _local(v) for k, v in opt.state.get(p, {}).items()} for _, p in members]
+            th, es, er = adam_lookahead(
+                [params[i] for i in ids], [g_sft[i] for i in ids], [g_rl[i] for i in ids], mu, group["lr"], states,
+                tuple(group["betas"]), group["eps"], group["weight_decay"], group.get("decoupled_weight_decay", False),
+            )
+            scale = group["lr"] / lr if lr else 0.0
+            for i, t, a, b in zip(ids, th, es, er):
+                theta_prime[i] = t
+                eff_sft[i] = None if a is None else a.mul_(scale)
+                eff_rl[i] = None if b is None else b.mul_(scale)
+        return theta_prime, eff_sft, eff_rl
 
     # ------------------------------------------------------------------ the meta-gradient under FSDP2
     def split_backward(self, l_sft: torch.Tensor, l_rl: torch.Tensor, extra: torch.Tensor | None,
@@ -202,7 +243,6 @@ class AMFTModule(PolicyModule):
         if extra is not None:
             self.manual_backward(extra)  # the entropy regulariser: same graph as L_RL, kept above
         g_sft, g_rl = grads
-        theta_prime = []
         with torch.no_grad():
             for p, gs, gr in zip(params, g_sft, g_rl):
                 if p.grad is not None:
@@ -210,7 +250,7 @@ class AMFTModule(PolicyModule):
                         _local(p.grad).add_(gs, alpha=mu)
                     if gr is not None:
                         _local(p.grad).add_(gr, alpha=1.0 - mu)
-            theta_prime = lookahead([_local(p) for p in params], g_sft, g_rl, mu, lr)
+            theta_prime, g_sft, g_rl = self.step_ahead([_local(p) for p in params], g_sft, g_rl, mu, lr)
         out.update(theta_prime=theta_prime, g_sft=g_sft, g_rl=g_rl)
 
     def sharded_meta_gradient(self, theta_prime: list, g_sft: list, g_rl: list, lr: float, held: dict) -> tuple[float, float]:
