@@ -114,6 +114,14 @@ def test_hypergradient_matches_finite_difference_of_a_real_step(ckpt, batch, obj
     l_sft, _ = m.sft_terms(batch["expert"])
     theta_prime, g_sft, g_rl = m.look_ahead(l_sft, l_rl, mu, lr)
     dV_dmu, _ = m.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+    # the monitors of what the meta step weighed: the two gradients' sizes and their cosine
+    flat_sft = torch.cat([g.flatten() for g in g_sft if g is not None]).double()
+    flat_rl = torch.cat([g.flatten() for g in g_rl if g is not None]).double()
+    pair = m.gradient_pair()
+    assert pair["meta_sft_grad_norm"] == pytest.approx(float(flat_sft.norm()), rel=1e-6)
+    assert pair["meta_rl_grad_norm"] == pytest.approx(float(flat_rl.norm()), rel=1e-6)
+    cosine = float(flat_sft @ flat_rl / (flat_sft.norm() * flat_rl.norm()))
+    assert pair["meta_grad_cosine"] == pytest.approx(cosine, rel=1e-6, abs=1e-9)
 
     def V_after_step(mu_: float) -> float:  # the policy step itself, from the same start
         m.model.load_state_dict(start)
@@ -364,7 +372,8 @@ def test_cli_run_logs_the_controller(tmp_path, ckpt):
         "--data.init_args.meta_batch_size=2",
     ])
     scalars = read_scalars(tmp_path)
-    for tag in ("train/mu", "train/meta_grad", "train/target_entropy", "train/val_objective"):
+    for tag in ("train/mu", "train/meta_grad", "train/target_entropy", "train/val_objective",
+                "train/meta_sft_grad_norm", "train/meta_rl_grad_norm", "train/meta_grad_cosine"):
         assert tag in scalars, sorted(scalars)
     assert [step for step, _ in scalars["train/meta_grad"]] == [3]
     assert all(math.isfinite(v) for _, v in scalars["train/loss"])

@@ -99,18 +99,29 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 )
 
 
+# AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
+# the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
+AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.05)
+METHODS = ("sft", "grpo", "amft", "amft_adam")
+
+
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
-    cls, extra = {
-        "sft": (SFTModule, {}), "grpo": (FixedRolloutGRPO, {"num_generations": 2}),
-        "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}),
+    cls, extra, steps = {
+        "sft": (SFTModule, {}, 1), "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
+        "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
+        "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
     }[method]
-    module = cls(model_name_or_path=ckpt, optimizer=lambda p: torch.optim.SGD(p, lr=LR), gradient_clip=0.0, **extra)
+    if method == "amft_adam":
+        optimizer = lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)  # noqa: E731
+    else:
+        optimizer = lambda p: torch.optim.SGD(p, lr=LR)  # noqa: E731
+    module = cls(model_name_or_path=ckpt, optimizer=optimizer, gradient_clip=0.0, warmup_steps=0, **extra)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=1, logger=False,
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
     )
-    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
     return module, trainer
 
 
@@ -121,13 +132,13 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
 
     results = {}
     for strategy in ("ddp", "fsdp2"):
-        for method in ("sft", "grpo", "amft"):
+        for method in METHODS:
             module, trainer = _one_step(ckpt, method, _slice(batches, method, rank, 2), strategy, 2)
             state = module.full_state_dict()  # collective under fsdp2; every rank gets it under ddp
             if rank == 0 or strategy == "ddp":
                 results[f"{strategy}-{method}-rank{rank}"] = state
-            if method == "amft":
-                results[f"{strategy}-mu-rank{rank}"] = float(module.controller.mu.detach())
+            if method.startswith("amft"):
+                results[f"{strategy}-{method}-mu-rank{rank}"] = float(module.controller.mu.detach())
             if strategy == "fsdp2" and method == "grpo":
                 results[f"reduce-rank{rank}"] = module._reduce_metrics({"x": torch.tensor(float(rank)), "reward_errors": 1.0})
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
@@ -156,11 +167,11 @@ def two_rank_results(ckpt, tmp_path_factory):
     for rank in range(2):
         results.update(torch.load(out / f"rank{rank}.pt", weights_only=False))
     single = {}
-    for method in ("sft", "grpo", "amft"):
+    for method in METHODS:
         module = _one_step(ckpt, method, _slice(batches, method, 0, 1), "auto", 1)[0]
         single[method] = module.full_state_dict()
-        if method == "amft":
-            single["mu"] = float(module.controller.mu.detach())
+        if method.startswith("amft"):
+            single[f"{method}-mu"] = float(module.controller.mu.detach())
     return results, single
 
 
@@ -175,7 +186,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("method", ["sft", "grpo", "amft"])
+@pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -188,16 +199,18 @@ def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, met
             assert torch.equal(v, results[f"ddp-{method}-rank1"][k]), k
 
 
-def test_amft_meta_step_on_two_ranks(two_rank_results):
+@pytest.mark.parametrize("method", ["amft", "amft_adam"])  # SGD formula; AdamW's own step (sharded moments)
+def test_amft_meta_step_on_two_ranks(two_rank_results, method):
     """The controller is identical on every rank. Under FSDP2 the meta-gradient is built from the
     global (rank-averaged) gradients, so it equals one process's on the global batch; under DDP
     it is the average of each rank's own inner product (no gradient communication), close to it."""
     results, single = two_rank_results
-    assert abs(single["mu"] - 0.5) > 1e-3, "the meta step did not move mu: the comparison would be vacuous"
+    mu = single[f"{method}-mu"]
+    assert abs(mu - 0.5) > 1e-3, "the meta step did not move mu: the comparison would be vacuous"
     for strategy in ("ddp", "fsdp2"):
-        assert results[f"{strategy}-mu-rank0"] == results[f"{strategy}-mu-rank1"], strategy
-    assert results["fsdp2-mu-rank0"] == pytest.approx(single["mu"], rel=1e-5, abs=1e-7)
-    assert (results["ddp-mu-rank0"] - 0.5) * (single["mu"] - 0.5) > 0, "DDP moved mu the other way"
+        assert results[f"{strategy}-{method}-mu-rank0"] == results[f"{strategy}-{method}-mu-rank1"], strategy
+    assert results[f"fsdp2-{method}-mu-rank0"] == pytest.approx(mu, rel=1e-5, abs=1e-7)
+    assert (results[f"ddp-{method}-mu-rank0"] - 0.5) * (mu - 0.5) > 0, "DDP moved mu the other way"
 
 
 def test_metrics_are_reduced_over_ranks(two_rank_results):

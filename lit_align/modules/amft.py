@@ -44,6 +44,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _pair_sums(g_sft: list, g_rl: list) -> list[float]:
+    """[|g_SFT|^2, |g_RL|^2, <g_SFT, g_RL>] over this rank's (local) gradient tensors (one host sync)."""
+    total = None
+    for a, b in zip(g_sft, g_rl):
+        ref = a if a is not None else b
+        if ref is None:
+            continue
+        a = torch.zeros_like(ref, dtype=torch.float64) if a is None else a.double()
+        b = torch.zeros_like(ref, dtype=torch.float64) if b is None else b.double()
+        sums = torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+        total = sums if total is None else total + sums
+    return [0.0, 0.0, 0.0] if total is None else total.tolist()
+
+
 class AMFTModule(PolicyModule):
     """Adaptive meta fine-tuning: mu is learned so that each update lowers a held-out loss.
 
@@ -114,6 +128,7 @@ class AMFTModule(PolicyModule):
         self._stats: dict[str, float] = {}  # the controller's inputs at the last RL step
         self._last_grad_norm = 0.0
         self._captured: list[torch.Tensor] | None = None
+        self._pair = [0.0, 0.0, 0.0]  # the last meta step's |g_SFT|^2, |g_RL|^2, <g_SFT, g_RL>
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
@@ -197,6 +212,7 @@ class AMFTModule(PolicyModule):
         params = self._trainable()[1]
         g_sft = list(torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True))
         g_rl = list(torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True))
+        self._pair = self._rank_averages(*_pair_sums(g_sft, g_rl))  # rank-local gradients: averaged
         return self.step_ahead(params, g_sft, g_rl, mu, lr)
 
     def step_ahead(self, params: list, g_sft: list, g_rl: list, mu: float, lr: float) -> tuple[list, list, list]:
@@ -243,6 +259,7 @@ class AMFTModule(PolicyModule):
         if extra is not None:
             self.manual_backward(extra)  # the entropy regulariser: same graph as L_RL, kept above
         g_sft, g_rl = grads
+        self._pair = self._rank_sums(_pair_sums(g_sft, g_rl))  # shards of the global gradients: summed
         with torch.no_grad():
             for p, gs, gr in zip(params, g_sft, g_rl):
                 if p.grad is not None:
@@ -278,6 +295,15 @@ class AMFTModule(PolicyModule):
                     p.grad = None
         dot = self._rank_sums([local])[0]
         return -lr * dot, self._rank_average(V.detach())
+
+    def gradient_pair(self) -> dict[str, float]:
+        """What the meta step weighed at its last look-ahead: the norms of grad L_SFT and grad L_RL and
+        their cosine (logged as ``train/meta_sft_grad_norm``, ``train/meta_rl_grad_norm``,
+        ``train/meta_grad_cosine``). mu only trades the two off where their sizes are comparable."""
+        ss, rr, sr = self._pair
+        denom = math.sqrt(ss * rr)
+        return {"meta_sft_grad_norm": math.sqrt(ss), "meta_rl_grad_norm": math.sqrt(rr),
+                "meta_grad_cosine": sr / denom if denom > 0 else 0.0}
 
     @torch.no_grad()
     def held_out_batch(self, meta: dict) -> dict:
@@ -391,7 +417,7 @@ class AMFTModule(PolicyModule):
             dV_dmu, V = meta_gradient(look["theta_prime"], look["g_sft"], look["g_rl"], lr, held)
             self.controller_step(dV_dmu, self._stats)
             reward = {"meta_reward": held["reward"]} if "reward" in held else {}
-            self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward})
+            self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward, **self.gradient_pair()})
         nudge = self.controller.eta_entropy * (H_star - H)
         if math.isfinite(nudge):  # entropy below H* raises mu (more imitation)
             self.controller.entropy_nudge(nudge)
