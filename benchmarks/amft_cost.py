@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--meta-prompts", type=int, default=64, help="held-out prompts per meta step (configs/amft.yaml: 64)")
+    p.add_argument("--lookahead", choices=["sgd", "optimizer"], default="sgd",
+                   help="model.lookahead: the SGD formula, or the policy's AdamW step and its derivative")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
@@ -65,7 +67,8 @@ def main() -> None:
 
     model = AMFTModule(
         num_generations=a.generations, max_new_tokens=4, warmup_sft_steps=W, meta_interval=K,
-        controller=ScalarMu(), controller_lr=10.0,
+        controller=ScalarMu(), controller_lr=10.0 if a.lookahead == "sgd" else 0.3, lookahead=a.lookahead,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0),  # configs/amft.yaml's
     )
     data = MixedDataModule(expert_batch_size=64, prompt_batch_size=a.prompts, meta_data="embedded",
                            meta_batch_size=a.meta_prompts, val_data=None)
@@ -83,6 +86,7 @@ def main() -> None:
         "prompts_per_step": a.prompts,
         "num_generations": a.generations,
         "meta_prompts_per_meta_step": a.meta_prompts,
+        "lookahead": a.lookahead,
         "rl_updates": len(times["rl"]),
         "meta_updates": len(times["meta"]),
         "rl_update_s": round(rl, 4),

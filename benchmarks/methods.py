@@ -29,10 +29,10 @@ from lit_align.events import read_scalars  # noqa: E402
 METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft"]
 # each mixed recipe's SFT phase as a share of the run, so --steps scales it (configs: 1500 updates)
 SFT_SHARE = {
-    "sft_then_grpo": ("sft_steps", 1200 / 1500),
+    "sft_then_grpo": ("sft_steps", 1000 / 1500),
     "chord_mu": ("sft_warmup_steps", 1000 / 1500),
-    "chord_phi": ("sft_warmup_steps", 1200 / 1500),
-    "amft": ("warmup_sft_steps", 1200 / 1500),
+    "chord_phi": ("sft_warmup_steps", 1000 / 1500),
+    "amft": ("warmup_sft_steps", 1000 / 1500),
 }
 
 
@@ -44,7 +44,7 @@ def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra
         f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", *extra,
     ]
-    if method in SFT_SHARE:  # the plain-SFT part of the budget, as in the configs (e.g. 1200 of 1500)
+    if method in SFT_SHARE:  # the plain-SFT part of the budget, as in the configs (e.g. 1000 of 1500)
         name, share = SFT_SHARE[method]
         args.append(f"--model.init_args.{name}={int(steps * share)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
