@@ -199,7 +199,7 @@ def main() -> None:
             runs = list(pool.map(one, [(seed, m) for seed in a.seeds for m in a.methods]))
     total = time.perf_counter() - start
     table = summarise(runs, a.methods)
-    how = (f"`python benchmarks/methods.py --seeds {' '.join(map(str, a.seeds))} --steps {a.steps} --jobs {a.jobs}` "
+    how = (f"`{' '.join(['python benchmarks/methods.py', *sys.argv[1:]])}` "
            f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
     header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
               f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")

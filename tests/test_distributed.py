@@ -186,7 +186,9 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("method", METHODS)
+# (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
+# near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
+@pytest.mark.parametrize("method", ["sft", "grpo", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
