@@ -11,6 +11,7 @@ AMFT (arXiv 2508.06944). Policy update t, with W = warmup_sft_steps and K = meta
             every K-th RL step (a meta step):
                 theta' = theta - lr ((1 - mu) g_RL + mu g_SFT)        (g_* at theta; SGD look-ahead)
                 dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>           (same on every rank, below)
+                (lookahead: optimizer: theta' = the Adam/AdamW step itself, dV/dmu its exact derivative)
                 controller <- SGD step (lr = controller_lr) on dV/dmu   (mu moves to lower V)
             mu <- clip(mu + eta_H (H* - H))                            (controller.entropy_nudge)
 
@@ -79,8 +80,8 @@ class AMFTModule(PolicyModule):
             gradient scale, like the step itself.
 
     Plus every :class:`PolicyModule` argument; ``num_generations`` must be at least 2. The look-ahead
-    is an SGD step with the policy optimizer's current lr (whatever that optimizer is) and no
-    gradient clipping, so dV/dmu scales with that lr: scale controller_lr with 1 / lr. A meta step
+    (either kind) uses the policy optimizer's current lr and no gradient clipping, so dV/dmu scales
+    with that lr: scale controller_lr with 1 / lr (a decaying lr also slows the controller). A meta step
     holds three extra parameter-sized tensors (g_SFT, g_RL, theta') and samples the meta prompts.
 
     Logged: ``train/mu``, ``train/entropy`` (H) and ``train/target_entropy`` (H*) every update;
@@ -202,8 +203,8 @@ class AMFTModule(PolicyModule):
         return [n for n, _ in named], [p for _, p in named]
 
     def look_ahead(self, l_sft: torch.Tensor, l_rl: torch.Tensor, mu: float, lr: float) -> tuple[list, list, list]:
-        """(theta', g_SFT, g_RL): the two gradients at theta, each on its own, and the SGD look-ahead
-        theta' = theta - lr ((1 - mu) g_RL + mu g_SFT). The graph is kept for the policy step.
+        """(theta', g_SFT, g_RL): the two gradients at theta, each on its own, and the look-ahead
+        (:meth:`step_ahead`). The graph is kept for the policy step.
 
         torch.autograd.grad on self.model's parameters, not manual_backward: Lightning arms DDP's
         gradient all-reduce only inside manual_backward, so these stay local to this rank, cost no
