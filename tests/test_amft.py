@@ -96,6 +96,21 @@ def metas_of(logged: list[dict]) -> list[dict]:
     return [m for m in logged if "meta_grad" in m]
 
 
+def V_after_real_step(m, opt, start, opt_state, rollout, rewards, batch, held, mu: float) -> float:
+    """V after the optimizer's own step on (1 - mu) L_RL + mu L_SFT, from the weights ``start`` and
+    (for a stateful optimizer) the state ``opt_state``: what the hypergradient predicts the change of."""
+    m.model.load_state_dict(start)
+    if opt_state is not None:  # a copy: load_state_dict keeps the tensors, and step() would edit them
+        opt.load_state_dict(copy.deepcopy(opt_state))
+    opt.zero_grad(set_to_none=True)
+    l_rl, _ = m.rl_terms(rollout, rewards)
+    l_sft, _ = m.sft_terms(batch["expert"])
+    ((1 - mu) * l_rl + mu * l_sft).backward()
+    opt.step()
+    with torch.no_grad():
+        return float(m.val_objective(held))
+
+
 # ----------------------------------------------------------------------------- the hypergradient
 @pytest.mark.parametrize("objective", ["reward", "expert_nll"])
 def test_hypergradient_matches_finite_difference_of_a_real_step(ckpt, batch, objective):
@@ -123,17 +138,8 @@ def test_hypergradient_matches_finite_difference_of_a_real_step(ckpt, batch, obj
     cosine = float(flat_sft @ flat_rl / (flat_sft.norm() * flat_rl.norm()))
     assert pair["meta_grad_cosine"] == pytest.approx(cosine, rel=1e-6, abs=1e-9)
 
-    def V_after_step(mu_: float) -> float:  # the policy step itself, from the same start
-        m.model.load_state_dict(start)
-        opt = torch.optim.SGD(m.model.parameters(), lr=lr)
-        opt.zero_grad(set_to_none=True)
-        l_rl, _ = m.rl_terms(rollout, rewards)
-        l_sft, _ = m.sft_terms(batch["expert"])
-        ((1 - mu_) * l_rl + mu_ * l_sft).backward()
-        opt.step()
-        with torch.no_grad():
-            return float(m.val_objective(held))
-
+    sgd = torch.optim.SGD(m.model.parameters(), lr=lr)
+    V_after_step = lambda mu_: V_after_real_step(m, sgd, start, None, rollout, rewards, batch, held, mu_)  # noqa: E731
     finite_diff = (V_after_step(mu + eps) - V_after_step(mu - eps)) / (2 * eps)
     assert dV_dmu != 0 and math.copysign(1, dV_dmu) == math.copysign(1, finite_diff)
     assert abs(dV_dmu - finite_diff) < 0.1 * abs(finite_diff), (dV_dmu, finite_diff)
@@ -162,17 +168,7 @@ def test_optimizer_lookahead_matches_finite_difference_of_the_real_adamw_step(ck
     m.hparams.lookahead = "sgd"  # the papers' formula on the same batch, for contrast
     sgd_dV_dmu, _ = m.meta_gradient(*m.look_ahead(l_sft, l_rl, mu, lr), lr, held)
 
-    def V_after_step(mu_: float) -> float:  # AdamW's own step, from the same weights and moments
-        m.model.load_state_dict(start)
-        opt.load_state_dict(copy.deepcopy(opt_start))  # load_state_dict keeps the tensors: step() would edit opt_start
-        opt.zero_grad(set_to_none=True)
-        l_rl, _ = m.rl_terms(rollout, rewards)
-        l_sft, _ = m.sft_terms(batch["expert"])
-        ((1 - mu_) * l_rl + mu_ * l_sft).backward()
-        opt.step()
-        with torch.no_grad():
-            return float(m.val_objective(held))
-
+    V_after_step = lambda mu_: V_after_real_step(m, opt, start, opt_start, rollout, rewards, batch, held, mu_)  # noqa: E731
     stepped = V_after_step(mu)
     names = m._trainable()[0]
     for name, t in zip(names, theta_prime):  # theta' is the step itself
