@@ -36,6 +36,12 @@ from torch import Tensor, nn
 __all__ = ["MetaController", "ScalarMu", "MetaNetwork", "adam_lookahead", "hypergradient", "lookahead"]
 
 
+def _same_length(**sequences: Sequence) -> None:
+    if len({len(v) for v in sequences.values()}) > 1:
+        got = ", ".join(str(len(v)) for v in sequences.values())
+        raise ValueError(f"{', '.join(sequences)} must have the same length, got {got}")
+
+
 def _check_finite(name: str, value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -245,11 +251,7 @@ def hypergradient(
     the current parameters, all in the same parameter order. Half-precision gradients are
     upcast to float32 for the product.
     """
-    if not len(grad_val_lookahead) == len(grad_sft) == len(grad_rl):
-        raise ValueError(
-            "grad_val_lookahead, grad_sft and grad_rl must have the same length, got "
-            f"{len(grad_val_lookahead)}, {len(grad_sft)}, {len(grad_rl)}"
-        )
+    _same_length(grad_val_lookahead=grad_val_lookahead, grad_sft=grad_sft, grad_rl=grad_rl)
     total: Tensor | None = None  # accumulated on the device, one host sync at the end
     for g_v, g_s, g_r in zip(grad_val_lookahead, grad_sft, grad_rl):
         if g_v is None or (g_s is None and g_r is None):
@@ -276,11 +278,7 @@ def lookahead(
 
     ``params`` are left untouched; a None gradient counts as zero.
     """
-    if not len(params) == len(grad_sft) == len(grad_rl):
-        raise ValueError(
-            "params, grad_sft and grad_rl must have the same length, got "
-            f"{len(params)}, {len(grad_sft)}, {len(grad_rl)}"
-        )
+    _same_length(params=params, grad_sft=grad_sft, grad_rl=grad_rl)
     out = []
     with torch.no_grad():
         for p, g_s, g_r in zip(params, grad_sft, grad_rl):
@@ -324,11 +322,7 @@ def adam_lookahead(
     ``dV/dmu`` of the step the optimizer will actually take (gradient clipping aside). Parameters
     and optimizer states are left untouched.
     """
-    if not len(params) == len(grad_sft) == len(grad_rl) == len(states):
-        raise ValueError(
-            "params, grad_sft, grad_rl and states must have the same length, got "
-            f"{len(params)}, {len(grad_sft)}, {len(grad_rl)}, {len(states)}"
-        )
+    _same_length(params=params, grad_sft=grad_sft, grad_rl=grad_rl, states=states)
     b1, b2 = betas
     theta_prime: list[Tensor] = []
     eff_sft: list[Tensor | None] = []
