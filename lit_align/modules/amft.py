@@ -322,12 +322,12 @@ class AMFTModule(PolicyModule):
         ``params`` through functional_call when given (one pass, no length groups)."""
         if params is None:
             return self._forward_logits(ids, mask, start)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-        if start is not None and accepts_logits_to_keep(self.model):
-            kwargs["logits_to_keep"] = max(ids.shape[1] - start, 1)
-            return torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits[:, :-1]
-        logits = torch.func.functional_call(self.model, params, args=(), kwargs=kwargs).logits
-        return logits if start is None else logits[:, start:-1]
+
+        def forward(ids, mask, keep):
+            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+            return torch.func.functional_call(self.model, params, args=(), kwargs={**kwargs, **keep}).logits
+
+        return self._kept_logits(forward, ids, mask, start, accepts_logits_to_keep(self.model))
 
     def val_objective(self, held: dict, params: dict | None = None) -> torch.Tensor:
         """V at ``params`` ({name: tensor}, via functional_call) or at the model's own weights."""

@@ -226,13 +226,7 @@ class PolicyModule(L.LightningModule):
         and the logits exist only at positions s .. w - 1 (the last one, predicting past the row, is
         dropped); otherwise it computes every position and the rest are sliced off. Same values
         either way: the hidden states, and so the logits, do not depend on which positions are kept."""
-        def run(ids, mask):
-            if start is None:
-                return forward(ids, mask, {})
-            if keeps_logits:  # (0 would mean every position to Hugging Face: at least 1)
-                return forward(ids, mask, {"logits_to_keep": max(ids.shape[1] - start, 1)})[:, :-1]
-            return forward(ids, mask, {})[:, start:-1]
-
+        run = lambda ids, mask: self._kept_logits(forward, ids, mask, start, keeps_logits)  # noqa: E731
         groups = None if self._sharded() else length_groups(attention_mask, self.hparams.length_buckets)
         if groups is None:
             return run(input_ids, attention_mask)
@@ -243,6 +237,16 @@ class PolicyModule(L.LightningModule):
         for rows, piece in pieces:
             logits[rows, : piece.shape[1]] = piece
         return logits
+
+    @staticmethod
+    def _kept_logits(forward, ids: torch.Tensor, mask: torch.Tensor, start: int | None, keeps_logits: bool) -> torch.Tensor:
+        """One pass of ``forward(ids, mask, keep)``: every position's logits (``start`` None), or those
+        at positions ``start`` .. S - 2, through ``logits_to_keep`` when the model takes it (``keeps_logits``)."""
+        if start is None:
+            return forward(ids, mask, {})
+        if keeps_logits:  # (0 would mean every position to Hugging Face: at least 1)
+            return forward(ids, mask, {"logits_to_keep": max(ids.shape[1] - start, 1)})[:, :-1]
+        return forward(ids, mask, {})[:, start:-1]
 
     def sft_terms(self, expert: dict, reward_mean: float | None = None) -> tuple[torch.Tensor, dict]:
         """(Weighted) NLL of the demonstrations over expert tokens, plus what the monitors need."""
