@@ -234,13 +234,15 @@ def markdown(result: dict) -> str:
         "| training s | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m, mode in modes.items():
-        for side, x in mode["median"].items():
-            lines.append(
-                f"| {name[m]}, {'lit_align' if side == 'ours' else 'TRL'} | {x['completion_tokens_per_step']:.0f} "
-                f"| {x['completion_tokens_per_s']:.0f} | {x['step_s']:.2f} | {x['generation_s']:.2f} "
-                f"| {x['training_s']:.2f} | {x['peak_rss_mib']:.0f} |"
-            )
+    # one row per mode and side ("fixed-length, lit_align", ...), with that side's median numbers
+    rows = [(f"{name[m]}, {'lit_align' if side == 'ours' else 'TRL'}", x)
+            for m, mode in modes.items() for side, x in mode["median"].items()]
+    for label, x in rows:
+        lines.append(
+            f"| {label} | {x['completion_tokens_per_step']:.0f} "
+            f"| {x['completion_tokens_per_s']:.0f} | {x['step_s']:.2f} | {x['generation_s']:.2f} "
+            f"| {x['training_s']:.2f} | {x['peak_rss_mib']:.0f} |"
+        )
     lines += [
         "",
         "Where the time goes: model FLOPs of each step's tokens (generation 2 N, forward + backward 6 N per "
@@ -255,15 +257,13 @@ def markdown(result: dict) -> str:
         "| training GFLOP/s | matmul alone GFLOP/s (decoding / training shapes) |",
         "|---|---|---|---|---|",
     ]
-    for m, mode in modes.items():
-        for side, x in mode["median"].items():
-            dec, tr = x["matmul_gflops_decoding_shapes"], x["matmul_gflops_training_shapes"]
-            lines.append(
-                f"| {name[m]}, {'lit_align' if side == 'ours' else 'TRL'} "
-                f"| {x['generation_gflop_per_step']:.1f} + {x['training_gflop_per_step']:.1f} "
-                f"| {x['generation_gflops']:.0f} ({x['generation_gflops'] / dec:.0%}) "
-                f"| {x['training_gflops']:.0f} ({x['training_gflops'] / tr:.0%}) | {dec:.0f} / {tr:.0f} |"
-            )
+    for label, x in rows:
+        dec, tr = x["matmul_gflops_decoding_shapes"], x["matmul_gflops_training_shapes"]
+        lines.append(
+            f"| {label} | {x['generation_gflop_per_step']:.1f} + {x['training_gflop_per_step']:.1f} "
+            f"| {x['generation_gflops']:.0f} ({x['generation_gflops'] / dec:.0%}) "
+            f"| {x['training_gflops']:.0f} ({x['training_gflops'] / tr:.0%}) | {dec:.0f} / {tr:.0f} |"
+        )
     lines.append("")
     for m, mode in modes.items():
         trl = mode["median"]["trl"]

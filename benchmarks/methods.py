@@ -199,20 +199,19 @@ def main() -> None:
             runs = list(pool.map(one, [(seed, m) for seed in a.seeds for m in a.methods]))
     total = time.perf_counter() - start
     table = summarise(runs, a.methods)
-    how = (f"`{' '.join(['python benchmarks/methods.py', *sys.argv[1:]])}` "
-           f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
-    header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
-              f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
     earlier = a.out / "methods.md"
-    if a.from_runs:
-        first = earlier.read_text().split("\n", 1)[0] if earlier.exists() else ""
-        if "whole benchmark" in first:  # re-summarising a complete run: keep how it was measured
-            header = f"{first} Summarised again on {date.today()} with `python benchmarks/methods.py --from-runs`.\n\n"
-        else:
+    first = earlier.read_text().split("\n", 1)[0] if a.from_runs and earlier.exists() else ""
+    if "whole benchmark" in first:  # re-summarising a complete run: keep how it was measured
+        header = f"{first} Summarised again on {date.today()} with `python benchmarks/methods.py --from-runs`.\n\n"
+    else:
+        if a.from_runs:
             how = (f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had "
                    f"finished (wall time: span of each run's event file, training and validation only)")
-            header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
-                      f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
+        else:
+            how = (f"`{' '.join(['python benchmarks/methods.py', *sys.argv[1:]])}` "
+                   f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
+        header = (f"Embedded addition task, default noisy expert (25% systematic carry errors); {a.steps} policy "
+                  f"updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
     (a.out / "methods.md").write_text(header + table + "\n")
     (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
     plotted = plot(runs, a.methods, a.out / "curves.png")
