@@ -99,6 +99,27 @@ def test_user_files_with_custom_columns(ckpt, tmp_path, suffix):
     assert len(dm.expert_rows) == 6 and dm.prompt_rows[0]["answer"] == "1"
 
 
+def test_meta_completions_come_from_the_chosen_column(ckpt, tmp_path):
+    """AMFT's held-out NLL scores the meta rows' completions: the expert's by default, the verified
+    answers with meta_response_column=answer (numbers included), never the expert's wrong ones."""
+    rows = [{"prompt": f"{i}+109=", "response": str(i), "answer": i + 109} for i in range(6)]  # an expert always wrong
+    path = _write(tmp_path / "meta.jsonl", [json.dumps(r) + "\n" for r in rows])
+    tok_text = lambda dm, row: dm.tokenizer.decode(row["response_ids"])  # noqa: E731
+    plain = _dm(ckpt, meta_data=path)
+    assert [tok_text(plain, r) for r in plain.meta_rows] == [f"{i}{plain.tokenizer.eos_token}" for i in range(6)]
+    verified = _dm(ckpt, meta_data=path, meta_response_column="answer")
+    assert [tok_text(verified, r) for r in verified.meta_rows] == [f"{i + 109}{verified.tokenizer.eos_token}" for i in range(6)]
+    assert verified.expert_rows[0]["response_ids"] == plain.expert_rows[0]["response_ids"]  # training data untouched
+    meta = next(iter(verified.train_dataloader()))[0]["meta"]
+    labels = meta["expert"]["labels"]
+    answers = sorted(int(verified.tokenizer.decode(row[row != -100], skip_special_tokens=True)) for row in labels)
+    assert answers == [i + 109 for i in range(6)]
+    with pytest.raises(DataError, match=r"meta\.jsonl: missing column 'solution'"):
+        _dm(ckpt, meta_data=path, meta_response_column="solution")
+    with pytest.raises(ValueError, match="data.meta_response_column"):
+        MixedDataModule(model_name_or_path=ckpt, meta_response_column="")
+
+
 def test_chat_template_is_applied_when_present(ckpt, tmp_path):
     import shutil
 

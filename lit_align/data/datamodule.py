@@ -54,6 +54,11 @@ class MixedDataModule(L.LightningDataModule):
         meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
             reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
         prompt_column, response_column, answer_column: column names in your files.
+        meta_response_column: the column of ``meta_data`` read as its completions (what AMFT's
+            ``expert_nll`` objective scores); None (default): ``response_column``, the expert's
+            demonstrations. Name the answer column (``answer``) where the reference answer is a
+            whole completion (short-answer tasks): the objective then scores verified answers, not
+            the expert's possibly wrong ones.
         expert_batch_size: demonstrations per step (per device, or in all, see ``batch_scope``).
         prompt_batch_size: prompts per step (each is sampled num_generations times on the device
             that holds it, so G needs no divisibility of its own).
@@ -87,6 +92,7 @@ class MixedDataModule(L.LightningDataModule):
         prompt_column: str = "prompt",
         response_column: str = "response",
         answer_column: str = "answer",
+        meta_response_column: str | None = None,
         expert_batch_size: int = 32,
         prompt_batch_size: int = 16,
         val_batch_size: int = 100,
@@ -118,7 +124,9 @@ class MixedDataModule(L.LightningDataModule):
         ):
             if args[name] not in allowed:
                 raise ValueError(f"data.{name}={args[name]!r}: choose one of {list(allowed)}")
-        for name in ("prompt_column", "response_column", "answer_column"):
+        for name in ("prompt_column", "response_column", "answer_column", "meta_response_column"):
+            if name == "meta_response_column" and args[name] is None:
+                continue  # None: the response column
             if not isinstance(args[name], str) or not args[name]:
                 raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
         if expert_data is None and prompt_data is None:
@@ -153,9 +161,9 @@ class MixedDataModule(L.LightningDataModule):
         for i, row in valid:
             item = {"prompt": row[need["prompt"]]}
             ids = self._encode_prompt(item["prompt"])
-            resp = None
-            if "response" in need or (hp.response_column in row and isinstance(row.get(hp.response_column), str)):
-                resp = self.tokenizer(row[hp.response_column], add_special_tokens=False)["input_ids"] + [eos]
+            resp, column = None, need.get("response", hp.response_column)
+            if "response" in need or (column in row and isinstance(row.get(column), str)):
+                resp = self.tokenizer(str(row[column]), add_special_tokens=False)["input_ids"] + [eos]
             too_long = len(ids) > hp.max_prompt_length or (resp is not None and len(resp) > hp.max_response_length)
             if too_long:
                 if hp.overlong == "error":
@@ -210,7 +218,7 @@ class MixedDataModule(L.LightningDataModule):
         )
         self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}, "val") if hp.val_data else None
         self.meta_rows = (
-            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.response_column}, "meta")
+            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column}, "meta")
             if hp.meta_data
             else None
         )

@@ -16,7 +16,8 @@ AMFT (arXiv 2508.06944). Policy update t, with W = warmup_sft_steps and K = meta
             mu <- clip(mu + eta_H (H* - H))                            (controller.entropy_nudge)
 
 V is a held-out loss (lower is better) on the batch's ``"meta"`` rows: ``expert_nll``, the NLL of
-the held-out demonstrations, or ``reward``, minus the advantage-weighted log-likelihood of G
+the held-out completions (the expert's demonstrations, or with ``data.meta_response_column: answer``
+the verified reference answers), or ``reward``, minus the advantage-weighted log-likelihood of G
 fresh samples of the held-out prompts (the policy-gradient surrogate of held-out reward).
 
 Distributed: under DDP each rank forms dV/dmu from its own gradients (autograd.grad, no gradient
@@ -68,7 +69,10 @@ class AMFTModule(PolicyModule):
             ``eta_entropy`` is the entropy step eta_H. Kept in float32 whatever the policy's precision.
         controller_lr: eta_mu, the learning rate of the controller's SGD optimizer.
         meta_objective: V, ``reward`` (held-out policy-gradient surrogate, the paper's) or
-            ``expert_nll`` (held-out demonstrations' NLL, the paper's code). Needs ``data.meta_data``.
+            ``expert_nll`` (NLL of the held-out rows' completions, the paper's code: the expert's
+            demonstrations, or verified answers with ``data.meta_response_column``: where the answer
+            is the only completion a prompt's reward accepts, its NLL is minus the log of that
+            prompt's expected reward, computed without sampling). Needs ``data.meta_data``.
         meta_interval: K, RL updates between meta-gradient steps (0: no meta-gradient, an ablation).
         warmup_sft_steps: W, pure-SFT updates before the RL term and the controller start.
         entropy_coef: weight of ``max(0, H* - H)`` in the policy loss (0: off).
