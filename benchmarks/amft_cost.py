@@ -1,6 +1,7 @@
 """Extra cost of AMFT's meta-step (look-ahead meta-gradient) against an ordinary AMFT update.
 
-    python benchmarks/amft_cost.py                 # embedded model, 40 RL updates, K = 5
+    python benchmarks/amft_cost.py                 # embedded model, 40 RL updates, K = 5, configs/amft.yaml's objective
+    python benchmarks/amft_cost.py --meta-objective reward --lookahead sgd --meta-prompts 64   # the paper's
     python benchmarks/amft_cost.py --quick
 
 Runs a real Lightning fit of AMFTModule on the embedded task and times every policy update from
@@ -37,9 +38,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
-    p.add_argument("--meta-prompts", type=int, default=64, help="held-out prompts per meta step (configs/amft.yaml: 64)")
-    p.add_argument("--lookahead", choices=["sgd", "optimizer"], default="sgd",
-                   help="model.lookahead: the SGD formula, or the policy's AdamW step and its derivative")
+    p.add_argument("--meta-prompts", type=int, default=256, help="held-out rows per meta step (configs/amft.yaml: 256)")
+    p.add_argument("--meta-objective", choices=["expert_nll", "reward"], default="expert_nll",
+                   help="model.meta_objective: NLL of the held-out verified answers (configs/amft.yaml), or "
+                        "held-out reward (G samples of each held-out prompt, the paper's)")
+    p.add_argument("--lookahead", choices=["sgd", "optimizer"], default="optimizer",
+                   help="model.lookahead: the policy's AdamW step and its derivative (configs/amft.yaml), or the SGD formula")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
@@ -67,11 +71,12 @@ def main() -> None:
 
     model = AMFTModule(
         num_generations=a.generations, max_new_tokens=4, warmup_sft_steps=W, meta_interval=K,
-        controller=ScalarMu(), controller_lr=10.0 if a.lookahead == "sgd" else 0.3, lookahead=a.lookahead,
+        controller=ScalarMu(), controller_lr=30.0 if a.lookahead == "sgd" else 2.0, lookahead=a.lookahead,
+        meta_objective=a.meta_objective,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0),  # configs/amft.yaml's
     )
     data = MixedDataModule(expert_batch_size=64, prompt_batch_size=a.prompts, meta_data="embedded",
-                           meta_batch_size=a.meta_prompts, val_data=None)
+                           meta_response_column="answer", meta_batch_size=a.meta_prompts, val_data=None)
     trainer = L.Trainer(
         max_steps=W + a.rl_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()],
@@ -86,6 +91,7 @@ def main() -> None:
         "prompts_per_step": a.prompts,
         "num_generations": a.generations,
         "meta_prompts_per_meta_step": a.meta_prompts,
+        "meta_objective": a.meta_objective,
         "lookahead": a.lookahead,
         "rl_updates": len(times["rl"]),
         "meta_updates": len(times["meta"]),

@@ -26,20 +26,31 @@ sys.path.insert(0, str(ROOT))
 
 from lit_align.events import read_scalars  # noqa: E402
 
-METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft"]
+METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft", "amft_reward"]
+# rows that are another config with overrides: AMFT with the paper's meta-objective (held-out reward,
+# sampled) and the papers' SGD look-ahead formula, as configs/amft.yaml's header gives them
+VARIANTS = {
+    "amft_reward": ("amft", [
+        "--model.init_args.meta_objective=reward", "--model.init_args.lookahead=sgd",
+        "--model.init_args.controller_lr=30", "--model.init_args.meta_interval=10",
+        "--data.init_args.meta_response_column=null", "--data.init_args.meta_batch_size=64",
+    ]),
+}
 # each mixed recipe's SFT phase as a share of the run, so --steps scales it (configs: 1500 updates)
 SFT_SHARE = {
     "sft_then_grpo": ("sft_steps", 1000 / 1500),
     "chord_mu": ("sft_warmup_steps", 1000 / 1500),
     "chord_phi": ("sft_warmup_steps", 1000 / 1500),
     "amft": ("warmup_sft_steps", 1000 / 1500),
+    "amft_reward": ("warmup_sft_steps", 1000 / 1500),
 }
 
 
 def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra: list[str], threads: int = 1) -> dict:
     save_dir = out / "runs" / f"{method}-seed{seed}"
+    config, overrides = VARIANTS.get(method, (method, []))
     args = [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{method}.yaml"),
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *overrides,
         f"--seed_everything={seed}", f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={val_every}",
         f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", *extra,
