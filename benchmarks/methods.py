@@ -77,6 +77,8 @@ def collect(method: str, seed: int, save_dir: Path, wall: float) -> dict:
         "final_accuracy": acc[-1][1] if acc else float("nan"),
         "best_accuracy": max(v for _, v in acc) if acc else float("nan"),
         "final_expert_nll": s["val/expert_nll"][-1][1] if "val/expert_nll" in s else float("nan"),
+        # the same over the held-out demonstrations the reward accepts (where the expert is right)
+        "final_expert_nll_correct": s["val/expert_nll_correct"][-1][1] if "val/expert_nll_correct" in s else float("nan"),
         "wall_s": wall,
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
@@ -121,15 +123,17 @@ def summarise(runs: list[dict], methods: list[str]) -> str:
         return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     lines = [
-        "| method | final val/accuracy | best val/accuracy | final val/expert_nll | wall time (s) |",
-        "|---|---|---|---|---|",
+        "| method | final val/accuracy | best val/accuracy | final val/expert_nll | final val/expert_nll_correct "
+        "| wall time (s) |",
+        "|---|---|---|---|---|---|",
     ]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if rs:
             lines.append(
                 f"| {m} | {fmt([r['final_accuracy'] for r in rs])} | {fmt([r['best_accuracy'] for r in rs])} "
-                f"| {fmt([r['final_expert_nll'] for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
+                f"| {fmt([r['final_expert_nll'] for r in rs])} "
+                f"| {fmt([r.get('final_expert_nll_correct', float('nan')) for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
             )
     meta = [(m, [r for r in runs if r["method"] == m and r.get("meta_grads")]) for m in methods]
     meta = [(m, rs) for m, rs in meta if rs]

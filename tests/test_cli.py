@@ -108,11 +108,14 @@ def test_validation_scores_each_batch_once(tmp_path):
                 "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
                 "--data.init_args.val_batch_size=16", "--model.init_args.reward=_rewards.CountingReward"])
     calls = cli.model.reward.calls
-    assert len(calls) == 2, "one reward call per validation batch"
-    rewards = torch.cat(calls)
+    # per batch: the greedy answers, then (first pass only) the demonstrations for val/expert_nll_correct
+    assert len(calls) == 4, "one reward call per validation batch, plus one per batch of unseen demonstrations"
+    rewards = torch.cat(calls[0::2])
     metrics = cli.trainer.callback_metrics
     assert float(metrics["val/accuracy"]) == pytest.approx(float((rewards >= 1).float().mean()))
     assert float(metrics["val/reward"]) == pytest.approx(float(rewards.mean()))
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert len(calls) == 6, "a second validation pass checks no demonstration again"
 
 
 def test_bad_model_path_fails_before_training(tmp_path):
@@ -132,3 +135,35 @@ def test_missing_data_file_fails_before_training(tmp_path):
     with pytest.raises(DataError, match="missing.jsonl does not exist"):
         fit("sft", tmp_path, f"--data.init_args.expert_data={tmp_path / 'missing.jsonl'}")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_expert_nll_is_split_by_the_verifiers_verdict_on_each_demonstration(tmp_path):
+    """val/expert_nll_correct / _incorrect: the token-weighted NLL of the held-out demonstrations the
+    reward accepts / rejects (here: the expert's carry mistakes), recomputed by hand; together they
+    make up val/expert_nll. With an error-free expert the incorrect class is empty: NaN."""
+    from lit_align import losses
+
+    args = ["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=50"]
+    cli = main(args)
+    model, metrics = cli.model, cli.trainer.callback_metrics
+    sums = {True: [0.0, 0], False: [0.0, 0]}
+    loader = cli.datamodule.val_dataloader()
+    with torch.no_grad():
+        for _, batch in zip(range(2), loader):
+            e = batch["expert"]
+            logits = model.model(input_ids=e["input_ids"], attention_mask=e["attention_mask"]).logits[:, :-1]
+            labels = e["labels"][:, 1:]
+            logp = losses.token_logprobs(logits.float(), labels.clamp(min=0))
+            for row, (resp, ans) in enumerate(zip(batch["responses"], batch["answers"])):
+                keep = labels[row] != -100
+                sums[resp == ans][0] += float(-logp[row][keep].sum())
+                sums[resp == ans][1] += int(keep.sum())
+    assert sums[False][1] > 0 and sums[True][1] > 0, "both kinds of demonstration in two batches of 50"
+    assert float(metrics["val/expert_nll_correct"]) == pytest.approx(sums[True][0] / sums[True][1], rel=1e-4)
+    assert float(metrics["val/expert_nll_incorrect"]) == pytest.approx(sums[False][0] / sums[False][1], rel=1e-4)
+    total = (sums[True][0] + sums[False][0]) / (sums[True][1] + sums[False][1])
+    assert float(metrics["val/expert_nll"]) == pytest.approx(total, rel=1e-4)
+
+    clean = main([*args, "--data.init_args.expert_error_rate=0.0"]).trainer.callback_metrics
+    assert math.isnan(float(clean["val/expert_nll_incorrect"])) and math.isfinite(float(clean["val/expert_nll_correct"]))

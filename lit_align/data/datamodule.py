@@ -181,6 +181,7 @@ class MixedDataModule(L.LightningDataModule):
             item["prompt_ids"] = ids
             if resp is not None:
                 item["response_ids"] = resp
+                item["response"] = str(row[column])
             if "answer" in need or hp.answer_column in row:
                 item["answer"] = str(row.get(hp.answer_column, ""))
             out.append(item)
@@ -294,6 +295,7 @@ class MixedDataModule(L.LightningDataModule):
         with_demo = [r for r in rows if "response_ids" in r]
         if len(with_demo) == len(rows):
             batch["expert"] = self.collate_expert(rows)
+            batch["responses"] = [r["response"] for r in rows]  # the demonstrations' text, for the verifier
         return batch
 
     def _loader(self, rows, batch_size, collate, shuffle) -> DataLoader:

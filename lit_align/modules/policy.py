@@ -116,6 +116,9 @@ class PolicyModule(L.LightningModule):
         object.__setattr__(self, "ref_model", ref)
         self.val_accuracy, self.val_reward = MeanMetric(), MeanMetric()
         self.val_expert_nll, self.val_expert_token_acc = MeanMetric(), MeanMetric()
+        # val/expert_nll over the demonstrations the reward's correctness check accepts / rejects
+        self.val_expert_nll_split = torch.nn.ModuleDict({"correct": MeanMetric(), "incorrect": MeanMetric()})
+        self._demo_verdicts: dict[tuple[str, str, str], bool] = {}  # (prompt, demonstration, answer) -> correct
         self.last_samples: dict | None = None  # read by the sample-text callback
         self.last_token_weights: torch.Tensor | None = None  # read by the token-weight callback
         self.skipped_steps = 0
@@ -469,9 +472,34 @@ class PolicyModule(L.LightningModule):
             self.val_expert_token_acc.update(hits.mean(), weight=n)
             self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
             self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
+            if "responses" in batch:
+                self._split_expert_nll(batch, -(logp * mask).sum(1), mask.sum(1), prefix)
         bs = len(batch["prompts"])
         self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs)
+
+    def _split_expert_nll(self, batch: dict, nll: torch.Tensor, tokens: torch.Tensor, prefix: str) -> None:
+        """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
+        demonstrations the reward's correctness check accepts and over those it rejects (per-row summed
+        ``nll`` and ``tokens``; each demonstration is checked once per run, on first sight). A method that corrects a noisy expert raises the second; the first
+        shows whether it still imitates the expert where the expert is right. Every rank updates both
+        every batch (weight 0 when it has no such rows), so the cross-rank sync cannot hang; a class
+        absent from the whole validation set reads NaN."""
+        hp, keys = self.hparams, list(zip(batch["prompts"], batch["responses"], batch["answers"]))
+        new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
+        if new:  # a demonstration's verdict never changes: each one is checked once per run
+            verdicts, _ = score_safely(
+                self.reward.correct, *([keys[i][j] for i in new] for j in range(3)), hp.reward_errors,
+                hp.reward_timeout_s,
+            )
+            self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
+        ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=self.device)
+        for name, rows in (("correct", ok), ("incorrect", ~ok)):
+            k = tokens[rows].sum()
+            value = nll[rows].sum() / k if k > 0 else nll.new_zeros(())
+            metric = self.val_expert_nll_split[name]
+            metric.update(value, weight=k)
+            self.log(f"{prefix}/expert_nll_{name}", metric, on_epoch=True, batch_size=max(int(k), 1))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx, prefix="test")
