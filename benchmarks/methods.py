@@ -83,7 +83,8 @@ def collect(method: str, seed: int, save_dir: Path, wall: float) -> dict:
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
         "steps": s["train/loss"][-1][0] + 1 if s.get("train/loss") else 0,  # logged every n updates
-        # AMFT: dV/dmu of each meta step (logged values repeat until the next meta step: deduplicated)
+        # AMFT: dV/dmu of each meta step that fell on a logging step (log_every_n_steps; Lightning
+        # repeats the latest value until the next meta step: deduplicated)
         "meta_grads": [v for i, (_, v) in enumerate(s.get("train/meta_grad", []))
                        if i == 0 or v != s["train/meta_grad"][i - 1][1]],
     }
@@ -142,7 +143,7 @@ def summarise(runs: list[dict], methods: list[str]) -> str:
             "",
             "Meta-gradient dV/dmu of each meta step (V: held-out loss; dV/dmu > 0 lowers mu, towards RL):",
             "",
-            "| method | meta steps per run | mean dV/dmu | share > 0 | final mu |",
+            "| method | logged meta steps per run | mean dV/dmu | share > 0 | final mu |",
             "|---|---|---|---|---|",
         ]
         for m, rs in meta:
