@@ -28,7 +28,7 @@ from lit_align.events import read_scalars  # noqa: E402
 
 METHODS = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft", "amft_reward"]
 # rows that are another config with overrides: AMFT with the paper's meta-objective (held-out reward,
-# sampled) and the papers' SGD look-ahead formula, as configs/amft.yaml's header gives them
+# sampled) and the papers' SGD look-ahead formula (configs/amft.yaml's header points here)
 VARIANTS = {
     "amft_reward": ("amft", [
         "--model.init_args.meta_objective=reward", "--model.init_args.lookahead=sgd",

@@ -114,7 +114,7 @@ def test_meta_completions_come_from_the_chosen_column(ckpt, tmp_path):
     labels = meta["expert"]["labels"]
     answers = sorted(int(verified.tokenizer.decode(row[row != -100], skip_special_tokens=True)) for row in labels)
     assert answers == [i + 109 for i in range(6)]
-    with pytest.raises(DataError, match=r"meta\.jsonl: missing column 'solution'"):
+    with pytest.raises(DataError, match=r"meta\.jsonl: missing column 'solution'.*meta_response_column"):
         _dm(ckpt, meta_data=path, meta_response_column="solution")
     with pytest.raises(ValueError, match="data.meta_response_column"):
         MixedDataModule(model_name_or_path=ckpt, meta_response_column="")

@@ -153,7 +153,8 @@ class MixedDataModule(L.LightningDataModule):
     def _encode(self, source: str, split: str, need: dict[str, str], stream: str) -> list[dict]:
         rows, label = load_table(self._source(source, split), split)
         hp = self.hparams
-        valid, problems = validate_rows(rows, label, need, hp.invalid_rows)
+        flags = {"response": "meta_response_column"} if stream == "meta" and hp.meta_response_column else None
+        valid, problems = validate_rows(rows, label, need, hp.invalid_rows, flags)
         if problems:
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
         eos = self.tokenizer.eos_token_id
@@ -219,7 +220,10 @@ class MixedDataModule(L.LightningDataModule):
         )
         self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}, "val") if hp.val_data else None
         self.meta_rows = (
-            self._encode(hp.meta_data, "meta", {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column}, "meta")
+            self._encode(
+                hp.meta_data, "meta",
+                {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column}, "meta",
+            )
             if hp.meta_data
             else None
         )

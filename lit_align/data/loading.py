@@ -157,7 +157,7 @@ def report(label: str, problems: list[str], what: str) -> str:
 
 
 def validate_rows(
-    rows: list[dict], label: str, columns: dict[str, str], invalid_rows: str = "error"
+    rows: list[dict], label: str, columns: dict[str, str], invalid_rows: str = "error", flags: dict[str, str] | None = None
 ) -> tuple[list[tuple[int, dict]], list[str]]:
     """Check that each ``role -> column`` holds a non-empty string (or a number) in every row.
 
@@ -165,14 +165,15 @@ def validate_rows(
     without blank lines). With ``invalid_rows="error"`` any bad row raises one :class:`DataError`
     listing the bad rows; with ``"skip"`` they are dropped. Returns the kept ``(row number, row)``
     pairs and one ``row N, column 'c' ...`` line per problem. A column
-    absent from every row, or no usable row at all, is always an error.
+    absent from every row, or no usable row at all, is always an error; its message names the data
+    module's argument that sets it (``flags[role]``, default ``<role>_column``).
     """
     present = set().union(*rows) if rows else set()
     for role, column in columns.items():
         if column not in present:
             raise DataError(
                 f"{label}: missing column {column!r} (the {role} column); columns found: {sorted(present)}. "
-                f"Set the data module's {role}_column to the right name."
+                f"Set the data module's {(flags or {}).get(role, f'{role}_column')} to the right name."
             )
     kept, problems = [], []
     for i, row in enumerate(rows, start=1):

@@ -481,10 +481,11 @@ class PolicyModule(L.LightningModule):
     def _split_expert_nll(self, batch: dict, nll: torch.Tensor, tokens: torch.Tensor, prefix: str) -> None:
         """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
         demonstrations the reward's correctness check accepts and over those it rejects (per-row summed
-        ``nll`` and ``tokens``; each demonstration is checked once per run, on first sight). A method that corrects a noisy expert raises the second; the first
-        shows whether it still imitates the expert where the expert is right. Every rank updates both
-        every batch (weight 0 when it has no such rows), so the cross-rank sync cannot hang; a class
-        absent from the whole validation set reads NaN."""
+        ``nll`` and ``tokens``). A method that corrects a noisy expert raises the second; the first shows
+        whether it still imitates the expert where the expert is right. Each demonstration is checked
+        once per run, on first sight. Every rank updates both metrics every batch (weight 0 when it has
+        no such rows), so the cross-rank sync cannot hang; a class absent from the whole validation set
+        reads NaN."""
         hp, keys = self.hparams, list(zip(batch["prompts"], batch["responses"], batch["answers"]))
         new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
         if new:  # a demonstration's verdict never changes: each one is checked once per run
