@@ -299,7 +299,8 @@ class MixedDataModule(L.LightningDataModule):
         with_demo = [r for r in rows if "response_ids" in r]
         if len(with_demo) == len(rows):
             batch["expert"] = self.collate_expert(rows)
-            batch["responses"] = [r["response"] for r in rows]  # the demonstrations' text, for the verifier
+            if all("response" in r for r in rows):  # the demonstrations' text, for the verifier
+                batch["responses"] = [r["response"] for r in rows]
         return batch
 
     def _loader(self, rows, batch_size, collate, shuffle) -> DataLoader:
