@@ -173,7 +173,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
+        unique_ids, unique_mask, repeats = prompt_ids, prompt_mask, 1
         if not greedy and num_generations > 1:
+            repeats = num_generations
             prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         eos_ids = _eos_ids(model, tokenizer)
@@ -183,7 +185,7 @@ def generate(
             settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
         t = 1.0 if greedy else temperature
         if drop_finished and not synced_gpus and decode_applies(model, settings):
-            completion_ids, old_logp, entropy = decode(model, prompt_ids, prompt_mask, settings)
+            completion_ids, old_logp, entropy = decode(model, unique_ids, unique_mask, settings, repeats=repeats)
             mask = completion_mask(completion_ids, eos_ids)
         else:
             out = model.generate(
@@ -240,7 +242,8 @@ def decode_applies(model, settings: dict) -> bool:
 
 
 def decode(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, compact_at: float = 0.25
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, compact_at: float = 0.25,
+    repeats: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or greedily pick) completions token by token with a KV cache, as HF ``generate`` does
     for ``settings`` (see :func:`decode_applies`), but stop computing rows that have emitted EOS.
@@ -250,8 +253,12 @@ def decode(
     draws from their softmax (argmax when greedy). A finished row is fed padding, as in HF, until
     finished rows make up ``compact_at`` of the rows still in the cache; then they are dropped from
     it (so the cache is copied a few times, not every step). Until rows are dropped, the random
-    draws are HF's, token for token. Returns (completion ids (B, T), log-probs and entropies of the
-    raw logits / temperature (B, T), 0 after EOS), T = steps until every row finished or max_new_tokens.
+    draws are HF's, token for token. ``repeats``: sample each prompt that many times (rows
+    ``i * repeats ... (i + 1) * repeats - 1`` of the result are prompt i's): the prompt is run through
+    the model once and its KV cache copied, where ``generate`` on repeated prompts computes the same
+    keys and values ``repeats`` times. Returns (completion ids (B, T), log-probs and entropies of the
+    raw logits / temperature (B, T), 0 after EOS), B = prompts x repeats, T = steps until every row
+    finished or max_new_tokens.
     """
     from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -267,7 +274,7 @@ def decode(
         warpers.append(TopPLogitsWarper(top_p=config.top_p))
     eos = config.eos_token_id
     eos = torch.as_tensor([] if eos is None else eos, dtype=torch.long, device=prompt_ids.device).reshape(-1)
-    B, T, device = prompt_ids.shape[0], config.max_new_tokens, prompt_ids.device
+    B, T, device = prompt_ids.shape[0] * repeats, config.max_new_tokens, prompt_ids.device
     ids = torch.full((B, T), config.pad_token_id, dtype=torch.long, device=device)
     logp = torch.zeros(B, T, dtype=torch.float32, device=device)
     entropy = torch.zeros(B, T, dtype=torch.float32, device=device)
@@ -278,9 +285,12 @@ def decode(
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 past_key_values=cache, use_cache=True, **keep_last)
+    logits = out.logits[:, -1].float()
+    if repeats > 1:  # one prefill per prompt; the rows that sample it share copies of its cache
+        cache.batch_repeat_interleave(repeats)
+        logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
     steps = 0
     for step in range(T):
-        logits = out.logits[:, -1].float()
         scores = logits
         if eos.numel() and config.min_new_tokens and step < config.min_new_tokens:
             scores = scores.index_fill(-1, eos, float("-inf"))
@@ -307,4 +317,5 @@ def decode(
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
                     past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
     return ids[:, :steps], logp[:, :steps], entropy[:, :steps]

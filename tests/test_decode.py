@@ -116,3 +116,20 @@ def test_hf_generate_where_the_loop_would_differ(setup, monkeypatch):
     assert r.completion_ids.shape[0] == 4 and synced == [True]  # every rank steps until all are done: HF's loop
     with pytest.raises(AssertionError, match="decode must not run"):
         generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("compact_at", [float("inf"), 0.25])
+def test_one_prefill_per_prompt_samples_what_repeated_prompts_sample(setup, compact_at):
+    """repeats=G runs each prompt through the model once and copies its KV cache to its G rows: the
+    same tokens (same random draws), log-probs and entropies as decoding the repeated prompts."""
+    tok, model, ids, mask = setup
+    settings = _settings(tok, temperature=0.9, top_k=0, top_p=1.0)
+    torch.manual_seed(7)
+    full = decode(model, ids, mask, settings, compact_at=compact_at)
+    torch.manual_seed(7)
+    shared = decode(model, ids[::G], mask[::G], settings, compact_at=compact_at, repeats=G)
+    assert torch.equal(shared[0], full[0])
+    m = completion_mask(full[0], tok.eos_token_id)
+    assert 0 < m.sum() < m.numel(), "some rows stop early"
+    for a, b in zip(shared[1:], full[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
