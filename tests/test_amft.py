@@ -332,8 +332,11 @@ if __name__ == "__main__":
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(m, DataLoader([batch(k) for k in range(6)], batch_size=None, collate_fn=lambda b: b))
-    print("RESULT", trainer.global_step, repr(m.controller.mu_value()), repr(float(m.target_entropy)),
-          repr(float(sum(p.double().sum() for p in m.model.parameters()))), flush=True)
+    with torch.no_grad():  # one file per rank: two processes' lines on one stdout pipe can get lost or mixed
+        result = [trainer.global_step, repr(m.controller.mu_value()), repr(float(m.target_entropy)),
+                  repr(float(sum(p.double().sum() for p in m.model.parameters())))]
+    with open(f"result_{trainer.global_rank}.txt", "w") as f:
+        f.write(" ".join(map(str, result)))
 """
 
 
@@ -345,8 +348,9 @@ def test_ddp_ranks_hold_the_same_mu(tmp_path, ckpt):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(script), ckpt], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=300)
-    results = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("RESULT")]
-    assert out.returncode == 0 and len(results) == 2, out.stderr[-3000:]
+    files = sorted(tmp_path.glob("result_*.txt"))
+    assert out.returncode == 0 and len(files) == 2, out.stderr[-3000:]
+    results = [f.read_text().split() for f in files]
     assert results[0] == results[1]  # global step, mu, H*, policy weights
     step, mu, h_star, _ = results[0]
     assert step == "3" and float(mu) != 0.5 and math.isfinite(float(h_star))
