@@ -134,7 +134,7 @@ def summarise(runs: list[dict], methods: list[str]) -> str:
             lines.append(
                 f"| {m} | {fmt([r['final_accuracy'] for r in rs])} | {fmt([r['best_accuracy'] for r in rs])} "
                 f"| {fmt([r['final_expert_nll'] for r in rs])} "
-                f"| {fmt([r.get('final_expert_nll_correct', float('nan')) for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
+                f"| {fmt([r['final_expert_nll_correct'] for r in rs])} | {fmt([r['wall_s'] for r in rs], 0)} |"
             )
     meta = [(m, [r for r in runs if r["method"] == m and r.get("meta_grads")]) for m in methods]
     meta = [(m, rs) for m, rs in meta if rs]

@@ -150,10 +150,13 @@ class MixedDataModule(L.LightningDataModule):
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(text, add_special_tokens=True)["input_ids"]
 
-    def _encode(self, source: str, split: str, need: dict[str, str], stream: str) -> list[dict]:
+    def _encode(
+        self, source: str, split: str, need: dict[str, str], stream: str, flags: dict[str, str] | None = None
+    ) -> list[dict]:
+        """Rows of ``source`` with the ``role -> column`` fields in ``need`` validated and tokenized;
+        ``flags``: the data module argument that names a role's column, where not ``<role>_column``."""
         rows, label = load_table(self._source(source, split), split)
         hp = self.hparams
-        flags = {"response": "meta_response_column"} if stream == "meta" and hp.meta_response_column else None
         valid, problems = validate_rows(rows, label, need, hp.invalid_rows, flags)
         if problems:
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
@@ -164,7 +167,8 @@ class MixedDataModule(L.LightningDataModule):
             ids = self._encode_prompt(item["prompt"])
             resp, column = None, need.get("response", hp.response_column)
             if "response" in need or (column in row and isinstance(row.get(column), str)):
-                resp = self.tokenizer(str(row[column]), add_special_tokens=False)["input_ids"] + [eos]
+                text = str(row[column])
+                resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             too_long = len(ids) > hp.max_prompt_length or (resp is not None and len(resp) > hp.max_response_length)
             if too_long:
                 if hp.overlong == "error":
@@ -182,7 +186,8 @@ class MixedDataModule(L.LightningDataModule):
             item["prompt_ids"] = ids
             if resp is not None:
                 item["response_ids"] = resp
-                item["response"] = str(row[column])
+                if stream in ("val", "meta"):  # held-out demonstrations' text, for the verifier's verdict
+                    item["response"] = text
             if "answer" in need or hp.answer_column in row:
                 item["answer"] = str(row.get(hp.answer_column, ""))
             out.append(item)
@@ -223,6 +228,7 @@ class MixedDataModule(L.LightningDataModule):
             self._encode(
                 hp.meta_data, "meta",
                 {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column}, "meta",
+                {"response": "meta_response_column"} if hp.meta_response_column else None,
             )
             if hp.meta_data
             else None

@@ -489,10 +489,8 @@ class PolicyModule(L.LightningModule):
         hp, keys = self.hparams, list(zip(batch["prompts"], batch["responses"], batch["answers"]))
         new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
         if new:  # a demonstration's verdict never changes: each one is checked once per run
-            verdicts, _ = score_safely(
-                self.reward.correct, *([keys[i][j] for i in new] for j in range(3)), hp.reward_errors,
-                hp.reward_timeout_s,
-            )
+            prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
+            verdicts, _ = score_safely(self.reward.correct, prompts, demos, answers, hp.reward_errors, hp.reward_timeout_s)
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=self.device)
         for name, rows in (("correct", ok), ("incorrect", ~ok)):
