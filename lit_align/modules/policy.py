@@ -61,6 +61,26 @@ class PolicyModule(L.LightningModule):
             row, so fewer padded positions are computed; logits at every attended position, the
             losses and their gradients are those of one pass (up to float rounding). 1: always one
             pass. Under FSDP2 always one pass, since every rank must run the same number of forwards.
+        micro_batch_size: rows per forward/backward (TRL's per-device micro-batch). One policy update
+            accumulates gradients over micro-batches of rollout rows and of expert rows, then clips and
+            steps once; each term is normalised over the whole update's tokens (token-mean) or rows
+            (seq-mean modes) on every rank, so the loss and gradient do not depend on this number or on
+            how tokens are spread over ranks. None (default): the whole batch in one forward.
+        generation_batch_size: rows (prompts x G) decoded at once; None (default): all of them.
+        steps_per_generation: the rollout batch and the step's expert rows are split into this many
+            mini-batches, one optimizer step each (TRL's name). Each Lightning training step is one
+            optimizer step, so max_steps, lr / mu schedules, AMFT's K and checkpoints count updates.
+        num_iterations: passes over the same rollouts (TRL's name, PPO epochs); with
+            steps_per_generation, each rollout batch serves steps_per_generation x num_iterations
+            updates, and the PPO clip and the sampling-time log-probs do their job.
+        disable_dropout: dropout off in the policy, its LoRA adapters and the reference model (TRL's
+            name), so a strictly on-policy update has ratio 1 and KL 0.
+        mask_truncated_completions: completions that reach max_new_tokens without an end token get no
+            RL loss (their group statistics are computed as usual). ``train/clipped_ratio``, the share
+            of such completions, is always logged.
+        repetition_penalty, min_p: sampling settings (TRL's names; 1.0 / 0.0: off). The checkpoint's
+            own generation config never changes sampling: its sampling fields are overridden by these
+            settings, and the start-up log names the ones it overrode.
 
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
@@ -97,6 +117,14 @@ class PolicyModule(L.LightningModule):
         model_dtype: str | None = None,
         lora: dict | None = None,
         length_buckets: int = 4,
+        micro_batch_size: int | None = None,
+        generation_batch_size: int | None = None,
+        steps_per_generation: int = 1,
+        num_iterations: int = 1,
+        disable_dropout: bool = True,
+        mask_truncated_completions: bool = False,
+        repetition_penalty: float = 1.0,
+        min_p: float = 0.0,
     ):
         super().__init__()
         self._validate(locals())
@@ -152,6 +180,14 @@ class PolicyModule(L.LightningModule):
             ),
             "reward_timeout_s": (timeout is None or (number(timeout) and timeout > 0), "null or a finite number > 0"),
             "length_buckets": (integer(args["length_buckets"]) and args["length_buckets"] >= 1, "an integer >= 1"),
+            "micro_batch_size": (args["micro_batch_size"] is None or (integer(args["micro_batch_size"]) and args["micro_batch_size"] >= 1),
+                                 "null (the whole batch) or an integer >= 1"),
+            "generation_batch_size": (args["generation_batch_size"] is None or (integer(args["generation_batch_size"])
+                                      and args["generation_batch_size"] >= 1), "null (every row at once) or an integer >= 1"),
+            "steps_per_generation": (integer(args["steps_per_generation"]) and args["steps_per_generation"] >= 1, "an integer >= 1"),
+            "num_iterations": (integer(args["num_iterations"]) and args["num_iterations"] >= 1, "an integer >= 1"),
+            "repetition_penalty": (number(args["repetition_penalty"]) and args["repetition_penalty"] > 0, "a finite number > 0 (1: off)"),
+            "min_p": (number(args["min_p"]) and 0 <= args["min_p"] < 1, "in [0, 1) (0: off)"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
