@@ -80,6 +80,8 @@ class MetaController(nn.Module):
         """
         raise NotImplementedError
 
+    uses_stats = True  # mu depends on the training statistics (ScalarMu: it does not)
+
     def mu_value(self, stats: Mapping[str, float] | None = None) -> float:
         """Current ``mu`` as a Python float (no autograd graph), within ``[mu_min, mu_max]``.
 
@@ -130,6 +132,8 @@ class ScalarMu(MetaController):
         if not mu_min <= init_mu <= mu_max:
             raise ValueError(f"init_mu must be in [mu_min, mu_max] = [{mu_min}, {mu_max}], got {init_mu}")
         self.mu = nn.Parameter(torch.tensor(float(init_mu)))
+
+    uses_stats = False
 
     def forward(self, stats: Mapping[str, float] | None = None) -> Tensor:
         """Return the ``mu`` parameter; ``stats`` is ignored."""

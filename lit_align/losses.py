@@ -18,6 +18,32 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
 
 
+def aggregate_parts(
+    values: torch.Tensor | None, mask: torch.Tensor, mode: str = "token-mean"
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(numerator, denominator) of :func:`aggregate`, so a batch split into parts (micro-batches,
+    ranks) can be normalised by the denominator of the whole: the numerators add up over parts.
+
+    token-mean: (sum of masked values, number of tokens); seq-mean-token-mean: (sum over rows of each
+    row's token-mean, rows holding a token); seq-mean-token-sum: (sum of masked values, rows holding a
+    token). ``values`` None: the numerator is None (counting only)."""
+    _check_choice("loss_aggregation", mode, AGGREGATIONS)
+    dtype = values.dtype if values is not None else torch.float32
+    maskf = mask.to(dtype)
+    if mode == "token-mean":
+        den = maskf.sum()
+        return (None if values is None else (values * maskf).sum()), den
+    tokens = maskf.sum(-1)
+    rows = (tokens > 0).to(dtype)
+    den = rows.sum()
+    if values is None:
+        return None, den
+    per_row = (values * maskf).sum(-1)
+    if mode == "seq-mean-token-mean":
+        per_row = per_row / tokens.clamp(min=1.0)
+    return (per_row * rows).sum(), den
+
+
 def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
     """Reduce per-token ``values`` (B, T) over the tokens where ``mask`` is set.
 
@@ -26,37 +52,121 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     seq-mean-token-sum: sum over each row's tokens, then mean over rows.
     Rows without tokens are ignored by the seq-mean modes; an all-empty mask gives 0.
     """
-    _check_choice("loss_aggregation", mode, AGGREGATIONS)
-    mask = mask.to(values.dtype)
-    masked = values * mask
-    if mode == "token-mean":
-        return masked.sum() / mask.sum().clamp(min=1.0)
-    tokens = mask.sum(-1)
-    rows = (tokens > 0).to(values.dtype)
-    per_row = masked.sum(-1)
-    if mode == "seq-mean-token-mean":
-        per_row = per_row / tokens.clamp(min=1.0)
-    return (per_row * rows).sum() / rows.sum().clamp(min=1.0)
+    num, den = aggregate_parts(values, mask, mode)
+    return num / den.clamp(min=1.0)
+
+
+# the vocabulary-wide computations run over blocks of at most 2**26 values (256 MiB in float32)
+_CHUNK_ELEMENTS = 2**26
+
+
+def _blocks(B: int, T: int, V: int):
+    """(row slice, position slice) blocks covering (B, T), each of at most ``_CHUNK_ELEMENTS / V``
+    positions: whole rows at a time where they fit, else pieces of one row."""
+    per = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    if T == 0 or B == 0:
+        return
+    if T <= per:
+        step = per // T
+        for i in range(0, B, step):
+            yield slice(i, min(i + step, B)), slice(0, T)
+    else:
+        for i in range(B):
+            for j in range(0, T, per):
+                yield slice(i, i + 1), slice(j, min(j + per, T))
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(logits / T)[ids] over blocks of positions: no full-size temporary beyond the
+    gradient of ``logits`` itself (written block by block in backward)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        B, T, V = logits.shape
+        acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
+        out = torch.empty(B, T, dtype=acc, device=logits.device)
+        lse = torch.empty_like(out)
+        for rb, tb in _blocks(B, T, V):
+            x = logits[rb, tb]
+            if temperature != 1.0:
+                x = x / temperature
+            x = x.to(acc)
+            lse[rb, tb] = torch.logsumexp(x, dim=-1)
+            out[rb, tb] = x.gather(-1, ids[rb, tb].unsqueeze(-1)).squeeze(-1) - lse[rb, tb]
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, ids, lse = ctx.saved_tensors
+        t = ctx.temperature
+        B, T, V = logits.shape
+        grad = torch.empty_like(logits)
+        for rb, tb in _blocks(B, T, V):
+            x = logits[rb, tb]
+            if t != 1.0:
+                x = x / t
+            g = grad_out[rb, tb].to(lse.dtype).unsqueeze(-1)
+            block = -(torch.exp(x.to(lse.dtype) - lse[rb, tb].unsqueeze(-1)) * g)
+            block.scatter_add_(-1, ids[rb, tb].unsqueeze(-1), g)
+            if t != 1.0:
+                block = block / t
+            grad[rb, tb] = block.to(grad.dtype)
+        return grad, None, None
+
+
+class _NoCtx:
+    """A stand-in for autograd's ctx when :class:`_SelectiveLogSoftmax` runs without a graph."""
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) gathered at ``ids``: (B, T, V), (B, T) -> (B, T).
+    """log softmax(logits / temperature) gathered at ``ids``: (B, T, V), (B, T) -> (B, T), in float32
+    (float64 for float64 logits). Also (N, V), (N,) -> (N,).
 
-    Uses logsumexp so the full (B, T, V) log-softmax is never materialised twice.
+    A selective log-softmax over blocks of positions (at most 2**26 values each): neither the
+    log-softmax nor a float32 copy of ``logits`` is materialised at full size, in forward or backward,
+    so a forward holds one (B, T, V) logits tensor and, in backward, its gradient.
     """
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = logits.float()
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    if logits.dim() == 2:
+        return token_logprobs(logits.unsqueeze(0), ids.unsqueeze(0), temperature).squeeze(0)
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _SelectiveLogSoftmax.apply(logits, ids, float(temperature))
+    with torch.no_grad():
+        return _SelectiveLogSoftmax.forward(_NoCtx(), logits, ids, float(temperature))
+
+
+def chunked(fn, logits: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``fn(logits_block, *others_blocks)`` -> per-position values, over blocks of positions of a
+    (B, T, V) ``logits`` (``others`` (B, T, ...) are cut alike), without a graph: (B, T), float32 (float64 for float64 logits)."""
+    if logits.dim() == 2:
+        return chunked(fn, logits.unsqueeze(0), *(o.unsqueeze(0) for o in others)).squeeze(0)
+    B, T, V = logits.shape
+    out = torch.empty(B, T, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    with torch.no_grad():
+        for rb, tb in _blocks(B, T, V):
+            out[rb, tb] = fn(logits[rb, tb].detach(), *(o[rb, tb] for o in others))
+    return out
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-position entropy (nats) of softmax(logits / temperature): (B, T, V) -> (B, T)."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Per-position entropy (nats) of softmax(logits / temperature): (B, T, V) -> (B, T), float32.
+
+    Differentiable when ``logits`` carries a graph (AMFT's entropy term); otherwise computed over
+    chunks of positions (see :func:`chunked`), so no full-size temporaries.
+    """
+    def entropy(x: torch.Tensor) -> torch.Tensor:
+        if temperature != 1.0:
+            x = x / temperature
+        logp = F.log_softmax(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    if logits.requires_grad and torch.is_grad_enabled():
+        return entropy(logits)
+    return chunked(entropy, logits)
 
 
 def masked_nll(
@@ -124,23 +234,21 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     return torch.exp(log_ratio) - 1.0 - log_ratio
 
 
-def clipped_surrogate(
+def surrogate_per_token(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
-    aggregation: str = "token-mean",
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-clipped policy-gradient loss with per-sequence ``advantages`` (B,).
+    """Per-token PPO-clipped policy-gradient loss (B, T) with per-sequence ``advantages`` (B,):
 
     loss_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) [+ beta * KL_t],
-    rho_t = exp(logp_t - old_logp_t). ``clip_ratio`` is the share of tokens where the clipped
-    branch is the one taken.
+    rho_t = exp(logp_t - old_logp_t). Metrics, per token (detached): ``clip_ratio`` 1 where the clipped
+    branch is the one taken, ``kl`` the KL estimate (beta > 0).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(-1).to(logp.dtype)
@@ -153,8 +261,26 @@ def clipped_surrogate(
             raise ValueError("beta > 0 needs ref_logp from the reference model")
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
-        metrics["kl"] = aggregate(kl.detach(), mask, "token-mean")
+        metrics["kl"] = kl.detach()
+    metrics["clip_ratio"] = (clipped < unclipped).to(logp.dtype).detach()
+    return per_token, metrics
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    aggregation: str = "token-mean",
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`surrogate_per_token` aggregated over ``mask`` (B, T); metrics as token-means
+    (``clip_ratio``: the share of tokens where the clipped branch is the one taken)."""
+    per_token, per = surrogate_per_token(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp, beta,
+                                         kl_estimator)
     loss = aggregate(per_token, mask, aggregation)
-    was_clipped = (clipped < unclipped).to(logp.dtype).detach()
-    metrics["clip_ratio"] = aggregate(was_clipped, mask, "token-mean")
-    return loss, metrics
+    return loss, {k: aggregate(v, mask, "token-mean") for k, v in per.items()}

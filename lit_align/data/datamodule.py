@@ -136,6 +136,9 @@ class MixedDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}  # data/... counts, see ``invalid_rows``
         self.labels: dict[str, str] = {}  # stream -> file or data set it came from
         self.batch_sizes: dict[str, int] = {}  # per-device batch size of each stream
+        # each training batch is yielded this many times, with a "repeat" index: the policy module sets
+        # it to its updates per rollout batch (steps_per_generation x num_iterations) at set-up
+        self.batch_repeats = 1
 
     # ------------------------------------------------------------------ set-up
     def _source(self, value: str, split: str) -> str:
@@ -315,7 +318,7 @@ class MixedDataModule(L.LightningDataModule):
             replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
             return ResumableLoader(
                 _Rows(rows), batch_size, collate, seed=self.seed, num_workers=self.hparams.num_workers,
-                drop_last=len(rows) // self._world_size() >= batch_size, **replicas,
+                drop_last=len(rows) // self._world_size() >= batch_size, repeats=self.batch_repeats, **replicas,
             )
         # a generator of its own: creating an iterator must not draw from the global RNG (exact resume)
         gen = torch.Generator().manual_seed(self.seed)
@@ -375,33 +378,48 @@ class ResumableLoader(DataLoader):
     loop's ``combined_loader`` state) and after ``load_state_dict`` the next pass resumes after
     those n batches, so a resumed run trains on exactly the batches an uninterrupted run would.
     A stream that CombinedLoader cycles starts a new pass (new order) each time it is exhausted.
+    With ``repeats`` k > 1 each batch is yielded k times as ``{**batch, "repeat": r}`` (r = 0 .. k - 1:
+    one rollout batch, k policy updates); the state then also counts the repeats given of the current
+    batch, so a checkpoint taken between two of them resumes at the next one.
     Workers' base seed comes from the loader's own generator, never from the global RNG.
     """
 
     def __init__(self, dataset, batch_size: int, collate_fn, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = True, num_workers: int = 0):
+                 drop_last: bool = True, num_workers: int = 0, repeats: int = 1):
         super().__init__(
             dataset, batch_size=batch_size, sampler=_PassSampler(dataset, num_replicas, rank, seed),
             drop_last=drop_last, collate_fn=collate_fn, num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed),
         )
         self.passes, self.batches, self._resuming = -1, 0, False
+        self.repeats, self.given = repeats, 0  # each batch is yielded ``repeats`` times; ``given`` of them so far
+
+    def __len__(self) -> int:
+        return super().__len__() * self.repeats
 
     def __iter__(self):
-        if not self._resuming or self.batches >= len(self):
-            self.passes, self.batches = self.passes + 1, 0
+        batches = super().__len__()
+        partial = self._resuming and 0 < self.given < self.repeats  # stopped inside a batch's repeats
+        if not self._resuming or (self.batches >= batches and not partial):
+            self.passes, self.batches, self.given, partial = self.passes + 1, 0, 0, False
         self._resuming = False
+        if partial:
+            self.batches -= 1  # yield that batch again, from the repeat where it stopped
         self.sampler.epoch = self.passes
         self.sampler.skip = self.batches * self.batch_size
-        return self._counted(super().__iter__())
+        return self._counted(super().__iter__(), self.given if partial else 0)
 
-    def _counted(self, batches):
+    def _counted(self, batches, first: int):
         for batch in batches:
             self.batches += 1
-            yield batch
+            for r in range(first, self.repeats):
+                self.given = r + 1
+                yield batch if self.repeats == 1 else {**batch, "repeat": r}
+            first = 0
 
     def state_dict(self) -> dict:
-        return {"pass": self.passes, "batches": self.batches}
+        return {"pass": self.passes, "batches": self.batches, "given": self.given}
 
     def load_state_dict(self, state: dict) -> None:
         self.passes, self.batches, self._resuming = int(state["pass"]), int(state["batches"]), True
+        self.given = int(state.get("given", 0))

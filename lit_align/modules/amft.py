@@ -20,12 +20,14 @@ the held-out completions (the expert's demonstrations, or with ``data.meta_respo
 the verified reference answers), or ``reward``, minus the advantage-weighted log-likelihood of G
 fresh samples of the held-out prompts (the policy-gradient surrogate of held-out reward).
 
-Distributed: under DDP each rank forms dV/dmu from its own gradients (autograd.grad, no gradient
-communication) and the scalar is averaged over ranks. Under FSDP2 gradients exist only as shards of
-the rank-averaged gradient, after a backward: the meta step back-propagates L_SFT and L_RL one
-after the other, builds theta' shard by shard, writes it into the parameters for V's backward and
-puts the weights back; the shards' inner products are summed over ranks (:meth:`split_backward`,
-:meth:`sharded_meta_gradient`).
+Scale: every pass goes through the step engine (micro-batches of ``micro_batch_size`` rows, each term
+normalised over the whole update on all ranks, one gradient reduction per pass). A meta step (or a
+controller that reads this update's statistics, e.g. MetaNetwork) back-propagates L_SFT and L_RL one
+after the other, keeps each gradient (global, reduced over ranks; local shards under FSDP2) and forms
+``.grad`` = mu g_SFT + (1 - mu) g_RL; otherwise mu is known first and one pass runs both terms. V's
+gradient at theta' is taken with theta' written into the parameters and the weights put back; the
+inner products are summed over shards under FSDP2. So one meta step on N ranks equals one process on
+the global batch.
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ import torch.distributed as dist
 
 from lit_align import losses
 from lit_align.controller import MetaController, ScalarMu, adam_lookahead, hypergradient, lookahead
+from lit_align.modules.engine import Term, TermOutput
 from lit_align.modules.policy import PolicyModule
-from lit_align.rollout import accepts_logits_to_keep, position_ids_from_mask
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,7 @@ class AMFTModule(PolicyModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self._distributed():
+        if self.ranks.world > 1:
             for p in self.controller.parameters():  # DDP ignores them, so it does not sync them either
                 dist.broadcast(p.data, src=0)
 
@@ -179,8 +181,8 @@ class AMFTModule(PolicyModule):
             buffers["target_entropy"] = move(buffers["target_entropy"])
         return self
 
-    def policy_step(self, loss: torch.Tensor, metrics: dict, backward=None) -> bool:
-        applied = super().policy_step(loss, metrics, backward)
+    def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
+        applied = super().policy_step(loss, metrics)
         self._last_grad_norm = float(metrics["grad_norm"])
         return applied
 
@@ -201,29 +203,46 @@ class AMFTModule(PolicyModule):
             self.controller.apply_meta_gradient(dV_dmu, stats)
         opt.step()
 
-    # ------------------------------------------------------------------ the meta-gradient
+    # ------------------------------------------------------------------ the two gradients
     def _trainable(self) -> tuple[list[str], list[torch.Tensor]]:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         return [n for n, _ in named], [p for _, p in named]
 
-    def look_ahead(self, l_sft: torch.Tensor, l_rl: torch.Tensor, mu: float, lr: float) -> tuple[list, list, list]:
-        """(theta', g_SFT, g_RL): the two gradients at theta, each on its own, and the look-ahead
-        (:meth:`step_ahead`). The graph is kept for the policy step.
+    def _take_grads(self) -> list[torch.Tensor | None]:
+        """A copy of this rank's (local) gradients; ``.grad`` is then zeroed in place (FSDP2 keeps its
+        sharded gradient objects), so the next pass accumulates from zero."""
+        grads = []
+        for p in self._trainable()[1]:
+            if p.grad is None:
+                grads.append(None)
+                continue
+            grads.append(_local(p.grad).clone())
+            _local(p.grad).zero_()
+        return grads
 
-        torch.autograd.grad on self.model's parameters, not manual_backward: Lightning arms DDP's
-        gradient all-reduce only inside manual_backward, so these stay local to this rank, cost no
-        communication and leave DDP's reducer alone. The scalar dV/dmu is averaged over ranks instead.
-        """
-        params = self._trainable()[1]
-        g_sft = list(torch.autograd.grad(l_sft, params, retain_graph=True, allow_unused=True))
-        g_rl = list(torch.autograd.grad(l_rl, params, retain_graph=True, allow_unused=True))
-        self._pair = self._rank_averages(*_pair_sums(g_sft, g_rl))  # rank-local gradients: averaged
-        return self.step_ahead(params, g_sft, g_rl, mu, lr)
+    def _global_sums(self, values: list[float]) -> list[float]:
+        """Sums of per-tensor reductions over what each rank holds: shards under FSDP2 (summed over
+        ranks), whole replicated gradients otherwise (already global)."""
+        return self.ranks.sums(values) if self._sharded() else [float(v) for v in values]
 
-    def step_ahead(self, params: list, g_sft: list, g_rl: list, mu: float, lr: float) -> tuple[list, list, list]:
-        """(theta', g_SFT, g_RL) for :func:`hypergradient` at ``lr``: the SGD look-ahead, or (``lookahead:
-        optimizer``) the Adam step with its mu-derivative folded into the two gradients (each scaled
-        by its param group's lr / ``lr``). ``params`` may be local shards (FSDP2), like the gradients."""
+    def split_gradients(self, expert: dict, rollout, advantages: torch.Tensor, mask: torch.Tensor | None = None):
+        """(L_SFT, L_RL, g_SFT, g_RL, metrics): each term's value and gradient on its own, through the step
+        engine (micro-batches, global normalisation, gradients reduced over ranks once per term), so
+        g_SFT and g_RL are the gradients of one process on the global batch (local shards under FSDP2).
+        ``.grad`` is left at zero."""
+        l_sft, m_sft = self.run_terms([self.sft_term(expert, 1.0)])
+        g_sft = self._take_grads()
+        l_rl, m_rl = self.run_terms([self.rl_term(rollout, advantages, 1.0, mask)])
+        g_rl = self._take_grads()
+        self._pair = self._global_sums(_pair_sums(g_sft, g_rl))
+        return l_sft, l_rl, g_sft, g_rl, {**m_sft, **m_rl}
+
+    def look_ahead(self, g_sft: list, g_rl: list, mu: float, lr: float) -> tuple[list, list, list]:
+        """(theta', g_SFT, g_RL) for :func:`hypergradient` at ``lr``: the SGD look-ahead
+        theta - lr ((1 - mu) g_RL + mu g_SFT), or (``lookahead: optimizer``) the Adam step with its
+        mu-derivative folded into the two gradients (each scaled by its param group's lr / ``lr``).
+        Over this rank's parameters (local shards under FSDP2), like the gradients."""
+        params = [_local(p).detach() for p in self._trainable()[1]]
         if self.hparams.lookahead == "sgd":
             return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
         opt = self.optimizers()[0].optimizer
@@ -244,63 +263,6 @@ class AMFTModule(PolicyModule):
                 eff_rl[i] = None if b is None else b.mul_(scale)
         return theta_prime, eff_sft, eff_rl
 
-    # ------------------------------------------------------------------ the meta-gradient under FSDP2
-    def split_backward(self, l_sft: torch.Tensor, l_rl: torch.Tensor, extra: torch.Tensor | None,
-                       mu: float, lr: float, out: dict) -> None:
-        """A meta step's backward under FSDP2 (``policy_step(backward=...)``): the SFT and RL terms come
-        from separate forward passes, so back-propagating them one after the other costs what one
-        backward of the sum costs. Each term's gradient shard (already averaged over ranks by FSDP's
-        reduce-scatter) is kept in ``out`` with the look-ahead shard theta'; ``.grad`` ends as the
-        gradient of ``(1 - mu) L_RL + mu L_SFT + extra``, exactly what ``manual_backward`` would give.
-        Sharded autograd.grad is not an option: FSDP2 only delivers gradients to ``.grad``."""
-        params = self._trainable()[1]
-        grads = []
-        for term, keep in ((l_sft, False), (l_rl, extra is not None)):
-            self.manual_backward(term, retain_graph=keep)
-            grads.append([None if p.grad is None else _local(p.grad).clone() for p in params])
-            for p in params:
-                if p.grad is not None:
-                    _local(p.grad).zero_()  # keep the (sharded) grad object; the next backward adds to it
-        if extra is not None:
-            self.manual_backward(extra)  # the entropy regulariser: same graph as L_RL, kept above
-        g_sft, g_rl = grads
-        self._pair = self._rank_sums(_pair_sums(g_sft, g_rl))  # shards of the global gradients: summed
-        with torch.no_grad():
-            for p, gs, gr in zip(params, g_sft, g_rl):
-                if p.grad is not None:
-                    if gs is not None:
-                        _local(p.grad).add_(gs, alpha=mu)
-                    if gr is not None:
-                        _local(p.grad).add_(gr, alpha=1.0 - mu)
-            theta_prime, g_sft, g_rl = self.step_ahead([_local(p) for p in params], g_sft, g_rl, mu, lr)
-        out.update(theta_prime=theta_prime, g_sft=g_sft, g_rl=g_rl)
-
-    def sharded_meta_gradient(self, theta_prime: list, g_sft: list, g_rl: list, lr: float, held: dict) -> tuple[float, float]:
-        """(dV/dmu, V(theta')) under FSDP2: theta' is written into the parameter shards, V is
-        back-propagated through the sharded model (FSDP gathers theta' layer by layer), the local
-        shards of <grad V, g_SFT - g_RL> are summed over ranks, and the weights are put back. All
-        gradients are global (rank-averaged) ones, so this is one process's dV/dmu on the global batch."""
-        params = self._trainable()[1]
-        with torch.no_grad():
-            saved = [_local(p).clone() for p in params]
-            for p, t in zip(params, theta_prime):
-                _local(p).copy_(t)
-        try:
-            for p in params:
-                p.grad = None
-            with torch.enable_grad():
-                V = self.val_objective(held)
-            self.manual_backward(V)
-            g_val = [None if p.grad is None else _local(p.grad) for p in params]
-            local = -hypergradient(g_val, g_sft, g_rl, 1.0)  # this rank's shard of the inner product
-        finally:
-            with torch.no_grad():
-                for p, t in zip(params, saved):
-                    _local(p).copy_(t)
-                    p.grad = None
-        dot = self._rank_sums([local])[0]
-        return -lr * dot, self._rank_average(V.detach())
-
     def gradient_pair(self) -> dict[str, float]:
         """What the meta step weighed at its last look-ahead: the norms of grad L_SFT and grad L_RL and
         their cosine (logged as ``train/meta_sft_grad_norm``, ``train/meta_rl_grad_norm``,
@@ -310,6 +272,7 @@ class AMFTModule(PolicyModule):
         return {"meta_sft_grad_norm": math.sqrt(ss), "meta_rl_grad_norm": math.sqrt(rr),
                 "meta_grad_cosine": sr / denom if denom > 0 else 0.0}
 
+    # ------------------------------------------------------------------ the held-out objective
     @torch.no_grad()
     def held_out_batch(self, meta: dict) -> dict:
         """What V needs from the meta rows: the demonstrations, or G scored samples of the prompts."""
@@ -321,66 +284,75 @@ class AMFTModule(PolicyModule):
         adv, m = losses.group_advantages(rewards, self.hparams.num_generations, self.hparams.advantage_norm)
         return {"rollout": rollout, "advantages": adv, "reward": float(m["reward_mean"])}
 
-    def _logits(self, ids: torch.Tensor, mask: torch.Tensor, params: dict | None, start: int | None = None) -> torch.Tensor:
-        """Logits as :meth:`_forward_logits` gives them (``start``: only ``logits[:, start:-1]``), at
-        ``params`` through functional_call when given (one pass, no length groups)."""
-        if params is None:
-            return self._forward_logits(ids, mask, start)
-
-        def forward(ids, mask, keep):
-            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-            return torch.func.functional_call(self.model, params, args=(), kwargs={**kwargs, **keep}).logits
-
-        return self._kept_logits(forward, ids, mask, start, accepts_logits_to_keep(self.model))
-
-    def val_objective(self, held: dict, params: dict | None = None) -> torch.Tensor:
-        """V at ``params`` ({name: tensor}, via functional_call) or at the model's own weights."""
-        agg = self.hparams.loss_aggregation
+    def val_term(self, held: dict) -> Term:
+        """V as a :class:`Term`: the held-out NLL (plain, no token weights), or minus the
+        advantage-weighted log-likelihood of the held-out samples (the policy-gradient surrogate)."""
         if "expert" in held:
-            e = held["expert"]
-            logits = self._logits(e["input_ids"], e["attention_mask"], params)[:, :-1]
-            labels = e["labels"][:, 1:]
-            logp = losses.token_logprobs(logits, labels.clamp(min=0))
-            return losses.masked_nll(logp, labels != -100, None, agg)[0]
-        r = held["rollout"]
+            return self.sft_term(held["expert"], 1.0, name="val", token_weights=False)
+        r, adv, T = held["rollout"], held["advantages"], self.hparams.temperature
         P = r.prompt_ids.shape[1]
-        logits = self._logits(r.input_ids, r.attention_mask, params, start=P - 1)
-        logp = losses.token_logprobs(logits, r.completion_ids, self.hparams.temperature)
-        return -losses.aggregate(held["advantages"].unsqueeze(-1) * logp, r.completion_mask, agg)
+
+        def forward(rows: torch.Tensor) -> TermOutput:
+            width = max(int(r.completion_mask[rows].sum(-1).max()), 1)
+            ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows, :width]], 1)
+            att = torch.cat([r.prompt_mask[rows], r.completion_mask[rows, :width]], 1)
+            logp = losses.token_logprobs(self._forward_logits(ids, att, start=P - 1), r.completion_ids[rows, :width], T)
+            return TermOutput(-adv[rows].unsqueeze(-1).to(logp.dtype) * logp, r.completion_mask[rows, :width])
+
+        return Term("val", 1.0, r.completion_mask, forward)
+
+    @torch.no_grad()
+    def val_objective(self, held: dict) -> float:
+        """V at the model's current weights (global over ranks)."""
+        return float(self.run_terms([self.val_term(held)], grad=False)[0])
 
     def meta_gradient(self, theta_prime: list, g_sft: list, g_rl: list, lr: float, held: dict) -> tuple[float, float]:
-        """(dV/dmu, V(theta')), both averaged over ranks. theta' goes in through functional_call, so
-        the model's own weights are never written and nothing needs restoring."""
-        names = self._trainable()[0]
-        theta_prime = [t.requires_grad_() for t in theta_prime]
-        with torch.enable_grad():
-            V = self.val_objective(held, dict(zip(names, theta_prime)))
-            g_val = torch.autograd.grad(V, theta_prime, allow_unused=True)
-        return self._rank_average(hypergradient(g_val, g_sft, g_rl, lr)), self._rank_average(V.detach())
+        """(dV/dmu, V(theta')), the same on every rank: theta' is written into the parameters (this
+        rank's shards), grad V is back-propagated through the step engine (reduced over ranks like a
+        training gradient), dV/dmu = -lr <grad V(theta'), g_SFT - g_RL> over the global gradients (shards
+        summed over ranks under FSDP2), and the weights are put back."""
+        params = self._trainable()[1]
+        with torch.no_grad():
+            saved = [_local(p).detach().clone() for p in params]
+            for p, t in zip(params, theta_prime):
+                _local(p).copy_(t)
+        try:
+            self.zero_policy_grad()
+            V, _ = self.run_terms([self.val_term(held)])
+            g_val = [None if p.grad is None else _local(p.grad) for p in params]
+            local = -hypergradient(g_val, g_sft, g_rl, 1.0)  # <grad V, g_SFT - g_RL> over what this rank holds
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, saved):
+                    _local(p).copy_(t)
+            self.zero_policy_grad()
+        dot = self._global_sums([local])[0]
+        return -lr * dot, float(V)
 
     # ------------------------------------------------------------------ the step
-    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        logits = super()._forward_logits(input_ids, attention_mask, start)
-        if self._captured is not None:  # rl_terms' logits, for the differentiable entropy
-            self._captured.append(logits)
-        return logits
+    def _entropy_term(self, rollout, mask: torch.Tensor, H_star: float):
+        """AMFT's entropy regulariser entropy_coef * max(0, H* - H) as a per-micro-batch ``extra`` of the
+        RL term (None when off): H is the differentiable token-mean entropy of the policy on the usual
+        tokens (over the whole update, all ranks); whether H < H* is read from the sampling-time entropy
+        of the same rollouts (equal to the training forward's on an update's first pass)."""
+        coef = self.hparams.entropy_coef
+        if coef == 0 or not math.isfinite(H_star):
+            return None
+        ent_sum, tokens = self.ranks.sums([float((rollout.entropy * mask).sum()), float(mask.sum())])
+        H_sampled = ent_sum / max(tokens, 1.0)
+        if H_sampled >= H_star:
+            return None
+        scale = coef / max(tokens, 1.0)
 
-    def rl_terms(self, rollout, rewards) -> tuple[torch.Tensor, dict]:
-        """PolicyModule.rl_terms; with entropy_coef > 0 also the differentiable usual-token entropy."""
-        if self.hparams.entropy_coef == 0:
-            return super().rl_terms(rollout, rewards)
-        self._captured = []
-        try:
-            loss, metrics = super().rl_terms(rollout, rewards)
-            logits = self._captured[0]  # already the completion positions' (start = P - 1)
-        finally:
-            self._captured = None
-        entropy = losses.entropy_from_logits(logits, self.hparams.temperature)
-        metrics["entropy_usual_grad"] = losses.aggregate(entropy, rollout.completion_mask)
-        return loss, metrics
+        def extra(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            entropy = losses.entropy_from_logits(logits, self.hparams.temperature)
+            return -scale * (entropy * m).sum()  # d/dtheta of coef * (H* - H)
+
+        return extra
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         hp, t = self.hparams, self.global_step
+        self.zero_policy_grad()
         if t < hp.warmup_sft_steps:  # warm-up: pure imitation, no rollouts
             loss, metrics = self.mixed_loss(batch, mu=1.0)
             self.policy_step(loss, metrics)
@@ -389,37 +361,50 @@ class AMFTModule(PolicyModule):
         for key, field in (("expert", "expert_data"), ("prompts", "prompt_data"), ("meta", "meta_data")):
             if key not in batch and (key != "meta" or is_meta):
                 raise ValueError(f"AMFTModule needs batch key {key!r}: set data.{field}")
-        rollout, rewards, metrics = self.rollout_and_score(batch["prompts"])
-        l_rl, m_rl = self.rl_terms(rollout, rewards)
-        l_sft, m_sft = self.sft_terms(batch["expert"])
-        entropy_grad = m_rl.pop("entropy_usual_grad", None)
-        metrics.update(m_rl, **m_sft)
-        # the controller's inputs, averaged over ranks: every rank must compute the same mu
-        sft_loss, rl_loss, H = self._rank_averages(l_sft.detach(), l_rl.detach(), m_rl["entropy_usual"])
+        position = self.cycle_position(batch)
+        if position == 0:
+            self._cycle = None
+        cycle = self.rollouts_for(batch["prompts"], position)
+        rollout, adv, mask = self._rl_rows(cycle, position)
+        expert = self._expert_rows(batch["expert"], position)
+        metrics = dict(cycle["metrics"])
+        H_star = float(self.target_entropy)
+        extra = self._entropy_term(rollout, mask, H_star)
+        split = is_meta or self.controller.uses_stats
+        if split:  # each term's gradient on its own: the meta-gradient (or the controller's inputs) need them
+            l_sft, l_rl, g_sft, g_rl, m = self.split_gradients(expert, rollout, adv, mask)
+            stats = self._controller_inputs(l_sft, l_rl, m)
+            mu = self.controller_mu(self._stats)
+            extra_value = 0.0
+            if extra is not None:  # its own pass: .grad holds only the regulariser's gradient
+                extra_value = float(self.run_terms([self.rl_term(rollout, adv, 0.0, mask, extra=extra)])[0])
+            with torch.no_grad():
+                for p, gs, gr in zip(self._trainable()[1], g_sft, g_rl):
+                    if p.grad is not None:
+                        if gs is not None:
+                            _local(p.grad).add_(gs, alpha=mu)
+                        if gr is not None:
+                            _local(p.grad).add_(gr, alpha=1.0 - mu)
+            loss = torch.tensor((1.0 - mu) * float(l_rl) + mu * float(l_sft) + extra_value)
+        else:  # mu does not depend on this update's statistics: one pass over both terms
+            mu = self.controller_mu(self._stats)
+            loss, m = self.run_terms([self.rl_term(rollout, adv, 1.0 - mu, mask, extra=extra),
+                                      self.sft_term(expert, mu)])
+            stats = self._controller_inputs(m["sft_loss"], m["rl_loss"], m)
+        metrics.update(m)
+        H = stats["entropy"]
         if not torch.isfinite(self.target_entropy):
             self.target_entropy.fill_(H)  # H*: the usual-token entropy at the first RL step
         H_star = float(self.target_entropy)
-        stats = {"sft_loss": sft_loss, "rl_loss": rl_loss, "entropy": H, "grad_norm": self._last_grad_norm}
-        if all(math.isfinite(v) for v in stats.values()):
-            self._stats = stats
-        mu = self.controller_mu(self._stats)
-        extra = None if entropy_grad is None else hp.entropy_coef * torch.relu(H_star - entropy_grad)
-        loss = (1.0 - mu) * l_rl + mu * l_sft
-        if extra is not None:
-            loss = loss + extra
-        backward, look = None, {}
+        look = None
         if is_meta:
             lr = self.optimizers()[0].param_groups[0]["lr"]
-            if self._sharded():  # the gradients exist only as shards, after backward
-                backward = lambda: self.split_backward(l_sft, l_rl, extra, mu, lr, look)  # noqa: E731
-            else:
-                look["theta_prime"], look["g_sft"], look["g_rl"] = self.look_ahead(l_sft, l_rl, mu, lr)
+            look = self.look_ahead(g_sft, g_rl, mu, lr)  # before the step: Adam's state as the step sees it
         metrics.update(mu=torch.tensor(mu), entropy=torch.tensor(H), target_entropy=torch.tensor(H_star))
-        applied = self.policy_step(loss, metrics, backward=backward)
-        if is_meta and applied:
+        applied = self.policy_step(loss, metrics)
+        if look is not None and applied:
             held = self.held_out_batch(batch["meta"])
-            meta_gradient = self.sharded_meta_gradient if self._sharded() else self.meta_gradient
-            dV_dmu, V = meta_gradient(look["theta_prime"], look["g_sft"], look["g_rl"], lr, held)
+            dV_dmu, V = self.meta_gradient(*look, lr, held)
             self.controller_step(dV_dmu, self._stats)
             reward = {"meta_reward": held["reward"]} if "reward" in held else {}
             self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward, **self.gradient_pair()})
@@ -427,3 +412,12 @@ class AMFTModule(PolicyModule):
         if math.isfinite(nudge):  # entropy below H* raises mu (more imitation)
             self.controller.entropy_nudge(nudge)
         self.controller.after_step()
+
+    def _controller_inputs(self, l_sft, l_rl, metrics: dict) -> dict:
+        """The controller's inputs from this update (global values, the same on every rank); kept as
+        ``_stats`` when finite."""
+        stats = {"sft_loss": float(l_sft), "rl_loss": float(l_rl), "entropy": float(metrics["entropy_usual"]),
+                 "grad_norm": self._last_grad_norm}
+        if all(math.isfinite(v) for v in stats.values()):
+            self._stats = stats
+        return stats

@@ -6,9 +6,8 @@ Each term is normalised over its own tokens, so mu is a true convex weight.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import random
-from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -19,14 +18,16 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
-from lit_align.rollout import Rollout, accepts_logits_to_keep, generate, length_groups, position_ids_from_mask
+from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
+from lit_align.modules.resume import NonFiniteError, ResumeState
+from lit_align.rollout import (
+    Rollout, _eos_ids, accepts_logits_to_keep, generate, length_groups, position_ids_from_mask,
+)
+
+__all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive updates had a non-finite loss or gradient."""
-
-
-class PolicyModule(L.LightningModule):
+class PolicyModule(ResumeState, L.LightningModule):
     """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
 
     Args:
@@ -85,9 +86,10 @@ class PolicyModule(L.LightningModule):
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
     rank), scalars are averaged over ranks before logging, and mu, the finite-update decision and
-    the reward mean seen by adaptive schedules are identical on all ranks. Both loss terms are
-    token-means per rank, then gradients are averaged over ranks: equal to one process on the
-    global batch when ranks hold equal token counts, otherwise a per-rank-weighted mean.
+    the reward mean seen by adaptive schedules are identical on all ranks. Each loss term is
+    normalised by its token (or row) count over the whole update on all ranks
+    (:mod:`lit_align.modules.engine`), so an update equals one process on the global batch whatever
+    the micro-batch size and however tokens fall on ranks.
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class PolicyModule(L.LightningModule):
         self.reward_errors = 0
         self._consecutive_skips = 0
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
+        self._cycle: dict | None = None  # the rollout batch of the current cycle (steps_per_generation ...)
 
     @staticmethod
     def _validate(args: dict) -> None:
@@ -240,6 +243,11 @@ class PolicyModule(L.LightningModule):
         if self.ref_model is not None:
             self.ref_model.to(self.device)
 
+    @property
+    def updates_per_rollout_batch(self) -> int:
+        """Optimizer steps per rollout batch: steps_per_generation x num_iterations."""
+        return self.hparams.steps_per_generation * self.hparams.num_iterations
+
     # ------------------------------------------------------------------ forward helpers
     def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """The policy's logits (B, S, V); with ``start``, only those that predict tokens start + 1 .. S - 1
@@ -261,10 +269,10 @@ class PolicyModule(L.LightningModule):
         ``start`` None: the logits at every position (B, S, V); ``keep`` is ``{}``. ``start`` s: only the
         logits at positions s .. S - 2 (B, S - 1 - s, V), those that predict tokens s + 1 .. S - 1 (a
         completion's tokens, for s = prompt width - 1). With ``keeps_logits`` (the model's forward takes
-        ``logits_to_keep``), a pass of width w gets ``keep = {"logits_to_keep": w - s}``, so the LM head
-        and the logits exist only at positions s .. w - 1 (the last one, predicting past the row, is
-        dropped); otherwise it computes every position and the rest are sliced off. Same values
-        either way: the hidden states, and so the logits, do not depend on which positions are kept."""
+        ``logits_to_keep``), a pass of width w gets ``keep = {"logits_to_keep": positions s .. w - 2}``
+        (a 1-D index tensor), so the LM head and the logits exist only there; otherwise it computes every
+        position and the rest are sliced off. Same values either way: the hidden states, and so the
+        logits, do not depend on which positions are kept."""
         run = lambda ids, mask: self._kept_logits(forward, ids, mask, start, keeps_logits)  # noqa: E731
         groups = None if self._sharded() else length_groups(attention_mask, self.hparams.length_buckets)
         if groups is None:
@@ -283,25 +291,139 @@ class PolicyModule(L.LightningModule):
         at positions ``start`` .. S - 2, through ``logits_to_keep`` when the model takes it (``keeps_logits``)."""
         if start is None:
             return forward(ids, mask, {})
-        if keeps_logits:  # (0 would mean every position to Hugging Face: at least 1)
-            return forward(ids, mask, {"logits_to_keep": max(ids.shape[1] - start, 1)})[:, :-1]
+        if keeps_logits:
+            keep = torch.arange(start, max(ids.shape[1] - 1, start + 1), device=ids.device)
+            return forward(ids, mask, {"logits_to_keep": keep})[:, : ids.shape[1] - 1 - start]
         return forward(ids, mask, {})[:, start:-1]
 
-    def sft_terms(self, expert: dict, reward_mean: float | None = None) -> tuple[torch.Tensor, dict]:
-        """(Weighted) NLL of the demonstrations over expert tokens, plus what the monitors need."""
-        logits = self._forward_logits(expert["input_ids"], expert["attention_mask"])[:, :-1]
-        labels = expert["labels"][:, 1:]
-        mask = labels != -100
-        logp = losses.token_logprobs(logits, labels.clamp(min=0))
-        weights = self.token_weights(logp.detach(), logits.detach(), reward_mean)
-        loss, metrics = losses.masked_nll(logp, mask, weights, self.hparams.loss_aggregation)
-        metrics["sft_loss"] = loss.detach()
-        metrics["entropy_expert"] = losses.aggregate(losses.entropy_from_logits(logits.detach()), mask)
-        if weights is not None:
-            self.last_token_weights = weights[mask].detach()
-            metrics["token_weight_mean"] = self.last_token_weights.mean()
-        return loss, metrics
+    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy.
+        ``start`` as in :meth:`_forward_logits`."""
+        model = self.ref_model if self.ref_model is not None else self.model
 
+        def forward(ids, mask, keep):
+            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+            if self.ref_model is not None:
+                return self.ref_model(**kwargs, **keep).logits
+            with self.model.disable_adapter():
+                return self.model(**kwargs, **keep).logits
+
+        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(model))
+
+    # ------------------------------------------------------------------ the loss terms
+    @staticmethod
+    def _expert_positions(expert: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input_ids, attention_mask, start) of expert rows cut to their longest row, with ``start`` the
+        position before the first response token of any row: logits are needed from there on only."""
+        mask = expert["attention_mask"]
+        width = max(int(((mask != 0).cumsum(-1) * (mask != 0)).amax()), 2)  # right padding: longest row
+        width = int(max(width, int((mask != 0).sum(-1).max())))
+        labels = expert["labels"][:, 1:width]
+        has = labels != -100
+        first = int(torch.where(has.any(0))[0].min()) if bool(has.any()) else 0  # first label column (of labels[:, 1:])
+        return expert["input_ids"][:, :width], mask[:, :width], first
+
+    def sft_term(self, expert: dict, weight: float, reward_mean: float | None = None, name: str = "sft",
+                 token_weights: bool = True) -> Term:
+        """The (weighted) NLL of the demonstrations over expert tokens, as a :class:`Term`: per token
+        w_t * (-log p_t), with w = :meth:`token_weights` (CHORD) or 1. Logged per token: expert_nll
+        (unweighted), entropy_expert (at the sampling temperature, like entropy_usual) and
+        token_weight_mean."""
+        labels_all = expert["labels"][:, 1:]
+        self.last_token_weights = None
+        kept: list[torch.Tensor] = []
+
+        def forward(rows: torch.Tensor) -> TermOutput:
+            part = {k: v[rows] for k, v in expert.items()}
+            ids, mask, start = self._expert_positions(part)
+            logits = self._forward_logits(ids, mask, start=start)
+            labels = part["labels"][:, start + 1 : ids.shape[1]]
+            tokens = labels != -100
+            logp = losses.token_logprobs(logits, labels.clamp(min=0))
+            weights = self.token_weights(logp.detach(), logits.detach(), reward_mean) if token_weights else None
+            metrics = {
+                "expert_nll": -logp.detach(),
+                "entropy_expert": losses.entropy_from_logits(logits.detach(), self.hparams.temperature),
+            }
+            if weights is not None:
+                metrics["token_weight_mean"] = weights
+                kept.append(weights[tokens].detach())
+                self.last_token_weights = torch.cat(kept)
+            values = -logp if weights is None else -(weights * logp)
+            return TermOutput(values, tokens, metrics)
+
+        return Term(name, weight, labels_all != -100, forward)
+
+    def rl_term(self, rollout: Rollout, advantages: torch.Tensor, weight: float, mask: torch.Tensor | None = None,
+                name: str = "rl", extra=None) -> Term:
+        """The clipped GRPO surrogate over the rollout's (usual) tokens, as a :class:`Term` (per token
+        -min(rho A, clip(rho) A) [+ beta KL]); logged per token: clip_ratio, kl (beta > 0), entropy_usual.
+        ``mask`` (B, T): the tokens that count (default: the completion mask). ``extra(logits, mask)``:
+        a scalar added to each micro-batch's loss, from its completion logits (AMFT's entropy term)."""
+        hp = self.hparams
+        mask = rollout.completion_mask if mask is None else mask
+        P = rollout.prompt_ids.shape[1]
+
+        def forward(rows: torch.Tensor) -> TermOutput:
+            m = mask[rows]
+            width = max(int((rollout.completion_mask[rows].sum(-1)).max()), 1)
+            ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows, :width]], 1)
+            att = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows, :width]], 1)
+            completion = rollout.completion_ids[rows, :width]
+            # logits at the completion positions only: the LM head skips the prompt (logits_to_keep)
+            logits = self._forward_logits(ids, att, start=P - 1)
+            logp = losses.token_logprobs(logits, completion, hp.temperature)
+            ref_logp = None
+            if hp.beta > 0:
+                with torch.no_grad():
+                    ref_logp = losses.token_logprobs(self._ref_logits(ids, att, start=P - 1), completion, hp.temperature)
+            values, metrics = losses.surrogate_per_token(
+                logp, rollout.old_logp[rows, :width], advantages[rows], hp.epsilon_low, hp.epsilon_high, ref_logp,
+                hp.beta, hp.kl_estimator,
+            )
+            metrics["entropy_usual"] = losses.entropy_from_logits(logits.detach(), hp.temperature)
+            more = None if extra is None else extra(logits, m[:, :width])
+            return TermOutput(values, m[:, :width], metrics, more)
+
+        return Term(name, weight, mask, forward)
+
+    def rl_terms(self, rollout: Rollout, rewards: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """The RL term alone over ``rollout`` scored ``rewards`` (advantages within each group),
+        weighted ``weight``: its gradient accumulated in ``.grad``, its value (detached) and metrics."""
+        hp = self.hparams
+        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+        loss, more = self.run_terms([self.rl_term(rollout, adv, weight)])
+        return loss, {**metrics, **more}
+
+    def sft_terms(self, expert: dict, reward_mean: float | None = None, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """The SFT term alone over ``expert`` rows, weighted ``weight``: gradient in ``.grad``, value, metrics."""
+        return self.run_terms([self.sft_term(expert, weight, reward_mean)])
+
+    def run_terms(self, terms: list[Term], grad: bool = True) -> tuple[torch.Tensor, dict]:
+        """Accumulate one update's gradients over its ``terms`` (:func:`lit_align.modules.engine.accumulate`:
+        micro-batches of ``micro_batch_size`` rows, global normalisation, one gradient sync)."""
+        return accumulate(
+            terms, self.hparams.micro_batch_size, self.hparams.loss_aggregation, self._backward,
+            self._no_grad_sync, self.ranks, grad=grad,
+        )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``manual_backward`` under a trainer (precision plugins, the strategy's hooks); plain
+        autograd outside one (a module driven by hand)."""
+        if self._trainer is None:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+
+    def _no_grad_sync(self):
+        """The context of a backward whose gradients must not be reduced over ranks yet."""
+        if self._sharded():
+            return fsdp_no_sync(self.model)
+        if self._trainer is not None and self.ranks.world > 1:
+            return self.trainer.strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: dict, greedy: bool = False, num_generations: int | None = None) -> Rollout:
         hp = self.hparams
         return generate(
@@ -331,6 +453,16 @@ class PolicyModule(L.LightningModule):
         hp = self.hparams
         return score_safely(self.reward, prompts, rollout.completions, answers, hp.reward_errors, hp.reward_timeout_s)
 
+    def truncated(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) True for completions that reached max_new_tokens without an end token."""
+        lengths = rollout.completion_mask.sum(-1)
+        full = lengths >= self.hparams.max_new_tokens
+        eos = _eos_ids(self.model, self.tokenizer)
+        if not eos or rollout.completion_ids.shape[1] == 0:
+            return full
+        last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return full & ~torch.isin(last, torch.as_tensor(eos, device=last.device))
+
     def rollout_and_score(self, batch: dict) -> tuple[Rollout, torch.Tensor, dict]:
         """Sample G completions per prompt and score them (no gradient)."""
         G = self.hparams.num_generations
@@ -347,85 +479,131 @@ class PolicyModule(L.LightningModule):
         }
         return rollout, rewards, metrics
 
-    def rl_terms(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Clipped GRPO surrogate over the rollout's (usual) tokens."""
+    def rollout_batch(self, prompts: dict) -> dict:
+        """Sample and score a rollout batch: the rollout, its rewards and group advantages, the reward
+        mean over all ranks (what reward-driven mu schedules read), its metrics and the RL token mask
+        (``mask_truncated_completions`` drops truncated completions from it)."""
         hp = self.hparams
-        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
-        P = rollout.prompt_ids.shape[1]
-        # logits at the completion positions only: the LM head skips the prompt (logits_to_keep)
-        logits = self._forward_logits(rollout.input_ids, rollout.attention_mask, start=P - 1)
-        logp = losses.token_logprobs(logits, rollout.completion_ids, hp.temperature)
-        ref_logp = None
-        if hp.beta > 0:
-            with torch.no_grad():
-                ref_logits = self._ref_logits(rollout.input_ids, rollout.attention_mask, start=P - 1)
-                ref_logp = losses.token_logprobs(ref_logits, rollout.completion_ids, hp.temperature)
-        loss, more = losses.clipped_surrogate(
-            logp, rollout.old_logp, adv, rollout.completion_mask, hp.epsilon_low, hp.epsilon_high,
-            hp.loss_aggregation, ref_logp, hp.beta, hp.kl_estimator,
-        )
+        rollout, rewards, metrics = self.rollout_and_score(prompts)
+        adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
         metrics.update(more)
-        metrics["rl_loss"] = loss.detach()
-        metrics["entropy_usual"] = losses.aggregate(
-            losses.entropy_from_logits(logits.detach(), hp.temperature), rollout.completion_mask
-        )
-        return loss, metrics
+        truncated = self.truncated(rollout)
+        metrics["clipped_ratio"] = truncated.float().mean()
+        mask = rollout.completion_mask
+        if hp.mask_truncated_completions:
+            mask = mask * (~truncated).long().unsqueeze(-1)
+        # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
+        reward_mean = self.ranks.averages(rewards.mean())[0]
+        return {"rollout": rollout, "rewards": rewards, "advantages": adv, "mask": mask,
+                "reward_mean": reward_mean, "metrics": metrics}
+
+    # ------------------------------------------------------------------ rollout batches and their updates
+    def cycle_position(self, batch: dict) -> int:
+        """Which update of its rollout batch this step is (0 .. updates_per_rollout_batch - 1): the
+        ``repeat`` index the data module puts on each repeated batch (0 when there is none)."""
+        r = next((b["repeat"] for b in batch.values() if isinstance(b, dict) and "repeat" in b), None)
+        if r is None and self.updates_per_rollout_batch > 1:
+            raise ValueError(
+                "model.steps_per_generation / model.num_iterations > 1 need each batch repeated once per update: "
+                "use lit_align.MixedDataModule (its batch_repeats is set at set-up), or put a 'repeat' index in "
+                "the batch"
+            )
+        return int(r or 0)
+
+    def minibatch(self, rows: int, position: int) -> torch.Tensor:
+        """Row indices of this update's mini-batch: the rows split in ``steps_per_generation`` parts."""
+        return torch.tensor_split(torch.arange(rows), self.hparams.steps_per_generation)[position % self.hparams.steps_per_generation]
+
+    def rollouts_for(self, batch: dict, position: int) -> dict:
+        """The rollout batch of this cycle: sampled at its first update (or the first that needs one)."""
+        if position == 0 or self._cycle is None:
+            self._cycle = self.rollout_batch(batch)
+        return self._cycle
 
     def mixed_loss(self, batch: dict, mu: float | None = None) -> tuple[torch.Tensor, dict]:
-        """L = (1 - mu) * L_RL + mu * L_SFT; a term whose weight is 0 is not computed."""
+        """One update's gradients of L = (1 - mu) * L_RL + mu * L_SFT (accumulated in ``.grad``), and its
+        loss and metrics; a term whose weight is 0 is not computed. With steps_per_generation > 1 the
+        rollouts and expert rows are this update's mini-batch of the rollout batch."""
+        position = self.cycle_position(batch)
+        if position == 0:
+            self._cycle = None
         metrics: dict = {}
-        rollout = rewards = None
         if mu is None and not self.mu_needs_reward:
             mu = self.mixing_weight(self.global_step)
+        cycle = None
         if "prompts" in batch and (mu is None or mu < 1.0):
-            rollout, rewards, metrics = self.rollout_and_score(batch["prompts"])
-        # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
-        reward_mean = self._rank_average(rewards.mean()) if rewards is not None else None
+            cycle = self.rollouts_for(batch["prompts"], position)
+            metrics.update(cycle["metrics"])
+        reward_mean = cycle["reward_mean"] if cycle is not None else None
         if mu is None:
             mu = self.mixing_weight(self.global_step, reward_mean)
-        loss = torch.zeros((), device=self.device)
-        if rollout is not None and mu < 1.0:
-            rl, m = self.rl_terms(rollout, rewards)
-            loss = loss + (1.0 - mu) * rl
-            metrics.update(m)
+        terms = []
+        if cycle is not None and mu < 1.0:
+            rollout, adv, mask = self._rl_rows(cycle, position)
+            terms.append(self.rl_term(rollout, adv, 1.0 - mu, mask))
         if "expert" in batch and mu > 0.0:
-            sft, m = self.sft_terms(batch["expert"], reward_mean)
-            loss = loss + mu * sft
-            metrics.update(m)
+            terms.append(self.sft_term(self._expert_rows(batch["expert"], position), mu, reward_mean))
+        loss, m = self.run_terms(terms)
+        metrics.update(m)
         metrics["mu"] = torch.tensor(float(mu))
         metrics["entropy"] = metrics.get("entropy_usual", metrics.get("entropy_expert", torch.tensor(float("nan"))))
         return loss, metrics
 
-    # ------------------------------------------------------------------ the step
-    def policy_step(self, loss: torch.Tensor, metrics: dict, backward: Callable[[], None] | None = None) -> bool:
-        """Backward, clip, step the optimizer and the LR schedule; skip non-finite updates.
+    def _rl_rows(self, cycle: dict, position: int) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """(rollout, advantages, mask) of this update's mini-batch of the cycle's rollout batch."""
+        r, adv, mask = cycle["rollout"], cycle["advantages"], cycle["mask"]
+        if self.hparams.steps_per_generation == 1:
+            return r, adv, mask
+        rows = self.minibatch(len(adv), position).to(adv.device)
+        part = Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
+                       r.old_logp[rows], r.entropy[rows], [r.completions[i] for i in rows.tolist()])
+        return part, adv[rows], mask[rows]
 
-        ``backward``, when given, fills the parameters' ``.grad`` in place of ``manual_backward(loss)``
-        (AMFT's meta steps under FSDP2 back-propagate the two terms separately). Returns True if the
-        update was applied.
-        """
+    def _expert_rows(self, expert: dict, position: int) -> dict:
+        if self.hparams.steps_per_generation == 1:
+            return expert
+        rows = self.minibatch(expert["input_ids"].shape[0], position)
+        return {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
+
+    def _cycle_state(self) -> dict | None:
+        """The buffered rollout batch as plain tensors, lists and numbers (for a checkpoint)."""
+        c = self._cycle
+        if c is None:
+            return None
+        r = c["rollout"]
+        return {"rollout": {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                                                       "old_logp", "entropy", "completions")},
+                **{k: c[k] for k in ("rewards", "advantages", "mask", "reward_mean", "metrics")}}
+
+    def _load_cycle_state(self, state: dict | None) -> None:
+        if state is None:
+            self._cycle = None
+            return
+        state = dict(state)
+        state["rollout"] = Rollout(**state["rollout"])
+        self._cycle = state
+
+    # ------------------------------------------------------------------ the step
+    def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
+        """Clip the accumulated gradients, step the optimizer and the LR schedule; skip non-finite
+        updates (on every rank or none). Returns True if the update was applied."""
         opts = self.optimizers()
         opt = opts[0] if isinstance(opts, list) else opts  # the policy's (AMFT adds a controller's)
-        opt.zero_grad(set_to_none=True)
-        if backward is None:
-            self.manual_backward(loss)
-        else:
-            backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = self.hparams.gradient_clip if self.hparams.gradient_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(grad_norm).item())
-        finite = self._rank_average(float(finite)) == 1.0  # all ranks step, or none does
+        finite = self.ranks.averages(float(finite))[0] == 1.0  # all ranks step, or none does
         if finite:
             opt.step()
             self.lr_schedulers().step()
             self._consecutive_skips = 0
         else:
-            opt.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self._consecutive_skips += 1
+        opt.zero_grad(set_to_none=True)
         metrics["loss"] = loss.detach()
         metrics["grad_norm"] = grad_norm.detach()
         metrics["skipped_steps"] = torch.tensor(float(self.skipped_steps))
@@ -439,36 +617,9 @@ class PolicyModule(L.LightningModule):
             )
         return finite
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_align_state"] = self._resume_state()  # collective under DDP/FSDP: first
-        self.check_finite_checkpoint(checkpoint)
-
-    def check_finite_checkpoint(self, checkpoint: dict) -> None:
-        """Raise NonFiniteError, so nothing is written, if a weight or optimizer state is NaN/inf.
-
-        Buffers are not checked: they may hold NaN on purpose (e.g. a "not yet set" marker).
-        """
-        buffers = {name for name, _ in self.named_buffers()}
-
-        def bad(tree, where: str):
-            if torch.is_tensor(tree):
-                local = tree.to_local() if hasattr(tree, "to_local") else tree
-                if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
-                    yield where
-            elif isinstance(tree, dict):
-                for k, v in tree.items():
-                    yield from bad(v, f"{where}.{k}")
-            elif isinstance(tree, (list, tuple)):
-                for i, v in enumerate(tree):
-                    yield from bad(v, f"{where}[{i}]")
-
-        weights = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k not in buffers}
-        found = [*bad(weights, "state_dict"), *bad(checkpoint.get("optimizer_states", []), "optimizer_states")]
-        if found:
-            raise NonFiniteError(
-                f"refusing to save a checkpoint at step {self.global_step}: {len(found)} tensors hold NaN or inf "
-                f"(first: {', '.join(found[:3])}); the last checkpoint written is the last good one"
-            )
+    def zero_policy_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
 
     def log_metrics(self, metrics: dict) -> None:
         shown = {"loss", "reward_mean"}
@@ -478,6 +629,7 @@ class PolicyModule(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in shown, batch_size=1)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.zero_policy_grad()
         loss, metrics = self.mixed_loss(batch)
         self.policy_step(loss, metrics)
 
@@ -497,22 +649,36 @@ class PolicyModule(L.LightningModule):
         self.val_reward.update(rewards.to(self.device))
         self.val_accuracy.update(correct.float().to(self.device))
         if "expert" in batch:
-            expert = batch["expert"]
-            logits = self._forward_logits(expert["input_ids"], expert["attention_mask"])[:, :-1]
-            labels = expert["labels"][:, 1:]
-            mask = labels != -100
-            logp = losses.token_logprobs(logits, labels.clamp(min=0))
-            n = mask.sum()
-            self.val_expert_nll.update(-(logp[mask]).mean(), weight=n)
-            hits = (logits.argmax(-1) == labels)[mask].float()
-            self.val_expert_token_acc.update(hits.mean(), weight=n)
+            nll, hits, tokens = self.expert_nll_rows(batch["expert"])
+            n = tokens.sum()
+            self.val_expert_nll.update(nll.sum() / n.clamp(min=1), weight=n)
+            self.val_expert_token_acc.update(hits.sum() / n.clamp(min=1), weight=n)
             self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
             self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
             if "responses" in batch:
-                self._split_expert_nll(batch, -(logp * mask).sum(1), mask.sum(1), prefix)
+                self._split_expert_nll(batch, nll, tokens, prefix)
         bs = len(batch["prompts"])
         self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs)
+
+    @torch.no_grad()
+    def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of ``expert``: (summed NLL of its response tokens, greedy hits among them, their
+        count), each (B,), from forwards of ``micro_batch_size`` rows with logits at response positions
+        only (no (B, S, V) tensor for the whole batch)."""
+        labels_all = expert["labels"][:, 1:]
+        out = torch.zeros(3, labels_all.shape[0], dtype=torch.float64, device=labels_all.device)
+        for rows in micro_batches(labels_all != -100, self.hparams.micro_batch_size):
+            part = {k: v[rows] for k, v in expert.items()}
+            ids, mask, start = self._expert_positions(part)
+            logits = self._forward_logits(ids, mask, start=start)
+            labels = part["labels"][:, start + 1 : ids.shape[1]]
+            tokens = labels != -100
+            logp = losses.token_logprobs(logits, labels.clamp(min=0))
+            hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), logits, labels)
+            out[:, rows.to(out.device)] = torch.stack([-(logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]).double()
+            del logits
+        return out[0], out[1], out[2]
 
     def _split_expert_nll(self, batch: dict, nll: torch.Tensor, tokens: torch.Tensor, prefix: str) -> None:
         """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
@@ -544,6 +710,15 @@ class PolicyModule(L.LightningModule):
         from lit_align.strategies import check_strategy
 
         check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
+        k = self.updates_per_rollout_batch
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
+            datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
+        elif stage == "fit" and k > 1:
+            raise ValueError(
+                f"model.steps_per_generation x model.num_iterations = {k} updates per rollout batch need a data "
+                f"module that repeats each batch (lit_align.MixedDataModule); got {type(datamodule).__name__}"
+            )
 
     def configure_model(self) -> None:
         """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2
@@ -556,20 +731,6 @@ class PolicyModule(L.LightningModule):
         shard_model(self.model, mesh, **getattr(self.trainer.strategy, "sharding_options", {}))
         if self.ref_model is not None:
             shard_model(self.ref_model.eval(), mesh)
-
-    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy.
-        ``start`` as in :meth:`_forward_logits`."""
-        model = self.ref_model if self.ref_model is not None else self.model
-
-        def forward(ids, mask, keep):
-            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-            if self.ref_model is not None:
-                return self.ref_model(**kwargs, **keep).logits
-            with self.model.disable_adapter():
-                return self.model(**kwargs, **keep).logits
-
-        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(model))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.
@@ -589,94 +750,27 @@ class PolicyModule(L.LightningModule):
             state = merge_lora(self.model, state)
         return state
 
-    def _distributed(self) -> bool:
+    @property
+    def ranks(self) -> Ranks:
+        """Reductions over the run's ranks (one process: the values themselves)."""
         import torch.distributed as dist
 
-        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
-
-    def _rank_sums(self, values: list[float]) -> list[float]:
-        """Element-wise sums over all ranks, in float64, with one all-reduce (the values themselves
-        in a single process)."""
-        if not self._distributed():
-            return [float(v) for v in values]
-        import torch.distributed as dist
-
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def _rank_averages(self, *values) -> list[float]:
-        """Means of scalars over all ranks (one all-reduce)."""
-        world = self.trainer.world_size if self._distributed() else 1
-        return [v / world for v in self._rank_sums(list(values))]
-
-    def _rank_average(self, value) -> float:
-        """Mean of a scalar over all ranks (the value itself in a single process)."""
-        return self._rank_averages(value)[0]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and not (dist.is_available() and dist.is_initialized()):
+            world = 1
+        return Ranks(world, self.device)
 
     SUMMED_METRICS = ("reward_errors",)  # counts: summed over ranks; every other scalar is averaged
 
     def _reduce_metrics(self, metrics: dict) -> dict:
         """One all-reduce for all of a step's scalars, so rank 0's logs describe the global batch."""
-        if not self._distributed():
+        ranks = self.ranks
+        if ranks.world == 1:
             return metrics
         names = sorted(metrics)
-        world = self.trainer.world_size
-        sums = self._rank_sums([metrics[n] for n in names])
-        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / world, dtype=torch.float32) for n, v in zip(names, sums)}
-
-    def _resume_state(self) -> dict:
-        """What a checkpoint needs beyond weights, optimizers and schedules for an exact resume: the
-        counters and every rank's RNG states (torch, CUDA, Python, NumPy), gathered to rank 0."""
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        rng = {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        states = [rng]
-        if self._distributed():
-            import torch.distributed as dist
-
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, rng)
-        return {
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self._consecutive_skips,
-            "reward_errors": self.reward_errors,
-            "rng": states,
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("lit_align_state")
-        if not state:
-            return
-        self.skipped_steps = state["skipped_steps"]
-        self._consecutive_skips = state["consecutive_skips"]
-        self.reward_errors = state.get("reward_errors", 0)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        states = state["rng"]
-        self._rng_to_restore = states[rank] if rank < len(states) else None  # another world size: fresh RNG
-
-    def on_train_start(self) -> None:
-        """Put back the RNG states of the checkpoint, as late as possible: after the sanity check and
-        the data-loader set-up, right before the first resumed step, as in the uninterrupted run."""
-        rng, self._rng_to_restore = self._rng_to_restore, None
-        if rng is None:
-            return
-        import numpy as np
-
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        n = rng["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        sums = ranks.sums([metrics[n] for n in names])
+        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / ranks.world, dtype=torch.float32)
+                for n, v in zip(names, sums)}
 
 
 def apply_lora(model, lora: dict):

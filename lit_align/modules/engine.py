@@ -1,0 +1,190 @@
+"""The step engine: one policy update's loss terms, run as micro-batches with exact global normalisation.
+
+Every method goes through :func:`accumulate`. A method states its terms (the RL term over rollout
+rows, the SFT term over expert rows, AMFT's held-out objective) and a weight for each; the engine
+
+1. counts each term's normaliser over the whole update on every rank before any forward (tokens for
+   ``token-mean``, rows holding tokens for the seq-mean modes) with one all-reduce, and the number of
+   micro-batches each rank runs (the largest count over ranks: a rank with fewer rows repeats its last
+   micro-batch at weight 0, so every rank runs the same forwards and collectives);
+2. runs each micro-batch's forward and backward, the term's per-token loss summed and divided by the
+   GLOBAL normaliser (times the world size, since the gradient reduction averages over ranks): the
+   gradients add up to those of one process on the global batch, whatever the micro-batch size and
+   however tokens fall on ranks;
+3. lets the gradient reduction happen only on the update's last backward (DDP's ``no_sync`` through
+   the strategy's ``block_backward_sync``; FSDP2's ``set_requires_gradient_sync``);
+4. returns the update's loss and every term's metrics as global token-means (one all-reduce).
+
+Nothing here knows about rollouts or methods; the caller's ``forward`` does.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lit_align import losses
+
+
+@dataclass
+class TermOutput:
+    """What one micro-batch's forward gives: ``values`` (b, T) per-token loss with its graph, ``mask``
+    (b, T) the tokens that count, ``metrics`` {name: (b, T) detached per-token values} to be reported
+    as token-means over the term's tokens, and ``extra`` a scalar added as is to the micro-batch's loss
+    (already normalised by the caller; AMFT's entropy regulariser)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: torch.Tensor | None = None
+
+
+@dataclass
+class Term:
+    """One loss term of an update.
+
+    Args:
+        name: prefix of its loss metric (``<name>_loss``), e.g. ``rl``, ``sft``.
+        weight: its weight in the update's loss (mu, 1 - mu, or 1).
+        mask: (N, T) the tokens that count, for all N rows of this rank, known before any forward.
+        forward: ``forward(rows)`` -> :class:`TermOutput` for the rows ``rows`` (a LongTensor of row
+            indices, ascending in length), with the graph to the policy's parameters.
+    """
+
+    name: str
+    weight: float
+    mask: torch.Tensor
+    forward: Callable[[torch.Tensor], TermOutput]
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+
+class Ranks:
+    """Reductions over the ranks of a run (a single process: the values themselves)."""
+
+    def __init__(self, world: int = 1, device: torch.device | str = "cpu"):
+        self.world, self.device = world, device
+
+    def _reduce(self, values: list[float], op) -> list[float]:
+        if self.world == 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def sums(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks, in float64, with one all-reduce."""
+        import torch.distributed as dist
+
+        return self._reduce(values, dist.ReduceOp.SUM if self.world > 1 else None)
+
+    def maxes(self, values: list[float]) -> list[float]:
+        """Element-wise maxima over all ranks (one all-reduce)."""
+        import torch.distributed as dist
+
+        return self._reduce(values, dist.ReduceOp.MAX if self.world > 1 else None)
+
+    def averages(self, *values) -> list[float]:
+        """Means of scalars over all ranks (one all-reduce)."""
+        return [v / self.world for v in self.sums(list(values))]
+
+
+def micro_batches(mask: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+    """Row indices of each micro-batch of at most ``size`` rows (None: one micro-batch of every row),
+    rows taken in order of their last attended token, so each micro-batch's rows are of similar length
+    and a forward cut to its longest row computes little padding."""
+    n = mask.shape[0]
+    if n == 0:
+        return []
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    ends = (mask.ne(0) * positions).amax(-1) if mask.shape[1] else torch.zeros(n, dtype=torch.long)
+    order = torch.argsort(ends.cpu(), stable=True)
+    size = n if size is None else size
+    return [order[i : i + size].sort().values for i in range(0, n, size)] if size < n else [torch.arange(n)]
+
+
+def accumulate(
+    terms: list[Term],
+    micro_batch_size: int | None,
+    aggregation: str,
+    backward: Callable[[torch.Tensor], None],
+    no_sync: Callable[[], contextlib.AbstractContextManager],
+    ranks: Ranks,
+    grad: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run one update's ``terms`` (see the module docstring): gradients accumulate in the parameters'
+    ``.grad`` (``backward(loss)`` per micro-batch, the last one outside ``no_sync()``); returns the
+    update's loss sum_k weight_k * L_k over the global batch (detached, same on every rank) and the
+    metrics: ``<name>_loss`` per term and each term's per-token metrics as global token-means.
+    ``grad=False``: forwards only (no backward, no graph), for evaluation."""
+    local = []
+    for t in terms:
+        local += [float(losses.aggregate_parts(None, t.mask, aggregation)[1]), float(t.mask.sum())]
+    counts = ranks.sums(local)
+    plans = [micro_batches(t.mask, micro_batch_size) for t in terms]
+    steps = ranks.maxes([len(p) for p in plans]) if ranks.world > 1 else [len(p) for p in plans]
+    schedule = []  # (term index, rows, scale)
+    for k, (t, plan, n) in enumerate(zip(terms, plans, steps)):
+        for i in range(int(n)):
+            if i < len(plan):
+                schedule.append((k, plan[i], 1.0))
+            elif plan:  # pad: every rank runs the same number of forwards (FSDP2's all-gathers)
+                schedule.append((k, plan[-1], 0.0))
+    sums: dict[str, float] = {}
+    tokens: dict[str, float] = {}
+    loss_sums = [0.0] * len(terms)
+    for j, (k, rows, scale) in enumerate(schedule):
+        t = terms[k]
+        den, ntok = max(counts[2 * k], 1.0), max(counts[2 * k + 1], 1.0)
+        with torch.set_grad_enabled(grad):
+            out = t.forward(rows)
+            num, _ = losses.aggregate_parts(out.values, out.mask, aggregation)
+            term_value = num / den
+            loss = (t.weight * ranks.world * scale) * term_value
+            if out.extra is not None:
+                loss = loss + ranks.world * scale * out.extra
+        if grad:
+            last = j == len(schedule) - 1
+            with contextlib.nullcontext() if last else no_sync():
+                backward(loss)
+        if scale:
+            loss_sums[k] += float(term_value.detach())
+            maskf = out.mask.to(torch.float64)
+            for name, v in out.metrics.items():
+                sums[name] = sums.get(name, 0.0) + float((v.detach().double() * maskf).sum())
+                tokens[name] = ntok
+            if out.extra is not None:
+                sums["_extra"] = sums.get("_extra", 0.0) + float(out.extra.detach())
+        del out, loss, term_value, num
+    names = sorted(sums)
+    totals = ranks.sums(loss_sums + [sums[n] for n in names])
+    term_values, metric_totals = totals[: len(terms)], totals[len(terms) :]
+    metrics: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for t, v in zip(terms, term_values):
+        metrics[f"{t.name}_loss"] = torch.tensor(v)
+        total += t.weight * v
+    for n, v in zip(names, metric_totals):
+        if n == "_extra":
+            total += v
+            continue
+        metrics[n] = torch.tensor(v / tokens[n])
+    return torch.tensor(total), metrics
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(model) -> Iterator[None]:
+    """FSDP2: keep this backward's gradients unsharded and unreduced (they are reduced with the next
+    synchronised backward's)."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
