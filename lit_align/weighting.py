@@ -244,10 +244,12 @@ _CHUNK_ELEMS = 1 << 24  # logits elements processed at once (float32: 64 MiB)
 
 
 def _over_vocab(logits: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``fn`` (float32 (N, V) -> (N,)) to logits (..., V) in row chunks."""
+    """Apply ``fn`` ((N, V) -> (N,), in float32, or float64 for float64 logits) to logits (..., V) in row
+    chunks."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     rows = max(1, _CHUNK_ELEMS // max(1, flat.shape[1]))
-    return torch.cat([fn(chunk.float()) for chunk in flat.split(rows)]).reshape(logits.shape[:-1])
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return torch.cat([fn(chunk.to(acc)) for chunk in flat.split(rows)]).reshape(logits.shape[:-1])
 
 
 def _norm_entropy(x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +317,7 @@ def token_weights(
         )
 
     with torch.no_grad():
-        p = logp.detach().float().exp().clamp(0.0, 1.0)
+        p = logp.detach().to(torch.promote_types(logp.dtype, torch.float32)).exp().clamp(0.0, 1.0)
         if strategy == "none":
             w = torch.ones_like(p)
         elif strategy == "phi":
@@ -323,7 +325,7 @@ def token_weights(
         elif strategy == "sft_is":
             w = p
         elif strategy == "adaptive":
-            r = torch.as_tensor(reward).detach().to(device=p.device, dtype=torch.float32)
+            r = torch.as_tensor(reward).detach().to(device=p.device, dtype=p.dtype)
             if r.dim() == 1 and p.dim() >= 1 and r.shape[0] == p.shape[0]:
                 r = r.reshape(r.shape[0], *([1] * (p.dim() - 1)))
             elif r.numel() != 1:

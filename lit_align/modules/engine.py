@@ -169,14 +169,14 @@ def accumulate(
     metrics: dict[str, torch.Tensor] = {}
     total = 0.0
     for t, v in zip(terms, term_values):
-        metrics[f"{t.name}_loss"] = torch.tensor(v)
+        metrics[f"{t.name}_loss"] = torch.tensor(v, dtype=torch.float64)
         total += t.weight * v
     for n, v in zip(names, metric_totals):
         if n == "_extra":
             total += v
             continue
-        metrics[n] = torch.tensor(v / tokens[n])
-    return torch.tensor(total), metrics
+        metrics[n] = torch.tensor(v / tokens[n], dtype=torch.float64)
+    return torch.tensor(total, dtype=torch.float64), metrics
 
 
 @contextlib.contextmanager

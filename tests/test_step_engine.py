@@ -1,0 +1,167 @@
+"""The step engine: one update's loss and gradients do not depend on the micro-batch size.
+
+In float64 on the embedded model with rollouts held fixed, for SFT, GRPO, CHORD (phi and entropy token
+weights) and AMFT's meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
+give the same loss and the same gradient of every parameter as a direct whole-batch computation
+(logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
+per-micro-batch mean would differ.
+"""
+import pytest
+import torch
+
+from lit_align import losses
+from lit_align.modules.amft import AMFTModule
+from lit_align.modules.chord import CHORDModule
+from lit_align.modules.grpo import GRPOModule
+from lit_align.modules.sft import SFTModule
+from lit_align.rollout import Rollout, position_ids_from_mask
+from lit_align.weighting import ConstantMu
+
+G = 2
+MU = 0.3
+
+
+def _batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 16, (5, 11), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate([11, 7, 9, 5, 10]):  # right padding: rows of unequal length
+        mask[row, length:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, prompt in enumerate([3, 2, 4, 3, 2]):
+        labels[row, :prompt] = -100
+    prompt_ids = torch.randint(3, 16, (2, 4), generator=g).repeat_interleave(G, 0)
+    completion_ids = torch.randint(3, 16, (4, 6), generator=g)
+    completion_mask = torch.ones_like(completion_ids)
+    for row, length in enumerate([6, 2, 4, 1]):
+        completion_mask[row, length:] = 0
+    old_logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3 * completion_mask
+    rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask, old_logp,
+                      torch.zeros_like(old_logp), [""] * 4)
+    return {"expert": {"input_ids": ids, "attention_mask": mask, "labels": labels}, "rollout": rollout,
+            "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9], dtype=torch.float64),
+            "prompts": {"prompts": ["a", "b"], "answers": ["1", "2"]}}
+
+
+def _fixed(cls):
+    class Fixed(cls):
+        def rollout_and_score(self, prompts):
+            return self._fixed["rollout"], self._fixed["rewards"], {}
+
+    return Fixed
+
+
+def _module(cls, aggregation, micro, **kwargs):
+    module = _fixed(cls)(model_name_or_path=pytest.ckpt_path, model_dtype="float64", num_generations=G,
+                         loss_aggregation=aggregation, micro_batch_size=micro, epsilon_low=0.1, epsilon_high=0.1,
+                         **kwargs)
+    module._fixed = _batch()
+    return module
+
+
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+
+
+def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
+    """The update's loss, computed in one piece: every position's logits, whole-batch aggregation."""
+    agg, hp = module.hparams.loss_aggregation, module.hparams
+    total = torch.zeros((), dtype=torch.float64)
+    if mu < 1:
+        r = batch["rollout"]
+        adv, _ = losses.group_advantages(batch["rewards"], G, hp.advantage_norm)
+        P = r.prompt_ids.shape[1]
+        logits = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
+        logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+        rl, _ = losses.clipped_surrogate(logp, r.old_logp, adv, r.completion_mask, hp.epsilon_low, hp.epsilon_high, agg)
+        total = total + (1 - mu) * rl
+    if mu > 0:
+        e = batch["expert"]
+        logits = _logits(module.model, e["input_ids"], e["attention_mask"])[:, :-1]
+        labels = e["labels"][:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        p = logp.detach().exp()
+        weights = None
+        if weighting == "phi":
+            weights = p * (1 - p)
+        elif weighting == "entropy":
+            lp = torch.log_softmax(logits.detach(), -1)
+            weights = (-(lp.exp() * lp).sum(-1) / torch.log(torch.tensor(logits.shape[-1], dtype=torch.float64))).clamp(0, 1)
+        sft, _ = losses.masked_nll(logp, labels != -100, weights, agg)
+        total = total + mu * sft
+    return total
+
+
+def _grads(module) -> dict:
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+CASES = {
+    "sft": (SFTModule, {}, 1.0, None),
+    "grpo": (GRPOModule, {}, 0.0, None),
+    "chord_phi": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "phi"}, MU, "phi"),
+    "chord_entropy": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "entropy"}, MU, "entropy"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ckpt_path(ckpt):
+    pytest.ckpt_path = ckpt
+
+
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_micro_batches_give_the_whole_batch_loss_and_gradients(case, aggregation):
+    cls, kwargs, mu, weighting = CASES[case]
+    results = []
+    for micro in (1, 2, None):
+        module = _module(cls, aggregation, micro, **kwargs)
+        batch = module._fixed
+        loss, metrics = module.mixed_loss({"expert": batch["expert"], "prompts": batch["prompts"]})
+        results.append((float(loss), _grads(module)))
+    module.zero_policy_grad()
+    ref = _reference(module, batch, mu, weighting)
+    ref.backward()
+    want = _grads(module)
+    assert float(ref) != 0.0 and want
+    for loss, grads in results:
+        assert loss == pytest.approx(float(ref), rel=1e-6)
+        assert grads.keys() == want.keys()
+        for name, g in want.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-10, msg=name)
+
+
+def test_micro_batches_run_at_most_that_many_rows_per_forward():
+    module = _module(CHORDModule, "token-mean", 2, mu_schedule=ConstantMu(MU), token_weighting="phi")
+    rows = []
+    hook = module.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        batch = module._fixed
+        module.mixed_loss({"expert": batch["expert"], "prompts": batch["prompts"]})
+    finally:
+        hook.remove()
+    assert max(rows) <= 2 and sum(rows) >= 5 + 4  # every expert row and every rollout row, in pieces
+
+
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
+def test_amft_meta_gradient_does_not_depend_on_micro_batches(aggregation):
+    batch = _batch()
+    meta = {k: v.flip(0) for k, v in batch["expert"].items()}
+    out = []
+    for micro in (1, 2, None):
+        m = _module(AMFTModule, aggregation, micro, meta_objective="expert_nll", warmup_sft_steps=0, meta_interval=1)
+        adv, _ = losses.group_advantages(batch["rewards"], G, "std")
+        l_sft, l_rl, g_sft, g_rl, _ = m.split_gradients(batch["expert"], batch["rollout"], adv)
+        theta, es, er = m.look_ahead(g_sft, g_rl, 0.5, 0.1)
+        dV, V = m.meta_gradient(theta, es, er, 0.1, {"expert": meta})
+        out.append((float(l_sft), float(l_rl), dV, V, g_sft))
+    assert out[0][2] != 0.0
+    for l_sft, l_rl, dV, V, g_sft in out[1:]:
+        assert l_sft == pytest.approx(out[0][0], rel=1e-6)
+        assert l_rl == pytest.approx(out[0][1], rel=1e-6)
+        assert dV == pytest.approx(out[0][2], rel=1e-6)
+        assert V == pytest.approx(out[0][3], rel=1e-6)
+        for a, b in zip(g_sft, out[0][4]):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
