@@ -1,6 +1,7 @@
-"""Loading a policy and its tokenizer the way a user's own checkpoint is loaded."""
+"""Loading a policy and its tokenizer the way a user's own checkpoint is loaded; switching its dropout off."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lit_align.data.embedded import EMBEDDED_NAME, resolve_model_path
@@ -41,3 +42,79 @@ def load_model(model_name_or_path: str, trust_remote_code: bool = False, dtype: 
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     return AutoModelForCausalLM.from_pretrained(_resolve(model_name_or_path), **kwargs)
+
+
+# attribute names of dropout probabilities: attention_dropout, hidden_dropout, resid_pdrop, embd_pdrop,
+# attn_pdrop, summary_first_dropout, hidden_dropout_prob, layerdrop, drop_path_rate, ... (never *keep*)
+_RATE_NAME = re.compile(r"dropout|pdrop|layerdrop|drop_path|drop_prob")
+_AS_LOADED: dict[int, list[tuple[tuple[str, ...], float]]] = {}  # id(config) -> (path, value) zeroed there
+
+
+def _is_rate(name: str, value) -> bool:
+    return (isinstance(value, float) and 0.0 < value < 1.0 and "keep" not in name.lower()
+            and _RATE_NAME.search(name.lower()) is not None)
+
+
+def disable_dropout_in_model(model) -> int:
+    """Switch dropout off in ``model`` (TRL's name) and return how many places were switched off.
+
+    A model kept in train() mode stays deterministic only if every dropout probability is 0, so this
+    sets ``p = 0`` on every ``torch.nn.Dropout`` (and its variants; peft's ``lora_dropout`` too), and
+    zeroes the float dropout probabilities that attention implementations and some forwards read
+    directly, while training (``self.attention_dropout``, ``config.attention_dropout``, ``resid_pdrop``,
+    ...): on every module and on the model's config and its sub-configs. The zeroed config values are
+    remembered, so an export writes the config as it was loaded (see :func:`config_as_loaded`).
+    """
+    import weakref
+
+    import torch
+    from transformers import PretrainedConfig
+
+    count = 0
+    configs: dict[int, PretrainedConfig] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            count += 1
+        for name, value in list(vars(module).items()):
+            if _is_rate(name, value):
+                setattr(module, name, 0.0)
+                count += 1
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            configs[id(config)] = config
+
+    def zero(config, path: tuple[str, ...], seen: list) -> None:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, PretrainedConfig):
+                zero(value, (*path, name), seen)
+            elif _is_rate(name, value):
+                setattr(config, name, 0.0)
+                seen.append(((*path, name), value))
+
+    for key, config in configs.items():
+        zeroed: list = []
+        zero(config, (), zeroed)
+        count += len(zeroed)
+        if zeroed:
+            if key not in _AS_LOADED:
+                weakref.finalize(config, _AS_LOADED.pop, key, None)
+            _AS_LOADED.setdefault(key, []).extend(zeroed)
+    return count
+
+
+def config_as_loaded(config):
+    """``config`` with the dropout probabilities :func:`disable_dropout_in_model` zeroed put back (a
+    copy), or ``config`` itself if it zeroed none: what an exported checkpoint should carry."""
+    import copy
+
+    zeroed = _AS_LOADED.get(id(config))
+    if not zeroed:
+        return config
+    config = copy.deepcopy(config)
+    for path, value in zeroed:
+        owner = config
+        for name in path[:-1]:
+            owner = getattr(owner, name)
+        setattr(owner, path[-1], value)
+    return config

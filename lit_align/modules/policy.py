@@ -16,7 +16,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from lit_align import losses
-from lit_align.hf import load_model, load_tokenizer
+from lit_align.hf import disable_dropout_in_model, load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
 from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
 from lit_align.modules.resume import NonFiniteError, ResumeState
@@ -137,12 +137,16 @@ class PolicyModule(ResumeState, L.LightningModule):
         self.model = load_model(model_name_or_path, trust_remote_code, model_dtype).train()
         if lora:
             self.model = apply_lora(self.model, lora)
+        if disable_dropout:  # after apply_lora: its lora_dropout too
+            disable_dropout_in_model(self.model)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         # The reference model is not a registered submodule: it is frozen and never checkpointed.
         # Under LoRA it is the policy with its adapters disabled (see _ref_logits): nothing to load.
         ref = load_model(model_name_or_path, trust_remote_code, model_dtype).eval() if beta > 0 and not lora else None
         if ref is not None:
             ref.requires_grad_(False)
+            if disable_dropout:
+                disable_dropout_in_model(ref)
         object.__setattr__(self, "ref_model", ref)
         self.val_accuracy, self.val_reward = MeanMetric(), MeanMetric()
         self.val_expert_nll, self.val_expert_token_acc = MeanMetric(), MeanMetric()
