@@ -82,10 +82,13 @@ def save_hf_dir(config, generation_config, tokenizer, state: dict[str, torch.Ten
 
 def save_module(pl_module, target: str | Path, state: dict[str, torch.Tensor]) -> Path:
     """Save a PolicyModule's policy (``state`` from its ``full_state_dict()``) and tokenizer."""
+    from lit_align.hf import config_as_loaded
+
     model = pl_module.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return save_hf_dir(base.config, getattr(base, "generation_config", None), pl_module.tokenizer, state, target,
-                       pl_module.hparams.get("trust_remote_code", False))
+    # the config as loaded: the dropout probabilities disable_dropout zeroed for training put back
+    return save_hf_dir(config_as_loaded(base.config), getattr(base, "generation_config", None), pl_module.tokenizer,
+                       state, target, pl_module.hparams.get("trust_remote_code", False))
 
 
 def load_checkpoint(path: str | Path) -> dict:

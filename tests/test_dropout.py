@@ -1,4 +1,6 @@
 """model.disable_dropout: a strictly on-policy update is exactly on-policy (ratio 1, KL 0)."""
+import json
+
 import pytest
 import torch
 
@@ -113,3 +115,12 @@ def test_disable_dropout_in_model_zeroes_modules_attributes_and_config():
     as_loaded = config_as_loaded(model.config)
     assert as_loaded.attention_dropout == 0.1 and model.config.attention_dropout == 0.0
 
+
+def test_export_keeps_the_checkpoints_dropout(gpt2, tmp_path):
+    from lit_align.export import save_module
+
+    module = _module(gpt2)
+    assert all(getattr(module.model.config, k) == 0.0 for k in RATES)  # trained without dropout
+    save_module(module, tmp_path, module.full_state_dict())
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in RATES} == RATES  # exported as loaded
