@@ -26,12 +26,19 @@ class AlignCLI(LightningCLI):
         reading rather than re-parsing (e.g. CHORD's ``mu_schedule``, stored as its repr)."""
 
     def before_instantiate_classes(self) -> None:
-        check_run_config(self.config[self.subcommand] if self.subcommand else self.config)
-        check_strategy((self.config[self.subcommand] if self.subcommand else self.config).get("trainer.strategy"))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_run_config(config)
+        check_strategy(config.get("trainer.strategy"))
+        if config.get("trainer.enable_checkpointing") is False:
+            # Lightning refuses a ModelCheckpoint when checkpointing is off: leave the default one out
+            # (the trainer_defaults callbacks are added when the Trainer is built, after this hook)
+            callbacks = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
 
 
 def trainer_defaults() -> dict:
-    """Defaults every run gets; a config's own ``trainer.callbacks`` are added to these."""
+    """Defaults every run gets; a config's own ``trainer.callbacks`` are added to these. The
+    ModelCheckpoint is left out under ``--trainer.enable_checkpointing=false``."""
     return {
         "logger": {
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",

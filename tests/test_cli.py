@@ -167,3 +167,27 @@ def test_expert_nll_is_split_by_the_verifiers_verdict_on_each_demonstration(tmp_
 
     clean = main([*args, "--data.init_args.expert_error_rate=0.0"]).trainer.callback_metrics
     assert math.isnan(float(clean["val/expert_nll_incorrect"])) and math.isfinite(float(clean["val/expert_nll_correct"]))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_enable_checkpointing_false_writes_no_checkpoint(checkpointing, tmp_path):
+    """``--trainer.enable_checkpointing=false`` leaves the default ModelCheckpoint out (Lightning refuses
+    one then); otherwise the default one writes, next to a config's own ModelCheckpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    mine = tmp_path / "mine"
+    extra = ["--trainer.enable_checkpointing=false"] if not checkpointing else [
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={mine}",
+        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+    ]
+    cli = fit("sft", tmp_path / "runs", "--trainer.max_steps=2", "--data.init_args.val_batch_size=4", *extra)
+    assert cli.trainer.global_step == 2
+    log_dir = Path(cli.trainer.log_dir)
+    assert (log_dir / "hf_model" / "model.safetensors").is_file(), "the export does not need checkpoints"
+    checkpoints = sum(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
+    if not checkpointing:
+        assert checkpoints == 0 and not list(tmp_path.rglob("*.ckpt"))
+    else:
+        assert checkpoints == 2
+        assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+        assert sorted(p.name for p in mine.glob("*.ckpt")) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
