@@ -51,23 +51,27 @@ def test_length_groups_cover_every_row_once_up_to_its_end():
 G = 4
 
 
-def _terms(module, rollout, rewards, buckets: int):
+def _terms(module, rollout, rewards, buckets: int, entropy_term: bool = False):
     """The RL loss, its metrics and its parameter gradients with ``length_buckets = buckets``; the
-    widths of the forward passes the policy ran."""
+    widths of the forward passes the policy ran. ``entropy_term``: with AMFT's entropy regulariser
+    (gated open: H* above the rollout's entropy)."""
     module.hparams.length_buckets = buckets
     widths = []
     hook = module.model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
                                                   with_kwargs=True)
     try:
         module.model.zero_grad(set_to_none=True)
-        loss, metrics = module.rl_terms(rollout, rewards)
-        extra = metrics.pop("entropy_usual_grad", None)
-        total = loss if extra is None else loss + extra
-        total.backward()
+        if entropy_term:
+            adv, _ = losses.group_advantages(rewards, G, "std")
+            extra = module._entropy_term(rollout, rollout.completion_mask, H_star=10.0)
+            assert extra is not None
+            loss, metrics = module.run_terms([module.rl_term(rollout, adv, 1.0, extra=extra)])
+        else:
+            loss, metrics = module.rl_terms(rollout, rewards)
     finally:
         hook.remove()
     grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
-    return loss.detach(), extra, metrics, grads, widths
+    return loss.detach(), None, metrics, grads, widths
 
 
 @pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
@@ -104,11 +108,11 @@ def test_amft_entropy_term_sees_the_same_logits(ckpt):
     tok = module.tokenizer
     rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=1)
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 1.0, 0.25])
-    one_loss, one_entropy, _, one_grads, _ = _terms(module, rollout, rewards, 1)
-    loss, entropy, _, grads, widths = _terms(module, rollout, rewards, 3)
-    assert len(widths) == 3 and entropy is not None
+    one_loss, _, _, one_grads, _ = _terms(module, rollout, rewards, 1, entropy_term=True)
+    loss, _, _, grads, widths = _terms(module, rollout, rewards, 3, entropy_term=True)
+    plain = _terms(module, rollout, rewards, 3)[0]
+    assert len(widths) == 3 and loss != plain  # the regulariser is in the loss
     torch.testing.assert_close(loss, one_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(entropy, one_entropy, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, one_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
@@ -127,8 +131,9 @@ def test_grouped_sft_loss_equals_one_pass_and_fsdp_runs_one_pass(ckpt):
     results = []
     for buckets in (1, 3):
         module.hparams.length_buckets = buckets
+        module.zero_policy_grad()
         loss, m = module.sft_terms(expert)
-        results.append((loss, torch.autograd.grad(loss, list(module.model.parameters())), m["entropy_expert"]))
+        results.append((loss, [p.grad.clone() for p in module.model.parameters()], m["entropy_expert"]))
     (l1, g1, e1), (l3, g3, e3) = results
     torch.testing.assert_close(l3, l1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(e3, e1, rtol=1e-5, atol=1e-6)

@@ -3,6 +3,8 @@ forward takes it, and all of them otherwise: the losses and gradients are the sa
 import pytest
 import torch
 
+from lit_align import losses
+
 from _rollouts import PROMPT_LENS, mixed_length_rollout
 from lit_align.modules import policy as policy_module
 from lit_align.modules.amft import AMFTModule
@@ -39,15 +41,19 @@ def _rl(module, rollout, full: bool, monkeypatch):
         ref_widths, h2 = _lm_head_rows(ref) if ref is not None else ([], None)
         try:
             module.model.zero_grad(set_to_none=True)
-            loss, metrics = module.rl_terms(rollout, REWARDS)
-            extra = metrics.pop("entropy_usual_grad", None)
-            (loss if extra is None else loss + extra).backward()
+            extra = None
+            if getattr(module.hparams, "entropy_coef", 0):  # AMFT's entropy regulariser, gated open
+                adv, _ = losses.group_advantages(REWARDS, module.hparams.num_generations, "std")
+                extra = module._entropy_term(rollout, rollout.completion_mask, H_star=10.0)
+                loss, metrics = module.run_terms([module.rl_term(rollout, adv, 1.0, extra=extra)])
+            else:
+                loss, metrics = module.rl_terms(rollout, REWARDS)
         finally:
             h1.remove()
             if h2 is not None:
                 h2.remove()
     grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
-    return loss.detach(), metrics, extra, grads, policy_widths, ref_widths
+    return loss.detach(), metrics, None, grads, policy_widths, ref_widths
 
 
 def _assert_same(a, b, rtol=1e-10, atol=1e-12):
@@ -81,8 +87,8 @@ def test_grpo_with_reference_keeps_only_completion_logits_and_matches_full_logit
     P, S = rollout.prompt_ids.shape[1], rollout.input_ids.shape[1]
     for widths_kept, widths_full in ((kept[4], full[4]), (kept[5], full[5])):
         assert len(widths_kept) == len(widths_full) == (1 if buckets == 1 else 4)  # same forwards
-        # the LM head ran at positions P - 1 .. width - 1 of each pass only, not at the prompt
-        assert [w - P + 1 for w in widths_full] == widths_kept
+        # the LM head ran at positions P - 1 .. width - 2 of each pass only (those that predict a completion token)
+        assert [w - P for w in widths_full] == widths_kept
         assert max(widths_full) == S
 
 
@@ -117,7 +123,7 @@ def test_fallback_for_a_model_without_logits_to_keep(ckpt, monkeypatch):
     fallback = (*fallback[:3], {n.removeprefix("inner."): g for n, g in fallback[3].items()}, *fallback[4:])
     _assert_same(fallback, kept)
     P = rollout.prompt_ids.shape[1]
-    assert [w - P + 1 for w in fallback[4]] == kept[4] and [w - P + 1 for w in fallback[5]] == kept[5]
+    assert [w - P for w in fallback[4]] == kept[4] and [w - P for w in fallback[5]] == kept[5]
 
 
 def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
@@ -138,7 +144,7 @@ def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
     _assert_same(kept, full)
     P = rollout.prompt_ids.shape[1]
     assert len(full[4]) == 2 * 4  # 4 groups each of the policy and the adapter-free reference, one head
-    assert [w - P + 1 for w in full[4]] == kept[4]
+    assert [w - P for w in full[4]] == kept[4]
 
 
 def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypatch):
@@ -149,34 +155,29 @@ def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypa
     rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=1, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)
     full = _rl(module, rollout, full=True, monkeypatch=monkeypatch)
-    assert kept[2] is not None
     _assert_same(kept, full)
 
-    # V of the reward objective, at theta' through functional_call and at the model's own weights
-    names, params = module._trainable()
-    g = torch.Generator().manual_seed(4)
-    theta = [(p.detach() + 0.01 * torch.randn(p.shape, generator=g, dtype=p.dtype)).requires_grad_() for p in params]
+    # V of the reward objective (its value and gradient through the step engine)
+    params = module._trainable()[1]
     adv = torch.linspace(-1.0, 1.0, len(PROMPT_LENS), dtype=torch.float64)
     held = {"rollout": rollout, "advantages": adv}
 
-    def objective(full: bool, at_theta: bool):
+    def objective(full: bool):
         with monkeypatch.context() as m:
             if full:
-                m.setattr("lit_align.modules.amft.accepts_logits_to_keep", lambda model: False)
                 m.setattr(policy_module, "accepts_logits_to_keep", lambda model: False)
             widths, hook = _lm_head_rows(module.model)
             try:
-                V = module.val_objective(held, dict(zip(names, theta)) if at_theta else None)
+                module.zero_policy_grad()
+                V, _ = module.run_terms([module.val_term(held)])
             finally:
                 hook.remove()
-        grads = torch.autograd.grad(V, theta if at_theta else params)
-        return V.detach(), grads, widths
+        return V, [p.grad.clone() for p in params], widths
 
     P = rollout.prompt_ids.shape[1]
-    for at_theta in (True, False):
-        (V_kept, g_kept, w_kept), (V_full, g_full, w_full) = objective(False, at_theta), objective(True, at_theta)
-        assert V_full.item() != 0.0
-        torch.testing.assert_close(V_kept, V_full, rtol=1e-10, atol=1e-12)
-        for a, b in zip(g_kept, g_full):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-        assert [w - P + 1 for w in w_full] == w_kept and len(w_kept) == (1 if at_theta else 3)
+    (V_kept, g_kept, w_kept), (V_full, g_full, w_full) = objective(False), objective(True)
+    assert V_full.item() != 0.0
+    torch.testing.assert_close(V_kept, V_full, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_kept, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert [w - P for w in w_full] == w_kept and len(w_kept) == 3
