@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lit_align import losses
 from lit_align.controller import MetaNetwork, ScalarMu
 from lit_align.data.datamodule import MixedDataModule
 from lit_align.hf import load_tokenizer
@@ -103,12 +104,19 @@ def V_after_real_step(m, opt, start, opt_state, rollout, rewards, batch, held, m
     if opt_state is not None:  # a copy: load_state_dict keeps the tensors, and step() would edit them
         opt.load_state_dict(copy.deepcopy(opt_state))
     opt.zero_grad(set_to_none=True)
-    l_rl, _ = m.rl_terms(rollout, rewards)
-    l_sft, _ = m.sft_terms(batch["expert"])
-    ((1 - mu) * l_rl + mu * l_sft).backward()
+    m.rl_terms(rollout, rewards, weight=1 - mu)  # each accumulates its gradient in .grad
+    m.sft_terms(batch["expert"], weight=mu)
     opt.step()
-    with torch.no_grad():
-        return float(m.val_objective(held))
+    return m.val_objective(held)
+
+
+def meta_step(m, rollout, rewards, batch, held, mu: float, lr: float):
+    """(dV/dmu, theta', g_SFT, g_RL) of one meta step on fixed rollouts, through the module's own passes."""
+    adv, _ = losses.group_advantages(rewards, m.hparams.num_generations, m.hparams.advantage_norm)
+    _, _, g_sft, g_rl, _ = m.split_gradients(batch["expert"], rollout, adv)
+    theta_prime, eff_sft, eff_rl = m.look_ahead(g_sft, g_rl, mu, lr)
+    dV_dmu, _ = m.meta_gradient(theta_prime, eff_sft, eff_rl, lr, held)
+    return dV_dmu, theta_prime, g_sft, g_rl
 
 
 # ----------------------------------------------------------------------------- the hypergradient
@@ -125,10 +133,7 @@ def test_hypergradient_matches_finite_difference_of_a_real_step(ckpt, batch, obj
     start = copy.deepcopy(m.model.state_dict())
     mu, lr, eps = 0.5, 0.1, 0.05
 
-    l_rl, _ = m.rl_terms(rollout, rewards)
-    l_sft, _ = m.sft_terms(batch["expert"])
-    theta_prime, g_sft, g_rl = m.look_ahead(l_sft, l_rl, mu, lr)
-    dV_dmu, _ = m.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+    dV_dmu, theta_prime, g_sft, g_rl = meta_step(m, rollout, rewards, batch, held, mu, lr)
     # the monitors of what the meta step weighed: the two gradients' sizes and their cosine
     flat_sft = torch.cat([g.flatten() for g in g_sft if g is not None]).double()
     flat_rl = torch.cat([g.flatten() for g in g_rl if g is not None]).double()
@@ -161,20 +166,16 @@ def test_optimizer_lookahead_matches_finite_difference_of_the_real_adamw_step(ck
     mu, eps = 0.5, 0.02
     lr = opt.param_groups[0]["lr"]
 
-    l_rl, _ = m.rl_terms(rollout, rewards)
-    l_sft, _ = m.sft_terms(batch["expert"])
-    theta_prime, g_sft, g_rl = m.look_ahead(l_sft, l_rl, mu, lr)
-    dV_dmu, _ = m.meta_gradient(theta_prime, g_sft, g_rl, lr, held)
+    dV_dmu, theta_prime, _, _ = meta_step(m, rollout, rewards, batch, held, mu, lr)
     m.hparams.lookahead = "sgd"  # the papers' formula on the same batch, for contrast
-    sgd_dV_dmu, _ = m.meta_gradient(*m.look_ahead(l_sft, l_rl, mu, lr), lr, held)
+    sgd_dV_dmu = meta_step(m, rollout, rewards, batch, held, mu, lr)[0]
 
     V_after_step = lambda mu_: V_after_real_step(m, opt, start, opt_start, rollout, rewards, batch, held, mu_)  # noqa: E731
     stepped = V_after_step(mu)
     names = m._trainable()[0]
     for name, t in zip(names, theta_prime):  # theta' is the step itself
         torch.testing.assert_close(t, dict(m.model.named_parameters())[name].detach(), rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        assert stepped == pytest.approx(float(m.val_objective(held)))
+    assert stepped == pytest.approx(m.val_objective(held))
     finite_diff = (V_after_step(mu + eps) - V_after_step(mu - eps)) / (2 * eps)
     assert dV_dmu != 0 and math.copysign(1, dV_dmu) == math.copysign(1, finite_diff)
     assert abs(dV_dmu - finite_diff) < 0.1 * abs(finite_diff), (dV_dmu, finite_diff)

@@ -346,7 +346,7 @@ class AMFTModule(PolicyModule):
 
         def extra(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             entropy = losses.entropy_from_logits(logits, self.hparams.temperature)
-            return -scale * (entropy * m).sum()  # d/dtheta of coef * (H* - H)
+            return scale * (H_star * m.sum() - (entropy * m).sum())  # this micro-batch's share of coef (H* - H)
 
         return extra
 
