@@ -78,16 +78,22 @@ def _weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "hf_model" / "model.safetensors"))
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt):
+# steps_per_generation 3: updates 3-5 share one rollout batch, so the checkpoint at step 4 falls
+# between two of its mini-batches and the resumed run must train on the same rollouts
+@pytest.mark.parametrize("extra", [[], ["--model.init_args.steps_per_generation=3"]], ids=["on-policy", "mid-rollout-batch"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt, extra):
+    def args(tmp_path, save_dir, *more):  # the run settings, plus this case's
+        return _args(tmp_path, save_dir, *extra, *more)
+
     # 1. the reference: 7 steps, no interruption
-    ref = _run(_args(tmp_path, tmp_path / "ref"))
+    ref = _run(args(tmp_path, tmp_path / "ref"))
     out, _ = ref.communicate(timeout=300)
     assert ref.returncode == 0, out[-3000:]
     ref_dir = next((tmp_path / "ref").rglob("hf_model")).parent
 
     # 2. the same run, killed with SIGKILL after step 5 (last checkpoint: step 4)
     marker = tmp_path / "reached"
-    killed = _run(_args(tmp_path, tmp_path / "killed", "--trainer.callbacks+=test_resume.HangAfterStep",
+    killed = _run(args(tmp_path, tmp_path / "killed", "--trainer.callbacks+=test_resume.HangAfterStep",
                         "--trainer.callbacks.step=5", f"--trainer.callbacks.marker={marker}"))
     deadline = time.time() + 300
     while not marker.exists():
@@ -103,7 +109,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt):
     assert not list(last.parent.glob("*.partial")), "no half-written checkpoint left next to it"
 
     # 3. resume from it
-    resumed = _run(_args(tmp_path, tmp_path / "killed", f"--ckpt_path={last}"))
+    resumed = _run(args(tmp_path, tmp_path / "killed", f"--ckpt_path={last}"))
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     res_dir = max((tmp_path / "killed").rglob("hf_model")).parent

@@ -338,7 +338,7 @@ class PolicyModule(ResumeState, L.LightningModule):
         kept: list[torch.Tensor] = []
 
         def forward(rows: torch.Tensor) -> TermOutput:
-            part = {k: v[rows] for k, v in expert.items()}
+            part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
             ids, mask, start = self._expert_positions(part)
             logits = self._forward_logits(ids, mask, start=start)
             labels = part["labels"][:, start + 1 : ids.shape[1]]
@@ -673,7 +673,7 @@ class PolicyModule(ResumeState, L.LightningModule):
         labels_all = expert["labels"][:, 1:]
         out = torch.zeros(3, labels_all.shape[0], dtype=torch.float64, device=labels_all.device)
         for rows in micro_batches(labels_all != -100, self.hparams.micro_batch_size):
-            part = {k: v[rows] for k, v in expert.items()}
+            part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
             ids, mask, start = self._expert_positions(part)
             logits = self._forward_logits(ids, mask, start=start)
             labels = part["labels"][:, start + 1 : ids.shape[1]]
