@@ -1,5 +1,7 @@
 """Sampling G completions per prompt (a KV-cache decoding loop that drops finished rows, or Hugging
-Face ``generate``), plus masks and log-probs; grouping rows by length for the training forward.
+Face ``generate`` where the loop cannot run the model), in chunks of rows, with exactly the sampling
+settings lit-align passes (never the checkpoint's); masks and log-probs; grouping rows by length for
+the training forward.
 
 No Lightning here. The model is any ``transformers`` causal LM; prompts arrive left-padded.
 """
@@ -25,6 +27,7 @@ class Rollout:
     old_logp: torch.Tensor  # (B*G, T) log-probs of the sampled tokens at sampling time
     entropy: torch.Tensor  # (B*G, T) entropy of the sampling distribution
     completions: list[str]  # decoded completions (special tokens dropped)
+    sampler: str = "decode"  # what sampled it: "decode" (rollout.decode) or "hf-generate" (HF generate + a scoring forward)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -144,6 +147,148 @@ def _eos_ids(model, tokenizer) -> list[int] | None:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+# ---------------------------------------------------------------------------------------------- settings
+# The generation settings lit-align's sampler applies, on either path (decode, HF generate). Each one
+# comes from lit-align's own arguments; a checkpoint's generation config is never read for them.
+SETTINGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+            "repetition_penalty", "pad_token_id", "eos_token_id")
+
+# Generation-config fields that do not change what is sampled (token ids, caching, output format,
+# bookkeeping): sampling_overrides never reports them. max_length: max_new_tokens wins over it in HF too.
+_NOT_SAMPLING = frozenset({
+    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length", "use_cache",
+    "cache_implementation", "cache_config", "max_cache_len", "return_dict_in_generate", "output_attentions",
+    "output_hidden_states", "output_scores", "output_logits", "num_return_sequences", "compile_config",
+    "disable_compile", "prefill_chunk_size", "continuous_batching_config", "transformers_version",
+    "_from_model_config",
+})
+
+# the value that switches a generation-config field off (what lit-align samples with when it does not set it)
+_OFF = {
+    "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+    "renormalize_logits": False, "remove_invalid_values": False, "num_beams": 1, "num_beam_groups": 1,
+    "diversity_penalty": 0.0, "length_penalty": 1.0, "guidance_scale": 1.0,
+}
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_RULES = {  # name: (holds for a value that is not None, what is allowed)
+    "max_new_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    "min_new_tokens": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
+    "min_p": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1) (0: off)"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "a finite number > 0 (1: off)"),
+}
+
+
+def check_settings(settings: dict) -> None:
+    """Raise a ValueError naming the setting if ``settings`` holds one lit-align's sampler does not
+    apply (anything outside :data:`SETTINGS`, e.g. ``no_repeat_ngram_size``) or a value out of range
+    (e.g. ``min_p=1.5``). None means off / the default. Nothing falls back to another sampler."""
+    for name in settings:
+        if name not in SETTINGS:
+            raise ValueError(
+                f"generation setting {name}={settings[name]!r}: lit-align's sampler does not apply it "
+                f"(it applies {', '.join(SETTINGS)}); remove it rather than sample a distribution other than asked"
+            )
+    for name, (ok, allowed) in _RULES.items():
+        value = settings.get(name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name}={value!r} is out of range: it must be {allowed}")
+
+
+def sampling_settings(
+    model, tokenizer, max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    min_p: float = 0.0, repetition_penalty: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
+) -> dict:
+    """The complete generation settings :func:`generate` samples with: lit-align's arguments, plus the
+    end and padding tokens (the checkpoint's ``eos_token_id``, else the tokenizer's; the tokenizer's
+    pad token, else the first end token). No other field of ``model.generation_config`` is used.
+    ``greedy``: argmax of the raw logits, the sampling arguments unused (they are still checked).
+    Raises ValueError naming an argument that is out of range."""
+    check_settings(dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
+    eos_ids = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    settings = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids, do_sample=not greedy)
+    if min_new_tokens:
+        settings["min_new_tokens"] = min_new_tokens
+    if not greedy:
+        settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
+    return settings
+
+
+def sampling_overrides(model, settings: dict) -> dict[str, tuple]:
+    """The fields of the checkpoint's generation config (``model.generation_config``, e.g. a Qwen
+    instruct model's ``temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05``) that lit-align's
+    sampler does not follow, with ``settings`` (from :func:`sampling_settings`) being what it samples
+    with: ``{name: (checkpoint value, value sampled with)}``. A field lit-align does not set is sampled
+    with its "off" value (top_k 0, typical_p 1.0, no_repeat_ngram_size 0, ...; None where there is
+    none, e.g. ``bad_words_ids``). Fields that do not change the distribution (token ids, caching,
+    output flags, max_length) are never listed; nor is a field whose value equals what is used.
+    Meant for one start-up log line."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    overridden = {}
+    for name, old in config.to_dict().items():
+        if name in _NOT_SAMPLING or old is None or name.startswith("_"):
+            continue
+        new = settings[name] if name in settings else _OFF.get(name)
+        if old != new:
+            overridden[name] = (old, new)
+    return overridden
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def decode_supports(model) -> bool:
+    """True when :func:`decode` can sample from ``model``: a decoder-only model whose KV cache is a plain
+    ``DynamicCache`` of full-attention layers (rows can be copied and dropped). Sliding-window, chunked
+    or recurrent caches and encoder-decoder models are sampled with HF ``generate`` instead."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a cache this loop does not know
+        return False
+    return all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _all_reduce_max(value: int, device) -> int:
+    """The largest ``value`` over all ranks (torch.distributed's default group)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _chunks(rows: int, group: int, size: int) -> list[tuple[int, list[int]]]:
+    """Split rows ``0 .. rows - 1`` (row r samples prompt r // group) into consecutive runs of ``size``
+    rows (the last may be shorter): ``[(first prompt, rows per prompt in the run), ...]``."""
+    out = []
+    for lo in range(0, rows, size):
+        hi = min(lo + size, rows)
+        first, last = lo // group, (hi - 1) // group
+        out.append((first, [min(hi, (p + 1) * group) - max(lo, p * group) for p in range(first, last + 1)]))
+    return out
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -158,161 +303,285 @@ def generate(
     greedy: bool = False,
     synced_gpus: bool = False,
     drop_finished: bool = True,
+    generation_batch_size: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    min_new_tokens: int = 0,
 ) -> Rollout:
-    """Sample ``num_generations`` completions for each prompt (or one greedy one).
+    """Sample ``num_generations`` (G) completions for each of the B left-padded prompts (``prompt_ids``,
+    ``prompt_mask``: (B, P)), or one greedy one (argmax of the raw logits; the sampling arguments unused).
 
-    Log-probs and entropies come from the raw logits of the sampling forward passes (KV cache),
-    divided by ``temperature``: the same distribution the training loss uses, so the PPO ratio
-    starts at 1 for a strictly on-policy update. The model's train/eval mode is restored afterwards.
+    Sampling exactly as configured: the distribution is shaped by these arguments only, in Hugging
+    Face's order: ``repetition_penalty`` (over prompt and completion so far; 1: off), EOS masked while
+    fewer than ``min_new_tokens`` tokens, then ``temperature``, ``top_k`` (0: off), ``top_p`` (1: off),
+    ``min_p`` (0: off). The checkpoint's generation config (a Qwen instruct model ships temperature 0.7,
+    top_p 0.8, top_k 20, repetition_penalty 1.05) is ignored except for its end token; see
+    :func:`sampling_overrides` for what that overrides. Out-of-range values raise ValueError naming them.
 
-    ``drop_finished``: sample with :func:`decode`, which stops computing a row once it has emitted
-    EOS, instead of Hugging Face ``generate``, which carries finished rows to the end of the batch.
-    Used only where it samples from the same distribution (see :func:`decode_applies`); otherwise,
-    and under ``synced_gpus`` (every rank steps until all are done), ``generate`` runs.
+    ``old_logp`` and ``entropy`` come from the RAW logits / ``temperature`` (1 when greedy): the
+    distribution the training forward computes, so the first strictly on-policy update has ratio
+    exactly 1 whatever the penalty. ``repetition_penalty``, ``top_k``, ``top_p``, ``min_p`` (and
+    ``min_new_tokens``) shape the proposal only, as in TRL: the loss treats the samples as draws
+    from the temperature-scaled policy.
+
+    Samplers: :func:`decode` (``Rollout.sampler == "decode"``), a KV-cache loop that runs each prompt
+    through the model once for its G rows and stops computing rows that emitted EOS, wherever
+    :func:`decode_supports` the model and ``drop_finished``; otherwise HF ``generate`` (``"hf-generate"``,
+    with a generation config built from these settings alone, no per-step logits kept), then one
+    forward per chunk over prompt + completion for the log-probs (logits at completion positions only
+    where the model takes ``logits_to_keep``). Encoder-decoder models raise ValueError.
+
+    ``generation_batch_size``: at most this many rows (prompts x G) are decoded at once (their KV
+    cache, logits and, on the HF path, scoring forward); None: all B x G. The rows, in order (row
+    ``i * G + g`` is prompt i's g-th sample), are cut into consecutive chunks of exactly that many
+    (the last may be shorter): whole prompts when it is a multiple of G, otherwise a prompt's rows may
+    straddle two chunks and its prefill then runs once in each (at most one extra prompt prefill per
+    chunk). Within a chunk each prompt is prefilled once and its KV cache copied to its rows. Chunks
+    run one after another with the same random stream; None gives exactly the single-chunk result.
+
+    ``synced_gpus`` (FSDP2: every forward is a collective): every rank runs the same number of chunks
+    (the largest count over ranks; a rank with fewer runs stand-in chunks whose output is dropped) and,
+    within a chunk, the same number of forward steps, until no rank has a row still generating (one
+    all-reduce of an int per step over torch.distributed's default group).
+
+    Returns one :class:`Rollout` with B x G rows (row ``i * G + g``: prompt i's g-th sample); its
+    completion width T is the longest chunk's, shorter completions padded with the pad id, mask 0,
+    log-prob 0 and entropy 0 (all float32, nats). The model's train/eval mode is restored afterwards.
     """
+    settings = sampling_settings(model, tokenizer, max_new_tokens, temperature, top_p, top_k, min_p,
+                                 repetition_penalty, greedy, min_new_tokens)
+    if generation_batch_size is not None and not (_integer(generation_batch_size) and generation_batch_size >= 1):
+        raise ValueError(f"generation_batch_size={generation_batch_size!r} must be None (all rows) or an integer >= 1")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: lit-align samples decoder-only causal LMs")
+    G = num_generations if not greedy else 1
+    sampler = "decode" if drop_finished and decode_supports(model) else "hf-generate"
+    eos_ids, pad, t = settings["eos_token_id"], settings["pad_token_id"], 1.0 if greedy else temperature
+    rows = prompt_ids.shape[0] * G
+    chunks = _chunks(rows, G, rows if generation_batch_size is None else min(generation_batch_size, rows)) if rows else []
+    n_chunks = _all_reduce_max(len(chunks), prompt_ids.device) if synced_gpus else len(chunks)
     was_training = model.training
     model.eval()
     try:
-        unique_ids, unique_mask, repeats = prompt_ids, prompt_mask, 1
-        if not greedy and num_generations > 1:
-            repeats = num_generations
-            prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        eos_ids = _eos_ids(model, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-        settings = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids, do_sample=not greedy)
-        if not greedy:
-            settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        t = 1.0 if greedy else temperature
-        if drop_finished and not synced_gpus and decode_applies(model, settings):
-            completion_ids, old_logp, entropy = decode(model, unique_ids, unique_mask, settings, repeats=repeats)
-            mask = completion_mask(completion_ids, eos_ids)
-        else:
-            out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, return_dict_in_generate=True,
-                output_logits=True, synced_gpus=synced_gpus, **settings,
-            )
-            completion_ids = out.sequences[:, prompt_ids.shape[1]:]
-            logits = torch.stack(out.logits, dim=1)[:, : completion_ids.shape[1]]
-            mask = completion_mask(completion_ids, eos_ids)
-            old_logp = token_logprobs(logits, completion_ids, t) * mask
-            entropy = entropy_from_logits(logits, t) * mask
-        texts = tokenizer.batch_decode(completion_ids * mask + (1 - mask) * pad, skip_special_tokens=True)
+        pieces = []
+        for c in range(n_chunks):
+            if c < len(chunks):
+                first, counts = chunks[c]
+                ids, mask = prompt_ids[first : first + len(counts)], prompt_mask[first : first + len(counts)]
+                pieces.append(_sample_chunk(sampler, model, ids, mask, counts, settings, t, synced_gpus))
+            else:  # this rank's stand-in for a chunk other ranks still run: the same collectives, no output
+                if rows:
+                    ids, mask = prompt_ids[:1], prompt_mask[:1]
+                else:
+                    ids = torch.full((1, 1), pad, dtype=torch.long, device=prompt_ids.device)
+                    mask = torch.ones_like(ids)
+                _sample_chunk(sampler, model, ids, mask, [1], settings, t, synced_gpus, idle=True)
     finally:
         model.train(was_training)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, mask, old_logp, entropy, texts)
+    width = max((p[0].shape[1] for p in pieces), default=0)
+
+    def padded(k: int, value) -> torch.Tensor:
+        parts = [torch.nn.functional.pad(p[k], (0, width - p[k].shape[1]), value=value) for p in pieces]
+        return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float32 if k > 1 else torch.long)
+
+    completion_ids, mask, old_logp, entropy = padded(0, pad), padded(1, 0), padded(2, 0.0), padded(3, 0.0)
+    texts = tokenizer.batch_decode(completion_ids * mask + (1 - mask) * pad, skip_special_tokens=True) if rows else []
+    return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), completion_ids,
+                   mask, old_logp, entropy, texts, sampler)
 
 
-# generation settings decode() reproduces; any other one away from its default sends generate() to HF
-_DECODE_SETTINGS = frozenset({
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "pad_token_id", "bos_token_id",
-    "eos_token_id", "max_length", "use_cache", "return_dict_in_generate", "output_logits", "output_scores",
-    "output_attentions", "output_hidden_states", "transformers_version", "_from_model_config",
-})
+def _sample_chunk(sampler: str, model, prompt_ids, prompt_mask, counts: list[int], settings: dict, temperature: float,
+                  synced: bool, idle: bool = False) -> tuple[torch.Tensor, ...]:
+    """One chunk: ``counts[i]`` samples of prompt i. (completion ids, mask, log-probs, entropies), each
+    (sum(counts), T). ``idle``: a stand-in chunk (see :func:`generate`); its output is meaningless."""
+    repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts)
+    eos = settings["eos_token_id"]
+    if sampler == "decode":
+        ids, logp, entropy = decode(model, prompt_ids, prompt_mask, settings, repeats=repeats, synced=synced, idle=idle)
+        return ids, completion_mask(ids, eos), logp, entropy
+    index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(prompt_ids.device)
+    prompt_ids, prompt_mask = prompt_ids[index], prompt_mask[index]
+    ids = hf_generate(model, prompt_ids, prompt_mask, settings, synced=synced)
+    mask = completion_mask(ids, eos)
+    logp, entropy = score_completions(model, prompt_ids, prompt_mask, ids, mask, temperature)
+    return ids, mask, logp, entropy
 
 
-def _generation_config(model, settings: dict):
-    """The model's generation config with ``settings`` on top: what HF generate would use."""
-    import copy
+def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, synced: bool = False) -> torch.Tensor:
+    """HF ``generate`` with ``settings`` (see :data:`SETTINGS`) and nothing else: the model's own
+    generation config is swapped out for the call, so none of its fields (a checkpoint's top_k,
+    repetition_penalty, ...) apply; no scores or logits are kept. ``synced``: HF's ``synced_gpus``.
+    Returns the completion ids (B, T), padded with ``pad_token_id`` after EOS."""
+    from transformers import GenerationConfig
 
-    config = copy.deepcopy(model.generation_config)
-    config.update(**settings)
-    return config
-
-
-def decode_applies(model, settings: dict) -> bool:
-    """True when :func:`decode` samples as HF ``generate`` would with ``settings`` on this model: a
-    decoder-only model with a plain dynamic KV cache (no sliding-window or recurrent layers) and no
-    generation setting beyond max/min_new_tokens, do_sample, temperature, top_k, top_p and the special
-    tokens (a checkpoint's repetition_penalty, bad_words_ids, ... keep HF generate)."""
-    from transformers import DynamicCache, GenerationConfig
-    from transformers.cache_utils import DynamicLayer
-
-    if getattr(model.config, "is_encoder_decoder", False):
-        return False
-    default = GenerationConfig().to_dict()
-    for name, value in _generation_config(model, settings).to_dict().items():
-        if name not in _DECODE_SETTINGS and (name not in default or default[name] != value):
-            return False
+    check_settings(settings)
+    config = GenerationConfig(**{**_OFF_FOR_HF, **{k: v for k, v in settings.items() if v is not None}})
+    if not config.do_sample:  # HF warns about sampling fields set while greedy
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            setattr(config, name, None)
+    if config.min_p == 0.0:
+        config.min_p = None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = inner.generation_config
+    inner.generation_config = config  # what HF merges missing fields from: nothing of the checkpoint's
     try:
-        layers = DynamicCache(config=model.config).layers
-    except Exception:  # a cache this loop does not know
-        return False
-    return all(type(layer) is DynamicLayer for layer in layers)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             synced_gpus=synced)
+    finally:
+        inner.generation_config = before
+    return out[:, prompt_ids.shape[1]:]
+
+
+# explicit "off" values where HF's global defaults are not off (top_k 50) or not set
+_OFF_FOR_HF = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1,
+                   use_cache=True)
+
+
+def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                      completion_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``completion_ids`` (B, T) and entropies (nats) under softmax(raw logits /
+    ``temperature``), float32, 0 where ``completion_mask`` is 0: one forward over prompt + completion
+    (B, P + T), with logits at the T completion positions only where the model takes ``logits_to_keep``
+    (the transient logits are (B, T, V), as in one training micro-batch of B rows)."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1)
+    T = completion_ids.shape[1]
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    if accepts_logits_to_keep(model):
+        logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        logits = model(**kwargs).logits[:, prompt_ids.shape[1] - 1 : -1]
+    m = completion_mask.to(torch.float32)
+    return token_logprobs(logits, completion_ids, temperature) * m, entropy_from_logits(logits, temperature) * m
 
 
 def decode(
     model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, compact_at: float = 0.25,
-    repeats: int = 1,
+    repeats: int | torch.Tensor = 1, synced: bool = False, idle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or greedily pick) completions token by token with a KV cache, as HF ``generate`` does
-    for ``settings`` (see :func:`decode_applies`), but stop computing rows that have emitted EOS.
+    for ``settings`` (only those: :data:`SETTINGS`; anything else, or a value out of range, raises
+    ValueError naming it), but stop computing rows that have emitted EOS. The model's own generation
+    config is not read.
 
-    Each step takes the next-token logits in float32, applies HF's own processors in HF's order
-    (EOS masked while fewer than min_new_tokens; then temperature, top-k, top-p when sampling) and
-    draws from their softmax (argmax when greedy). A finished row is fed padding, as in HF, until
-    finished rows make up ``compact_at`` of the rows still in the cache; then they are dropped from
-    it (so the cache is copied a few times, not every step). Until rows are dropped, the random
-    draws are HF's, token for token. ``repeats``: sample each prompt that many times (rows
-    ``i * repeats ... (i + 1) * repeats - 1`` of the result are prompt i's): the prompt is run through
-    the model once and its KV cache copied, where ``generate`` on repeated prompts computes the same
-    keys and values ``repeats`` times. Returns (completion ids (B, T), log-probs and entropies of the
-    raw logits / temperature (B, T), 0 after EOS), B = prompts x repeats, T = steps until every row
-    finished or max_new_tokens.
+    Each step takes the next-token logits in float32 and applies HF's own processors in HF's order:
+    ``RepetitionPenaltyLogitsProcessor`` over the prompt (left padding ignored, as in HF) and the
+    tokens so far, EOS masked while fewer than ``min_new_tokens``; then, when sampling, temperature,
+    top-k, top-p, min-p; and draws from their softmax (argmax when not sampling). The log-probs and
+    entropies returned are those of the RAW logits / temperature, not of the processed scores. A
+    finished row is fed padding, as in HF, until finished rows make up ``compact_at`` of the rows
+    still in the cache; then they are dropped from it (so the cache is copied a few times, not every
+    step). Until rows are dropped, the random draws are HF's, token for token.
+
+    ``repeats``: an int r samples each prompt r times (rows ``i * r ... (i + 1) * r - 1`` of the result
+    are prompt i's); a 1-D tensor of counts samples prompt i ``repeats[i]`` times, rows in prompt
+    order. Each prompt is run through the model once and its KV cache copied to its rows, where
+    ``generate`` on repeated prompts computes the same keys and values r times.
+
+    ``synced``: every rank steps until no rank has a row still generating (one all-reduce of an int per
+    step over torch.distributed's default group); a rank whose rows have all finished keeps running
+    forwards on one of them, fed padding, recording nothing (and drawing no random numbers).
+    ``idle`` (with ``synced``): rows start finished: a rank's stand-in that only runs the forwards.
+
+    Returns (completion ids (N, T), log-probs and entropies of the raw logits / temperature (N, T),
+    float32, nats, 0 after EOS), N = prompts x repeats (or sum(repeats)), T = steps until every row
+    finished or max_new_tokens (0 when ``idle``).
     """
-    from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import (
+        DynamicCache, LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )
 
-    config = _generation_config(model, settings)
-    sample = bool(config.do_sample)
-    temperature = config.temperature if sample and config.temperature is not None else 1.0
+    check_settings(settings)
+    sample = bool(settings.get("do_sample"))
+    temperature = settings.get("temperature") if sample and settings.get("temperature") is not None else 1.0
     warpers = LogitsProcessorList()
     if sample and temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
-    if sample and config.top_k:
-        warpers.append(TopKLogitsWarper(top_k=config.top_k))
-    if sample and config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(top_p=config.top_p))
-    eos = config.eos_token_id
+    if sample and settings.get("top_k"):
+        warpers.append(TopKLogitsWarper(top_k=settings["top_k"]))
+    if sample and settings.get("top_p") is not None and settings["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=settings["top_p"]))
+    if sample and settings.get("min_p"):
+        warpers.append(MinPLogitsWarper(min_p=settings["min_p"]))
+    penalty = settings.get("repetition_penalty")
+    penalise = RepetitionPenaltyLogitsProcessor(float(penalty)) if penalty is not None and penalty != 1.0 else None
+    min_new = settings.get("min_new_tokens") or 0
+    pad = settings.get("pad_token_id")
+    eos = settings.get("eos_token_id")
     eos = torch.as_tensor([] if eos is None else eos, dtype=torch.long, device=prompt_ids.device).reshape(-1)
-    B, T, device = prompt_ids.shape[0] * repeats, config.max_new_tokens, prompt_ids.device
-    ids = torch.full((B, T), config.pad_token_id, dtype=torch.long, device=device)
+    if pad is None:
+        pad = int(eos[0]) if eos.numel() else 0
+    device, T = prompt_ids.device, settings["max_new_tokens"]
+    index = None
+    if torch.is_tensor(repeats):
+        counts = repeats.reshape(-1).long()
+        if counts.numel() != prompt_ids.shape[0] or bool((counts < 1).any()):
+            raise ValueError(f"repeats: one count >= 1 per prompt ({prompt_ids.shape[0]}), got {counts.tolist()}")
+        index = torch.repeat_interleave(torch.arange(len(counts)), counts.cpu()).to(device)
+        B = len(index)
+    else:
+        B = prompt_ids.shape[0] * repeats
+    ids = torch.full((B, T), pad, dtype=torch.long, device=device)
     logp = torch.zeros(B, T, dtype=torch.float32, device=device)
     entropy = torch.zeros(B, T, dtype=torch.float32, device=device)
     rows = torch.arange(B, device=device)  # the batch row of each row in the cache
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # per row in the cache: still generating
+    alive = torch.full((B,), not idle, dtype=torch.bool, device=device)  # per row in the cache: still generating
     mask = prompt_mask
     cache = DynamicCache(config=model.config)
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 past_key_values=cache, use_cache=True, **keep_last)
     logits = out.logits[:, -1].float()
-    if repeats > 1:  # one prefill per prompt; the rows that sample it share copies of its cache
+    history = prompt_ids
+    if index is not None:  # one prefill per prompt; the rows that sample it share copies of its cache
+        cache.batch_select_indices(index)
+        logits, mask, history = logits[index], mask[index], history[index]
+    elif repeats > 1:
         cache.batch_repeat_interleave(repeats)
         logits, mask = logits.repeat_interleave(repeats, 0), mask.repeat_interleave(repeats, 0)
+        history = history.repeat_interleave(repeats, 0)
+    ignored = (mask != 0).int().argmax(dim=1)  # left padding: not penalised, as in HF
     steps = 0
+    token = torch.full((len(rows),), pad, dtype=torch.long, device=device)
     for step in range(T):
-        scores = logits
-        if eos.numel() and config.min_new_tokens and step < config.min_new_tokens:
-            scores = scores.index_fill(-1, eos, float("-inf"))
-        if sample:
-            token = torch.multinomial(torch.softmax(warpers(None, scores), dim=-1), num_samples=1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        token = torch.where(alive, token, torch.full_like(token, config.pad_token_id))
-        live = rows[alive]
-        ids[live, step] = token[alive]
-        logp[live, step] = token_logprobs(logits[alive], token[alive], temperature)
-        entropy[live, step] = entropy_from_logits(logits[alive], temperature)
-        steps = step + 1
-        if eos.numel():
-            alive = alive & ~torch.isin(token, eos)
-        if steps == T or not bool(alive.any()):
+        if not idle and (not synced or bool(alive.any())):
+            scores = logits
+            if penalise is not None:
+                penalise.prompt_ignore_length = ignored
+                scores = penalise(history, scores)
+            if eos.numel() and min_new and step < min_new:
+                scores = scores.index_fill(-1, eos, float("-inf"))
+            if sample:
+                token = torch.multinomial(torch.softmax(warpers(history, scores), dim=-1), num_samples=1).squeeze(1)
+            else:
+                token = scores.argmax(-1)
+            token = torch.where(alive, token, torch.full_like(token, pad))
+            live = rows[alive]
+            ids[live, step] = token[alive]
+            logp[live, step] = token_logprobs(logits[alive], token[alive], temperature)
+            entropy[live, step] = entropy_from_logits(logits[alive], temperature)
+            steps = step + 1
+            if eos.numel():
+                alive = alive & ~torch.isin(token, eos)
+        more = step + 1 < T and bool(alive.any())
+        if synced:
+            more = bool(_all_reduce_max(int(more), device))
+        if not more:
             break
         finished = int((~alive).sum())
-        if finished and finished >= compact_at * len(rows):
+        kept = None
+        if not bool(alive.any()):  # synced, and this rank is done: one row keeps the forwards going
+            kept = torch.zeros(1, dtype=torch.long, device=device) if len(rows) > 1 else None
+            token = torch.full((len(rows),), pad, dtype=torch.long, device=device)
+        elif finished and finished >= compact_at * len(rows):
             kept = alive.nonzero().squeeze(1)
+        if kept is not None:
             cache.batch_select_indices(kept)
-            rows, mask, token, alive = rows[kept], mask[kept], token[kept], alive[kept]
+            rows, mask, token, alive, ignored = rows[kept], mask[kept], token[kept], alive[kept], ignored[kept]
+            history = history[kept]
+        if penalise is not None:
+            history = torch.cat([history, token.unsqueeze(1)], dim=1)
         position = mask.sum(-1, keepdim=True)  # tokens attended so far: the new token's position
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,

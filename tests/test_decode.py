@@ -1,13 +1,13 @@
 """rollout.decode, the sampling loop that stops computing finished rows: HF generate's samples token
-for token while no row is dropped, the right conditionals after rows are dropped, and HF generate
-wherever the loop could not sample the same distribution."""
+for token while no row is dropped, the right conditionals after rows are dropped, and a ValueError
+(never a silent fallback) for a setting the loop does not apply."""
 import pytest
 import torch
 
 import lit_align.rollout as rollout
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.losses import entropy_from_logits, token_logprobs
-from lit_align.rollout import completion_mask, decode, decode_applies, generate, position_ids_from_mask
+from lit_align.rollout import completion_mask, decode, decode_supports, generate, position_ids_from_mask
 
 PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4="]
 G, T = 4, 12
@@ -35,7 +35,7 @@ SAMPLING = [dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.0, top
 def test_without_dropping_rows_the_samples_are_hf_generates(setup, sampling):
     tok, model, ids, mask = setup
     settings = _settings(tok, **sampling)
-    assert decode_applies(model, settings)
+    assert decode_supports(model)
     torch.manual_seed(3)
     hf = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **settings)
     torch.manual_seed(3)
@@ -69,53 +69,42 @@ def test_after_dropping_rows_each_step_samples_from_the_full_forward(setup):
 
 
 def test_fixed_length_rollouts_equal_hf_generate(setup):
-    """min_new_tokens = max_new_tokens: no row finishes early, so dropping rows changes nothing."""
+    """min_new_tokens = max_new_tokens: no row finishes early, so dropping rows changes nothing, and HF
+    generate (drop_finished=False: the path kept for models decode cannot run) draws the same tokens;
+    its log-probs come from a forward over prompt + completion after sampling."""
     tok, model, _, _ = setup
     enc = tok(PROMPTS, padding=True, return_tensors="pt")
-    model.generation_config.min_new_tokens = T
-    try:
-        runs = []
-        for drop in (True, False):
-            torch.manual_seed(1)
-            runs.append(generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
-                                 temperature=0.9, drop_finished=drop))
-    finally:
-        model.generation_config.min_new_tokens = None
+    runs = []
+    for drop in (True, False):
+        torch.manual_seed(1)
+        runs.append(generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
+                             temperature=0.9, drop_finished=drop, min_new_tokens=T))
     ours, hf = runs
+    assert (ours.sampler, hf.sampler) == ("decode", "hf-generate")
     assert ours.completion_ids.shape == (len(PROMPTS) * G, T) and ours.completion_mask.all()
     assert torch.equal(ours.completion_ids, hf.completion_ids) and ours.completions == hf.completions
-    torch.testing.assert_close(ours.old_logp, hf.old_logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.old_logp, hf.old_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.entropy, hf.entropy, rtol=0, atol=1e-5)
 
 
-def test_hf_generate_where_the_loop_would_differ(setup, monkeypatch):
-    tok, model, _, _ = setup
+def test_a_setting_the_loop_does_not_apply_raises_naming_it(setup, monkeypatch):
+    """Before: a checkpoint's repetition_penalty, or a setting such as no_repeat_ngram_size, sent
+    sampling to HF generate with per-step logits kept. Now the checkpoint's generation config is never
+    read, and a setting decode does not apply is an error naming it, not another sampler."""
+    tok, model, ids, mask = setup
     plain = _settings(tok, temperature=1.0, top_k=0, top_p=1.0)
-    assert decode_applies(model, plain)
-    before = model.generation_config.repetition_penalty
-    model.generation_config.repetition_penalty = 1.2  # a checkpoint's own setting the loop does not apply
-    try:
-        assert not decode_applies(model, plain)
-    finally:
-        model.generation_config.repetition_penalty = before
-    assert not decode_applies(model, {**plain, "no_repeat_ngram_size": 2})
-    assert not decode_applies(model, {**plain, "min_length": 3})
+    for name, value in (("no_repeat_ngram_size", 2), ("min_length", 3), ("typical_p", 0.9)):
+        with pytest.raises(ValueError, match=name):
+            decode(model, ids, mask, {**plain, name: value})
+    monkeypatch.setattr(model.generation_config, "repetition_penalty", 1.2)  # the checkpoint's: ignored
 
-    def no_loop(*a, **k):
-        raise AssertionError("decode must not run here")
+    def no_generate(*a, **k):
+        raise AssertionError("HF generate must not run here")
 
-    monkeypatch.setattr(rollout, "decode", no_loop)
-    hf_generate, synced = model.generate, []
-
-    def one_process_generate(*a, synced_gpus, **k):  # no process group here: record the flag, run alone
-        synced.append(synced_gpus)
-        return hf_generate(*a, **k)
-
-    monkeypatch.setattr(model, "generate", one_process_generate)
+    monkeypatch.setattr(model, "generate", no_generate)
     enc = tok(PROMPTS[:2], padding=True, return_tensors="pt")
-    r = generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4, synced_gpus=True)
-    assert r.completion_ids.shape[0] == 4 and synced == [True]  # every rank steps until all are done: HF's loop
-    with pytest.raises(AssertionError, match="decode must not run"):
-        generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4)
+    r = generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=2, max_new_tokens=4)
+    assert r.sampler == "decode" and r.completion_ids.shape[0] == 4
 
 
 @pytest.mark.parametrize("compact_at", [float("inf"), 0.25])
