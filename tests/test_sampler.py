@@ -340,3 +340,28 @@ def test_synced_decode_over_two_ranks_stopping_at_different_lengths(synced_resul
     assert g1["lengths"].tolist() == [1] and g0["lengths"].tolist() == [T]
     assert g0["forwards"] == g1["forwards"] == T, "one prefill and T - 1 steps on both ranks"
 
+
+def test_the_module_samples_with_its_settings_and_logs_what_it_overrode_once(ckpt, monkeypatch, caplog):
+    import logging
+
+    from lit_align.modules import policy as policy_module
+    from lit_align.modules.grpo import GRPOModule
+
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=3, repetition_penalty=1.2,
+                        min_p=0.1, generation_batch_size=3)
+    module.model.generation_config.update(top_k=20, do_sample=True)  # as an instruct checkpoint ships it
+    calls, real = [], policy_module.generate
+    monkeypatch.setattr(policy_module, "generate", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    enc = module.tokenizer(PROMPTS[:2], padding=True, return_tensors="pt")
+    prompts = {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask}
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        for _ in range(2):
+            rollout = module.sample(prompts)
+    assert rollout.completion_ids.shape[0] == 4 and rollout.sampler == "decode"
+    assert {k: calls[0][k] for k in ("repetition_penalty", "min_p", "generation_batch_size", "top_k")} == {
+        "repetition_penalty": 1.2, "min_p": 0.1, "generation_batch_size": 3, "top_k": 0}
+    lines = [r.getMessage() for r in caplog.records if "lit_align sampling" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "decode sampler" in lines[0] and "top_k=20 (sampling with 0)" in lines[0]

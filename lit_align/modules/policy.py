@@ -429,20 +429,37 @@ class PolicyModule(ResumeState, L.LightningModule):
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: dict, greedy: bool = False, num_generations: int | None = None) -> Rollout:
+        """G completions per prompt with the module's sampling settings only (never the checkpoint's
+        generation config), ``generation_batch_size`` rows at a time, synced over ranks under FSDP2.
+        The first call logs which sampler runs and which checkpoint fields were overridden."""
         hp = self.hparams
-        return generate(
+        sampling = dict(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+                        min_p=hp.min_p, repetition_penalty=hp.repetition_penalty)
+        rollout = generate(
             self.model,
             self.tokenizer,
             prompts["prompt_ids"],
             prompts["prompt_mask"],
             num_generations=num_generations or hp.num_generations,
-            max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature,
-            top_p=hp.top_p,
-            top_k=hp.top_k,
             greedy=greedy,
             synced_gpus=self._sync_generation(),
+            generation_batch_size=hp.generation_batch_size,
+            **sampling,
         )
+        if not getattr(self, "_sampling_logged", False):  # once, at start-up
+            self._sampling_logged = True
+            from lightning.pytorch.utilities import rank_zero_info
+
+            from lit_align.rollout import sampling_overrides, sampling_settings
+
+            overridden = sampling_overrides(self.model, sampling_settings(self.model, self.tokenizer, **sampling))
+            rank_zero_info(
+                f"lit_align sampling: {rollout.sampler} sampler; "
+                + ("the checkpoint's generation config sets " + ", ".join(
+                    f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())
+                   + ": overridden by model.* settings" if overridden else "no checkpoint sampling field overridden")
+            )
+        return rollout
 
     def _sync_generation(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1 and self._sharded()
