@@ -191,8 +191,8 @@ def measure(
 ) -> dict:
     """Time ``steps`` training steps of ``method`` after ``warmup`` untimed ones; in this process.
 
-    ``ignore_eos``: every completion is exactly ``max_new_tokens`` long (the checkpoint's generation
-    config gets ``min_new_tokens = max_new_tokens``, which masks EOS until then), so the work per
+    ``ignore_eos``: every completion is exactly ``max_new_tokens`` long (the sampler gets
+    ``min_new_tokens = max_new_tokens``, which masks EOS until then), so the work per
     step does not depend on what the model happens to sample. ``prompt_data``: a file with a
     ``prompt`` and an ``answer`` column (default: the embedded ``ab+cd=`` sums).
     """
@@ -220,8 +220,11 @@ def measure(
     else:  # CHORD-phi: both terms every step (mu = 0.1), phi token weights on the expert tokens
         module = CHORDModule(**common, mu_schedule=ConstantMu(0.1), token_weighting="phi")
         expert = "embedded"
-    if ignore_eos:
-        module.model.generation_config.min_new_tokens = max_new_tokens
+    if ignore_eos:  # the sampler reads no checkpoint generation field: pass min_new_tokens to it directly
+        import lit_align.modules.policy as policy_module
+
+        sample_generate = policy_module.generate
+        policy_module.generate = functools.partial(sample_generate, min_new_tokens=max_new_tokens)
     expert_batch_size = expert_batch_size or max(1, prompts * G // 4)  # the paper's ~20% expert share
     data = MixedDataModule(
         model_name_or_path=model, expert_data=expert, prompt_data=prompt_data or bench_prompts(), val_data=None,
@@ -269,7 +272,11 @@ def measure(
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[timer],
     )
-    trainer.fit(module, datamodule=data)
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        if ignore_eos:
+            policy_module.generate = sample_generate
     timed = timer.records[warmup - 1:]
     summary = summarise_steps(timed)
     memory = peak_memory_mib()  # before the matmul measurement allocates anything
