@@ -327,6 +327,15 @@ class PolicyModule(ResumeState, L.LightningModule):
         first = int(torch.where(has.any(0))[0].min()) if bool(has.any()) else 0  # first label column (of labels[:, 1:])
         return expert["input_ids"][:, :width], mask[:, :width], first
 
+    def _expert_logprobs(self, expert: dict, rows: torch.Tensor):
+        """(logits, labels, tokens, logp) of expert rows ``rows``, at response positions only: logits
+        (b, T, V) predicting ``labels`` (b, T), ``tokens`` the labels that count, ``logp`` their log-probs."""
+        part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
+        ids, mask, start = self._expert_positions(part)
+        logits = self._forward_logits(ids, mask, start=start)
+        labels = part["labels"][:, start + 1 : ids.shape[1]]
+        return logits, labels, labels != -100, losses.token_logprobs(logits, labels.clamp(min=0))
+
     def sft_term(self, expert: dict, weight: float, reward_mean: float | None = None, name: str = "sft",
                  token_weights: bool = True) -> Term:
         """The (weighted) NLL of the demonstrations over expert tokens, as a :class:`Term`: per token
@@ -338,12 +347,7 @@ class PolicyModule(ResumeState, L.LightningModule):
         kept: list[torch.Tensor] = []
 
         def forward(rows: torch.Tensor) -> TermOutput:
-            part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
-            ids, mask, start = self._expert_positions(part)
-            logits = self._forward_logits(ids, mask, start=start)
-            labels = part["labels"][:, start + 1 : ids.shape[1]]
-            tokens = labels != -100
-            logp = losses.token_logprobs(logits, labels.clamp(min=0))
+            logits, labels, tokens, logp = self._expert_logprobs(expert, rows)
             weights = self.token_weights(logp.detach(), logits.detach(), reward_mean) if token_weights else None
             metrics = {
                 "expert_nll": -logp.detach(),
@@ -690,12 +694,7 @@ class PolicyModule(ResumeState, L.LightningModule):
         labels_all = expert["labels"][:, 1:]
         out = torch.zeros(3, labels_all.shape[0], dtype=torch.float64, device=labels_all.device)
         for rows in micro_batches(labels_all != -100, self.hparams.micro_batch_size):
-            part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
-            ids, mask, start = self._expert_positions(part)
-            logits = self._forward_logits(ids, mask, start=start)
-            labels = part["labels"][:, start + 1 : ids.shape[1]]
-            tokens = labels != -100
-            logp = losses.token_logprobs(logits, labels.clamp(min=0))
+            logits, labels, tokens, logp = self._expert_logprobs(expert, rows)
             hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), logits, labels)
             out[:, rows.to(out.device)] = torch.stack([-(logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]).double()
             del logits
