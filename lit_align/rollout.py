@@ -356,7 +356,7 @@ def generate(
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: lit-align samples decoder-only causal LMs")
     G = num_generations if not greedy else 1
     sampler = "decode" if drop_finished and decode_supports(model) else "hf-generate"
-    eos_ids, pad, t = settings["eos_token_id"], settings["pad_token_id"], 1.0 if greedy else temperature
+    pad, t = settings["pad_token_id"], 1.0 if greedy else temperature
     rows = prompt_ids.shape[0] * G
     chunks = _chunks(rows, G, rows if generation_batch_size is None else min(generation_batch_size, rows)) if rows else []
     n_chunks = _all_reduce_max(len(chunks), prompt_ids.device) if synced_gpus else len(chunks)

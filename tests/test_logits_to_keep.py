@@ -6,7 +6,7 @@ import torch
 from lit_align import losses
 
 from _rollouts import PROMPT_LENS, mixed_length_rollout
-from lit_align.modules import policy as policy_module
+from lit_align.modules import logits as logits_module  # where the policy looks up logits_to_keep support
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.rollout import accepts_logits_to_keep
@@ -35,7 +35,7 @@ def _rl(module, rollout, full: bool, monkeypatch):
     rl_terms + backward; ``full``: as if no model took ``logits_to_keep``."""
     with monkeypatch.context() as m:
         if full:
-            m.setattr(policy_module, "accepts_logits_to_keep", lambda model: False)
+            m.setattr(logits_module, "accepts_logits_to_keep", lambda model: False)
         policy_widths, h1 = _lm_head_rows(module.model)
         ref = module.ref_model
         ref_widths, h2 = _lm_head_rows(ref) if ref is not None else ([], None)
@@ -165,7 +165,7 @@ def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypa
     def objective(full: bool):
         with monkeypatch.context() as m:
             if full:
-                m.setattr(policy_module, "accepts_logits_to_keep", lambda model: False)
+                m.setattr(logits_module, "accepts_logits_to_keep", lambda model: False)
             widths, hook = _lm_head_rows(module.model)
             try:
                 module.zero_policy_grad()

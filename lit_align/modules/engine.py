@@ -20,7 +20,6 @@ Nothing here knows about rollouts or methods; the caller's ``forward`` does.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 

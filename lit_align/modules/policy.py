@@ -18,16 +18,18 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.hf import disable_dropout_in_model, load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
+from lit_align.modules.cycles import RolloutCycles
+from lit_align.modules.logits import PolicyLogits
 from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
 from lit_align.modules.resume import NonFiniteError, ResumeState
 from lit_align.rollout import (
-    Rollout, _eos_ids, accepts_logits_to_keep, generate, length_groups, position_ids_from_mask,
+    Rollout, _eos_ids, generate,
 )
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
 
-class PolicyModule(ResumeState, L.LightningModule):
+class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
     """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
 
     Args:
@@ -252,68 +254,6 @@ class PolicyModule(ResumeState, L.LightningModule):
         """Optimizer steps per rollout batch: steps_per_generation x num_iterations."""
         return self.hparams.steps_per_generation * self.hparams.num_iterations
 
-    # ------------------------------------------------------------------ forward helpers
-    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """The policy's logits (B, S, V); with ``start``, only those that predict tokens start + 1 .. S - 1
-        (B, S - 1 - start, V), i.e. ``logits[:, start:-1]``, and the LM head runs only there when the
-        model takes ``logits_to_keep`` (see :meth:`_by_length`)."""
-        def forward(ids, mask, keep):
-            positions = position_ids_from_mask(mask)
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **keep).logits
-
-        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(self.model))
-
-    def _by_length(self, forward, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None,
-                   keeps_logits: bool = False) -> torch.Tensor:
-        """``forward(ids, mask, keep)`` -> logits, run over groups of rows of similar length
-        (``length_buckets``), each cut to its longest row. The result is one tensor in the batch's row
-        order, zero at the positions after a row's group width (never attended, so never read by a
-        loss), and differentiable: its gradient reaches every group's forward.
-
-        ``start`` None: the logits at every position (B, S, V); ``keep`` is ``{}``. ``start`` s: only the
-        logits at positions s .. S - 2 (B, S - 1 - s, V), those that predict tokens s + 1 .. S - 1 (a
-        completion's tokens, for s = prompt width - 1). With ``keeps_logits`` (the model's forward takes
-        ``logits_to_keep``), a pass of width w gets ``keep = {"logits_to_keep": positions s .. w - 2}``
-        (a 1-D index tensor), so the LM head and the logits exist only there; otherwise it computes every
-        position and the rest are sliced off. Same values either way: the hidden states, and so the
-        logits, do not depend on which positions are kept."""
-        run = lambda ids, mask: self._kept_logits(forward, ids, mask, start, keeps_logits)  # noqa: E731
-        groups = None if self._sharded() else length_groups(attention_mask, self.hparams.length_buckets)
-        if groups is None:
-            return run(input_ids, attention_mask)
-        pieces = [(rows, run(input_ids[rows, :width], attention_mask[rows, :width])) for rows, width in groups]
-        first = pieces[0][1]
-        S = input_ids.shape[1] if start is None else input_ids.shape[1] - 1 - start
-        logits = first.new_zeros(input_ids.shape[0], S, first.shape[-1])
-        for rows, piece in pieces:
-            logits[rows, : piece.shape[1]] = piece
-        return logits
-
-    @staticmethod
-    def _kept_logits(forward, ids: torch.Tensor, mask: torch.Tensor, start: int | None, keeps_logits: bool) -> torch.Tensor:
-        """One pass of ``forward(ids, mask, keep)``: every position's logits (``start`` None), or those
-        at positions ``start`` .. S - 2, through ``logits_to_keep`` when the model takes it (``keeps_logits``)."""
-        if start is None:
-            return forward(ids, mask, {})
-        if keeps_logits:
-            keep = torch.arange(start, max(ids.shape[1] - 1, start + 1), device=ids.device)
-            return forward(ids, mask, {"logits_to_keep": keep})[:, : ids.shape[1] - 1 - start]
-        return forward(ids, mask, {})[:, start:-1]
-
-    def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        """Logits of the frozen reference: the separate model, or under LoRA the adapter-free policy.
-        ``start`` as in :meth:`_forward_logits`."""
-        model = self.ref_model if self.ref_model is not None else self.model
-
-        def forward(ids, mask, keep):
-            kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-            if self.ref_model is not None:
-                return self.ref_model(**kwargs, **keep).logits
-            with self.model.disable_adapter():
-                return self.model(**kwargs, **keep).logits
-
-        return self._by_length(forward, input_ids, attention_mask, start, accepts_logits_to_keep(model))
-
     # ------------------------------------------------------------------ the loss terms
     @staticmethod
     def _expert_positions(expert: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -523,28 +463,6 @@ class PolicyModule(ResumeState, L.LightningModule):
                 "reward_mean": reward_mean, "metrics": metrics}
 
     # ------------------------------------------------------------------ rollout batches and their updates
-    def cycle_position(self, batch: dict) -> int:
-        """Which update of its rollout batch this step is (0 .. updates_per_rollout_batch - 1): the
-        ``repeat`` index the data module puts on each repeated batch (0 when there is none)."""
-        r = next((b["repeat"] for b in batch.values() if isinstance(b, dict) and "repeat" in b), None)
-        if r is None and self.updates_per_rollout_batch > 1:
-            raise ValueError(
-                "model.steps_per_generation / model.num_iterations > 1 need each batch repeated once per update: "
-                "use lit_align.MixedDataModule (its batch_repeats is set at set-up), or put a 'repeat' index in "
-                "the batch"
-            )
-        return int(r or 0)
-
-    def minibatch(self, rows: int, position: int) -> torch.Tensor:
-        """Row indices of this update's mini-batch: the rows split in ``steps_per_generation`` parts."""
-        return torch.tensor_split(torch.arange(rows), self.hparams.steps_per_generation)[position % self.hparams.steps_per_generation]
-
-    def rollouts_for(self, batch: dict, position: int) -> dict:
-        """The rollout batch of this cycle: sampled at its first update (or the first that needs one)."""
-        if position == 0 or self._cycle is None:
-            self._cycle = self.rollout_batch(batch)
-        return self._cycle
-
     def mixed_loss(self, batch: dict, mu: float | None = None) -> tuple[torch.Tensor, dict]:
         """One update's gradients of L = (1 - mu) * L_RL + mu * L_SFT (accumulated in ``.grad``), and its
         loss and metrics; a term whose weight is 0 is not computed. With steps_per_generation > 1 the
@@ -573,40 +491,6 @@ class PolicyModule(ResumeState, L.LightningModule):
         metrics["mu"] = torch.tensor(float(mu))
         metrics["entropy"] = metrics.get("entropy_usual", metrics.get("entropy_expert", torch.tensor(float("nan"))))
         return loss, metrics
-
-    def _rl_rows(self, cycle: dict, position: int) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
-        """(rollout, advantages, mask) of this update's mini-batch of the cycle's rollout batch."""
-        r, adv, mask = cycle["rollout"], cycle["advantages"], cycle["mask"]
-        if self.hparams.steps_per_generation == 1:
-            return r, adv, mask
-        rows = self.minibatch(len(adv), position).to(adv.device)
-        part = Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                       r.old_logp[rows], r.entropy[rows], [r.completions[i] for i in rows.tolist()])
-        return part, adv[rows], mask[rows]
-
-    def _expert_rows(self, expert: dict, position: int) -> dict:
-        if self.hparams.steps_per_generation == 1:
-            return expert
-        rows = self.minibatch(expert["input_ids"].shape[0], position)
-        return {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
-
-    def _cycle_state(self) -> dict | None:
-        """The buffered rollout batch as plain tensors, lists and numbers (for a checkpoint)."""
-        c = self._cycle
-        if c is None:
-            return None
-        r = c["rollout"]
-        return {"rollout": {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                                       "old_logp", "entropy", "completions")},
-                **{k: c[k] for k in ("rewards", "advantages", "mask", "reward_mean", "metrics")}}
-
-    def _load_cycle_state(self, state: dict | None) -> None:
-        if state is None:
-            self._cycle = None
-            return
-        state = dict(state)
-        state["rollout"] = Rollout(**state["rollout"])
-        self._cycle = state
 
     # ------------------------------------------------------------------ the step
     def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
