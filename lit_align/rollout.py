@@ -407,7 +407,9 @@ def _sample_chunk(sampler: str, model, prompt_ids, prompt_mask, counts: list[int
     return ids, mask, logp, entropy
 
 
-def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, synced: bool = False) -> torch.Tensor:
+def hf_generate(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, synced: bool = False,
+) -> torch.Tensor:
     """HF ``generate`` with ``settings`` (see :data:`SETTINGS`) and nothing else: the model's own
     generation config is swapped out for the call, so none of its fields (a checkpoint's top_k,
     repetition_penalty, ...) apply; no scores or logits are kept. ``synced``: HF's ``synced_gpus``.

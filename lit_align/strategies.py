@@ -8,8 +8,10 @@ through Lightning's ``ModelParallelStrategy``, with the data-parallel mesh spann
 - :class:`FSDP2Strategy` sets up the mesh (NCCL on GPUs, gloo on the CPU) and writes checkpoints
   atomically; ``PolicyModule.configure_model`` calls :func:`shard_model` on the policy (and on the
   frozen reference model), one FSDP unit per decoder layer, then the root.
-- ``generate`` is registered as an FSDP forward method and ``PolicyModule.sample`` passes
-  ``synced_gpus=True``, so ranks whose completions end early keep taking part in the all-gathers.
+- ``PolicyModule.sample`` passes ``synced_gpus=True``: the sampling loop (``rollout.decode``) runs
+  the same number of chunks and forward steps on every rank, so ranks whose completions end early
+  keep taking part in the all-gathers. ``generate`` is registered as an FSDP forward method for the
+  models sampled with HF ``generate`` (its own ``synced_gpus``).
 
 Names registered in Lightning's ``StrategyRegistry`` (importing this module registers them; the CLI
 does):
