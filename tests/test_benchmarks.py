@@ -169,3 +169,47 @@ def test_amft_cost_quick_times_meta_and_ordinary_updates():
     out = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert out["meta_updates"] == 2 and out["rl_updates"] == 4
     assert out["rl_update_s"] > 0 and out["meta_update_s"] > 0 and out["extra_tensors_mib"] > 0
+
+
+def test_memory_scale_quick_measures_one_update_per_process(tmp_path):
+    pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory_scale.py", "--quick", "--vocab", "2048", "--jobs", "2", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "memory_scale.json").read_text())
+    assert out["command"].startswith("python benchmarks/memory_scale.py --quick") and out["date"]
+    assert out["model"]["vocab"] == 2048 and out["model"]["architecture"] == "Qwen2ForCausalLM"
+    runs = out["runs"]
+    assert [(r["side"], r["prompts"], r["max_new_tokens"]) for r in runs] == [
+        ("grpo", 2, 8), ("chord", 2, 8), ("trl", 2, 8)]
+    for r in runs:
+        assert r["status"] == "ok", r
+        assert 0 < r["baseline_peak_gib"] <= r["peak_at_train_start_gib"] <= r["peak_after_generation_gib"] <= r["peak_gib"]
+        assert r["update_gib"] == pytest.approx(r["peak_gib"] - r["baseline_peak_gib"])
+        assert r["max_vmrss_seen_gib"] <= r["peak_gib"] * 1.01
+        assert r["steps_done"] == 1 and r["completions"] == r["prompts"] * r["G"]
+        assert r["mean_completion_length"] == r["max_new_tokens"] == 8  # forced to full length
+        assert r["forwards"]["train"]["forwards"] >= 1 and r["forwards"]["nograd"]["max_rows"] >= 1
+    for r in runs:  # TRL: one micro-batch of 4 rows per forward/backward, gradient accumulation for the rest
+        if r["side"] == "trl":
+            assert r["forwards"]["train"]["max_rows"] == 4
+            assert r["trl_gradient_accumulation_steps"] == 2
+        assert r["expert_rows"] == (r["prompts"] * r["G"] // 4 if r["side"] == "chord" else 0)
+    table = (tmp_path / "memory_scale.md").read_text()
+    assert "`python benchmarks/memory_scale.py --quick" in table and "| trl | 2 x 4 | 8 |" in table
+
+
+def test_memory_scale_guard_kills_a_process_above_the_cap(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("memory_scale", ROOT / "benchmarks" / "memory_scale.py")
+    memory_scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_scale)
+    grow = "import time; x = b'1' * (600 << 20); time.sleep(60)"  # 600 MiB, touched
+    out = memory_scale.run_guarded([sys.executable, "-c", grow], max_gb=0.25, log_path=tmp_path / "log")
+    assert out["killed_at_gib"] > 0.25 and out["returncode"] == -9 and out["wall_s"] < 30
+    assert out["peak_gib"] >= out["killed_at_gib"]
+    assert memory_scale.covers((4, 128), (8, 128)) and memory_scale.covers((4, 128), (4, 256))
+    assert not memory_scale.covers((4, 128), (2, 512))
