@@ -107,7 +107,7 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
-AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.05)
+AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
 METHODS = ("sft", "grpo", "amft", "amft_adam")
 
 
@@ -216,11 +216,15 @@ def test_amft_meta_step_on_two_ranks(two_rank_results, method):
     built from the global gradients (reduced over ranks), so mu equals one process's on the global
     batch, with unequal token counts per rank and micro-batches of one row."""
     results, single = two_rank_results
-    mu = single[f"{method}-mu"]
-    assert abs(mu - 0.5) > 1e-3, "the meta step did not move mu: the comparison would be vacuous"
+    moved = single[f"{method}-mu"] - 0.5
+    assert abs(moved) > 1e-3, "the meta step did not move mu: the comparison would be vacuous"
+    # Through AdamW's look-ahead, dtheta'/dg = lr / (sqrt(v) + eps) is large where an element's gradient
+    # is tiny, so the last-bit differences of gradients summed in another order (micro-batches of one row,
+    # two ranks) move dV/dmu by up to about 0.5%; a missing rank or a per-rank normalisation is tens of %.
+    rel = 2e-2 if method == "amft_adam" else 1e-5
     for strategy in ("ddp", "fsdp2"):
         assert results[f"{strategy}-{method}-mu-rank0"] == results[f"{strategy}-{method}-mu-rank1"], strategy
-        assert results[f"{strategy}-{method}-mu-rank0"] == pytest.approx(mu, rel=1e-5, abs=1e-7), strategy
+        assert results[f"{strategy}-{method}-mu-rank0"] - 0.5 == pytest.approx(moved, rel=rel, abs=1e-7), strategy
 
 
 def test_metrics_are_reduced_over_ranks(two_rank_results):
