@@ -54,27 +54,39 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_KEEPS_LOGITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_FORWARD_ARGS: "weakref.WeakKeyDictionary[torch.nn.Module, frozenset]" = weakref.WeakKeyDictionary()
 
 
-def accepts_logits_to_keep(model) -> bool:
-    """True when ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs: Llama, Qwen,
-    Mistral, ...), so a forward can skip the LM head at positions whose logits are not needed. A peft
-    wrapper passes it through to the model it wraps, which decides. Looked up once per model."""
+def _forward_args(model) -> frozenset:
+    """Names of the keyword arguments ``model``'s forward takes; a peft wrapper passes its keywords
+    through to the model it wraps, so that model's forward is read. Looked up once per model."""
     try:
-        return _KEEPS_LOGITS[model]
+        return _FORWARD_ARGS[model]
     except (KeyError, TypeError):
         pass
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        ok = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        names = frozenset(inspect.signature(inner.forward).parameters)
     except (TypeError, ValueError):  # no introspectable signature
-        ok = False
+        names = frozenset()
     try:
-        _KEEPS_LOGITS[model] = ok
+        _FORWARD_ARGS[model] = names
     except TypeError:  # not weak-referenceable: look it up again next time
         pass
-    return ok
+    return names
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """True when ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs: Llama, Qwen,
+    Mistral, ...), so a forward can skip the LM head at positions whose logits are not needed."""
+    return "logits_to_keep" in _forward_args(model)
+
+
+def with_cache(model, cache) -> dict:
+    """The forward keyword that passes a KV ``cache``: ``cache`` where the model's forward names it so
+    (transformers >= 5.2x, where ``past_key_values`` is deprecated and goes in 5.40), else
+    ``past_key_values`` (older releases and models that still use that name)."""
+    return {"cache": cache} if "cache" in _forward_args(model) else {"past_key_values": cache}
 
 
 def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
@@ -533,7 +545,7 @@ def decode(
     cache = DynamicCache(config=model.config)
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                past_key_values=cache, use_cache=True, **keep_last)
+                use_cache=True, **with_cache(model, cache), **keep_last)
     logits = out.logits[:, -1].float()
     history = prompt_ids
     if index is not None:  # one prefill per prompt; the rows that sample it share copies of its cache
@@ -587,6 +599,6 @@ def decode(
         position = mask.sum(-1, keepdim=True)  # tokens attended so far: the new token's position
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **with_cache(model, cache))
         logits = out.logits[:, -1].float()
     return ids[:, :steps], logp[:, :steps], entropy[:, :steps]

@@ -122,3 +122,28 @@ def test_one_prefill_per_prompt_samples_what_repeated_prompts_sample(setup, comp
     assert 0 < m.sum() < m.numel(), "some rows stop early"
     for a, b in zip(shared[1:], full[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_the_decode_loop_uses_no_deprecated_transformers_argument(tmp_path, arch):
+    """transformers deprecates ``past_key_values`` as a forward argument (removed in 5.40): the loop
+    passes its cache under the name the installed release's models take, so a user's next upgrade
+    does not break sampling. Checked on the architectures users bring, with warnings as errors."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    small = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 num_key_value_heads=2, n_embd=16, n_layer=1, n_head=2, n_positions=64, max_position_embeddings=64)
+    config = AutoConfig.for_model(arch, **{k: v for k, v in small.items() if hasattr(AutoConfig.for_model(arch), k)})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path)).eval()
+    ids = torch.randint(3, 32, (2, 4))
+    settings = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=[1], do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=FutureWarning, module="transformers")
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        out, logp, _ = decode(model, ids, torch.ones_like(ids), settings)
+    assert out.shape == (2, 5) and bool((logp[out != 0] < 0).all())
