@@ -365,3 +365,39 @@ def test_the_module_samples_with_its_settings_and_logs_what_it_overrode_once(ckp
     lines = [r.getMessage() for r in caplog.records if "lit_align sampling" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "decode sampler" in lines[0] and "top_k=20 (sampling with 0)" in lines[0]
+
+
+def test_an_instruct_checkpoints_first_on_policy_update_has_ratio_one(instruct_ckpt, tmp_path, monkeypatch, caplog):
+    """The module on a 151,936-token checkpoint whose generation config sets repetition_penalty 1.1,
+    top_k 20, top_p 0.8 and temperature 0.7: it samples with the decode loop, as a checkpoint without
+    them does, so the training forward reproduces old_logp (ratio 1 to 1e-6 on the first update), and
+    the start-up log names each overridden field."""
+    import logging
+    import shutil
+
+    from lit_align import losses
+    from lit_align.data.embedded import build_tokenizer
+    from lit_align.modules.grpo import GRPOModule
+
+    path = tmp_path / "instruct"
+    shutil.copytree(instruct_ckpt, path)
+    build_tokenizer().save_pretrained(path)  # ids below 16: valid in the 151,936-token vocabulary
+    torch.manual_seed(0)
+    module = GRPOModule(model_name_or_path=str(path), num_generations=4, max_new_tokens=8)
+    assert module.model.generation_config.repetition_penalty == 1.1
+    enc = module.tokenizer(PROMPTS[:2], padding=True, return_tensors="pt")
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(logger, "propagate", True)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        rollout = module.sample({"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask})
+    assert rollout.sampler == "decode"
+    line = next(r.getMessage() for r in caplog.records if "lit_align sampling" in r.getMessage())
+    for field in ("repetition_penalty=1.1", "top_k=20", "top_p=0.8", "temperature=0.7"):
+        assert field in line, (field, line)
+    module.train()
+    with torch.no_grad():
+        logits = module._forward_logits(rollout.input_ids, rollout.attention_mask, start=rollout.prompt_ids.shape[1] - 1)
+    logp = losses.token_logprobs(logits, rollout.completion_ids, module.hparams.temperature)
+    mask = rollout.completion_mask.bool()
+    assert mask.sum() > 0
+    assert (torch.exp(logp - rollout.old_logp) - 1).abs()[mask].max().item() < 1e-6
