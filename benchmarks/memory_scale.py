@@ -391,13 +391,52 @@ def measure_trl(spec: dict) -> dict:
     return seen
 
 
+def measure_validation(spec: dict) -> dict:
+    """One ``trainer.validate`` of lit_align's policy (what every method's validation runs: greedy answers
+    and the expert NLL) over ``val_rows`` held-out rows, each a demonstration cut to ``max_new_tokens``
+    tokens, greedy decoding forced to ``max_new_tokens`` too, with the default val_batch_size (100)."""
+    import functools
+
+    import lightning as L
+    import torch
+
+    from lit_align import GRPOModule, MixedDataModule
+    from lit_align.rewards import ExactAnswerReward
+
+    T = spec["max_new_tokens"]
+    L.seed_everything(spec["seed"], verbose=False)
+    rows = [json.loads(line) for line in Path(spec["expert"]).read_text().splitlines()][: spec["val_rows"]]
+    val_file = Path(spec["result_path"]).with_suffix(".val.jsonl")
+    val_file.write_text("".join(json.dumps({**r, "answer": r["response"].rsplit(ANSWER_PREFIX, 1)[1].strip()}) + "\n"
+                                for r in rows))
+    module = GRPOModule(
+        model_name_or_path=spec["model"], num_generations=2, max_new_tokens=T,  # (validation samples one answer)
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6), reward=ExactAnswerReward(answer_prefix=ANSWER_PREFIX),
+        micro_batch_size=spec["micro_batch_size"], generation_batch_size=spec["generation_batch_size"],
+    )
+    module.model.generation_config.min_new_tokens = T  # every greedy answer max_new_tokens long
+    data = MixedDataModule(model_name_or_path=spec["model"], expert_data=None, prompt_data=spec["prompts_file"],
+                           val_data=str(val_file), max_response_length=T, overlong="truncate", seed=spec["seed"])
+    seen: dict = {"baseline_peak_gib": peak_gib(), "rss_after_load_gib": vmrss_gib(), **_common(spec, module.model)}
+    save(spec, seen)
+    probe = ForwardProbe(module.model)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    start = time.perf_counter()
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    seen.update(update_s=time.perf_counter() - start, peak_in_process_gib=peak_gib(), forwards=probe.stats,
+                val_rows=len(rows), metrics={k: float(v) for k, v in metrics.items()}, done=True)
+    return seen
+
+
 def child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if spec["threads"] > 0:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    save(spec, (measure_trl if spec["side"] == "trl" else measure_lit)(spec))
+    measure_side = {"trl": measure_trl, "val": measure_validation}.get(spec["side"], measure_lit)
+    save(spec, measure_side(spec))
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -442,7 +481,7 @@ def measure(side: str, prompts: int, tokens: int, a: argparse.Namespace, assets:
         "model": assets["model"], "prompts_file": assets["prompts"], "expert": assets["expert"],
         "expert_rows": (a.expert_rows if a.expert_rows is not None else max(1, prompts * a.G // 4))
         if side == "chord" else 0,
-        "result_path": str(work / f"{tag}.json"),
+        "result_path": str(work / f"{tag}.json"), "val_rows": a.val_rows,
     }
     spec_path = work / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -557,6 +596,20 @@ def apply_quick(a: argparse.Namespace) -> None:
     a.G, a.micro_batch_size, a.generation_batch_size = 4, 4, 4
 
 
+def validation(a: argparse.Namespace, assets: dict) -> None:
+    """--validation: one measuring process; prints its result and writes <out>/memory_scale_validation.json."""
+    with tempfile.TemporaryDirectory(prefix="memory_scale-") as tmp:
+        run = measure("val", a.val_rows, a.val_tokens, a, assets, Path(tmp))
+    run.update(command=command_line(), date=str(date.today()), lit_align_commit=_git_commit(),
+               vocab=a.vocab, hidden=a.hidden, layers=a.layers)
+    print(f"validation of {a.val_rows} rows x {a.val_tokens} tokens: {run['status']}, peak "
+          f"{run.get('peak_gib', 0):.2f} GiB (baseline {run.get('baseline_peak_gib') or 0:.2f})", file=sys.stderr)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "memory_scale_validation.json").write_text(json.dumps(run, indent=1) + "\n")
+    print(json.dumps(run), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
@@ -585,6 +638,12 @@ def main() -> None:
                         "--max-gb, but together they may need jobs x --max-gb)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny body (hidden 64, 2 layers), 2 prompts x G 4, 8 new tokens, micro-batch 4")
+    p.add_argument("--validation", action="store_true",
+                   help="instead of the grid: peak RSS of one validation (greedy answers + expert NLL) over "
+                        "--val-rows held-out rows of --val-tokens tokens, at --micro-batch-size / "
+                        "--generation-batch-size")
+    p.add_argument("--val-rows", type=int, default=100)
+    p.add_argument("--val-tokens", type=int, default=300)
     p.add_argument("--out", type=Path, default=None, help="write <out>/memory_scale.json and memory_scale.md")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -595,6 +654,8 @@ def main() -> None:
     import torch
 
     assets = ensure_assets(a)
+    if a.validation:
+        return validation(a, assets)
     runs: list[dict] = []
     killed: dict[str, list[tuple[int, int]]] = {side: [] for side in a.sides}
     with tempfile.TemporaryDirectory(prefix="memory_scale-") as tmp, ThreadPoolExecutor(a.jobs) as pool:

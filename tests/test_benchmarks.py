@@ -201,6 +201,21 @@ def test_memory_scale_quick_measures_one_update_per_process(tmp_path):
     assert "`python benchmarks/memory_scale.py --quick" in table and "| trl | 2 x 4 | 8 |" in table
 
 
+def test_memory_scale_validation_decodes_and_scores_in_bounded_batches(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/memory_scale.py", "--quick", "--vocab", "2048", "--validation", "--val-rows", "10",
+         "--val-tokens", "8", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "memory_scale_validation.json").read_text())
+    assert r["status"] == "ok" and r["val_rows"] == 10 and r["command"].startswith("python benchmarks/memory_scale.py")
+    assert 0 < r["baseline_peak_gib"] <= r["peak_gib"]
+    nograd = r["forwards"]["nograd"]  # one validation batch of 10 rows: decoded 4 at a time, scored 4 at a time
+    assert nograd["max_rows"] == 4 and r["forwards"]["train"]["forwards"] == 0
+    assert {"val/accuracy", "val/expert_nll"} <= set(r["metrics"]) and r["metrics"]["val/expert_nll"] > 0
+
+
 def test_memory_scale_guard_kills_a_process_above_the_cap(tmp_path):
     import importlib.util
 
