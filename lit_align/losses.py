@@ -56,8 +56,10 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
     return num / den.clamp(min=1.0)
 
 
-# the vocabulary-wide computations run over blocks of at most 2**26 values (256 MiB in float32)
-_CHUNK_ELEMENTS = 2**26
+# the vocabulary-wide computations run over blocks of at most 2**20 values (4 MiB in float32): on
+# (8, 128, 151936) logits, fwd + bwd + entropy held 0.37 GiB of temporaries at 2**26, 0.05 GiB at 2**20,
+# and ran faster (28 s -> 11 s, one thread: the blocks stay in cache)
+_CHUNK_ELEMENTS = 2**20
 
 
 def _blocks(B: int, T: int, V: int):
@@ -127,7 +129,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     """log softmax(logits / temperature) gathered at ``ids``: (B, T, V), (B, T) -> (B, T), in float32
     (float64 for float64 logits). Also (N, V), (N,) -> (N,).
 
-    A selective log-softmax over blocks of positions (at most 2**26 values each): neither the
+    A selective log-softmax over blocks of positions (at most 2**20 values each): neither the
     log-softmax nor a float32 copy of ``logits`` is materialised at full size, in forward or backward,
     so a forward holds one (B, T, V) logits tensor and, in backward, its gradient.
     """
