@@ -245,18 +245,23 @@ def surrogate_per_token(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO-clipped policy-gradient loss (B, T) with per-sequence ``advantages`` (B,):
 
-    loss_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) [+ beta * KL_t],
-    rho_t = exp(logp_t - old_logp_t). Metrics, per token (detached): ``clip_ratio`` 1 where the clipped
-    branch is the one taken, ``kl`` the KL estimate (beta > 0).
+    loss_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) [+ beta * KL_t],
+    rho_t = exp(logp_t - old_logp_t), w_t the detached ``is_weights`` (B, T) (1 when None: the truncated
+    importance-sampling correction of a sampler whose numerics differ from the trainer's, as TRL applies
+    it before the KL term). Metrics, per token (detached): ``clip_ratio`` 1 where the clipped branch is the
+    one taken, ``kl`` the KL estimate (beta > 0).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(-1).to(logp.dtype)
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     metrics: dict[str, torch.Tensor] = {}
     if beta > 0.0:
         if ref_logp is None:

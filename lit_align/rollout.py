@@ -27,7 +27,8 @@ class Rollout:
     old_logp: torch.Tensor  # (B*G, T) log-probs of the sampled tokens at sampling time
     entropy: torch.Tensor  # (B*G, T) entropy of the sampling distribution
     completions: list[str]  # decoded completions (special tokens dropped)
-    sampler: str = "decode"  # what sampled it: "decode" (rollout.decode) or "hf-generate" (HF generate + a scoring forward)
+    sampler: str = "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
+    sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -45,7 +45,8 @@ class RolloutCycles:
             return r, adv, mask
         rows = self.minibatch(len(adv), position).to(adv.device)
         part = Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                       r.old_logp[rows], r.entropy[rows], [r.completions[i] for i in rows.tolist()])
+                       r.old_logp[rows], r.entropy[rows], [r.completions[i] for i in rows.tolist()], r.sampler,
+                       None if r.sampler_logp is None else r.sampler_logp[rows])
         return part, adv[rows], mask[rows]
 
     def _expert_rows(self, expert: dict, position: int) -> dict:
@@ -61,7 +62,7 @@ class RolloutCycles:
             return None
         r = c["rollout"]
         return {"rollout": {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                                       "old_logp", "entropy", "completions")},
+                                                       "old_logp", "entropy", "completions", "sampler", "sampler_logp")},
                 **{k: c[k] for k in ("rewards", "advantages", "mask", "reward_mean", "metrics")}}
 
     def _load_cycle_state(self, state: dict | None) -> None:

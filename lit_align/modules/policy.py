@@ -22,6 +22,7 @@ from lit_align.modules.cycles import RolloutCycles
 from lit_align.modules.logits import PolicyLogits
 from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
 from lit_align.modules.resume import NonFiniteError, ResumeState
+from lit_align.modules.rollout_engine import ENGINES, RolloutEngine
 from lit_align.rollout import (
     Rollout, _eos_ids, generate,
 )
@@ -29,7 +30,7 @@ from lit_align.rollout import (
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
 
-class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
+class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.LightningModule):
     """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
 
     Args:
@@ -84,6 +85,24 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
         repetition_penalty, min_p: sampling settings (TRL's names; 1.0 / 0.0: off). The checkpoint's
             own generation config never changes sampling: its sampling fields are overridden by these
             settings, and the start-up log names the ones it overrode.
+        rollout_engine: ``hf`` (default: lit-align's KV-cache loop, or HF generate) or ``vllm``: one
+            colocated vLLM engine per rank, built at fit start from the checkpoint, given the policy's
+            weights after each optimizer step that changed them (before it samples again), used for
+            training rollouts and validation's greedy answers. ``old_logp`` still comes from the
+            trainer's forward; ``train/sampler_logp_diff`` (and ``_max``) log the mean (max)
+            |vLLM - trainer| log-prob over completion tokens. Needs ``pip install "lit-align[vllm]"``.
+        vllm_gpu_memory_utilization: share of the GPU's memory the engine takes (TRL's name, default 0.3).
+        vllm_kv_cache_memory_bytes: the engine's KV cache in bytes; on the CPU always bounded (None: 1 GiB),
+            on a GPU it overrides vllm_gpu_memory_utilization's sizing of the cache.
+        vllm_max_model_length: longest prompt + completion the engine serves, in tokens (None: the
+            checkpoint's max_position_embeddings).
+        vllm_tensor_parallel_size: GPUs per engine (TRL's name); only 1, one engine per rank, for now.
+        vllm_enable_sleep_mode: on GPUs, the engine's weights and KV cache leave GPU memory while the
+            policy trains (TRL's name); the CPU engine has none.
+        vllm_importance_sampling_correction: multiply each RL token's loss by min(exp(old_logp -
+            sampler_logp), vllm_importance_sampling_cap), TRL's truncated importance-sampling correction for
+            the engine's numerics; off by default (the trainer's old_logp alone defines the ratio).
+        vllm_importance_sampling_cap: the truncation of those weights (TRL's name, default 3.0).
 
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
@@ -129,6 +148,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
         mask_truncated_completions: bool = False,
         repetition_penalty: float = 1.0,
         min_p: float = 0.0,
+        rollout_engine: Literal["hf", "vllm"] = "hf",
+        vllm_gpu_memory_utilization: float = 0.3,
+        vllm_kv_cache_memory_bytes: int | None = None,
+        vllm_max_model_length: int | None = None,
+        vllm_tensor_parallel_size: int = 1,
+        vllm_enable_sleep_mode: bool = False,
+        vllm_importance_sampling_correction: bool = False,
+        vllm_importance_sampling_cap: float = 3.0,
     ):
         super().__init__()
         self._validate(locals())
@@ -197,6 +224,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
             "num_iterations": (integer(args["num_iterations"]) and args["num_iterations"] >= 1, "an integer >= 1"),
             "repetition_penalty": (number(args["repetition_penalty"]) and args["repetition_penalty"] > 0, "a finite number > 0 (1: off)"),
             "min_p": (number(args["min_p"]) and 0 <= args["min_p"] < 1, "in [0, 1) (0: off)"),
+            **RolloutEngine._validate_engine_args(args),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:
@@ -210,6 +238,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
             ("kl_estimator", losses.KL_ESTIMATORS),
             ("lr_decay", ("constant", "linear", "cosine")),
             ("reward_errors", ("raise", "zero")),
+            ("rollout_engine", ENGINES),
         ):
             if args[name] not in allowed:
                 raise ValueError(f"model.{name}={args[name]!r}: choose one of {list(allowed)}")
@@ -248,6 +277,10 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
             self.ref_model.to(self.device)
+        self.start_rollout_engine()
+
+    def on_fit_end(self) -> None:
+        self.stop_rollout_engine()
 
     @property
     def updates_per_rollout_batch(self) -> int:
@@ -325,10 +358,13 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
             if hp.beta > 0:
                 with torch.no_grad():
                     ref_logp = losses.token_logprobs(self._ref_logits(ids, att, start=P - 1), completion, hp.temperature)
+            is_weights = self.importance_weights(rollout, rows, width)
             values, metrics = losses.surrogate_per_token(
                 logp, rollout.old_logp[rows, :width], advantages[rows], hp.epsilon_low, hp.epsilon_high, ref_logp,
-                hp.beta, hp.kl_estimator,
+                hp.beta, hp.kl_estimator, is_weights,
             )
+            if is_weights is not None:
+                metrics["importance_sampling_ratio"] = is_weights
             metrics["entropy_usual"] = losses.entropy_from_logits(logits.detach(), hp.temperature)
             more = None if extra is None else extra(logits, m[:, :width])
             return TermOutput(values, m[:, :width], metrics, more)
@@ -379,7 +415,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
         hp = self.hparams
         sampling = dict(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
                         min_p=hp.min_p, repetition_penalty=hp.repetition_penalty)
-        rollout = generate(
+        if self.engine_can_sample(prompts):  # model.rollout_engine=vllm, while fit runs
+            return self._logged(self.engine_sample(prompts, greedy, num_generations or hp.num_generations, sampling), sampling)
+        return self._logged(generate(
             self.model,
             self.tokenizer,
             prompts["prompt_ids"],
@@ -389,7 +427,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
             synced_gpus=self._sync_generation(),
             generation_batch_size=hp.generation_batch_size,
             **sampling,
-        )
+        ), sampling)
+
+    def _logged(self, rollout: Rollout, sampling: dict) -> Rollout:
         if not getattr(self, "_sampling_logged", False):  # once, at start-up
             self._sampling_logged = True
             from lightning.pytorch.utilities import rank_zero_info
@@ -441,6 +481,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
         metrics = {
             "reward_errors": torch.tensor(float(self.reward_errors)),  # cumulative, like skipped_steps
             "completion_length": rollout.completion_mask.sum(-1).float().mean(),
+            **self.sampler_metrics(rollout),
         }
         return rollout, rewards, metrics
 
@@ -507,6 +548,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, ResumeState, L.LightningModule):
         finite = self.ranks.averages(float(finite))[0] == 1.0  # all ranks step, or none does
         if finite:
             opt.step()
+            self.weights_changed()
             self.lr_schedulers().step()
             self._consecutive_skips = 0
         else:

