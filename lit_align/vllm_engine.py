@@ -128,7 +128,9 @@ class VLLMEngine:
         """Replace the engine's weights with ``weights`` (Hugging Face names and shapes, whole tensors,
         any device) and drop its prefix cache, so no KV entry computed with the old weights is reused.
         With tied input and output embeddings the output layer is re-tied to the new input embedding
-        and re-processed (the CPU engine keeps a packed copy of each linear layer's weight)."""
+        and re-processed: where the CPU engine packs the output layer's weight into a copy of its own
+        (its sgl kernels, on CPUs with AMX, in bf16), reloading the shared embedding alone leaves that copy,
+        and so every sampled log-prob, stale while greedy text still looks right."""
         self.wake_up()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
         if self.tied:

@@ -101,3 +101,18 @@ def test_surrogate_gradient_is_advantage_weighted_score():
     (g,) = torch.autograd.grad(loss, logits, retain_graph=True)
     (g_ref,) = torch.autograd.grad(-(2.0 * logp).sum() / 2, logits)
     assert torch.allclose(g, g_ref, atol=1e-6)
+
+
+def test_importance_weights_scale_the_clipped_surrogate_but_not_the_kl():
+    logp = torch.tensor([[-1.0, -2.0]])
+    old = torch.tensor([[-1.0, -2.5]])
+    ref = torch.tensor([[-1.5, -2.0]])
+    adv = torch.tensor([2.0])
+    w = torch.tensor([[0.5, 3.0]])
+    plain, _ = losses.surrogate_per_token(logp, old, adv, 0.2, 0.2, ref, 0.1, "k1")
+    weighted, _ = losses.surrogate_per_token(logp, old, adv, 0.2, 0.2, ref, 0.1, "k1", is_weights=w)
+    rho = math.exp(0.5)  # token 2: clipped at 1.2 (A > 0 takes the smaller)
+    surrogate = torch.tensor([[-1.0 * 2.0, -min(rho, 1.2) * 2.0]])
+    kl = torch.tensor([[0.5, 0.0]])  # k1: logp - ref_logp
+    torch.testing.assert_close(plain, surrogate + 0.1 * kl)
+    torch.testing.assert_close(weighted, w * surrogate + 0.1 * kl)

@@ -1,0 +1,187 @@
+"""The vLLM rollout engine against lit-align's own sampler and the trainer's forward, on two checkpoints:
+the embedded one (Llama, tied input/output embeddings) and a Qwen2 one with untied embeddings and
+attention biases. Each checkpoint gets one engine (module-scoped), in float32:
+
+(a) greedy completions from the engine equal lit-align's HF-path sampler's, token for token;
+(b) the engine's log-probs of sampled tokens equal the log-softmax of an independent forward at the
+    sampling temperature (max |diff| < 1e-4), and old_logp is the trainer's own forward;
+(c) after an optimizer step the engine, until synced, samples with the old weights (log-probs off by
+    far more than 1e-4: the check has teeth); after the sync (a) and (b) hold with the new weights,
+    the tied output layer included.
+
+Also: the engine's rollouts are lit-align's Rollout (shapes, masks, padding, texts), a prompt the engine
+cannot serve goes to the HF sampler with one warning, and building an engine leaves the process's
+random state and environment as they were.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import KV_CACHE_BYTES
+
+from lit_align.losses import token_logprobs
+from lit_align.modules.grpo import GRPOModule
+from lit_align.rollout import completion_mask, generate, position_ids_from_mask
+
+PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4=", "99+1=", "3+75="]
+G, T, TEMPERATURE = 4, 8, 0.7
+
+
+def _qwen2_untied(ckpt: str, path) -> str:
+    """A small Qwen2 checkpoint (untied embeddings, q/k/v biases) with the embedded task's tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", params=["embedded", "qwen2-untied"])
+def policy(request, ckpt, tmp_path_factory):
+    """A GRPO module with model.rollout_engine=vllm and its engine, one per checkpoint."""
+    path = ckpt if request.param == "embedded" else _qwen2_untied(ckpt, tmp_path_factory.mktemp("qwen2"))
+    module = GRPOModule(model_name_or_path=path, rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+                        num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, micro_batch_size=5)
+    tied = module.model.config.tie_word_embeddings
+    assert tied == (request.param == "embedded")
+    module.start_rollout_engine()
+    assert module._engine is not None and module._engine.tied == tied
+    yield module
+    module.stop_rollout_engine()
+
+
+def _prompts(module) -> dict:
+    enc = module.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    return {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask}
+
+
+@torch.no_grad()
+def _fresh_logp(model, rollout, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) at the sampled tokens from one plain HF forward over prompt +
+    completion (float32, 0 on padding): independent of the engine and of the trainer's forward code."""
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, rollout.prompt_ids.shape[1] - 1 : -1].float()
+    return token_logprobs(logits, rollout.completion_ids, temperature) * rollout.completion_mask
+
+
+def _check_greedy(module, prompts) -> None:
+    engine = module.sample(prompts, greedy=True, num_generations=1)
+    hf = generate(module.model, module.tokenizer, prompts["prompt_ids"], prompts["prompt_mask"], greedy=True,
+                  max_new_tokens=T)
+    assert engine.sampler == "vllm" and hf.sampler == "decode"
+    assert engine.completion_ids.tolist() == hf.completion_ids.tolist()
+    assert torch.equal(engine.completion_mask, hf.completion_mask)
+    assert engine.completions == hf.completions
+
+
+def _check_sampled(module, prompts) -> tuple[float, object]:
+    torch.manual_seed(1)
+    r = module.sample(prompts)
+    fresh = _fresh_logp(module.model, r, TEMPERATURE)
+    m = r.completion_mask.bool()
+    diff = float((r.sampler_logp - fresh).abs()[m].max())
+    assert float((r.old_logp - fresh).abs().max()) < 1e-5, "old_logp is the trainer's forward"
+    return diff, r
+
+
+def test_engine_rollout_is_a_lit_align_rollout(policy):
+    prompts = _prompts(policy)
+    torch.manual_seed(0)
+    r = policy.sample(prompts)
+    B, eos, pad = len(PROMPTS) * G, policy.tokenizer.eos_token_id, policy.tokenizer.pad_token_id
+    assert r.sampler == "vllm" and r.completion_ids.shape[0] == B and r.completion_ids.shape[1] <= T
+    assert torch.equal(r.prompt_ids, prompts["prompt_ids"].repeat_interleave(G, 0))
+    m = r.completion_mask
+    assert torch.equal(m, completion_mask(r.completion_ids, eos) * m), "nothing counts after the first end token"
+    lengths = m.sum(-1)
+    assert bool(((lengths == T) | (r.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0] == eos)).all())
+    assert (r.completion_ids[m == 0] == pad).all()
+    for t in (r.old_logp, r.entropy, r.sampler_logp):
+        assert t.dtype == torch.float32 and t.shape == m.shape and (t[m == 0] == 0).all()
+    assert (r.entropy[m == 1] > 0).all()
+    assert len(r.completions) == B and len(set(map(tuple, r.completion_ids.tolist()))) > len(PROMPTS), "G differ"
+    torch.manual_seed(0)
+    again = policy.sample(prompts)
+    assert torch.equal(again.completion_ids, r.completion_ids), "seeded from the global stream: reproducible"
+
+
+def test_a_greedy_equals_the_hf_path(policy):
+    _check_greedy(policy, _prompts(policy))
+
+
+def test_b_sampled_logprobs_equal_the_trainer_log_softmax_at_the_temperature(policy):
+    diff, r = _check_sampled(policy, _prompts(policy))
+    assert diff < 1e-4, f"max |vLLM - HF| log-prob {diff}"
+    metrics = policy.sampler_metrics(r)
+    assert float(metrics["sampler_logp_diff_max"]) < 1e-4 and float(metrics["sampler_logp_diff"]) <= diff + 1e-6
+
+
+def test_c_after_an_optimizer_step_and_a_sync(policy):
+    prompts = _prompts(policy)
+    model = policy.model
+    synced, _ = _check_sampled(policy, prompts)  # the engine holds the policy's current weights
+    assert synced < 1e-4 and not policy._engine_stale
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    batch = policy.tokenizer(["12+34=46", "57+28=85", "4+4=8"], padding=True, return_tensors="pt")
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.embed_tokens.weight" in moved and len(moved) == len(before)
+    if model.config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    stale, _ = _check_sampled(policy, prompts)  # no sync yet: the engine still holds the old weights
+    assert stale > 1e-2, f"the step moved the log-probs by only {stale}: this test would not see a missed sync"
+
+    policy.weights_changed()  # what each applied optimizer step does (PolicyModule.policy_step)
+    diff, _ = _check_sampled(policy, prompts)
+    assert diff < 1e-4, f"after the sync, max |vLLM - HF| log-prob {diff}"
+    _check_greedy(policy, prompts)
+
+
+def test_prompts_the_engine_cannot_serve_go_to_the_hf_sampler_with_one_warning(policy, monkeypatch):
+    prompts = _prompts(policy)
+    monkeypatch.setattr(policy._engine, "max_model_length", 8)  # the longest prompt (6) + T (8) do not fit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = policy.sample(prompts), policy.sample(prompts)
+    assert first.sampler == second.sampler == "decode" and first.sampler_logp is None
+    said = [w for w in caught if "model.rollout_engine=vllm" in str(w.message)]
+    assert len(said) == 1 and "vllm_max_model_length" in str(said[0].message)
+    monkeypatch.undo()
+    assert policy.sample(prompts).sampler == "vllm"
+
+
+def test_building_an_engine_leaves_the_process_as_it_was(ckpt):
+    from lit_align.vllm_engine import VLLMEngine
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    environ = dict(os.environ)
+    threads = torch.get_num_threads()
+    engine = VLLMEngine(ckpt, kv_cache_memory_bytes=KV_CACHE_BYTES)
+    try:
+        assert torch.equal(torch.rand(3), expected), "the global torch stream was re-seeded"
+        added = {k for k in set(os.environ) - set(environ) if not k.startswith("VLLM_")}
+        changed = {k for k in environ if os.environ.get(k) != environ[k]}
+        assert not added and not changed, (added, changed)
+        torch.set_num_threads(2)
+        assert torch.get_num_threads() == 2, "torch.set_num_threads works again"
+    finally:
+        torch.set_num_threads(threads)
+        engine.close()
+    with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):
+        VLLMEngine(ckpt, tensor_parallel_size=2)
