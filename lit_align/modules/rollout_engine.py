@@ -201,4 +201,5 @@ def _vllm_importable() -> bool:
     """vLLM can be imported (without it, building the engine raises an ImportError with the install line)."""
     import importlib.util
 
-    return importlib.util.find_spec("vllm") is not None
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None  # not a bare folder named vllm on sys.path

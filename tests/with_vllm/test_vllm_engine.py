@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import KV_CACHE_BYTES
+from _vllm_helpers import KV_CACHE_BYTES
 
 from lit_align.losses import token_logprobs
 from lit_align.modules.grpo import GRPOModule

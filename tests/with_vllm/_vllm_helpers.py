@@ -1,10 +1,14 @@
-"""A callback for the vLLM fit tests' subprocesses: what each rank saw, written to <out>/rank<r>.json."""
+"""Shared by the vLLM tests: the KV-cache bound of every engine they build, and a callback for the fit
+tests' subprocesses that writes what each rank saw to <out>/rank<r>.json."""
 import json
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.distributed as dist
+
+# every engine here holds a small, bounded KV cache (unbounded, vLLM's CPU engine takes most of the machine)
+KV_CACHE_BYTES = 256 << 20
 
 
 class EngineReport(L.Callback):

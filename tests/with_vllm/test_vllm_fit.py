@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KV_CACHE_BYTES
+from _vllm_helpers import KV_CACHE_BYTES
 
 from lit_align.events import read_scalars
 
@@ -46,7 +46,7 @@ def fit(config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
     args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *TINY, *RL_FROM_THE_START[config],
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.callbacks+=_engine_report.EngineReport",
+            f"--trainer.logger.init_args.save_dir={out}", "--trainer.callbacks+=_vllm_helpers.EngineReport",
             f"--trainer.callbacks.out={out}", *extra]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
 
@@ -89,3 +89,16 @@ def test_e_two_gloo_ranks_one_engine_each_finish_and_tear_down(tmp_path):
     proc = fit("chord_phi", tmp_path, "--trainer.strategy=ddp", "--trainer.devices=2")
     result = _check(proc, tmp_path, world=2)
     assert [r["all_reduce_after_fit"] for r in result["reports"]] == [2.0, 2.0], "the trainer's group survived"
+
+
+def test_rollout_benchmark_runs(tmp_path):
+    """benchmarks/rollout_engines.py --quick: both samplers produce the same number of tokens (it asserts
+    it) and the JSON holds a positive rate for each."""
+    out = tmp_path / "rollout.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "benchmarks/rollout_engines.py", "--quick", "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert set(result["tokens_per_s"]) == {"hf", "vllm", "vllm+score"}
+    assert all(v > 0 for v in result["tokens_per_s"].values()) and result["weight_sync_s"] > 0
