@@ -185,3 +185,23 @@ def test_building_an_engine_leaves_the_process_as_it_was(ckpt):
         engine.close()
     with pytest.raises(ValueError, match="vllm_tensor_parallel_size"):
         VLLMEngine(ckpt, tensor_parallel_size=2)
+
+
+def test_lora_adapters_are_merged_into_the_engine(ckpt):
+    """model.lora: the engine samples with base + adapters (merged on each sync), not with the base alone."""
+    module = GRPOModule(model_name_or_path=ckpt, rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+                        num_generations=G, max_new_tokens=T, temperature=TEMPERATURE,
+                        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]})
+    with torch.no_grad():  # adapters start as a no-op (B = 0): make them matter
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    module.start_rollout_engine()
+    try:
+        diff, r = _check_sampled(module, _prompts(module))
+        assert diff < 1e-4, diff
+        with module.model.disable_adapter():  # the adapters change the log-probs: the check has teeth
+            base = _fresh_logp(module.model, r, TEMPERATURE)
+        assert float((base - r.sampler_logp).abs().max()) > 1e-2
+    finally:
+        module.stop_rollout_engine()
