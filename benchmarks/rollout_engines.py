@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="prompt + new tokens <= the checkpoint's positions (64 for the default Llama)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (set before the engine)")
     p.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="the engine's KV cache (bounded on a CPU)")
