@@ -119,6 +119,7 @@ class VLLMEngine:
                 if not key.startswith("VLLM_"):
                     del os.environ[key]  # RANK, LOCAL_WORLD_SIZE, ...: a later trainer must not read them
             os.environ.update({k: v for k, v in environ.items() if os.environ.get(k) != v})
+        _quiet_rotary_reload_warning()
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
         self.max_model_length = int(self.llm.llm_engine.model_config.max_model_len)
 
@@ -268,6 +269,21 @@ def _retie_output_layer(worker) -> None:
         return
     head.weight = embed.weight
     head.quant_method.process_weights_after_loading(head)
+
+
+def _quiet_rotary_reload_warning() -> None:
+    """vLLM warns "RotaryEmbedding: Failed to load weights" at every weight reload: rotary embeddings have
+    no weights in a checkpoint (their cos/sin table is computed and kept). Drop that one line, nothing else."""
+    import logging
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(_RotaryReloadFilter())
+
+
+class _RotaryReloadFilter:
+    def filter(self, record) -> bool:
+        return not (record.getMessage().startswith("RotaryEmbedding:") and "Failed to load weights" in record.getMessage())
 
 
 def _rng_state() -> dict:
