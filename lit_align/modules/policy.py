@@ -410,7 +410,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: dict, greedy: bool = False, num_generations: int | None = None) -> Rollout:
         """G completions per prompt with the module's sampling settings only (never the checkpoint's
-        generation config), ``generation_batch_size`` rows at a time, synced over ranks under FSDP2.
+        generation config), ``generation_batch_size`` rows at a time, synced over ranks under FSDP2; with
+        ``rollout_engine=vllm`` while fit runs, by this rank's vLLM engine (:meth:`engine_sample`).
         The first call logs which sampler runs and which checkpoint fields were overridden."""
         hp = self.hparams
         sampling = dict(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
