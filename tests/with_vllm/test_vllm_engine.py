@@ -205,3 +205,14 @@ def test_lora_adapters_are_merged_into_the_engine(ckpt):
         assert float((base - r.sampler_logp).abs().max()) > 1e-2
     finally:
         module.stop_rollout_engine()
+
+
+def test_an_architecture_vllm_does_not_implement_samples_with_the_hf_path(ckpt):
+    from lit_align.vllm_engine import VLLMEngine
+
+    module = GRPOModule(model_name_or_path=ckpt, rollout_engine="vllm", num_generations=2, max_new_tokens=3)
+    assert VLLMEngine.unsupported(module.model.config) is None
+    module.model.config.architectures = ["NoSuchModelForCausalLM"]
+    with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: vLLM has no implementation .*NoSuchModelForCausalLM"):
+        module.start_rollout_engine()
+    assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
