@@ -1,6 +1,6 @@
-"""The vLLM rollout engine against lit-align's own sampler and the trainer's forward, on two checkpoints:
-the embedded one (Llama, tied input/output embeddings) and a Qwen2 one with untied embeddings and
-attention biases. Each checkpoint gets one engine (module-scoped), in float32:
+"""The vLLM rollout engine against lit-align's own sampler and the trainer's forward, on three checkpoints:
+the embedded one (Llama, tied input/output embeddings, 16 tokens) and a 512-token Qwen2 (attention
+biases) with untied and with tied embeddings. Each checkpoint gets one engine (module-scoped), float32:
 
 (a) greedy completions from the engine equal lit-align's HF-path sampler's, token for token;
 (b) the engine's log-probs of sampled tokens equal the log-softmax of an independent forward at the
@@ -28,15 +28,17 @@ PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4=", "99+1=", "3+75="]
 G, T, TEMPERATURE = 4, 8, 0.7
 
 
-def _qwen2_untied(ckpt: str, path) -> str:
-    """A small Qwen2 checkpoint (untied embeddings, q/k/v biases) with the embedded task's tokenizer."""
+def _qwen2(ckpt: str, path, tied: bool) -> str:
+    """A small Qwen2 checkpoint (q/k/v biases; tied or untied embeddings) with the embedded task's tokenizer
+    grown to 512 tokens, so the output layer is a real matrix (512 x 128) rather than 16 rows."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.1,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, initializer_range=0.1,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
     )
     Qwen2ForCausalLM(config).save_pretrained(path)
@@ -44,14 +46,18 @@ def _qwen2_untied(ckpt: str, path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module", params=["embedded", "qwen2-untied"])
+@pytest.fixture(scope="module", params=["embedded", "qwen2-untied", "qwen2-tied"])
 def policy(request, ckpt, tmp_path_factory):
-    """A GRPO module with model.rollout_engine=vllm and its engine, one per checkpoint."""
-    path = ckpt if request.param == "embedded" else _qwen2_untied(ckpt, tmp_path_factory.mktemp("qwen2"))
+    """A GRPO module with model.rollout_engine=vllm and its engine, one per checkpoint: the embedded Llama
+    (tied embeddings, 16 tokens) and a 512-token Qwen2 with untied and with tied embeddings."""
+    if request.param == "embedded":
+        path = ckpt
+    else:
+        path = _qwen2(ckpt, tmp_path_factory.mktemp(request.param), tied=request.param == "qwen2-tied")
     module = GRPOModule(model_name_or_path=path, rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
                         num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, micro_batch_size=5)
     tied = module.model.config.tie_word_embeddings
-    assert tied == (request.param == "embedded")
+    assert tied == (request.param != "qwen2-untied")
     module.start_rollout_engine()
     assert module._engine is not None and module._engine.tied == tied
     yield module
