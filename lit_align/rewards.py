@@ -17,22 +17,23 @@ To write your own, subclass :class:`RewardFunction` (any batch scoring) or
 calls rewards through :func:`score_safely`, which turns exceptions, hangs,
 wrong shapes and NaN/inf scores into a :class:`RewardError` or zero scores.
 
-Security: completions are untrusted model output. They are only inspected with
-linear-time regular expressions and bounded scanners; nothing here passes them
-to ``eval``/``exec``/sympy or builds huge numbers from them.
+Security: completions are untrusted model output. Nothing here passes them to
+``eval``/``exec``; :class:`MathAnswerReward` parses answers with Math-Verify's LaTeX
+parser only, after refusing answers whose evaluation could explode (see
+:mod:`lit_align.math_answers`), under a per-answer time limit.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from typing import Any, TypeVar
 
 import torch
+
+from lit_align.math_answers import answers_equivalent, extract_boxed, extract_final_answer, reference_answer
 
 __all__ = [
     "BinaryReward",
@@ -43,18 +44,10 @@ __all__ = [
     "answers_equivalent",
     "extract_boxed",
     "extract_final_answer",
-    "normalize_answer",
-    "parse_number",
     "score_safely",
 ]
 
 T = TypeVar("T")
-
-MAX_BRACE_DEPTH = 64
-"""Brace nesting deeper than this makes :func:`extract_boxed` give up."""
-MAX_DIGITS = 100
-"""Numbers with more digits than this are compared as strings, not values."""
-
 
 class RewardError(RuntimeError):
     """A reward function raised, hung, or returned invalid scores."""
@@ -151,127 +144,30 @@ class ExactAnswerReward(BinaryReward):
         return self.extract(completion) == answer.strip()
 
 
-# ---------------------------------------------------------------- math parsing
-
-_BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|[{}]")
-# Optional minus (not after a word char / closing bracket, so "5-3" ends in "3"),
-# then an integer with optional thousands commas, decimals and "/denominator".
-_NUMBER_RE = re.compile(r"(?:(?<![\w)\]}])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?(?:/[0-9]+)?")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
-_NOISE_RE = re.compile(r"\\left|\\right|\\displaystyle|\\[!,;: ]|\\%|%|\$|\^\{?\\circ\}?|\s+")
-_VARIABLE_RE = re.compile(r"^[A-Za-z]=(?=.)")
-_FRAC_RE = re.compile(r"([+-]?)\\[dt]?frac(?:\{([^{}]*)\}|([0-9]))(?:\{([^{}]*)\}|([0-9]))")
-_DECIMAL_RE = re.compile(r"([+-]?)([0-9]{1,3}(?:,[0-9]{3})+|[0-9]*)(?:\.([0-9]*))?")
-
-
-def extract_boxed(text: str, max_depth: int = MAX_BRACE_DEPTH) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` in ``text``, or None.
-
-    Braces are matched in one linear scan, so nested braces are kept
-    (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``). "Last" is the box opened
-    last; unclosed boxes are ignored; nesting deeper than ``max_depth`` -> None.
-    """
-    stack: list[int] = []  # per open brace: content start if it opens a box, else -1
-    best: tuple[int, int] | None = None
-    for m in _BOXED_TOKEN_RE.finditer(text):
-        token = m.group()
-        if token == "}":
-            if stack:
-                start = stack.pop()
-                if start >= 0 and (best is None or start > best[0]):
-                    best = (start, m.start())
-        elif len(stack) >= max_depth:
-            return None
-        else:
-            stack.append(-1 if token == "{" else m.end())
-    return None if best is None else text[best[0] : best[1]]
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The last ``\\boxed{...}`` content, else the last number in ``text``, else None."""
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed
-    last = None
-    for last in _NUMBER_RE.finditer(text):
-        pass
-    return None if last is None else last.group()
-
-
-def normalize_answer(text: str) -> str:
-    """Canonical string form of an answer, for non-numeric comparison.
-
-    Unwraps ``\\text{..}``, drops whitespace, ``$``, ``%``, ``\\left``/``\\right``,
-    LaTeX spacing and degree signs, a leading ``x=``, and trailing periods;
-    ``\\dfrac``/``\\tfrac`` become ``\\frac``.
-    """
-    s = _NOISE_RE.sub("", _TEXT_RE.sub(r"\1", text))
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return _VARIABLE_RE.sub("", s).rstrip(".")
-
-
-def _parse_decimal(s: str) -> Fraction | None:
-    m = _DECIMAL_RE.fullmatch(s)
-    if m is None:
-        return None
-    sign, whole, frac = m[1], m[2].replace(",", ""), m[3] or ""
-    if not (whole or frac) or len(whole) + len(frac) > MAX_DIGITS:
-        return None
-    value = int(whole or "0") + Fraction(int(frac or "0"), 10 ** len(frac))
-    return -value if sign == "-" else value
-
-
-def parse_number(text: str) -> Fraction | None:
-    """Exact value of a numeric answer, or None if it is not a plain number.
-
-    Accepts integers, signs, decimals, thousands commas (``1,234``), ``a/b``,
-    ``\\frac{a}{b}`` (also ``\\dfrac``, ``\\tfrac``, ``\\frac12``), percentages
-    (``50%`` is read as 50) and trailing periods. No exponents, and at most
-    :data:`MAX_DIGITS` digits per number, so parsing is always cheap.
-    """
-    s = normalize_answer(text)
-    m = _FRAC_RE.fullmatch(s)
-    if m is not None:
-        sign = m[1]
-        num = _parse_decimal(m[2] if m[2] is not None else m[3])
-        den = _parse_decimal(m[4] if m[4] is not None else m[5])
-    elif s.count("/") == 1:
-        sign = ""
-        num, den = (_parse_decimal(part) for part in s.split("/"))
-    else:
-        return _parse_decimal(s)
-    if num is None or den is None or den == 0:
-        return None
-    return -num / den if sign == "-" else num / den
-
-
-def answers_equivalent(prediction: str, reference: str) -> bool:
-    """Exact numeric equality if both parse as numbers, else normalised string equality."""
-    a, b = parse_number(prediction), parse_number(reference)
-    if a is not None and b is not None:
-        return a == b
-    normalized = normalize_answer(prediction)
-    return normalized != "" and normalized == normalize_answer(reference)
-
-
 class MathAnswerReward(BinaryReward):
-    """Math answer checking with numeric equivalence.
+    """Math answer checking with Hugging Face's Math-Verify.
 
-    The predicted answer is the content of the last ``\\boxed{...}`` in the
-    completion, else the last number in it. It is compared to the reference
-    (or the reference's own ``\\boxed{}`` content, if it has one) by exact
-    rational value when both are numbers (``1/2 == 0.5 == \\frac{1}{2}``,
-    ``1,234 == 1234``), else by normalised string (see :func:`normalize_answer`).
+    The predicted answer is the content of the last complete ``\\boxed{...}`` in the completion,
+    else the answer of its last explicit answer statement ("the answer is 72 because 3 < 4",
+    "Final answer: (B)", "#### 1,234"), else its last number (see
+    :func:`lit_align.math_answers.extract_final_answer`). The reference is the last ``\\boxed{}``
+    of the answer column if it has one (MATH solutions), else the whole answer (GSM8K: set
+    ``data.answer_pattern`` to take the number after ``####``). The two are compared by
+    ``math_verify.verify``: ``\\$18.00`` = 18, ``1{,}000`` = ``1 000`` = 1000, ``5 \\text{ cm}`` = 5,
+    ``28 percent`` = ``28\\%``, ``\\textbf{(B)}`` = B, ``\\frac{1}{2}`` = 0.5, intervals, sets.
 
-    Each item is checked in a worker thread and given ``timeout_s`` seconds;
-    a timeout scores ``wrong_reward`` and is counted in ``self.last_timeouts``
-    (reset on every call). Parsing is bounded anyway, so this is a backstop.
+    Model output is never evaluated (Math-Verify's LaTeX parser only, no ``parse_expr``), and
+    answers whose sympy evaluation could explode (power towers, huge factorials, numbers over
+    :data:`lit_align.math_answers.MAX_ANSWER_DIGITS` digits) score wrong without being parsed.
+    Each item is checked in a worker thread and given ``timeout_s`` seconds, a limit that holds in
+    any thread (Math-Verify's own signal-based limits are off); a timeout scores ``wrong_reward``
+    and is counted in ``self.last_timeouts`` (reset on every call).
 
     Args:
         timeout_s: time limit per answer in seconds; ``<= 0`` checks inline with no limit.
         correct_reward: reward for a correct answer.
         wrong_reward: reward for a wrong, missing or timed-out answer.
-        max_answer_chars: predicted answers longer than this are wrong.
+        max_answer_chars: predicted answers (and references) longer than this are wrong.
     """
 
     def __init__(
@@ -290,8 +186,7 @@ class MathAnswerReward(BinaryReward):
         prediction = extract_final_answer(completion)
         if prediction is None or len(prediction) > self.max_answer_chars:
             return False
-        reference = extract_boxed(answer) if "\\boxed" in answer else None
-        return answers_equivalent(prediction, answer if reference is None else reference)
+        return answers_equivalent(prediction, reference_answer(answer), self.max_answer_chars)
 
     def judge(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[bool]:
         self.last_timeouts = 0
