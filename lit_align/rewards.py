@@ -26,9 +26,12 @@ parser only, after refusing answers whose evaluation could explode (see
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -41,9 +44,14 @@ __all__ = [
     "MathAnswerReward",
     "RewardError",
     "RewardFunction",
+    "RewardScores",
+    "RewardSet",
+    "SoftOverlongPunishment",
+    "ThinkFormatReward",
     "answers_equivalent",
     "extract_boxed",
     "extract_final_answer",
+    "reward_name",
     "score_safely",
 ]
 
@@ -213,6 +221,80 @@ class MathAnswerReward(BinaryReward):
         return verdicts
 
 
+# ---------------------------------------------------------------- TRL-style built-ins
+
+
+class ThinkFormatReward:
+    """Format reward for reasoning tags, a TRL-style reward function: 1.0 when the completion is
+    ``<think>`` reasoning ``</think>`` followed by a non-empty answer, else 0.0.
+
+    Called as TRL calls reward functions (``f(completions=..., **kwargs)``), so it works in lit-align's
+    ``model.reward`` list and in TRL's GRPOTrainer alike. The completion must start with the opening
+    tag (after whitespace), hold exactly one opening and one closing tag, and have text after the
+    closing tag. With ``answer_tag`` set (e.g. ``"answer"``), that text must be exactly one
+    ``<answer>...</answer>`` block. Special tokens used as tags stay in the completion text only with
+    ``model.skip_special_tokens: false``.
+
+    Args:
+        think_tag: name of the reasoning tag (``think`` -> ``<think>`` ... ``</think>``).
+        answer_tag: name of an answer tag the answer must be wrapped in, or None (any text).
+        reward: value for a well-formed completion (others score 0.0).
+
+    Returns (per call): a list of N floats.
+    """
+
+    def __init__(self, think_tag: str = "think", answer_tag: str | None = None, reward: float = 1.0) -> None:
+        for name, tag in (("think_tag", think_tag), ("answer_tag", answer_tag)):
+            if tag is not None and (not isinstance(tag, str) or not tag.strip() or any(c in tag for c in "<>/")):
+                raise ValueError(f"ThinkFormatReward.{name}={tag!r} must be a tag name such as 'think' (no <, >, /)")
+        self.think_tag, self.answer_tag, self.reward = think_tag, answer_tag or None, float(reward)
+        t = re.escape(think_tag)
+        tail = rf"(?=\S)(?:(?!</?{t}>).)+" if self.answer_tag is None else rf"<{re.escape(self.answer_tag)}>(?:(?!</?{re.escape(self.answer_tag)}>).)+</{re.escape(self.answer_tag)}>\s*"
+        self._pattern = re.compile(rf"\s*<{t}>(?:(?!</?{t}>).)*</{t}>\s*{tail}", re.DOTALL)
+
+    def __call__(self, completions: list[str], **kwargs) -> list[float]:
+        return [self.reward if self._pattern.fullmatch(_text(c)) else 0.0 for c in completions]
+
+
+class SoftOverlongPunishment:
+    """DAPO's soft overlong penalty (arXiv 2503.14476, Eq. 13), a TRL-style reward function of the
+    completion's token count L (``completion_ids``, the end token included, as TRL counts it):
+    0 for L <= max_new_tokens - buffer, then falling linearly to -penalty at L = max_new_tokens
+    (``-penalty * (L - (max_new_tokens - buffer)) / buffer``), -penalty beyond.
+
+    TRL's ``get_soft_overlong_punishment(max_completion_len, soft_punish_cache)`` with a penalty factor.
+
+    Args:
+        max_new_tokens: L_max, the sampling limit (``model.max_new_tokens``), in tokens.
+        buffer: L_cache, the length of the soft zone before L_max, in tokens (1 <= buffer <= max_new_tokens).
+        penalty: the penalty at L_max (DAPO: 1.0).
+
+    Returns (per call): a list of N floats in [-penalty, 0].
+    """
+
+    def __init__(self, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> None:
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"SoftOverlongPunishment.max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        if not isinstance(buffer, int) or not 1 <= buffer <= max_new_tokens:
+            raise ValueError(f"SoftOverlongPunishment.buffer={buffer!r} must be an integer in [1, max_new_tokens={max_new_tokens}]")
+        if not math.isfinite(penalty) or penalty < 0:
+            raise ValueError(f"SoftOverlongPunishment.penalty={penalty!r} must be a finite number >= 0")
+        self.max_new_tokens, self.buffer, self.penalty = max_new_tokens, buffer, float(penalty)
+
+    def __call__(self, completion_ids: list[list[int]], **kwargs) -> list[float]:
+        start = self.max_new_tokens - self.buffer
+        return [-self.penalty * min(max(len(ids) - start, 0) / self.buffer, 1.0) for ids in completion_ids]
+
+
+def _text(completion) -> str:
+    """A completion's text: a string, or TRL's conversational form ``[{"content": ...}]``."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
 # ---------------------------------------------------------------- safe scoring
 
 
@@ -237,36 +319,90 @@ def _run_with_timeout(func: Callable[[], T], timeout_s: float | None) -> T:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _as_rewards(output: Any, n: int) -> torch.Tensor:
-    """Validate a reward function's output as a CPU float32 tensor of shape ``(n,)``."""
+def _as_rewards(output: Any, n: int, allow_none: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A reward function's output as (CPU float32 tensor ``(n,)``, bool ``(n,)``: the entries that
+    apply). With ``allow_none`` a None entry means "does not apply to this row" (TRL's convention)."""
+    applies = torch.ones(n, dtype=torch.bool)
+    if allow_none and isinstance(output, (list, tuple)) and any(v is None for v in output):
+        applies = torch.tensor([v is not None for v in output], dtype=torch.bool)
+        output = [0.0 if v is None else v for v in output]
     t = output.detach() if isinstance(output, torch.Tensor) else torch.as_tensor(output)
-    if t.is_complex() or t.shape != (n,):
+    if t.is_complex() or t.shape != (n,) or applies.shape != (n,):
         raise ValueError(f"expected a real tensor of shape ({n},), got {t.dtype} of shape {tuple(t.shape)}")
-    return t.to(device="cpu", dtype=torch.float32)
-
-
-def _score_items(
-    fn: Callable[..., Any], prompts: list[str], completions: list[str], answers: list[str]
-) -> tuple[torch.Tensor, list[Exception | None]]:
-    """Score item by item: (rewards with NaN where failed, per-item exception or None)."""
-    values: list[float] = []
-    causes: list[Exception | None] = []
-    for p, c, a in zip(prompts, completions, answers):
-        try:
-            values.append(float(_as_rewards(fn([p], [c], [a]), 1)[0]))
-            causes.append(None)
-        except Exception as exc:
-            values.append(math.nan)
-            causes.append(exc)
-    return torch.tensor(values, dtype=torch.float32), causes
+    return t.to(device="cpu", dtype=torch.float32), applies
 
 
 def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text)} chars]"
 
 
-def _short(text: str) -> str:
-    return repr(_clip(text))
+def _short(text) -> str:
+    return repr(_clip(_text(text)))
+
+
+def _score_calls(
+    call: Callable[[list[int] | None], Any], n: int, name: str, prompts: list, completions: list,
+    on_error: str, timeout_s: float | None, allow_none: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The shared safe-scoring core: ``call(None)`` scores all ``n`` rows, ``call([i])`` row i.
+    Returns (rewards, applies, n_errors): failed rows score 0 (``on_error="zero"``) or raise."""
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+    if n == 0:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool), 0
+    causes: list[Exception | None] = [None] * n
+    batch_error: Exception | None = None
+    try:
+        rewards, applies = _run_with_timeout(lambda: _as_rewards(call(None), n, allow_none), timeout_s)
+    except _CallTimedOut:
+        if on_error == "raise":
+            raise RewardError(
+                f"reward function {name} exceeded timeout_s={timeout_s} on a batch of {n}; "
+                f"first item: prompt={_short(prompts[0])}, completion={_short(completions[0])}"
+            ) from None
+        return torch.zeros(n), torch.ones(n, dtype=torch.bool), n
+    except Exception as exc:
+        batch_error = exc
+
+        def one_by_one():
+            values, applying = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool)
+            for i in range(n):
+                try:
+                    r, a = _as_rewards(call([i]), 1, allow_none)
+                    values[i], applying[i] = r[0], a[0]
+                except Exception as e:
+                    causes[i] = e
+            return values, applying
+
+        try:
+            rewards, applies = _run_with_timeout(one_by_one, timeout_s)
+        except _CallTimedOut:
+            rewards, applies, causes = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool), [exc] * n
+
+    bad = ~torch.isfinite(rewards) & applies
+    if on_error == "raise" and bad.any():
+        i = int(bad.nonzero()[0])
+        cause = causes[i]
+        reason = _clip(repr(cause)) if cause is not None else f"non-finite reward {float(rewards[i])}"
+        raise RewardError(
+            f"reward function {name} failed on item {i} of {n}: {reason}; "
+            f"prompt={_short(prompts[i])}, completion={_short(completions[i])}"
+        ) from cause
+    if on_error == "raise" and batch_error is not None:
+        raise RewardError(
+            f"reward function {name} failed on a batch of {n} (but on no single item): "
+            f"{_clip(repr(batch_error))}; "
+            f"first item: prompt={_short(prompts[0])}, completion={_short(completions[0])}"
+        ) from batch_error
+    if batch_error is not None and not bad.any():
+        warnings.warn(
+            f"reward function {name} failed on the batch ({_clip(repr(batch_error))}) but not item by item; "
+            "using per-item rewards",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    rewards = torch.where(bad | ~applies, torch.zeros_like(rewards), rewards)
+    return rewards, applies, int(bad.sum())
 
 
 def score_safely(
@@ -277,7 +413,7 @@ def score_safely(
     on_error: str = "raise",
     timeout_s: float | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Call a reward function defensively; returns ``(rewards, n_errors)``.
+    """Call a reward function ``fn(prompts, completions, answers)`` defensively; returns ``(rewards, n_errors)``.
 
     ``rewards`` is a CPU float32 tensor ``(N,)``. Lists/arrays are converted.
     An error is: ``fn`` raising, taking longer than ``timeout_s`` for the whole
@@ -299,49 +435,176 @@ def score_safely(
     if on_error not in ("raise", "zero"):
         raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
     _check_lengths(prompts, completions, answers)
-    n = len(completions)
-    if n == 0:
-        return torch.zeros(0), 0
-    name = getattr(fn, "__name__", type(fn).__name__)
-    causes: list[Exception | None] = [None] * n
-    batch_error: Exception | None = None
-    try:
-        rewards = _run_with_timeout(lambda: _as_rewards(fn(prompts, completions, answers), n), timeout_s)
-    except _CallTimedOut:
-        if on_error == "raise":
-            raise RewardError(
-                f"reward function {name} exceeded timeout_s={timeout_s} on a batch of {n}; "
-                f"first item: prompt={_short(prompts[0])}, completion={_short(completions[0])}"
-            ) from None
-        return torch.zeros(n), n
-    except Exception as exc:
-        batch_error = exc
-        try:
-            retry = lambda: _score_items(fn, prompts, completions, answers)  # noqa: E731
-            rewards, causes = _run_with_timeout(retry, timeout_s)
-        except _CallTimedOut:
-            rewards, causes = torch.full((n,), math.nan), [exc] * n
 
-    bad = ~torch.isfinite(rewards)
-    if on_error == "raise" and bad.any():
-        i = int(bad.nonzero()[0])
-        cause = causes[i]
-        reason = _clip(repr(cause)) if cause is not None else f"non-finite reward {float(rewards[i])}"
-        raise RewardError(
-            f"reward function {name} failed on item {i} of {n}: {reason}; "
-            f"prompt={_short(prompts[i])}, completion={_short(completions[i])}"
-        ) from cause
-    if on_error == "raise" and batch_error is not None:
-        raise RewardError(
-            f"reward function {name} failed on a batch of {n} (but on no single item): "
-            f"{_clip(repr(batch_error))}; "
-            f"first item: prompt={_short(prompts[0])}, completion={_short(completions[0])}"
-        ) from batch_error
-    if batch_error is not None and not bad.any():
-        warnings.warn(
-            f"reward function {name} failed on the batch ({_clip(repr(batch_error))}) but not item by item; "
-            "using per-item rewards",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return torch.where(bad, torch.zeros_like(rewards), rewards), int(bad.sum())
+    def call(rows: list[int] | None):
+        if rows is None:
+            return fn(prompts, completions, answers)
+        return fn(*([column[i] for i in rows] for column in (prompts, completions, answers)))
+
+    name = getattr(fn, "__name__", type(fn).__name__)
+    rewards, _, n_errors = _score_calls(call, len(completions), name, prompts, completions, on_error, timeout_s)
+    return rewards, n_errors
+
+
+# ---------------------------------------------------------------- several weighted rewards, TRL's way
+
+
+def reward_name(fn: Callable) -> str:
+    """The name a reward function is logged under, as TRL names it: a function's ``__name__``
+    (``functools.partial`` unwrapped), else the class name of a callable object."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+@dataclass
+class RewardScores:
+    """The scores of N completions by K reward functions.
+
+    ``total`` (N,) float32: the weighted sum over the functions that apply to each row (0 where none
+    does); ``per_function`` (N, K) float32, NaN where a function returned None (it does not apply);
+    ``n_errors``: failed items over all functions (scored 0 under ``reward_errors: zero``).
+    """
+
+    total: torch.Tensor
+    per_function: torch.Tensor
+    n_errors: int
+
+
+class RewardSet:
+    """Several reward functions with weights, each called the way TRL's GRPOTrainer calls them.
+
+    A function is either a lit-align :class:`RewardFunction` (called ``fn(prompts, completions,
+    answers)`` with the reference answers after ``data.answer_pattern``) or any other callable,
+    called as TRL calls reward functions::
+
+        fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+
+    ``prompts`` are the prompt texts (before the chat template), ``completions`` the sampled texts,
+    ``completion_ids`` each completion's token ids (end token included), and ``columns`` the data
+    set's other columns for each row (``answer``, ``solution``, ...; one list entry per completion).
+    It returns one float or None per completion; None: this reward does not apply to that row (the
+    weighted sum skips it; a row no function applies to totals 0). A TRL reward function works
+    unchanged. Failures, time limits and NaN go through ``on_error`` (``model.reward_errors``).
+
+    Args:
+        functions: the reward functions (a single one is taken as a list of one).
+        weights: one weight per function (TRL's ``reward_weights``); None: all 1.0.
+
+    ``names`` (TRL's: function name or class name; a repeated name gets ``_2``, ``_3``...) key the
+    logged ``train/rewards/<name>/mean`` and ``/std``. :meth:`correct` is the verdict used for
+    accuracy: the first :class:`RewardFunction`'s ``correct``, else a weighted total >= 1.
+    """
+
+    def __init__(self, functions, weights: Sequence[float] | None = None) -> None:
+        functions = list(functions) if isinstance(functions, (list, tuple)) else [functions]
+        if not functions:
+            raise ValueError("model.reward is an empty list: give at least one reward function")
+        for fn in functions:
+            if not callable(fn):
+                raise ValueError(f"model.reward: {fn!r} is not callable; give a reward class path or a function path")
+        if weights is None:
+            weights = [1.0] * len(functions)
+        weights = list(weights)
+        if len(weights) != len(functions):
+            raise ValueError(
+                f"model.reward_weights has {len(weights)} entries but model.reward has {len(functions)} functions "
+                f"({', '.join(reward_name(f) for f in functions)}): give one weight per function"
+            )
+        for w in weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ValueError(f"model.reward_weights={weights!r}: every weight must be a finite number")
+        self.functions, self.weights = functions, torch.tensor(weights, dtype=torch.float32)
+        names: list[str] = []
+        for fn in functions:
+            base, k = reward_name(fn), 1
+            name = base
+            while name in names:
+                k += 1
+                name = f"{base}_{k}"
+            names.append(name)
+        self.names = names
+        self._warned_unscored = False
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    @property
+    def judge(self) -> RewardFunction | None:
+        """The function whose ``correct`` gives accuracy: the first lit-align RewardFunction, or None."""
+        return next((f for f in self.functions if isinstance(f, RewardFunction)), None)
+
+    def score(
+        self, prompts: list[str], completions: list[str], answers: list[str],
+        completion_ids: list[list[int]] | None = None, columns: dict[str, list] | None = None,
+        on_error: str = "raise", timeout_s: float | None = None,
+    ) -> RewardScores:
+        """Score N completions with every function (each under ``timeout_s`` per call).
+
+        ``completion_ids``: N lists of token ids (None: empty lists); ``columns``: name -> N values.
+        """
+        _check_lengths(prompts, completions, answers)
+        n = len(completions)
+        ids = completion_ids if completion_ids is not None else [[] for _ in range(n)]
+        columns = {k: list(v) for k, v in (columns or {}).items() if k not in _RESERVED}
+        for key, values in columns.items():
+            if len(values) != n:
+                raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+        per = torch.full((n, len(self)), math.nan)
+        errors = 0
+        for k, (fn, name) in enumerate(zip(self.functions, self.names)):
+            if isinstance(fn, RewardFunction):
+                values, applies, n_err = self._score_lit(fn, name, prompts, completions, answers, on_error, timeout_s)
+            else:
+                def call(rows, fn=fn):
+                    pick = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
+                    return fn(prompts=pick(prompts), completions=pick(completions), completion_ids=pick(ids),
+                              **{key: pick(v) for key, v in columns.items()})
+
+                values, applies, n_err = _score_calls(call, n, name, prompts, completions, on_error, timeout_s, True)
+            per[:, k] = torch.where(applies, values, torch.full_like(values, math.nan))
+            errors += n_err
+        unscored = torch.isnan(per).all(1)
+        if bool(unscored.any()) and not self._warned_unscored:
+            self._warned_unscored = True
+            i = int(unscored.nonzero()[0])
+            warnings.warn(
+                f"every reward function returned None for {int(unscored.sum())} of {n} completions (scored 0), e.g. "
+                f"prompt={_short(prompts[i])}, completion={_short(completions[i])}; functions: {', '.join(self.names)}",
+                RuntimeWarning, stacklevel=2,
+            )
+        total = (per * self.weights).nansum(1)
+        return RewardScores(total, per, errors)
+
+    @staticmethod
+    def _score_lit(fn, name, prompts, completions, answers, on_error, timeout_s):
+        def call(rows):
+            if rows is None:
+                return fn(prompts, completions, answers)
+            return fn(*([column[i] for i in rows] for column in (prompts, completions, answers)))
+
+        return _score_calls(call, len(completions), name, prompts, completions, on_error, timeout_s)
+
+    def correct(
+        self, prompts: list[str], completions: list[str], answers: list[str], scores: RewardScores | None = None,
+        completion_ids: list[list[int]] | None = None, columns: dict[str, list] | None = None,
+        on_error: str = "raise", timeout_s: float | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Bool ``(N,)``: which completions are correct, and the failed checks. The judge's own
+        ``correct`` (the first RewardFunction's) if it overrides the default, else its reward >= 1
+        (read from ``scores`` when given, so nothing is scored twice); without a RewardFunction, a
+        weighted total >= 1."""
+        judge = self.judge
+        if judge is not None and type(judge).correct is not RewardFunction.correct:
+            verdicts, n_errors = score_safely(judge.correct, prompts, completions, answers, on_error, timeout_s)
+            return verdicts.bool(), n_errors
+        if scores is None:
+            scores = self.score(prompts, completions, answers, completion_ids, columns, on_error, timeout_s)
+        if judge is not None:
+            column = scores.per_function[:, self.functions.index(judge)]
+            return RewardFunction.is_full_reward(torch.nan_to_num(column, nan=0.0)), scores.n_errors
+        return RewardFunction.is_full_reward(scores.total), scores.n_errors
+
+
+_RESERVED = ("prompts", "completions", "completion_ids", "prompt", "completion")
+"""Column names never passed as keyword arguments (they are the call's own arguments, as in TRL)."""

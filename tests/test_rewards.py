@@ -434,3 +434,135 @@ def test_score_safely_with_math_reward():
         MathAnswerReward(), ["q"] * 3, [r"\boxed{\frac{1}{2}}", HOSTILE["1MB text"], "7"], ["0.5", "1", "8"]
     )
     assert r.tolist() == [1.0, 0.0, 0.0] and n_err == 0
+
+
+# ------------------------------------------------------------------ TRL-style reward functions, several with weights
+# Written the way TRL's GRPOTrainer documentation shows reward functions: completions plus the data set's
+# columns as keyword arguments, one float (or None: does not apply) per completion.
+
+
+def reward_len(completions, **kwargs):
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+def boxed_matches(completions, ground_truth, **kwargs):
+    import re
+
+    matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+    contents = [match.group(1) if match else "" for match in matches]
+    return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+
+
+def only_multiple_choice(completions, kind, **kwargs):
+    """Applies to multiple-choice rows only (None elsewhere)."""
+    return [float("(" in c) if k == "choice" else None for c, k in zip(completions, kind)]
+
+
+def test_trl_style_function_is_called_as_trl_calls_it():
+    from lit_align.rewards import RewardSet
+
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+        return [0.0] * len(completions)
+
+    rewards = RewardSet([spy, boxed_matches, reward_len])
+    out = rewards.score(
+        ["p1", "p2"], [r"so \boxed{4}", r"\boxed{5}" + "x" * 30], ["4", "6"], completion_ids=[[1, 2], [3]],
+        columns={"ground_truth": ["4", "6"], "source": ["a", "b"], "prompt": ["never", "passed"]},
+    )
+    assert seen == {"prompts": ["p1", "p2"], "completions": [r"so \boxed{4}", r"\boxed{5}" + "x" * 30],
+                    "completion_ids": [[1, 2], [3]], "ground_truth": ["4", "6"], "source": ["a", "b"]}
+    assert rewards.names == ["spy", "boxed_matches", "reward_len"]
+    assert out.per_function[:, 1].tolist() == [1.0, 0.0]
+    assert out.per_function[:, 2].tolist() == [-8.0, -19.0]
+    assert out.total.tolist() == [-7.0, -19.0] and out.n_errors == 0
+
+
+def test_two_weighted_rewards_and_a_none_give_the_right_total():
+    from lit_align.rewards import RewardSet
+
+    rewards = RewardSet([boxed_matches, only_multiple_choice], weights=[2.0, 0.5])
+    completions = [r"\boxed{7}", r"\boxed{(B)}", r"\boxed{8}", "(C)"]
+    out = rewards.score(["q"] * 4, completions, [""] * 4,
+                        columns={"ground_truth": ["7", "(B)", "7", "(B)"], "kind": ["number", "choice", "number", "choice"]})
+    per = out.per_function
+    assert per[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert torch.isnan(per[[0, 2], 1]).all() and per[[1, 3], 1].tolist() == [1.0, 1.0]  # None: not applicable
+    assert out.total.tolist() == [2.0, 2.5, 0.0, 0.5]  # 2 * match + 0.5 * choice, the None skipped
+
+
+def test_reward_set_errors_follow_the_reward_errors_policy():
+    from lit_align.rewards import RewardSet
+
+    def fails_on_bad(completions, **kwargs):
+        if any("bad" in c for c in completions):
+            raise KeyError("cannot score")
+        return [1.0] * len(completions)
+
+    def gives_nan(completions, **kwargs):
+        return [float("nan") if c == "nan" else 0.5 for c in completions]
+
+    rewards = RewardSet([fails_on_bad, gives_nan])
+    out = rewards.score(["q"] * 3, ["ok", "bad", "nan"], [""] * 3, on_error="zero")
+    assert out.per_function[:, 0].tolist() == [1.0, 0.0, 1.0]  # only the failing item, found item by item
+    assert out.per_function[:, 1].tolist() == [0.5, 0.5, 0.0]
+    assert out.n_errors == 2 and out.total.tolist() == [1.5, 0.5, 1.0]
+    with pytest.raises(RewardError, match=r"fails_on_bad failed on item 1 of 3.*KeyError.*completion='bad'"):
+        rewards.score(["q"] * 3, ["ok", "bad", "nan"], [""] * 3)
+    with pytest.raises(RewardError, match=r"gives_nan failed on item 0 of 1: non-finite reward nan"):
+        rewards.score(["q"], ["nan"], [""])
+
+
+def test_reward_set_mixes_lit_align_rewards_and_checks_its_arguments():
+    from lit_align.rewards import RewardSet
+
+    rewards = RewardSet([MathAnswerReward(), reward_len, MathAnswerReward(correct_reward=2.0)], [1.0, 0.0, 1.0])
+    assert rewards.names == ["MathAnswerReward", "reward_len", "MathAnswerReward_2"]
+    out = rewards.score(["q"] * 2, [r"\boxed{\$18}", "19"], ["18", "18"])
+    assert out.total.tolist() == [3.0, 0.0]
+    correct, _ = rewards.correct(["q"] * 2, [r"\boxed{\$18}", "19"], ["18", "18"], out)
+    assert correct.tolist() == [True, False]  # the first RewardFunction's verdict
+    with pytest.raises(ValueError, match=r"model.reward_weights has 1 entries but model.reward has 3 functions"):
+        RewardSet(rewards.functions, [1.0])
+    with pytest.raises(ValueError, match=r"model.reward_weights=.*finite"):
+        RewardSet([reward_len], [float("nan")])
+    with pytest.raises(ValueError, match="not callable"):
+        RewardSet([reward_len, "lit_align.rewards.MathAnswerReward"])
+
+
+def test_think_format_reward():
+    from lit_align.rewards import ThinkFormatReward
+
+    fn = ThinkFormatReward()
+    completions = [
+        "<think>\n3 * 4 = 12\n</think>\nThe answer is \\boxed{12}",  # reasoning, then the answer
+        " <think>ok</think>12",  # leading whitespace is fine
+        "<think>no answer after it</think>  ",  # nothing after the reasoning
+        "12 <think>late</think> 12",  # does not start with the reasoning
+        "<think>a</think> 12 <think>again</think>",  # a second reasoning block
+        "<think>unclosed 12",
+    ]
+    assert fn(completions=completions) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    tagged = ThinkFormatReward(think_tag="reasoning", answer_tag="answer", reward=0.5)
+    assert tagged(completions=["<reasoning>x</reasoning><answer>12</answer>", "<reasoning>x</reasoning>12",
+                               "<think>x</think><answer>12</answer>"]) == [0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match="ThinkFormatReward.think_tag='<think>'"):
+        ThinkFormatReward(think_tag="<think>")
+
+
+def test_soft_overlong_punishment_follows_dapo():
+    from lit_align.rewards import SoftOverlongPunishment
+
+    fn = SoftOverlongPunishment(max_new_tokens=100, buffer=20, penalty=2.0)
+    lengths = [10, 80, 90, 95, 100, 130]
+    # 0 up to L_max - L_cache = 80, then linear to -penalty at L_max, -penalty beyond
+    assert fn(completion_ids=[[1] * n for n in lengths]) == pytest.approx([0.0, 0.0, -1.0, -1.5, -2.0, -2.0])
+    trl_rewards = pytest.importorskip("trl.rewards")
+    theirs = trl_rewards.get_soft_overlong_punishment(max_completion_len=100, soft_punish_cache=20)
+    ours = SoftOverlongPunishment(max_new_tokens=100, buffer=20)  # penalty 1: TRL's
+    ids = [[1] * n for n in lengths]
+    assert ours(completion_ids=ids) == pytest.approx(theirs(completion_ids=ids))
+    with pytest.raises(ValueError, match=r"SoftOverlongPunishment.buffer=0"):
+        SoftOverlongPunishment(max_new_tokens=100, buffer=0)
