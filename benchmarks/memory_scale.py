@@ -146,22 +146,15 @@ def build_tokenizer(vocab_size: int, texts: list[str]):
     return tok
 
 
-def build_assets(directory: Path, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                 intermediate: int, prompts: int = 1000, demos: int = 256, demo_tokens: int = 1100,
-                 seed: int = 0) -> None:
-    """The checkpoint (``model/``), ``prompts.jsonl`` (prompt, answer) and ``expert.jsonl`` (prompt, response)."""
+def save_qwen2(directory: Path, tok, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+               seed: int = 0) -> None:
+    """A freshly initialised Qwen2 (tied embeddings, Qwen2.5's rope theta) of ``tok``'s vocabulary, saved with
+    ``tok`` as a Hugging Face checkpoint in ``directory`` (EOS and pad from the tokenizer)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    rng = random.Random(seed)
-    sums = [(rng.randrange(10, 100), rng.randrange(10, 100)) for _ in range(prompts)]
-    prompt_rows = [{"prompt": prompt_text(a, b), "answer": str(a + b)} for a, b in sums]
-    expert_rows = [{"prompt": prompt_text(a, b), "response": demonstration(a, b, demo_tokens)} for a, b in sums[:demos]]
-    texts = ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n"]
-    texts += [r["prompt"] for r in prompt_rows] + [r["response"] for r in expert_rows]
-    tok = build_tokenizer(vocab, texts)
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768, rope_theta=1e6,
         tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -170,8 +163,22 @@ def build_assets(directory: Path, vocab: int, hidden: int, layers: int, heads: i
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(directory / "model")
-    tok.save_pretrained(directory / "model")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def build_assets(directory: Path, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                 intermediate: int, prompts: int = 1000, demos: int = 256, demo_tokens: int = 1100,
+                 seed: int = 0) -> None:
+    """The checkpoint (``model/``), ``prompts.jsonl`` (prompt, answer) and ``expert.jsonl`` (prompt, response)."""
+    rng = random.Random(seed)
+    sums = [(rng.randrange(10, 100), rng.randrange(10, 100)) for _ in range(prompts)]
+    prompt_rows = [{"prompt": prompt_text(a, b), "answer": str(a + b)} for a, b in sums]
+    expert_rows = [{"prompt": prompt_text(a, b), "response": demonstration(a, b, demo_tokens)} for a, b in sums[:demos]]
+    texts = ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n"]
+    texts += [r["prompt"] for r in prompt_rows] + [r["response"] for r in expert_rows]
+    tok = build_tokenizer(vocab, texts)
+    save_qwen2(directory / "model", tok, hidden, layers, heads, kv_heads, intermediate, seed)
     check_tokenizer(directory / "model", tok, prompt_rows[0]["prompt"], expert_rows[0]["response"])
     for name, rows in (("prompts", prompt_rows), ("expert", expert_rows)):
         with open(directory / f"{name}.jsonl", "w") as f:

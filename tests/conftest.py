@@ -20,3 +20,12 @@ def task() -> dict:
     from lit_align.data.embedded import ensure_task
 
     return ensure_task()
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory) -> str:
+    """A small random Qwen2 checkpoint with a ChatML chat template whose tokenizer knows GSM8K-style text."""
+    from _gsm8k import build_chat_checkpoint, gsm8k_rows
+
+    texts = [t for r in gsm8k_rows(60) for t in r.values()]
+    return build_chat_checkpoint(tmp_path_factory.mktemp("chat_ckpt"), texts)

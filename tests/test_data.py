@@ -176,3 +176,85 @@ def test_overlong_rows_error_truncate_or_skip(ckpt, tmp_path):
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MixedDataModule(model_name_or_path=str(tmp_path / "no_model")).setup("fit")
+
+
+# ------------------------------------------------------------------ data as published (GSM8K), chat templates
+GSM8K = dict(prompt_column="question", response_column="answer", answer_column="answer")
+
+
+def _gsm8k(tmp_path, n=12, name="gsm8k.jsonl"):
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    return write_jsonl(tmp_path / name, gsm8k_rows(n))
+
+
+def test_answer_pattern_takes_the_reference_answer_from_worked_solutions(chat_ckpt, tmp_path):
+    path = _gsm8k(tmp_path)
+    dm = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=path, answer_pattern=r"####\s*(.+)", **GSM8K)
+    answers = [r["answer"] for r in dm.prompt_rows]
+    assert answers[:3] == ["82", "5,698", "36,500"]  # commas kept: the reward reads them
+    assert dm.expert_rows[0]["response"].endswith("#### 82")  # the demonstration is the whole worked solution
+    assert dm.prompt_rows[0]["columns"]["answer"].endswith("#### 82")  # TRL-style rewards see the raw column
+    batch = next(iter(dm.train_dataloader()))[0]["prompts"]
+    assert set(batch["columns"]) == {"answer"} and len(batch["columns"]["answer"]) == 3
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(path).read() + json.dumps({"question": "What is 2+2?", "answer": "It is 4."}) + "\n")
+    with pytest.raises(DataError, match=r"(?s)bad\.jsonl: 1 rows whose answer does not match.*row 13, column 'answer' "
+                                        r"does not match data\.answer_pattern"):
+        _dm(chat_ckpt, expert_data=None, prompt_data=str(bad), val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
+    with pytest.warns(UserWarning, match=r"row 13, column 'answer' does not match"):
+        skipped = _dm(chat_ckpt, expert_data=None, prompt_data=str(bad), val_data=None, answer_pattern=r"####\s*(.+)",
+                      invalid_rows="skip", **GSM8K)
+    assert len(skipped.prompt_rows) == 12 and skipped.stats["data/invalid_rows"] == 1
+    with pytest.raises(ValueError, match=r"data.answer_pattern='####' has 0 groups"):
+        MixedDataModule(model_name_or_path=chat_ckpt, answer_pattern="####")
+
+
+def test_system_prompt_goes_through_the_chat_template(chat_ckpt, ckpt, tmp_path):
+    path = _gsm8k(tmp_path)
+    dm = _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, system_prompt="Reason, then answer.", **GSM8K)
+    text = dm.tokenizer.decode(dm.prompt_rows[0]["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nReason, then answer.<|im_end|>\n<|im_start|>user\nMark sold 65")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="data.system_prompt is set but no chat template is applied"):
+        _dm(ckpt, system_prompt="Reason, then answer.")  # the embedded tokenizer has no chat template
+
+
+def test_truncating_a_long_prompt_keeps_the_chat_template_header_and_generation_prompt(chat_ckpt, tmp_path):
+    from _gsm8k import write_jsonl
+
+    long = "Natalia sold clips. " * 60 + "How many clips did Natalia sell altogether?"
+    path = write_jsonl(tmp_path / "long.jsonl", [{"question": long, "answer": "#### 72"}])
+    dm = _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, max_prompt_length=40, overlong="truncate",
+             system_prompt="Be brief.", **GSM8K)
+    ids = dm.prompt_rows[0]["prompt_ids"]
+    text = dm.tokenizer.decode(ids)
+    assert len(ids) <= 40 and dm.stats["data/truncated_rows"] == 1
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")  # the header survives
+    assert text.endswith("How many clips did Natalia sell altogether?<|im_end|>\n<|im_start|>assistant\n")
+    assert len(ids) >= 36, "the cut keeps as much of the user's text as fits"
+    with pytest.raises(DataError, match=r"long\.jsonl: row 1: the prompt template alone .* raise data.max_prompt_length"):
+        _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, max_prompt_length=8, overlong="truncate",
+            system_prompt="Be brief.", **GSM8K)
+
+
+def _judge(*args):
+    from lit_align.rewards import MathAnswerReward, RewardSet
+
+    prompts, completions, answers, completion_ids, columns = args
+    return RewardSet([MathAnswerReward()]).correct(prompts, completions, answers, completion_ids=completion_ids,
+                                                   columns=columns)[0]
+
+
+def test_self_check_catches_an_answer_column_of_worked_solutions(chat_ckpt, tmp_path):
+    path = _gsm8k(tmp_path, n=30)
+    wrong = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, **GSM8K)  # no answer_pattern
+    with pytest.warns(UserWarning, match=r"(?s)SELF-CHECK FAILED.*data.answer_column='answer' and "
+                                         r"data.answer_pattern=None.*A rejected row: reference answer '.*#### "):
+        rate = wrong.check_demonstrations(_judge)
+    assert rate <= 0.05 and wrong.stats["data/demo_reward_rate"] == rate
+    right = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
+    assert right.check_demonstrations(_judge) == 1.0
+    assert _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, demo_check_rows=0,
+               **GSM8K).check_demonstrations(_judge) is None

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
-
+import random
+import re
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -67,10 +69,23 @@ class MixedDataModule(L.LightningDataModule):
             meaning) or ``global`` (they are totals for all devices: each must be divisible by the
             number of devices, and each device gets its share, so a recipe keeps its batch when
             the device count changes).
+        answer_pattern: a regular expression with one group, searched in the answer column of every
+            file that has one; the group is the reference answer (GSM8K: ``'####\s*(.+)'`` takes
+            ``1,234`` from a worked solution ending in ``#### 1,234``). A row it does not match goes
+            through ``invalid_rows``, named by file, row and column. None: the column as it is.
+        system_prompt: a system message put before every prompt through the chat template (needs a
+            tokenizer with one and ``use_chat_template``). None: no system message.
         use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
         max_prompt_length, max_response_length: token limits; ``overlong`` says what to do with
             rows beyond them: ``error`` (stop at set-up, naming the row), ``truncate`` (keep the
-            end of the prompt / start of the response) or ``skip`` (drop the row).
+            end of the prompt's own text, cut before the chat template is applied so its header and
+            generation prompt always survive; the start of the response) or ``skip`` (drop the row).
+        demo_check_rows: the set-up self-check (run by the policy module at fit start): this many
+            demonstrations that have a reference answer (expert rows, else held-out rows with a
+            response) are scored against their own answers with the configured reward; the share
+            accepted is logged as ``data/demo_reward_rate``. 0: no check.
+        demo_check_threshold: below this share the check warns loudly, naming the columns and a
+            failing row (a wrong answer column or pattern makes every reward 0).
         invalid_rows: what to do with rows whose fields are missing, empty, of a wrong type or not
             valid Unicode: ``error`` (stop at set-up with a report naming file, row and column) or
             ``skip`` (drop them, with the same report as a warning). A file with no usable row
@@ -97,12 +112,16 @@ class MixedDataModule(L.LightningDataModule):
         prompt_batch_size: int = 16,
         val_batch_size: int = 100,
         meta_batch_size: int = 32,
+        answer_pattern: str | None = None,
+        system_prompt: str | None = None,
         use_chat_template: bool = True,
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
         overlong: Literal["error", "truncate", "skip"] = "error",
         invalid_rows: Literal["error", "skip"] = "error",
         batch_scope: Literal["per_device", "global"] = "per_device",
+        demo_check_rows: int = 64,
+        demo_check_threshold: float = 0.5,
         expert_error_rate: float = 0.25,
         trust_remote_code: bool = False,
         num_workers: int = 0,
@@ -129,6 +148,22 @@ class MixedDataModule(L.LightningDataModule):
                 continue  # None: the response column
             if not isinstance(args[name], str) or not args[name]:
                 raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
+        if answer_pattern is not None:
+            try:
+                groups = re.compile(answer_pattern).groups
+            except (re.error, TypeError) as e:
+                raise ValueError(f"data.answer_pattern={answer_pattern!r} is not a regular expression: {e}") from None
+            if groups != 1:
+                raise ValueError(
+                    f"data.answer_pattern={answer_pattern!r} has {groups} groups; it needs exactly one, the answer "
+                    f"(e.g. '####\\s*(.+)' for GSM8K)"
+                )
+        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+            raise ValueError(f"data.system_prompt={system_prompt!r} must be a non-empty string or null")
+        if not isinstance(demo_check_rows, int) or isinstance(demo_check_rows, bool) or demo_check_rows < 0:
+            raise ValueError(f"data.demo_check_rows={demo_check_rows!r} must be an integer >= 0 (0: no check)")
+        if not isinstance(demo_check_threshold, (int, float)) or not 0.0 <= demo_check_threshold <= 1.0:
+            raise ValueError(f"data.demo_check_threshold={demo_check_threshold!r} must lie in [0, 1]")
         if expert_data is None and prompt_data is None:
             raise ValueError("data.expert_data and data.prompt_data are both null: nothing to train on")
         self.save_hyperparameters()
@@ -146,12 +181,75 @@ class MixedDataModule(L.LightningDataModule):
             return embedded.ensure_task(self.hparams.expert_error_rate)[split]
         return value
 
+    def _chat(self) -> bool:
+        return bool(self.hparams.use_chat_template and getattr(self.tokenizer, "chat_template", None))
+
     def _encode_prompt(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        if self.hparams.use_chat_template and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        """Token ids of a prompt: through the chat template (with ``system_prompt``) when it is used."""
+        tok, hp = self.tokenizer, self.hparams
+        if self._chat():
+            messages = [{"role": "user", "content": text}]
+            if hp.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": hp.system_prompt})
+            try:
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as e:
+                if hp.system_prompt is None:
+                    raise
+                raise DataError(f"data.system_prompt: the tokenizer's chat template refused a system message: {e}") from e
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(text, add_special_tokens=True)["input_ids"]
+
+    def _truncated_prompt(self, text: str, ids: list[int], label: str, row: int) -> list[int]:
+        """``ids`` (the encoded ``text``) cut to max_prompt_length by cutting ``text``'s own tokens from the
+        start and encoding again, so the chat template's header and generation prompt (or the BOS) stay."""
+        limit, tok = self.hparams.max_prompt_length, self.tokenizer
+        content = tok(text, add_special_tokens=False)["input_ids"]
+        keep = len(content) - (len(ids) - limit)
+        for _ in range(8):  # a cut can merge tokens differently at its edge: shorten until it fits
+            if keep <= 0:
+                raise DataError(
+                    f"{label}: row {row}: the prompt template alone (chat template / special tokens) takes "
+                    f"{len(ids) - len(content)} of max_prompt_length={limit} tokens; raise data.max_prompt_length"
+                )
+            ids = self._encode_prompt(tok.decode(content[-keep:]))
+            if len(ids) <= limit:
+                return ids
+            keep -= len(ids) - limit
+        return ids[-limit:]  # pragma: no cover - a tokenizer whose edits never converge
+
+    def _answers(self, valid: list[tuple[int, dict]], label: str, column: str) -> tuple[list[tuple[int, dict]], dict, list[str]]:
+        """Reference answers of the rows: ``answer_pattern``'s group from ``column`` (or the column as it
+        is). Returns the rows kept, row number -> answer, and a problem line per row it did not match."""
+        hp = self.hparams
+        pattern = re.compile(hp.answer_pattern) if hp.answer_pattern is not None else None
+        kept, answers, problems = [], {}, []
+        for i, row in valid:
+            if column not in row or row[column] is None:
+                kept.append((i, row))
+                continue
+            value = str(row[column])
+            if pattern is not None:
+                m = pattern.search(value)
+                if m is None or not (m.group(1) or "").strip():
+                    problems.append(
+                        f"row {i}, column {column!r} does not match data.answer_pattern={hp.answer_pattern!r}: "
+                        f"{value[-80:]!r}"
+                    )
+                    continue
+                value = m.group(1).strip()
+            answers[i] = value
+            kept.append((i, row))
+        if problems:
+            if hp.invalid_rows == "error":
+                raise DataError(
+                    report(label, problems, f"rows whose answer does not match data.answer_pattern in {len(valid)} rows")
+                    + "\nFix data.answer_pattern or data.answer_column, or set data.invalid_rows=skip to drop the rows."
+                )
+            rank_zero_warn(report(label, problems, "rows whose answer does not match data.answer_pattern; skipped"))
+            if not kept:
+                raise DataError(report(label, problems, "rows: none matches data.answer_pattern"))
+        return kept, answers, problems
 
     def _encode(
         self, source: str, split: str, need: dict[str, str], stream: str, flags: dict[str, str] | None = None
@@ -163,6 +261,7 @@ class MixedDataModule(L.LightningDataModule):
         valid, problems = validate_rows(rows, label, need, hp.invalid_rows, flags)
         if problems:
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
+        valid, answers, unmatched = self._answers(valid, label, hp.answer_column)
         eos = self.tokenizer.eos_token_id
         out, dropped, cut = [], 0, 0
         for i, row in valid:
@@ -184,22 +283,25 @@ class MixedDataModule(L.LightningDataModule):
                     dropped += 1
                     continue
                 cut += 1
-                ids = ids[-hp.max_prompt_length:]
+                if len(ids) > hp.max_prompt_length:
+                    ids = self._truncated_prompt(item["prompt"], ids, label, i)
                 resp = resp[: hp.max_response_length] if resp is not None else None
             item["prompt_ids"] = ids
             if resp is not None:
                 item["response_ids"] = resp
-                if stream in ("val", "meta"):  # held-out demonstrations' text, for the verifier's verdict
-                    item["response"] = text
-            if "answer" in need or hp.answer_column in row:
-                item["answer"] = str(row.get(hp.answer_column, ""))
+                item["response"] = text  # the demonstration's text, for the verifier's verdict
+            if i in answers or "answer" in need:
+                item["answer"] = answers.get(i, "")
+            # the data set's other columns, passed to TRL-style reward functions as keyword arguments
+            item["columns"] = {k: v for k, v in row.items() if k != need["prompt"]}
             out.append(item)
         if dropped or cut:
             rank_zero_warn(f"{label}: {dropped} rows skipped and {cut} rows truncated as longer than the token limits")
         if not out:
             raise DataError(f"{label}: no usable rows left after applying data.overlong={hp.overlong!r}")
         self.labels[stream] = label
-        for key, n in (("rows", len(out)), ("invalid_rows", len(rows) - len(valid)), ("skipped_rows", dropped), ("truncated_rows", cut)):
+        invalid = len(rows) - len(valid)
+        for key, n in (("rows", len(out)), ("invalid_rows", invalid), ("skipped_rows", dropped), ("truncated_rows", cut)):
             self.stats[f"data/{stream}_{key}"] = n
             if key != "rows":
                 self.stats[f"data/{key}"] = self.stats.get(f"data/{key}", 0) + n
@@ -218,6 +320,9 @@ class MixedDataModule(L.LightningDataModule):
         hp = self.hparams
         self._split_batch_sizes()
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
+        if hp.system_prompt is not None and not self._chat():
+            why = "data.use_chat_template is false" if not hp.use_chat_template else f"the tokenizer of {hp.model_name_or_path} has none"
+            raise ValueError(f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model")
         cols = {"prompt": hp.prompt_column}
         self.stats = {f"data/{key}": 0 for key in ("invalid_rows", "skipped_rows", "truncated_rows")}
         self.expert_rows = (
@@ -276,6 +381,47 @@ class MixedDataModule(L.LightningDataModule):
                 )
         self.stats["data/heldout_duplicates"] = total
 
+    def check_demonstrations(self, judge: Callable[..., "torch.Tensor"]) -> float | None:
+        """The set-up self-check: score up to ``demo_check_rows`` demonstrations (a seeded sample of the
+        expert rows that have a reference answer, else of the held-out rows with a response) against
+        their own answers. ``judge(prompts, completions, answers, completion_ids, columns)`` returns a
+        bool tensor (N,): which are accepted. The share accepted is returned, kept in
+        ``stats["data/demo_reward_rate"]`` and logged at step 0; below ``demo_check_threshold`` a
+        warning names the columns and a failing row. None (nothing logged) when there is nothing to check."""
+        hp = self.hparams
+        if hp.demo_check_rows == 0:
+            return None
+        for stream, rows in (("expert", self.expert_rows), ("val", self.val_rows), ("meta", self.meta_rows)):
+            rows = [r for r in rows or [] if "answer" in r and "response" in r]
+            if rows:
+                break
+        else:
+            return None
+        rows = random.Random(self.seed).sample(rows, min(hp.demo_check_rows, len(rows)))
+        keys = list(dict.fromkeys(k for r in rows for k in r["columns"]))
+        verdicts = judge(
+            [r["prompt"] for r in rows], [r["response"] for r in rows], [r["answer"] for r in rows],
+            [r["response_ids"] for r in rows], {k: [r["columns"].get(k) for r in rows] for k in keys},
+        )
+        verdicts = [bool(v) for v in verdicts.tolist()]
+        rate = sum(verdicts) / len(verdicts)
+        self.stats["data/demo_reward_rate"] = rate
+        trainer = self.trainer
+        for logger in trainer.loggers if trainer is not None else []:
+            logger.log_metrics({"data/demo_reward_rate": rate}, step=0)
+        if rate < hp.demo_check_threshold:
+            bad = rows[verdicts.index(False)]
+            column = "meta_response_column" if stream == "meta" and hp.meta_response_column else "response_column"
+            rank_zero_warn(
+                f"\n{'!' * 100}\nSELF-CHECK FAILED: the reward accepts only {rate:.0%} of {len(rows)} demonstrations of "
+                f"{self.labels[stream]} ({stream}_data) scored against their own reference answers (threshold "
+                f"{hp.demo_check_threshold:.0%}). Every reward may be 0 in training. Check data.answer_column="
+                f"{hp.answer_column!r} and data.answer_pattern={hp.answer_pattern!r} (demonstrations: data.{column}="
+                f"{hp.meta_response_column if column == 'meta_response_column' else hp.response_column!r}). A rejected row: "
+                f"reference answer {bad['answer'][:200]!r}, demonstration ending {bad['response'][-200:]!r}\n{'!' * 100}"
+            )
+        return rate
+
     def _log_stats(self) -> None:
         """Write the data counts once, at step 0, to every logger of the trainer (if any)."""
         trainer = self.trainer
@@ -300,6 +446,7 @@ class MixedDataModule(L.LightningDataModule):
             "prompt_mask": _pad([[1] * len(r["prompt_ids"]) for r in rows], 0, left=True),
             "prompts": [r["prompt"] for r in rows],
             "answers": [r.get("answer", "") for r in rows],
+            "columns": {k: [r["columns"].get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r["columns"])},
         }
         return batch
 

@@ -91,7 +91,8 @@ def _root_cause(e: BaseException) -> str:
 
 
 def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
-    """Rows of a local JSON/JSONL/Parquet/CSV file, or of a hub data set ``name`` or ``name:split``.
+    """Rows of a local JSON/JSONL/Parquet/CSV file, or of a hub data set ``name``, ``name:split`` or
+    ``name:config:split`` (``openai/gsm8k:main:train``).
 
     Returns the rows and a label for error messages.
     """
@@ -114,9 +115,12 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
     elif path.exists() or path.suffix == ".py":
         raise DataError(f"{source}: unsupported data file type {path.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
     else:
-        name, _, name_split = source.partition(":")
+        parts = source.split(":")
+        if len(parts) > 3 or not all(parts):
+            raise DataError(f"data {source!r}: a hub data set is 'name', 'name:split' or 'name:config:split'")
+        name, config, name_split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else split
         try:
-            ds = datasets.load_dataset(name, split=name_split or split)
+            ds = datasets.load_dataset(name, config, split=name_split)
         except Exception as e:
             raise DataError(f"data {source!r} is neither an existing local file nor a loadable hub data set: {e}") from e
         label = source
