@@ -26,7 +26,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B*G, T) 1 up to and including the first EOS
     old_logp: torch.Tensor  # (B*G, T) log-probs of the sampled tokens at sampling time
     entropy: torch.Tensor  # (B*G, T) entropy of the sampling distribution
-    completions: list[str]  # decoded completions (special tokens dropped)
+    completions: list[str]  # decoded completions (see completion_texts: special tokens dropped by default)
     sampler: str = "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
     sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
 
@@ -320,6 +320,7 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     min_new_tokens: int = 0,
+    skip_special_tokens: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` (G) completions for each of the B left-padded prompts (``prompt_ids``,
     ``prompt_mask``: (B, P)), or one greedy one (argmax of the raw logits; the sampling arguments unused).
@@ -356,6 +357,8 @@ def generate(
     (the largest count over ranks; a rank with fewer runs stand-in chunks whose output is dropped) and,
     within a chunk, the same number of forward steps, until no rank has a row still generating (one
     all-reduce of an int per step over torch.distributed's default group).
+
+    ``skip_special_tokens``: how the completion texts are decoded (see :func:`completion_texts`).
 
     Returns one :class:`Rollout` with B x G rows (row ``i * G + g``: prompt i's g-th sample); its
     completion width T is the longest chunk's, shorter completions padded with the pad id, mask 0,
@@ -398,9 +401,34 @@ def generate(
         return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float32 if k > 1 else torch.long)
 
     completion_ids, mask, old_logp, entropy = padded(0, pad), padded(1, 0), padded(2, 0.0), padded(3, 0.0)
-    texts = tokenizer.batch_decode(completion_ids * mask + (1 - mask) * pad, skip_special_tokens=True) if rows else []
+    texts = completion_texts(tokenizer, completion_ids, mask, settings["eos_token_id"], skip_special_tokens) if rows else []
     return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), completion_ids,
                    mask, old_logp, entropy, texts, sampler)
+
+
+def completion_texts(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids,
+                     skip_special_tokens: bool = True) -> list[str]:
+    """The text of each completion (``completion_ids``, ``completion_mask``: (N, T)), from its tokens
+    up to and including its first EOS. ``skip_special_tokens`` (TRL's behaviour): special tokens are
+    dropped. False: every token the model sampled is kept (an added ``<answer>`` token, ...) except
+    the end token that stopped the completion, as vLLM leaves its stop token out of the text."""
+    eos = set(torch.as_tensor(eos_token_ids).reshape(-1).tolist()) if eos_token_ids is not None else set()
+    rows = []
+    for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist()):
+        ids = ids[: int(n)]
+        if not skip_special_tokens and ids and ids[-1] in eos:
+            ids = ids[:-1]
+        rows.append(ids)
+    return tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+
+def completion_id_lists(rollout) -> list[list[int]] | None:
+    """Each completion's token ids up to and including its first EOS (what TRL passes to reward
+    functions as ``completion_ids``); None for an object without ``completion_ids``."""
+    ids = getattr(rollout, "completion_ids", None)
+    if ids is None:
+        return None
+    return [row[: int(n)] for row, n in zip(ids.tolist(), rollout.completion_mask.sum(-1).tolist())]
 
 
 def _sample_chunk(sampler: str, model, prompt_ids, prompt_mask, counts: list[int], settings: dict, temperature: float,

@@ -72,9 +72,9 @@ class MixedDataModule(L.LightningDataModule):
         answer_pattern: a regular expression with one group, searched in the answer column of every
             file that has one; the group is the reference answer (GSM8K: ``'####\s*(.+)'`` takes
             ``1,234`` from a worked solution ending in ``#### 1,234``). A row it does not match goes
-            through ``invalid_rows``, named by file, row and column. None: the column as it is.
+            through ``invalid_rows``, named by file, row and column. Empty (default): the column as it is.
         system_prompt: a system message put before every prompt through the chat template (needs a
-            tokenizer with one and ``use_chat_template``). None: no system message.
+            tokenizer with one and ``use_chat_template``). Empty (default): no system message.
         use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
         max_prompt_length, max_response_length: token limits; ``overlong`` says what to do with
             rows beyond them: ``error`` (stop at set-up, naming the row), ``truncate`` (keep the
@@ -112,8 +112,8 @@ class MixedDataModule(L.LightningDataModule):
         prompt_batch_size: int = 16,
         val_batch_size: int = 100,
         meta_batch_size: int = 32,
-        answer_pattern: str | None = None,
-        system_prompt: str | None = None,
+        answer_pattern: str = "",  # str, not str | None: jsonargparse reads '####...' in a union as a YAML comment
+        system_prompt: str = "",
         use_chat_template: bool = True,
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
@@ -148,6 +148,7 @@ class MixedDataModule(L.LightningDataModule):
                 continue  # None: the response column
             if not isinstance(args[name], str) or not args[name]:
                 raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
+        answer_pattern, system_prompt = answer_pattern or None, system_prompt or None
         if answer_pattern is not None:
             try:
                 groups = re.compile(answer_pattern).groups
@@ -159,7 +160,7 @@ class MixedDataModule(L.LightningDataModule):
                     f"(e.g. '####\\s*(.+)' for GSM8K)"
                 )
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
-            raise ValueError(f"data.system_prompt={system_prompt!r} must be a non-empty string or null")
+            raise ValueError(f"data.system_prompt={system_prompt!r} must be a string with text, or empty (none)")
         if not isinstance(demo_check_rows, int) or isinstance(demo_check_rows, bool) or demo_check_rows < 0:
             raise ValueError(f"data.demo_check_rows={demo_check_rows!r} must be an integer >= 0 (0: no check)")
         if not isinstance(demo_check_threshold, (int, float)) or not 0.0 <= demo_check_threshold <= 1.0:
@@ -189,12 +190,12 @@ class MixedDataModule(L.LightningDataModule):
         tok, hp = self.tokenizer, self.hparams
         if self._chat():
             messages = [{"role": "user", "content": text}]
-            if hp.system_prompt is not None:
+            if hp.system_prompt:
                 messages.insert(0, {"role": "system", "content": hp.system_prompt})
             try:
                 ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             except Exception as e:
-                if hp.system_prompt is None:
+                if not hp.system_prompt:
                     raise
                 raise DataError(f"data.system_prompt: the tokenizer's chat template refused a system message: {e}") from e
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
@@ -222,7 +223,7 @@ class MixedDataModule(L.LightningDataModule):
         """Reference answers of the rows: ``answer_pattern``'s group from ``column`` (or the column as it
         is). Returns the rows kept, row number -> answer, and a problem line per row it did not match."""
         hp = self.hparams
-        pattern = re.compile(hp.answer_pattern) if hp.answer_pattern is not None else None
+        pattern = re.compile(hp.answer_pattern) if hp.answer_pattern else None
         kept, answers, problems = [], {}, []
         for i, row in valid:
             if column not in row or row[column] is None:
@@ -320,7 +321,7 @@ class MixedDataModule(L.LightningDataModule):
         hp = self.hparams
         self._split_batch_sizes()
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
-        if hp.system_prompt is not None and not self._chat():
+        if hp.system_prompt and not self._chat():
             why = "data.use_chat_template is false" if not hp.use_chat_template else f"the tokenizer of {hp.model_name_or_path} has none"
             raise ValueError(f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model")
         cols = {"prompt": hp.prompt_column}

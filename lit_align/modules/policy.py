@@ -17,14 +17,16 @@ from torchmetrics import MeanMetric
 
 from lit_align import losses
 from lit_align.hf import disable_dropout_in_model, load_model, load_tokenizer
-from lit_align.rewards import ExactAnswerReward, RewardFunction, score_safely
+from collections.abc import Callable
+
+from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
 from lit_align.modules.cycles import RolloutCycles
 from lit_align.modules.logits import PolicyLogits
 from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
 from lit_align.modules.resume import NonFiniteError, ResumeState
 from lit_align.modules.rollout_engine import ENGINES, RolloutEngine
 from lit_align.rollout import (
-    Rollout, _eos_ids, generate,
+    Rollout, _eos_ids, completion_id_lists, generate,
 )
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
@@ -46,7 +48,17 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         kl_estimator: k1, k2 or k3.
         loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (both terms).
         advantage_norm: std (GRPO), none (Dr.GRPO) or batch-std.
-        reward: reward function (class path in YAML); exact final-answer match by default.
+        reward: a reward function or a list of them (class paths, or ``package.module.function`` paths
+            in YAML); exact final-answer match by default. A lit-align ``RewardFunction`` is called
+            ``fn(prompts, completions, answers)``; any other callable as TRL calls reward functions,
+            ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with the data set's
+            other columns, returning a float or None (does not apply) per completion. See
+            :class:`lit_align.rewards.RewardSet`. Logged per function: ``train/rewards/<name>/mean``
+            and ``/std``; the weighted total is ``train/reward_mean``.
+        reward_weights: one weight per reward function (TRL's name); None: all 1.0.
+        skip_special_tokens: drop special tokens from the completion text the rewards see (TRL's
+            behaviour, default). False keeps the special tokens the model sampled (an added
+            ``<answer>`` token, ...) in the text; only the end token that stopped a completion is cut.
         reward_errors: ``raise`` stops at a failing reward call, naming prompt and completion;
             ``zero`` scores it 0 and counts it in ``train/reward_errors``.
             ``train/reward_errors`` is the run's cumulative count of failed reward items.
@@ -132,7 +144,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean",
         advantage_norm: Literal["std", "none", "batch-std"] = "std",
-        reward: RewardFunction | None = None,
+        reward: RewardFunction | list[Callable] | Callable | None = None,  # this order serializes in config.yaml
+        reward_weights: list[float] | None = None,
+        skip_special_tokens: bool = True,
         reward_errors: Literal["raise", "zero"] = "raise",
         reward_timeout_s: float | None = None,
         max_consecutive_skips: int = 10,
@@ -163,6 +177,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.reward = reward if reward is not None else ExactAnswerReward()
+        self.rewards = RewardSet(self.reward, reward_weights)
         self.model = load_model(model_name_or_path, trust_remote_code, model_dtype).train()
         if lora:
             self.model = apply_lora(self.model, lora)
@@ -229,8 +244,15 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"model.{name}={args[name]!r} is out of range: it must be {allowed}")
-        if args["reward"] is not None and not callable(args["reward"]):
-            raise ValueError(f"model.reward={args['reward']!r} must be a lit_align.rewards.RewardFunction (or a callable)")
+        rewards = args["reward"] if isinstance(args["reward"], (list, tuple)) else [args["reward"]]
+        for fn in rewards:
+            if fn is not None and not callable(fn):
+                raise ValueError(
+                    f"model.reward={args['reward']!r}: {fn!r} is not callable; give a lit_align.rewards.RewardFunction, "
+                    f"a TRL-style reward function, or a list of them"
+                )
+        if not isinstance(args["skip_special_tokens"], bool):
+            raise ValueError(f"model.skip_special_tokens={args['skip_special_tokens']!r} must be true or false")
         for name, allowed in (
             ("model_dtype", (None, "float32", "float16", "bfloat16", "float64")),
             ("loss_aggregation", losses.AGGREGATIONS),
@@ -427,6 +449,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
             greedy=greedy,
             synced_gpus=self._sync_generation(),
             generation_batch_size=hp.generation_batch_size,
+            skip_special_tokens=hp.skip_special_tokens,
             **sampling,
         ), sampling)
 
@@ -455,9 +478,28 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
 
         return isinstance(self.model, FSDPModule)
 
-    def score(self, prompts: list[str], rollout: Rollout, answers: list[str]) -> tuple[torch.Tensor, int]:
+    def score(self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None) -> tuple[torch.Tensor, int]:
+        """The weighted total reward (N,) of ``rollout``'s completions and the number of failed items."""
+        scores = self.score_all(prompts, rollout, answers, columns)
+        return scores.total, scores.n_errors
+
+    def score_all(self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None) -> RewardScores:
+        """Every reward function's scores of ``rollout``'s completions (see :class:`RewardSet`);
+        ``columns``: the data set's other columns, one value per completion."""
         hp = self.hparams
-        return score_safely(self.reward, prompts, rollout.completions, answers, hp.reward_errors, hp.reward_timeout_s)
+        return self.rewards.score(prompts, rollout.completions, answers, completion_id_lists(rollout), columns,
+                                  hp.reward_errors, hp.reward_timeout_s)
+
+    def reward_metrics(self, scores: RewardScores) -> dict:
+        """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to (TRL's
+        names; NaN where it applies to none / to one)."""
+        out = {}
+        for k, name in enumerate(self.rewards.names):
+            values = scores.per_function[:, k]
+            values = values[~torch.isnan(values)]
+            out[f"rewards/{name}/mean"] = values.mean() if values.numel() else torch.tensor(math.nan)
+            out[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else torch.tensor(math.nan)
+        return out
 
     def truncated(self, rollout: Rollout) -> torch.Tensor:
         """(B,) True for completions that reached max_new_tokens without an end token."""
@@ -475,14 +517,16 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         rollout = self.sample(batch)
         prompts = [p for p in batch["prompts"] for _ in range(G)]
         answers = [a for a in batch["answers"] for _ in range(G)]
-        rewards, n_errors = self.score(prompts, rollout, answers)
-        rewards = rewards.to(self.device)
-        self.reward_errors += n_errors
+        columns = {k: [x for x in v for _ in range(G)] for k, v in batch.get("columns", {}).items()}
+        scores = self.score_all(prompts, rollout, answers, columns)
+        rewards = scores.total.to(self.device)
+        self.reward_errors += scores.n_errors
         self.last_samples = {"prompts": prompts, "completions": rollout.completions, "rewards": rewards.tolist()}
         metrics = {
             "reward_errors": torch.tensor(float(self.reward_errors)),  # cumulative, like skipped_steps
             "completion_length": rollout.completion_mask.sum(-1).float().mean(),
             **self.sampler_metrics(rollout),
+            **self.reward_metrics(scores),
         }
         return rollout, rewards, metrics
 
@@ -589,15 +633,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
     def validation_step(self, batch: dict, batch_idx: int, prefix: str = "val") -> None:
         """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations."""
         rollout = self.sample(batch, greedy=True, num_generations=1)
-        rewards, _ = self.score(batch["prompts"], rollout, batch["answers"])
+        columns = batch.get("columns")
+        scores = self.score_all(batch["prompts"], rollout, batch["answers"], columns)
+        rewards = scores.total
         hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
-        if getattr(type(self.reward), "correct", None) is RewardFunction.correct:
-            correct = RewardFunction.is_full_reward(rewards)  # the default verdict: no second scoring pass
-        else:
-            correct, _ = score_safely(
-                self.reward.correct, batch["prompts"], rollout.completions, batch["answers"], hp.reward_errors,
-                hp.reward_timeout_s,
-            )
+        correct, _ = self.rewards.correct(  # the judge's default verdict is read from scores: no second pass
+            batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
+            timeout_s=hp.reward_timeout_s,
+        )
         self.val_reward.update(rewards.to(self.device))
         self.val_accuracy.update(correct.float().to(self.device))
         if "expert" in batch:
@@ -639,7 +682,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
         if new:  # a demonstration's verdict never changes: each one is checked once per run
             prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
-            verdicts, _ = score_safely(self.reward.correct, prompts, demos, answers, hp.reward_errors, hp.reward_timeout_s)
+            cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
+            verdicts, _ = self.rewards.correct(prompts, demos, answers, columns=cols, on_error=hp.reward_errors,
+                                               timeout_s=hp.reward_timeout_s)
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=self.device)
         for name, rows in (("correct", ok), ("incorrect", ~ok)):
@@ -659,6 +704,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
         k = self.updates_per_rollout_batch
         datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
+            datamodule.check_demonstrations(self.judge_demonstrations)  # data/demo_reward_rate, a loud warning if low
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
             datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
         elif stage == "fit" and k > 1:
@@ -666,6 +713,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
                 f"model.steps_per_generation x model.num_iterations = {k} updates per rollout batch need a data "
                 f"module that repeats each batch (lit_align.MixedDataModule); got {type(datamodule).__name__}"
             )
+
+    def judge_demonstrations(self, prompts: list[str], completions: list[str], answers: list[str],
+                             completion_ids: list[list[int]] | None = None, columns: dict | None = None) -> torch.Tensor:
+        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check)."""
+        hp = self.hparams
+        verdicts, _ = self.rewards.correct(prompts, completions, answers, completion_ids=completion_ids, columns=columns,
+                                           on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s)
+        return verdicts
 
     def configure_model(self) -> None:
         """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2

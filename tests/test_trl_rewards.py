@@ -1,0 +1,82 @@
+"""Rewards as users bring them (issue 15): TRL-style functions and weights in a run, their TensorBoard
+metrics, special tokens in the text rewards see."""
+import shutil
+
+import pytest
+import torch
+
+from lit_align import GRPOModule
+from lit_align.cli import main
+from lit_align.events import read_scalars
+from lit_align.rollout import completion_texts
+
+
+def test_trl_style_rewards_with_weights_log_trls_metric_names(tmp_path):
+    cli = main([
+        "fit", "--config", "configs/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.enable_checkpointing=false",
+        "--model.init_args.num_generations=2", "--data.init_args.prompt_batch_size=4",
+        "--model.init_args.reward=[_rewards.char_count_reward, _rewards.LengthMatchReward]",
+        "--model.init_args.reward_weights=[1.0, 0.5]",
+    ])
+    s = read_scalars(cli.trainer.log_dir)
+    names = ["train/rewards/char_count_reward/mean", "train/rewards/char_count_reward/std",
+             "train/rewards/LengthMatchReward/mean", "train/rewards/LengthMatchReward/std"]
+    assert set(names) <= set(s), sorted(k for k in s if "reward" in k)
+    chars, length = s[names[0]][0][1], s[names[2]][0][1]
+    assert s["train/reward_mean"][0][1] == pytest.approx(1.0 * chars + 0.5 * length, abs=1e-5)  # the weighted total
+    assert cli.model.rewards.names == ["char_count_reward", "LengthMatchReward"]
+
+
+def _with_answer_token(ckpt, tmp_path) -> tuple[str, int]:
+    """The embedded checkpoint with an added special token ``<answer>``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"additional_special_tokens": ["<answer>"]})
+    model = AutoModelForCausalLM.from_pretrained(d)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d), tok.convert_tokens_to_ids("<answer>")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens_false_passes_a_sampled_special_token_to_the_reward(ckpt, tmp_path, skip):
+    path, answer_id = _with_answer_token(ckpt, tmp_path)
+    seen = []
+
+    def tag_reward(completions, **kwargs):  # a reward that checks a tag token
+        seen.extend(completions)
+        return [float("<answer>" in c) for c in completions]
+
+    module = GRPOModule(model_name_or_path=path, num_generations=2, max_new_tokens=3, reward=[tag_reward],
+                        skip_special_tokens=skip)
+    head = module.model.lm_head
+    sampler = torch.nn.Linear(head.in_features, head.out_features, bias=True)  # a policy that always says <answer>
+    with torch.no_grad():
+        sampler.weight.zero_()
+        sampler.bias.fill_(-30.0)
+        sampler.bias[answer_id] = 30.0
+    module.model.lm_head = sampler
+    ids = module.tokenizer("12+3=")["input_ids"]
+    batch = {"prompt_ids": torch.tensor([ids]), "prompt_mask": torch.ones(1, len(ids), dtype=torch.long),
+             "prompts": ["12+3="], "answers": ["15"], "columns": {}}
+    _, rewards, _ = module.rollout_and_score(batch)
+    assert seen == (["", ""] if skip else ["<answer><answer><answer>"] * 2)
+    assert rewards.tolist() == ([0.0, 0.0] if skip else [1.0, 1.0])
+
+
+def test_completion_texts_keep_special_tokens_but_cut_the_end_token(chat_ckpt):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_ckpt)
+    start, end, pad = (tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
+    body = tok("72", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[start, *body, end, pad], [*body, start, pad, pad]])
+    mask = torch.tensor([[1] * (len(body) + 2) + [0], [1] * (len(body) + 1) + [0, 0]])
+    assert completion_texts(tok, ids, mask, end, skip_special_tokens=True) == ["72", "72"]
+    assert completion_texts(tok, ids, mask, end, skip_special_tokens=False) == ["<|im_start|>72", "72<|im_start|>"]
