@@ -1,6 +1,9 @@
 """Rewards as users bring them (issue 15): TRL-style functions and weights in a run, their TensorBoard
-metrics, special tokens in the text rewards see."""
+metrics, special tokens in the text rewards see, and configs/math_chord_phi.yaml end to end on GSM8K-format
+data with a chat checkpoint."""
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +83,40 @@ def test_completion_texts_keep_special_tokens_but_cut_the_end_token(chat_ckpt):
     mask = torch.tensor([[1] * (len(body) + 2) + [0], [1] * (len(body) + 1) + [0, 0]])
     assert completion_texts(tok, ids, mask, end, skip_special_tokens=True) == ["72", "72"]
     assert completion_texts(tok, ids, mask, end, skip_special_tokens=False) == ["<|im_start|>72", "72<|im_start|>"]
+
+
+def test_math_chord_phi_recipe_runs_offline_on_gsm8k_format_files(chat_ckpt, tmp_path):
+    """configs/math_chord_phi.yaml as the README runs it offline: a GSM8K-format JSONL (worked solutions ending in
+    #### N, commas in some N) and a small random Qwen2 chat checkpoint; 3 updates at tiny lengths."""
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    from lit_align.rewards import MathAnswerReward
+
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(24))
+    cli = main([
+        "fit", "--config", "configs/math_chord_phi.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false",
+        f"--model.init_args.model_name_or_path={chat_ckpt}", "--model.init_args.max_new_tokens=8",
+        "--model.init_args.num_generations=2", "--model.init_args.micro_batch_size=2",
+        "--model.init_args.generation_batch_size=4",
+        f"--data.init_args.expert_data={data}", f"--data.init_args.prompt_data={data}", f"--data.init_args.val_data={data}",
+        "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
+        "--data.init_args.max_response_length=48",
+    ])
+    assert cli.trainer.global_step == 3
+    s = read_scalars(cli.trainer.log_dir)
+    assert s["data/demo_reward_rate"] == [(0, 1.0)], "the self-check accepts every sampled demonstration"
+    for name in ("MathAnswerReward", "ThinkFormatReward"):
+        assert len(s[f"train/rewards/{name}/mean"]) == 3
+    assert all(math.isfinite(v) for _, v in s["train/loss"]) and "val/accuracy" in s
+    assert cli.model.rewards.names == ["MathAnswerReward", "ThinkFormatReward"]
+    assert cli.model.rewards.weights.tolist() == pytest.approx([1.0, 0.1])
+    dm = cli.datamodule
+    text = dm.tokenizer.decode(dm.prompt_rows[0]["prompt_ids"])
+    assert text.startswith("<|im_start|>system\nThink step by step") and text.endswith("<|im_start|>assistant\n")
+    rows = dm.expert_rows  # every demonstration scores 1.0 against its own extracted answer
+    assert len(rows) == 24 and any("," in r["answer"] for r in rows)
+    demos = MathAnswerReward()([r["prompt"] for r in rows], [r["response"] for r in rows], [r["answer"] for r in rows])
+    assert demos.tolist() == [1.0] * 24
+    assert Path(cli.trainer.log_dir, "hf_model", "config.json").is_file()
