@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import functools
+import inspect
 import math
 import re
 import warnings
@@ -53,6 +54,7 @@ __all__ = [
     "extract_final_answer",
     "reward_name",
     "score_safely",
+    "takes_answers",
 ]
 
 T = TypeVar("T")
@@ -449,6 +451,21 @@ def score_safely(
 # ---------------------------------------------------------------- several weighted rewards, TRL's way
 
 
+def takes_answers(fn: Callable) -> bool:
+    """True for lit-align's interface, ``fn(prompts, completions, answers)``: a :class:`RewardFunction`, or
+    a callable whose first three parameters are named so and that takes no ``**kwargs``. Any other
+    callable is called as TRL calls reward functions (see :class:`RewardSet`)."""
+    if isinstance(fn, RewardFunction):
+        return True
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return False
+    return [p.name for p in params[:3]] == ["prompts", "completions", "answers"]
+
+
 def reward_name(fn: Callable) -> str:
     """The name a reward function is logged under, as TRL names it: a function's ``__name__``
     (``functools.partial`` unwrapped), else the class name of a callable object."""
@@ -474,9 +491,10 @@ class RewardScores:
 class RewardSet:
     """Several reward functions with weights, each called the way TRL's GRPOTrainer calls them.
 
-    A function is either a lit-align :class:`RewardFunction` (called ``fn(prompts, completions,
-    answers)`` with the reference answers after ``data.answer_pattern``) or any other callable,
-    called as TRL calls reward functions::
+    A function is either lit-align's interface (a :class:`RewardFunction`, or a callable taking
+    ``(prompts, completions, answers)`` and no ``**kwargs``, see :func:`takes_answers`; called with the
+    reference answers after ``data.answer_pattern``) or any other callable, called as TRL calls reward
+    functions::
 
         fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
 
@@ -493,7 +511,8 @@ class RewardSet:
 
     ``names`` (TRL's: function name or class name; a repeated name gets ``_2``, ``_3``...) key the
     logged ``train/rewards/<name>/mean`` and ``/std``. :meth:`correct` is the verdict used for
-    accuracy: the first :class:`RewardFunction`'s ``correct``, else a weighted total >= 1.
+    accuracy: that of the first function with lit-align's interface (its ``correct``, else its reward
+    >= 1), else a weighted total >= 1.
     """
 
     def __init__(self, functions, weights: Sequence[float] | None = None) -> None:
@@ -530,9 +549,9 @@ class RewardSet:
         return len(self.functions)
 
     @property
-    def judge(self) -> RewardFunction | None:
-        """The function whose ``correct`` gives accuracy: the first lit-align RewardFunction, or None."""
-        return next((f for f in self.functions if isinstance(f, RewardFunction)), None)
+    def judge(self) -> Callable | None:
+        """The function whose verdict gives accuracy: the first one with lit-align's interface, or None."""
+        return next((f for f in self.functions if takes_answers(f)), None)
 
     def score(
         self, prompts: list[str], completions: list[str], answers: list[str],
@@ -553,7 +572,7 @@ class RewardSet:
         per = torch.full((n, len(self)), math.nan)
         errors = 0
         for k, (fn, name) in enumerate(zip(self.functions, self.names)):
-            if isinstance(fn, RewardFunction):
+            if takes_answers(fn):
                 values, applies, n_err = self._score_lit(fn, name, prompts, completions, answers, on_error, timeout_s)
             else:
                 def call(rows, fn=fn):
@@ -591,11 +610,12 @@ class RewardSet:
         on_error: str = "raise", timeout_s: float | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Bool ``(N,)``: which completions are correct, and the failed checks. The judge's own
-        ``correct`` (the first RewardFunction's) if it overrides the default, else its reward >= 1
+        ``correct`` (the first lit-align-interface function's) if it has one, else its reward >= 1
         (read from ``scores`` when given, so nothing is scored twice); without a RewardFunction, a
         weighted total >= 1."""
         judge = self.judge
-        if judge is not None and type(judge).correct is not RewardFunction.correct:
+        own = getattr(type(judge), "correct", None)
+        if judge is not None and callable(own) and own is not RewardFunction.correct:
             verdicts, n_errors = score_safely(judge.correct, prompts, completions, answers, on_error, timeout_s)
             return verdicts.bool(), n_errors
         if scores is None:

@@ -566,3 +566,20 @@ def test_soft_overlong_punishment_follows_dapo():
     assert ours(completion_ids=ids) == pytest.approx(theirs(completion_ids=ids))
     with pytest.raises(ValueError, match=r"SoftOverlongPunishment.buffer=0"):
         SoftOverlongPunishment(max_new_tokens=100, buffer=0)
+
+
+def test_plain_three_argument_callables_keep_lit_aligns_interface():
+    from lit_align.rewards import RewardSet, takes_answers
+
+    def lit(prompts, completions, answers):
+        return [float(c == a) for c, a in zip(completions, answers)]
+
+    def trl(prompts, completions, **kwargs):  # keyword arguments: called as TRL calls it
+        return [2.0] * len(completions)
+
+    assert takes_answers(lit) and takes_answers(ExactAnswerReward()) and not takes_answers(trl)
+    assert not takes_answers(reward_len)
+    assert not takes_answers(lambda prompts, completions, answers, **kwargs: None)  # TRL-style, with an answers column
+    out = RewardSet([lit, trl]).score(["q", "q"], ["4", "5"], ["4", "4"])
+    assert out.total.tolist() == [3.0, 2.0]
+    assert RewardSet([trl, lit]).correct(["q", "q"], ["4", "5"], ["4", "4"])[0].tolist() == [True, False]

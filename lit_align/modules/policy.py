@@ -49,7 +49,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (both terms).
         advantage_norm: std (GRPO), none (Dr.GRPO) or batch-std.
         reward: a reward function or a list of them (class paths, or ``package.module.function`` paths
-            in YAML); exact final-answer match by default. A lit-align ``RewardFunction`` is called
+            in YAML); exact final-answer match by default. A lit-align ``RewardFunction`` (or a callable
+            taking ``(prompts, completions, answers)`` and no ``**kwargs``) is called
             ``fn(prompts, completions, answers)``; any other callable as TRL calls reward functions,
             ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with the data set's
             other columns, returning a float or None (does not apply) per completion. See
