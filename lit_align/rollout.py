@@ -401,17 +401,21 @@ def generate(
         return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float32 if k > 1 else torch.long)
 
     completion_ids, mask, old_logp, entropy = padded(0, pad), padded(1, 0), padded(2, 0.0), padded(3, 0.0)
-    texts = completion_texts(tokenizer, completion_ids, mask, settings["eos_token_id"], skip_special_tokens) if rows else []
+    texts = completion_texts(tokenizer, completion_ids, mask, settings["eos_token_id"], skip_special_tokens, pad) if rows else []
     return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), completion_ids,
                    mask, old_logp, entropy, texts, sampler)
 
 
 def completion_texts(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids,
-                     skip_special_tokens: bool = True) -> list[str]:
+                     skip_special_tokens: bool = True, pad_token_id: int | None = None) -> list[str]:
     """The text of each completion (``completion_ids``, ``completion_mask``: (N, T)), from its tokens
     up to and including its first EOS. ``skip_special_tokens`` (TRL's behaviour): special tokens are
-    dropped. False: every token the model sampled is kept (an added ``<answer>`` token, ...) except
-    the end token that stopped the completion, as vLLM leaves its stop token out of the text."""
+    dropped (the masked positions decoded as ``pad_token_id``, a special token). False: every token the
+    model sampled is kept (an added ``<answer>`` token, ...) except the end token that stopped the
+    completion, as vLLM leaves its stop token out of the text."""
+    if skip_special_tokens and pad_token_id is not None:
+        mask = completion_mask.to(completion_ids.dtype)
+        return tokenizer.batch_decode(completion_ids * mask + (1 - mask) * pad_token_id, skip_special_tokens=True)
     eos = set(torch.as_tensor(eos_token_ids).reshape(-1).tolist()) if eos_token_ids is not None else set()
     rows = []
     for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist()):

@@ -447,7 +447,9 @@ class MixedDataModule(L.LightningDataModule):
             "prompt_mask": _pad([[1] * len(r["prompt_ids"]) for r in rows], 0, left=True),
             "prompts": [r["prompt"] for r in rows],
             "answers": [r.get("answer", "") for r in rows],
-            "columns": {k: [r["columns"].get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r["columns"])},
+            # the data set's other columns (rows built by hand may have none)
+            "columns": {k: [r.get("columns", {}).get(k) for r in rows]
+                        for k in dict.fromkeys(k for r in rows for k in r.get("columns", {}))},
         }
         return batch
 
