@@ -203,6 +203,14 @@ def _parse(answer: str) -> list:
     return math_verify.parse("\\boxed{" + answer + "}", config, fallback_mode="first_match", parsing_timeout=None)
 
 
+@functools.lru_cache(maxsize=1)
+def warm_up() -> None:
+    """Import Math-Verify and run its LaTeX parser once (about a second, once per process), so that no
+    per-answer time limit pays for it."""
+    math_verify, _ = _math_verify()
+    math_verify.verify(_parse("1"), _parse("1"), timeout_seconds=None)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse_reference(reference: str) -> list:
     return _parse(reference)

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from lit_align.math_answers import answers_equivalent, extract_boxed, extract_final_answer, reference_answer
+from lit_align.math_answers import answers_equivalent, extract_boxed, extract_final_answer, reference_answer, warm_up
 
 __all__ = [
     "BinaryReward",
@@ -200,6 +200,7 @@ class MathAnswerReward(BinaryReward):
 
     def judge(self, prompts: list[str], completions: list[str], answers: list[str]) -> list[bool]:
         self.last_timeouts = 0
+        warm_up()  # the library's import and first parse, outside the per-answer time limit
         if self.timeout_s <= 0:
             return super().judge(prompts, completions, answers)
         _check_lengths(prompts, completions, answers)
