@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from lit_align.data import embedded
 from lit_align.data.datamodule import MixedDataModule

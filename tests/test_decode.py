@@ -4,7 +4,6 @@ for token while no row is dropped, the right conditionals after rows are dropped
 import pytest
 import torch
 
-import lit_align.rollout as rollout
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.losses import entropy_from_logits, token_logprobs
 from lit_align.rollout import completion_mask, decode, decode_supports, generate, position_ids_from_mask

@@ -42,8 +42,9 @@ def _vllm_rollout(module, shift: torch.Tensor) -> Rollout:
 def test_sampler_logp_diff_and_importance_weights_by_hand(ckpt):
     module = GRPOModule(model_name_or_path=ckpt, vllm_importance_sampling_correction=True,
                         vllm_importance_sampling_cap=2.0)
-    assert module.sampler_metrics(mixed_length_rollout(16, 0)) == {}, "the HF path logs no sampler difference"
-    shift = torch.zeros_like(r.old_logp)
+    hf = mixed_length_rollout(len(module.tokenizer), module.tokenizer.pad_token_id)
+    assert module.sampler_metrics(hf) == {}, "the HF path logs no sampler difference"
+    shift = torch.zeros_like(hf.old_logp, dtype=torch.float32)
     shift[0, 0], shift[3, 2], shift[7, 6] = 0.5, -1.0, 2.0  # rows 0, 3, 7 have 9, 9, 7 completion tokens
     shift[1, 5] = 9.0  # after row 1's only token: padding, not counted
     r = _vllm_rollout(module, shift)
