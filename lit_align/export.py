@@ -130,7 +130,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = 
     if hp.get("lora"):
         from transformers import AutoModelForCausalLM
 
-        from lit_align.modules.policy import apply_lora
+        from lit_align.hf import apply_lora
 
         with torch.device("meta"):
             skeleton = apply_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=remote), hp["lora"])

@@ -118,3 +118,16 @@ def config_as_loaded(config):
             owner = getattr(owner, name)
         setattr(owner, path[-1], value)
     return config
+
+
+def apply_lora(model, lora: dict):
+    """Wrap ``model`` with peft LoRA adapters (``lora``: LoraConfig arguments); the base is frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("model.lora needs peft: pip install 'lit-align[lora]' (or pip install peft)") from e
+    try:
+        config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.lora={dict(lora)!r}: {e}") from e
+    return get_peft_model(model, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
@@ -16,15 +17,15 @@ from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from lit_align import losses
-from lit_align.hf import disable_dropout_in_model, load_model, load_tokenizer
-from collections.abc import Callable
-
+from lit_align.hf import apply_lora, disable_dropout_in_model, load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
 from lit_align.modules.cycles import RolloutCycles
+from lit_align.modules.heldout import HeldOut
+from lit_align.modules.knobs import check_knobs
 from lit_align.modules.logits import PolicyLogits
-from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync, micro_batches
+from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync
 from lit_align.modules.resume import NonFiniteError, ResumeState
-from lit_align.modules.rollout_engine import ENGINES, RolloutEngine
+from lit_align.modules.rollout_engine import RolloutEngine
 from lit_align.rollout import (
     Rollout, _eos_ids, completion_id_lists, generate,
 )
@@ -32,7 +33,7 @@ from lit_align.rollout import (
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
 
-class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.LightningModule):
+class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeState, L.LightningModule):
     """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
 
     Args:
@@ -173,7 +174,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         vllm_importance_sampling_cap: float = 3.0,
     ):
         super().__init__()
-        self._validate(locals())
+        check_knobs(locals())
         self.save_hyperparameters(ignore=["optimizer", "reward", "controller", "mu_schedule"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
@@ -205,66 +206,6 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         self._consecutive_skips = 0
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
         self._cycle: dict | None = None  # the rollout batch of the current cycle (steps_per_generation ...)
-
-    @staticmethod
-    def _validate(args: dict) -> None:
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        def integer(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        timeout = args["reward_timeout_s"]
-        checks = {  # name: (holds, what is allowed)
-            "num_generations": (integer(args["num_generations"]) and args["num_generations"] >= 1, "an integer >= 1"),
-            "max_new_tokens": (integer(args["max_new_tokens"]) and args["max_new_tokens"] >= 1, "an integer >= 1"),
-            "temperature": (number(args["temperature"]) and args["temperature"] > 0, "a finite number > 0"),
-            "top_p": (number(args["top_p"]) and 0 < args["top_p"] <= 1, "in (0, 1]"),
-            "top_k": (integer(args["top_k"]) and args["top_k"] >= 0, "an integer >= 0 (0: off)"),
-            "epsilon_low": (number(args["epsilon_low"]) and 0 <= args["epsilon_low"] < 1, "in [0, 1)"),
-            "epsilon_high": (number(args["epsilon_high"]) and args["epsilon_high"] >= 0, "a finite number >= 0"),
-            "beta": (number(args["beta"]) and args["beta"] >= 0, "a finite number >= 0"),
-            "warmup_steps": (integer(args["warmup_steps"]) and args["warmup_steps"] >= 0, "an integer >= 0"),
-            "gradient_clip": (number(args["gradient_clip"]) and args["gradient_clip"] >= 0, "a finite number >= 0 (0: off)"),
-            "min_lr_ratio": (number(args["min_lr_ratio"]) and 0 <= args["min_lr_ratio"] <= 1, "in [0, 1]"),
-            "max_consecutive_skips": (
-                integer(args["max_consecutive_skips"]) and args["max_consecutive_skips"] >= 1, "an integer >= 1"
-            ),
-            "reward_timeout_s": (timeout is None or (number(timeout) and timeout > 0), "null or a finite number > 0"),
-            "length_buckets": (integer(args["length_buckets"]) and args["length_buckets"] >= 1, "an integer >= 1"),
-            "micro_batch_size": (args["micro_batch_size"] is None or (integer(args["micro_batch_size"]) and args["micro_batch_size"] >= 1),
-                                 "null (the whole batch) or an integer >= 1"),
-            "generation_batch_size": (args["generation_batch_size"] is None or (integer(args["generation_batch_size"])
-                                      and args["generation_batch_size"] >= 1), "null (every row at once) or an integer >= 1"),
-            "steps_per_generation": (integer(args["steps_per_generation"]) and args["steps_per_generation"] >= 1, "an integer >= 1"),
-            "num_iterations": (integer(args["num_iterations"]) and args["num_iterations"] >= 1, "an integer >= 1"),
-            "repetition_penalty": (number(args["repetition_penalty"]) and args["repetition_penalty"] > 0, "a finite number > 0 (1: off)"),
-            "min_p": (number(args["min_p"]) and 0 <= args["min_p"] < 1, "in [0, 1) (0: off)"),
-            **RolloutEngine._validate_engine_args(args),
-        }
-        for name, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"model.{name}={args[name]!r} is out of range: it must be {allowed}")
-        rewards = args["reward"] if isinstance(args["reward"], (list, tuple)) else [args["reward"]]
-        for fn in rewards:
-            if fn is not None and not callable(fn):
-                raise ValueError(
-                    f"model.reward={args['reward']!r}: {fn!r} is not callable; give a lit_align.rewards.RewardFunction, "
-                    f"a TRL-style reward function, or a list of them"
-                )
-        if not isinstance(args["skip_special_tokens"], bool):
-            raise ValueError(f"model.skip_special_tokens={args['skip_special_tokens']!r} must be true or false")
-        for name, allowed in (
-            ("model_dtype", (None, "float32", "float16", "bfloat16", "float64")),
-            ("loss_aggregation", losses.AGGREGATIONS),
-            ("advantage_norm", losses.ADVANTAGE_NORMS),
-            ("kl_estimator", losses.KL_ESTIMATORS),
-            ("lr_decay", ("constant", "linear", "cosine")),
-            ("reward_errors", ("raise", "zero")),
-            ("rollout_engine", ENGINES),
-        ):
-            if args[name] not in allowed:
-                raise ValueError(f"model.{name}={args[name]!r}: choose one of {list(allowed)}")
 
     # ------------------------------------------------------------------ what a method decides
     def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
@@ -630,74 +571,6 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         loss, metrics = self.mixed_loss(batch)
         self.policy_step(loss, metrics)
 
-    # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: dict, batch_idx: int, prefix: str = "val") -> None:
-        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations."""
-        rollout = self.sample(batch, greedy=True, num_generations=1)
-        columns = batch.get("columns")
-        scores = self.score_all(batch["prompts"], rollout, batch["answers"], columns)
-        rewards = scores.total
-        hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
-        correct, _ = self.rewards.correct(  # the judge's default verdict is read from scores: no second pass
-            batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
-            timeout_s=hp.reward_timeout_s,
-        )
-        self.val_reward.update(rewards.to(self.device))
-        self.val_accuracy.update(correct.float().to(self.device))
-        if "expert" in batch:
-            nll, hits, tokens = self.expert_nll_rows(batch["expert"])
-            n = tokens.sum()
-            self.val_expert_nll.update(nll.sum() / n.clamp(min=1), weight=n)
-            self.val_expert_token_acc.update(hits.sum() / n.clamp(min=1), weight=n)
-            self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
-            self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
-            if "responses" in batch:
-                self._split_expert_nll(batch, nll, tokens, prefix)
-        bs = len(batch["prompts"])
-        self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs)
-
-    @torch.no_grad()
-    def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row of ``expert``: (summed NLL of its response tokens, greedy hits among them, their
-        count), each (B,), from forwards of ``micro_batch_size`` rows with logits at response positions
-        only (no (B, S, V) tensor for the whole batch)."""
-        labels_all = expert["labels"][:, 1:]
-        out = torch.zeros(3, labels_all.shape[0], dtype=torch.float64, device=labels_all.device)
-        for rows in micro_batches(labels_all != -100, self.hparams.micro_batch_size):
-            logits, labels, tokens, logp = self._expert_logprobs(expert, rows)
-            hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), logits, labels)
-            out[:, rows.to(out.device)] = torch.stack([-(logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]).double()
-            del logits
-        return out[0], out[1], out[2]
-
-    def _split_expert_nll(self, batch: dict, nll: torch.Tensor, tokens: torch.Tensor, prefix: str) -> None:
-        """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
-        demonstrations the reward's correctness check accepts and over those it rejects (per-row summed
-        ``nll`` and ``tokens``). A method that corrects a noisy expert raises the second; the first shows
-        whether it still imitates the expert where the expert is right. Each demonstration is checked
-        once per run, on first sight. Every rank updates both metrics every batch (weight 0 when it has
-        no such rows), so the cross-rank sync cannot hang; a class absent from the whole validation set
-        reads NaN."""
-        hp, keys = self.hparams, list(zip(batch["prompts"], batch["responses"], batch["answers"]))
-        new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
-        if new:  # a demonstration's verdict never changes: each one is checked once per run
-            prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
-            cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
-            verdicts, _ = self.rewards.correct(prompts, demos, answers, columns=cols, on_error=hp.reward_errors,
-                                               timeout_s=hp.reward_timeout_s)
-            self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
-        ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=self.device)
-        for name, rows in (("correct", ok), ("incorrect", ~ok)):
-            k = tokens[rows].sum()
-            value = nll[rows].sum() / k if k > 0 else nll.new_zeros(())
-            metric = self.val_expert_nll_split[name]
-            metric.update(value, weight=k)
-            self.log(f"{prefix}/expert_nll_{name}", metric, on_epoch=True, batch_size=max(int(k), 1))
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx, prefix="test")
-
     # ------------------------------------------------------------------ scale-out: sharding, checkpoints, export
     def setup(self, stage: str) -> None:
         from lit_align.strategies import check_strategy
@@ -714,14 +587,6 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
                 f"model.steps_per_generation x model.num_iterations = {k} updates per rollout batch need a data "
                 f"module that repeats each batch (lit_align.MixedDataModule); got {type(datamodule).__name__}"
             )
-
-    def judge_demonstrations(self, prompts: list[str], completions: list[str], answers: list[str],
-                             completion_ids: list[list[int]] | None = None, columns: dict | None = None) -> torch.Tensor:
-        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check)."""
-        hp = self.hparams
-        verdicts, _ = self.rewards.correct(prompts, completions, answers, completion_ids=completion_ids, columns=columns,
-                                           on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s)
-        return verdicts
 
     def configure_model(self) -> None:
         """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2
@@ -775,15 +640,3 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, ResumeState, L.Li
         return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / ranks.world, dtype=torch.float32)
                 for n, v in zip(names, sums)}
 
-
-def apply_lora(model, lora: dict):
-    """Wrap ``model`` with peft LoRA adapters (``lora``: LoraConfig arguments); the base is frozen."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("model.lora needs peft: pip install 'lit-align[lora]' (or pip install peft)") from e
-    try:
-        config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model.lora={dict(lora)!r}: {e}") from e
-    return get_peft_model(model, config)
