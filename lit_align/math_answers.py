@@ -56,7 +56,10 @@ _GROUP_SEP_RE = re.compile(rf"(?<=[0-9]){_GROUP_SEP}(?=[0-9]{{3}}(?![0-9]))")
 # "answer is", "final answer:", "answer =", GSM8K's "####"
 _STATEMENT_RE = re.compile(r"(?i:\banswer\b\s*(?:is\b|was\b|:|=)\s*:?)|####")
 _CHOICE_RE = re.compile(r"\(?([A-J])\)?(?![\w])")
-_INLINE_MATH_RE = re.compile(r"\$([^$\n]{1,200})\$|\\\(((?:(?!\\\)).){1,200})\\\)")
+# a math span: $...$, \(...\) or \[...\] (at most 200 characters inside)
+_INLINE_MATH_RE = re.compile(
+    r"\$([^$\n]{1,200})\$|\\\(((?:(?!\\\)).){1,200})\\\)|\\\[((?:(?!\\\]).){1,200}?)\\\]", re.DOTALL
+)
 _HEAVY_RE = re.compile(r"\\(?:sum|prod|coprod|int|iint|iiint|oint|lim|bigcup|bigcap)(?![a-zA-Z])")
 _BINOM_RE = re.compile(r"\\[dt]?binom|\\choose")
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -85,11 +88,26 @@ def extract_boxed(text: str, max_depth: int = MAX_BRACE_DEPTH) -> str | None:
     return None if best is None else text[best[0] : best[1]]
 
 
+def _span_answer(span: re.Match) -> str:
+    """A math span's content, right of its last "=" (``x = \\frac{3}{2}`` -> ``\\frac{3}{2}``)."""
+    content = next(g for g in span.groups() if g is not None)
+    return content.rsplit("=", 1)[-1].strip()
+
+
 def _last_number(text: str) -> str | None:
+    """The last number in ``text``; where it lies inside the last math span (``$x = \\frac{1}{4}$``,
+    ``\\[ \\frac{3}{2} \\]``), that span's answer instead, so a fraction's denominator is never the answer."""
     last = None
     for last in _NUMBER_RE.finditer(text):
         pass
-    return None if last is None else last.group()
+    if last is None:
+        return None
+    span = None
+    for span in _INLINE_MATH_RE.finditer(text):
+        pass
+    if span is not None and span.start() <= last.start() < span.end():
+        return _span_answer(span) or last.group()
+    return last.group()
 
 
 def extract_answer_statement(text: str, window: int = 100) -> str | None:
@@ -105,7 +123,7 @@ def extract_answer_statement(text: str, window: int = 100) -> str | None:
     segment = text[last.end() : last.end() + window].split("\n", 1)[0].strip().lstrip("*").strip()
     math_span = _INLINE_MATH_RE.match(segment)
     if math_span is not None:
-        return (math_span.group(1) or math_span.group(2)).strip()
+        return _span_answer(math_span)
     choice = _CHOICE_RE.match(segment)
     if choice is not None:
         return choice.group(1)
@@ -116,6 +134,7 @@ def extract_answer_statement(text: str, window: int = 100) -> str | None:
 def extract_final_answer(text: str) -> str | None:
     """The last ``\\boxed{...}`` content, else the answer of the last answer statement
     (:func:`extract_answer_statement`), else the last number in ``text``, else None."""
+    text = text.replace("\u2212", "-")  # a typeset minus sign (U+2212) is a minus
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed

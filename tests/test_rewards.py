@@ -583,3 +583,22 @@ def test_plain_three_argument_callables_keep_lit_aligns_interface():
     out = RewardSet([lit, trl]).score(["q", "q"], ["4", "5"], ["4", "4"])
     assert out.total.tolist() == [3.0, 2.0]
     assert RewardSet([trl, lit]).correct(["q", "q"], ["4", "5"], ["4", "4"])[0].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    # without a box, a number inside the last math span is never taken alone (a fraction's denominator)
+    (r"So $x = \frac{1}{4}$.", "4", 0.0),
+    (r"So $x = \frac{1}{4}$.", "0.25", 1.0),
+    (r"Therefore \[ x = \frac{3}{2} \]", "2", 0.0),
+    (r"Therefore \[ x = \frac{3}{2} \]", "1.5", 1.0),
+    (r"The final answer is \[ \frac{3}{2} \]", "3", 0.0),
+    (r"The final answer is \[ x = \frac{3}{2} \]", "1.5", 1.0),
+    (r"Thus $\frac{5}{8}$ of the pie", r"\frac58", 1.0),
+    ("We get $12$ apples and 3 pears", "3", 1.0),  # the last number lies outside the span
+    # a typeset minus sign (U+2212) is a minus
+    ("It is \u22127 degrees.", "7", 0.0),
+    ("It is \u22127 degrees.", "-7", 1.0),
+    ("\\boxed{\u22123}", "-3", 1.0),
+])
+def test_unboxed_math_spans_and_the_unicode_minus(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
