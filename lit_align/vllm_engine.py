@@ -200,6 +200,12 @@ class VLLMEngine:
         device = prompt_ids.device
         return ids.to(device), mask.to(device), logp.to(device)
 
+    def probe(self) -> None:
+        """One greedy token from a one-token prompt: raises what the engine raises for a model it builds
+        but cannot run (e.g. a head size vLLM's CPU attention has no kernel for)."""
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        self.generate(ids, torch.ones_like(ids), {"do_sample": False, "max_new_tokens": 1, "eos_token_id": None})
+
     def cannot_sample(self, prompt_mask: torch.Tensor, max_new_tokens: int) -> str | None:
         """Why the engine cannot serve these prompts ((B, P) mask) with ``max_new_tokens``, or None."""
         longest = int(prompt_mask.sum(-1).max()) if prompt_mask.numel() else 0

@@ -120,3 +120,20 @@ def test_math_chord_phi_recipe_runs_offline_on_gsm8k_format_files(chat_ckpt, tmp
     demos = MathAnswerReward()([r["prompt"] for r in rows], [r["response"] for r in rows], [r["answer"] for r in rows])
     assert demos.tolist() == [1.0] * 24
     assert Path(cli.trainer.log_dir, "hf_model", "config.json").is_file()
+
+
+def needs_solution(completions, solution, **kwargs):
+    """A TRL-style reward that takes a ``solution`` column (absent from the data in the test below)."""
+    return [1.0 for _ in completions]
+
+
+def test_the_self_check_says_when_the_reward_itself_fails(ckpt):
+    """A reward function that raises on every demonstration (here: a column the data lacks) under
+    reward_errors=zero scores them 0; the self-check's judge says the function failed, so a user does not
+    go looking for a wrong answer column."""
+    from lit_align.modules.grpo import GRPOModule
+
+    module = GRPOModule(model_name_or_path=ckpt, reward=[needs_solution], reward_errors="zero")
+    with pytest.warns(UserWarning, match=r"self-check: the reward failed on 2 of 2 demonstrations .*reward_errors raise"):
+        verdicts = module.judge_demonstrations(["1+2=", "3+4="], ["3", "7"], ["3", "7"], columns={"answer": ["3", "7"]})
+    assert verdicts.tolist() == [False, False]

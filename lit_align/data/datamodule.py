@@ -419,7 +419,9 @@ class MixedDataModule(L.LightningDataModule):
                 f"{hp.demo_check_threshold:.0%}). Every reward may be 0 in training. Check data.answer_column="
                 f"{hp.answer_column!r} and data.answer_pattern={hp.answer_pattern!r} (demonstrations: data.{column}="
                 f"{hp.meta_response_column if column == 'meta_response_column' else hp.response_column!r}). A rejected row: "
-                f"reference answer {bad['answer'][:200]!r}, demonstration ending {bad['response'][-200:]!r}\n{'!' * 100}"
+                f"reference answer {bad['answer'][:200]!r}, demonstration ending {bad['response'][-200:]!r}. (If a warning "
+                f"above says the reward failed on demonstrations, the reward functions are the cause, not the data.)"
+                f"\n{'!' * 100}"
             )
         return rate
 

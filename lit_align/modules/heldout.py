@@ -83,8 +83,19 @@ class HeldOut:
 
     def judge_demonstrations(self, prompts: list[str], completions: list[str], answers: list[str],
                              completion_ids: list[list[int]] | None = None, columns: dict | None = None) -> torch.Tensor:
-        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check)."""
+        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check).
+        Where a reward function failed on some of them (an exception, the time limit, NaN; scored 0 under
+        ``reward_errors=zero``), a warning says so: the cause is then the function, not the data."""
         hp = self.hparams
-        verdicts, _ = self.rewards.correct(prompts, completions, answers, completion_ids=completion_ids, columns=columns,
-                                           on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s)
+        verdicts, n_errors = self.rewards.correct(prompts, completions, answers, completion_ids=completion_ids,
+                                                  columns=columns, on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s)
+        if n_errors:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"self-check: the reward failed on {int(n_errors)} of {len(completions)} demonstrations (an exception, "
+                f"model.reward_timeout_s={hp.reward_timeout_s}, or a non-finite value; model.reward_errors="
+                f"{hp.reward_errors!r} scores them 0): check the reward functions and the columns they take; "
+                f"--model.init_args.reward_errors raise shows the error"
+            )
         return verdicts

@@ -72,6 +72,13 @@ class RolloutEngine:
             tensor_parallel_size=hp.vllm_tensor_parallel_size, enable_sleep_mode=hp.vllm_enable_sleep_mode,
             max_num_seqs=hp.generation_batch_size, seed=int(torch.initial_seed() % (2**31)), rank=rank,
         )
+        try:
+            self._engine.probe()
+        except Exception as e:  # noqa: BLE001  (whatever the engine cannot run: the HF sampler samples)
+            engine, self._engine = self._engine, None
+            engine.close()
+            self._fallback(f"the vLLM engine cannot run this checkpoint ({type(e).__name__}: {str(e)[:200]})")
+            return
         self._engine_stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
         if hp.vllm_enable_sleep_mode and self._engine.on_cpu:
             from lightning.pytorch.utilities import rank_zero_warn

@@ -222,3 +222,23 @@ def test_an_architecture_vllm_does_not_implement_samples_with_the_hf_path(ckpt):
     with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: vLLM has no implementation .*NoSuchModelForCausalLM"):
         module.start_rollout_engine()
     assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
+
+
+def test_a_checkpoint_the_engine_builds_but_cannot_run_samples_with_the_hf_path(ckpt, tmp_path):
+    """A Qwen2 with head size 16, which vLLM's CPU attention has no kernel for: the engine builds, its
+    first generate raises; the probe at start-up catches that, closes the engine, says so once, and the
+    HF sampler samples (instead of the run dying at its first rollout)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    module = GRPOModule(model_name_or_path=str(tmp_path), rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+                        num_generations=2, max_new_tokens=3)
+    with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: the vLLM engine cannot run this checkpoint"):
+        module.start_rollout_engine()
+    assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
