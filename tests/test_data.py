@@ -257,3 +257,27 @@ def test_self_check_catches_an_answer_column_of_worked_solutions(chat_ckpt, tmp_
     assert right.check_demonstrations(_judge) == 1.0
     assert _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, demo_check_rows=0,
                **GSM8K).check_demonstrations(_judge) is None
+
+
+def test_a_prompt_rows_long_worked_solution_neither_skips_nor_counts_it(ckpt, tmp_path):
+    """GSM8K-style files name one column as both response and answer: prompt rows then carry a worked
+    solution they do not train on. Its length must not skip the prompt (overlong=skip) or report the
+    prompt as truncated; demonstrations still are."""
+    rows = ['{"prompt": "1+1=", "response": "' + "1+1=2 " * 40 + '#### 2", "answer": "2"}\n',
+            '{"prompt": "2+2=", "response": "4", "answer": "4"}\n']
+    path = _write(tmp_path / "long_solution.jsonl", rows)
+    dm = _dm(ckpt, expert_data=path, prompt_data=path, val_data=None, overlong="skip", max_response_length=8)
+    assert len(dm.prompt_rows) == 2 and dm.stats["data/prompts_skipped_rows"] == 0
+    assert dm.stats["data/prompts_truncated_rows"] == 0
+    assert len(dm.expert_rows) == 1 and dm.stats["data/expert_skipped_rows"] == 1
+
+
+def test_a_truncated_demonstration_is_judged_on_what_is_left(chat_ckpt, tmp_path):
+    """The self-check and the correct / incorrect split judge the demonstration as trained on: cut to
+    max_response_length before its '#### N', it no longer holds the answer."""
+    path = _gsm8k(tmp_path, n=6)
+    full = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
+    assert all("####" in r["response"] for r in full.expert_rows)
+    cut = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)",
+              overlong="truncate", max_response_length=8, **GSM8K)
+    assert all("####" not in r["response"] and len(r["response"]) < 60 for r in cut.expert_rows)

@@ -272,7 +272,13 @@ class MixedDataModule(L.LightningDataModule):
             if "response" in need or (column in row and isinstance(row.get(column), str)):
                 text = str(row[column])
                 resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-            too_long = len(ids) > hp.max_prompt_length or (resp is not None and len(resp) > hp.max_response_length)
+                full = len(resp)
+            # only a response the stream needs (demonstrations) makes a row too long; an optional one (a prompt
+            # or held-out row's worked solution) is cut to max_response_length and never skips or counts the row
+            required = "response" in need
+            too_long = len(ids) > hp.max_prompt_length or (required and len(resp) > hp.max_response_length)
+            if resp is not None and not required:
+                resp = resp[: hp.max_response_length]
             if too_long:
                 if hp.overlong == "error":
                     raise DataError(
@@ -290,7 +296,9 @@ class MixedDataModule(L.LightningDataModule):
             item["prompt_ids"] = ids
             if resp is not None:
                 item["response_ids"] = resp
-                item["response"] = text  # the demonstration's text, for the verifier's verdict
+                # the demonstration's text as trained on, for the verifier's verdict (the self-check, the
+                # correct / incorrect split): a truncated one is judged on what is left of it
+                item["response"] = text if len(resp) == full else self.tokenizer.decode(resp, skip_special_tokens=True)
             if i in answers or "answer" in need:
                 item["answer"] = answers.get(i, "")
             # the data set's other columns, passed to TRL-style reward functions as keyword arguments
