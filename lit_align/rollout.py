@@ -186,22 +186,24 @@ _OFF = {
 }
 
 
-def _number(v) -> bool:
+def is_finite_number(v) -> bool:
+    """A real number (not a bool), neither NaN nor infinite: what a numeric knob must be."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
-def _integer(v) -> bool:
+def is_integer(v) -> bool:
+    """An int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 _RULES = {  # name: (holds for a value that is not None, what is allowed)
-    "max_new_tokens": (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
-    "min_new_tokens": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "top_k": (lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
-    "min_p": (lambda v: _number(v) and 0 <= v < 1, "in [0, 1) (0: off)"),
-    "repetition_penalty": (lambda v: _number(v) and v > 0, "a finite number > 0 (1: off)"),
+    "max_new_tokens": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
+    "min_new_tokens": (lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "temperature": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    "top_k": (lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_p": (lambda v: is_finite_number(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
+    "min_p": (lambda v: is_finite_number(v) and 0 <= v < 1, "in [0, 1) (0: off)"),
+    "repetition_penalty": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0 (1: off)"),
 }
 
 
@@ -366,7 +368,7 @@ def generate(
     """
     settings = sampling_settings(model, tokenizer, max_new_tokens, temperature, top_p, top_k, min_p,
                                  repetition_penalty, greedy, min_new_tokens)
-    if generation_batch_size is not None and not (_integer(generation_batch_size) and generation_batch_size >= 1):
+    if generation_batch_size is not None and not (is_integer(generation_batch_size) and generation_batch_size >= 1):
         raise ValueError(f"generation_batch_size={generation_batch_size!r} must be None (all rows) or an integer >= 1")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model: lit-align samples decoder-only causal LMs")

@@ -2,10 +2,9 @@
 its flag (``model.<name>``) and what is allowed, raised before anything is loaded."""
 from __future__ import annotations
 
-import math
-
 from lit_align import losses
 from lit_align.modules.rollout_engine import ENGINES, RolloutEngine
+from lit_align.rollout import is_finite_number, is_integer
 
 
 def check_knobs(args: dict) -> None:
@@ -14,12 +13,7 @@ def check_knobs(args: dict) -> None:
     Raises:
         ValueError: naming ``model.<name>``, its value and the allowed range or choices.
     """
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    def integer(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
+    number, integer = is_finite_number, is_integer
     timeout = args["reward_timeout_s"]
     checks = {  # name: (holds, what is allowed)
         "num_generations": (integer(args["num_generations"]) and args["num_generations"] >= 1, "an integer >= 1"),

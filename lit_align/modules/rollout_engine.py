@@ -13,7 +13,7 @@ import torch
 
 from lit_align import losses
 from lit_align.modules.engine import micro_batches
-from lit_align.rollout import Rollout, sampling_settings
+from lit_align.rollout import Rollout, is_finite_number, is_integer, sampling_settings
 
 ENGINES = ("hf", "vllm")
 
@@ -27,11 +27,9 @@ class RolloutEngine:
     @staticmethod
     def _validate_engine_args(args: dict) -> dict:
         """(name: (holds, what is allowed)) for the engine's knobs, checked with the module's others."""
-        def number(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
+        number = is_finite_number
         def optional_int(v, low: int) -> bool:
-            return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= low)
+            return v is None or (is_integer(v) and v >= low)
 
         if args["rollout_engine"] == "vllm" and not _vllm_importable():
             from lit_align.vllm_engine import INSTALL
