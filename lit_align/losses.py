@@ -80,10 +80,11 @@ def _blocks(B: int, T: int, V: int):
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     """log softmax(logits / T)[ids] over blocks of positions: no full-size temporary beyond the
-    gradient of ``logits`` itself (written block by block in backward)."""
+    gradient of ``logits`` itself (written block by block in backward). With ``consume``, that
+    gradient is written into ``logits``' own storage: no second (B, T, V) tensor at all."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float, consume: bool = False) -> torch.Tensor:
         B, T, V = logits.shape
         acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         out = torch.empty(B, T, dtype=acc, device=logits.device)
@@ -97,6 +98,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             out[rb, tb] = x.gather(-1, ids[rb, tb].unsqueeze(-1)).squeeze(-1) - lse[rb, tb]
         ctx.save_for_backward(logits, ids, lse)
         ctx.temperature = temperature
+        ctx.consume = consume
         return out
 
     @staticmethod
@@ -104,7 +106,10 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         logits, ids, lse = ctx.saved_tensors
         t = ctx.temperature
         B, T, V = logits.shape
-        grad = torch.empty_like(logits)
+        # consume: each block's gradient needs only that block's logits, so it overwrites them; the
+        # in-place write bumps the tensor's version, so any other backward still reading these logits
+        # fails with autograd's "modified by an inplace operation" instead of reading gradients
+        grad = logits.detach() if ctx.consume else torch.empty_like(logits)
         for rb, tb in _blocks(B, T, V):
             x = logits[rb, tb]
             if t != 1.0:
@@ -115,7 +120,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             if t != 1.0:
                 block = block / t
             grad[rb, tb] = block.to(grad.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 class _NoCtx:
@@ -125,18 +130,24 @@ class _NoCtx:
         pass
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, consume: bool = False) -> torch.Tensor:
     """log softmax(logits / temperature) gathered at ``ids``: (B, T, V), (B, T) -> (B, T), in float32
     (float64 for float64 logits). Also (N, V), (N,) -> (N,).
 
     A selective log-softmax over blocks of positions (at most 2**20 values each): neither the
     log-softmax nor a float32 copy of ``logits`` is materialised at full size, in forward or backward,
     so a forward holds one (B, T, V) logits tensor and, in backward, its gradient.
+
+    ``consume=True``: the backward writes the gradient into ``logits``' own storage (and returns it),
+    so a backward through a (B, T, V) logits tensor holds that one tensor, not two. Only for logits
+    that nothing else reads after this backward (a model's output used by this loss alone; reading
+    them in the forward, e.g. for metrics, is fine); another backward through the same logits then
+    raises autograd's in-place error rather than computing a wrong gradient.
     """
     if logits.dim() == 2:
-        return token_logprobs(logits.unsqueeze(0), ids.unsqueeze(0), temperature).squeeze(0)
+        return token_logprobs(logits.unsqueeze(0), ids.unsqueeze(0), temperature, consume).squeeze(0)
     if logits.requires_grad and torch.is_grad_enabled():
-        return _SelectiveLogSoftmax.apply(logits, ids, float(temperature))
+        return _SelectiveLogSoftmax.apply(logits, ids, float(temperature), bool(consume))
     with torch.no_grad():
         return _SelectiveLogSoftmax.forward(_NoCtx(), logits, ids, float(temperature))
 

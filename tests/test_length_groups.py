@@ -141,10 +141,14 @@ def test_grouped_sft_loss_equals_one_pass_and_fsdp_runs_one_pass(ckpt):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     calls = []
     hook = module.model.register_forward_pre_hook(lambda *a: calls.append(1))
-    module._sharded = lambda: True  # FSDP2: every rank must run the same number of forwards
     try:
-        with torch.no_grad():
-            module._forward_logits(ids, mask)
+        module.zero_policy_grad()
+        module.sft_terms(expert)
+        assert len(calls) == 3
+        calls.clear()
+        module._sharded = lambda: True  # FSDP2: every rank must run the same number of forwards
+        module.zero_policy_grad()
+        module.sft_terms(expert)
     finally:
         hook.remove()
     assert len(calls) == 1

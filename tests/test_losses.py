@@ -116,3 +116,35 @@ def test_importance_weights_scale_the_clipped_surrogate_but_not_the_kl():
     kl = torch.tensor([[0.5, 0.0]])  # k1: logp - ref_logp
     torch.testing.assert_close(plain, surrogate + 0.1 * kl)
     torch.testing.assert_close(weighted, w * surrogate + 0.1 * kl)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_consumed_logits_give_the_same_gradient_in_their_own_storage(temperature):
+    # a model's output (logits from a linear head, as an LM head gives them), consumed by the loss:
+    # the gradient that reaches the head's weight is autograd's log_softmax one, and the backward
+    # writes it where the logits were instead of a second (B, T, V) tensor
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64)
+    head = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 5))
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    ref_logp = torch.log_softmax((hidden @ head.T) / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    (g_ref,) = torch.autograd.grad((weights * ref_logp).sum(), head)
+    logits = hidden @ head.T
+    storage = logits.untyped_storage().data_ptr()
+    seen = []
+    logits.register_hook(lambda g: seen.append(g.untyped_storage().data_ptr()))
+    logp = losses.token_logprobs(logits, ids, temperature, consume=True)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-12)
+    (g,) = torch.autograd.grad((weights * logp).sum(), head)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+    assert seen == [storage]  # the gradient lives in the logits' storage
+
+
+def test_consumed_logits_read_by_another_backward_raise_instead_of_a_wrong_gradient():
+    logits = torch.randn(2, 3, 7) * torch.ones(1, requires_grad=True)
+    ids = torch.randint(0, 7, (2, 3))
+    other = (logits * logits).sum()  # saves the logits; its backward runs after the log-softmax's
+    logp = losses.token_logprobs(logits, ids, consume=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (logp.sum() + other).backward()

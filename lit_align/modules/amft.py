@@ -296,7 +296,8 @@ class AMFTModule(PolicyModule):
             width = max(int(r.completion_mask[rows].sum(-1).max()), 1)
             ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows, :width]], 1)
             att = torch.cat([r.prompt_mask[rows], r.completion_mask[rows, :width]], 1)
-            logp = losses.token_logprobs(self._forward_logits(ids, att, start=P - 1), r.completion_ids[rows, :width], T)
+            logits = self._forward_logits(ids, att, start=P - 1)
+            logp = losses.token_logprobs(logits, r.completion_ids[rows, :width], T, consume=True)
             return TermOutput(-adv[rows].unsqueeze(-1).to(logp.dtype) * logp, r.completion_mask[rows, :width])
 
         return Term("val", 1.0, r.completion_mask, forward)

@@ -5,8 +5,9 @@ rows, the SFT term over expert rows, AMFT's held-out objective) and a weight for
 
 1. counts each term's normaliser over the whole update on every rank before any forward (tokens for
    ``token-mean``, rows holding tokens for the seq-mean modes) with one all-reduce, and the number of
-   micro-batches each rank runs (the largest count over ranks: a rank with fewer rows repeats its last
-   micro-batch at weight 0, so every rank runs the same forwards and collectives);
+   forward passes each rank runs (its micro-batches, each split by row length, :func:`forward_groups`;
+   the largest count over ranks: a rank with fewer passes repeats its last at weight 0, so every rank
+   runs the same forwards and collectives);
 2. runs each micro-batch's forward and backward, the term's per-token loss summed and divided by the
    GLOBAL normaliser (times the world size, since the gradient reduction averages over ranks): the
    gradients add up to those of one process on the global batch, whatever the micro-batch size and
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_align import losses
+from lit_align.rollout import length_groups
 
 
 @dataclass
@@ -109,6 +111,19 @@ def micro_batches(mask: torch.Tensor, size: int | None) -> list[torch.Tensor]:
     return [order[i : i + size].sort().values for i in range(0, n, size)] if size < n else [torch.arange(n)]
 
 
+def forward_groups(mask: torch.Tensor, size: int | None, buckets: int = 1) -> list[torch.Tensor]:
+    """Row indices of each forward pass: the :func:`micro_batches` of at most ``size`` rows, each
+    split into at most ``buckets`` groups of similar length (:func:`lit_align.rollout.length_groups`,
+    the split that computes the fewest positions, or none) so a forward cut to its longest row
+    computes little padding. Each group is its own forward and backward: no pass ever holds logits
+    for more rows than its group, and none assembles groups into one padded tensor."""
+    groups = []
+    for rows in micro_batches(mask, size):
+        split = length_groups(mask[rows], buckets) if buckets > 1 else None
+        groups += [rows] if split is None else [rows[g.to(rows.device)].sort().values for g, _ in split]
+    return groups
+
+
 def accumulate(
     terms: list[Term],
     micro_batch_size: int | None,
@@ -117,17 +132,20 @@ def accumulate(
     no_sync: Callable[[], contextlib.AbstractContextManager],
     ranks: Ranks,
     grad: bool = True,
+    length_buckets: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run one update's ``terms`` (see the module docstring): gradients accumulate in the parameters'
     ``.grad`` (``backward(loss)`` per micro-batch, the last one outside ``no_sync()``); returns the
     update's loss sum_k weight_k * L_k over the global batch (detached, same on every rank) and the
     metrics: ``<name>_loss`` per term and each term's per-token metrics as global token-means.
-    ``grad=False``: forwards only (no backward, no graph), for evaluation."""
+    ``grad=False``: forwards only (no backward, no graph), for evaluation. ``length_buckets``: each
+    micro-batch runs as up to that many forwards over rows of similar length (:func:`forward_groups`);
+    1 under FSDP2, whose forwards are collectives every rank must run alike."""
     local = []
     for t in terms:
         local += [float(losses.aggregate_parts(None, t.mask, aggregation)[1]), float(t.mask.sum())]
     counts = ranks.sums(local)
-    plans = [micro_batches(t.mask, micro_batch_size) for t in terms]
+    plans = [forward_groups(t.mask, micro_batch_size, length_buckets) for t in terms]
     steps = ranks.maxes([len(p) for p in plans]) if ranks.world > 1 else [len(p) for p in plans]
     schedule = []  # (term index, rows, scale)
     for k, (t, plan, n) in enumerate(zip(terms, plans, steps)):

@@ -74,11 +74,12 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.0}``; null
             (default) trains every weight. With ``beta > 0`` the reference model is the policy with
             its adapters disabled, so no second model is loaded. Exports are merged full weights.
-        length_buckets: a forward pass over rows of unequal length (rollouts, expert rows) runs as at
-            most this many passes over groups of rows of similar length, each cut to its own longest
-            row, so fewer padded positions are computed; logits at every attended position, the
-            losses and their gradients are those of one pass (up to float rounding). 1: always one
-            pass. Under FSDP2 always one pass, since every rank must run the same number of forwards.
+        length_buckets: a micro-batch over rows of unequal length (rollouts, expert rows) runs as at
+            most this many forward/backward passes over groups of rows of similar length, each cut to
+            its own longest row, so fewer padded positions are computed and no pass holds logits for
+            more rows than its group; the losses and their gradients are those of one pass (up to
+            float rounding). 1: always one pass. Under FSDP2 always one pass, since every rank must
+            run the same number of forwards.
         micro_batch_size: rows per forward/backward (TRL's per-device micro-batch). One policy update
             accumulates gradients over micro-batches of rollout rows and of expert rows, then clips and
             steps once; each term is normalised over the whole update's tokens (token-mean) or rows
@@ -271,7 +272,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         ids, mask, start = self._expert_positions(part)
         logits = self._forward_logits(ids, mask, start=start)
         labels = part["labels"][:, start + 1 : ids.shape[1]]
-        return logits, labels, labels != -100, losses.token_logprobs(logits, labels.clamp(min=0))
+        # the backward writes the logits' gradient over them (consume): metrics read them in the forward only
+        return logits, labels, labels != -100, losses.token_logprobs(logits, labels.clamp(min=0), consume=True)
 
     def sft_term(self, expert: dict, weight: float, reward_mean: float | None = None, name: str = "sft",
                  token_weights: bool = True) -> Term:
@@ -317,7 +319,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             completion = rollout.completion_ids[rows, :width]
             # logits at the completion positions only: the LM head skips the prompt (logits_to_keep)
             logits = self._forward_logits(ids, att, start=P - 1)
-            logp = losses.token_logprobs(logits, completion, hp.temperature)
+            # the backward writes the logits' gradient over them, unless extra's graph reads them too
+            logp = losses.token_logprobs(logits, completion, hp.temperature, consume=extra is None)
             ref_logp = None
             if hp.beta > 0:
                 with torch.no_grad():
@@ -352,8 +355,13 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         micro-batches of ``micro_batch_size`` rows, global normalisation, one gradient sync)."""
         return accumulate(
             terms, self.hparams.micro_batch_size, self.hparams.loss_aggregation, self._backward,
-            self._no_grad_sync, self.ranks, grad=grad,
+            self._no_grad_sync, self.ranks, grad=grad, length_buckets=self._length_buckets(),
         )
+
+    def _length_buckets(self) -> int:
+        """Forward passes per micro-batch by row length (``length_buckets``); 1 under FSDP2, whose
+        forwards all-gather and so must be the same on every rank."""
+        return 1 if self._sharded() else self.hparams.length_buckets
 
     def _backward(self, loss: torch.Tensor) -> None:
         """``manual_backward`` under a trainer (precision plugins, the strategy's hooks); plain

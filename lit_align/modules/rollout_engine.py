@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lit_align import losses
-from lit_align.modules.engine import micro_batches
+from lit_align.modules.engine import forward_groups
 from lit_align.rollout import Rollout, is_finite_number, is_integer, sampling_settings
 
 ENGINES = ("hf", "vllm")
@@ -158,7 +158,7 @@ class RolloutEngine:
         logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         entropy = torch.zeros_like(logp)
         P = prompt_ids.shape[1]
-        batches = micro_batches(mask, self.hparams.micro_batch_size) if ids.shape[1] else []
+        batches = forward_groups(mask, self.hparams.micro_batch_size, self._length_buckets()) if ids.shape[1] else []
         rounds = len(batches)
         if self._sharded() and self.ranks.world > 1:
             rounds = int(self.ranks.maxes([float(len(batches))])[0])
