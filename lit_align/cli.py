@@ -36,6 +36,28 @@ class AlignCLI(LightningCLI):
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
 
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data module and trainer. A constructor's own error (a flag out of range, a
+        missing file) reaches the user as itself, message last: jsonargparse would wrap it in a
+        "Does not validate against any of the Union subtypes" error followed by the whole parsed
+        config. An error whose message names its flag (``model.*``, ``data.*``, ``trainer.*``) comes
+        without the traceback through jsonargparse's frames."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if cause is err:
+                raise
+            if isinstance(cause, ValueError) and str(cause).startswith(FLAG_PREFIXES):
+                raise cause.with_traceback(None) from None
+            raise cause from None
+
+
+FLAG_PREFIXES = ("model.", "data.", "trainer.")
+
+
 def trainer_defaults() -> dict:
     """Defaults every run gets; a config's own ``trainer.callbacks`` are added to these. The
     ModelCheckpoint is left out under ``--trainer.enable_checkpointing=false``."""

@@ -129,6 +129,24 @@ def test_grpo_needs_two_generations(tmp_path):
         fit("grpo", tmp_path, "--model.init_args.num_generations=1")
 
 
+def test_a_flag_out_of_range_ends_the_output_with_its_message_not_the_parsed_config(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs" / "grpo.yaml"),
+         "--model.init_args.micro_batch_size=0", f"--trainer.default_root_dir={tmp_path}",
+         f"--trainer.logger.init_args.save_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "ValueError: model.micro_batch_size=0 is out of range: it must be null (the whole batch) or an integer >= 1"
+    assert "Namespace(" not in proc.stderr and "Union subtypes" not in proc.stderr and len(lines) < 20
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_missing_data_file_fails_before_training(tmp_path):
     from lit_align.data.loading import DataError
 

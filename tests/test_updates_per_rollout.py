@@ -66,6 +66,18 @@ def test_several_updates_need_a_data_module_that_repeats_batches(ckpt):
         module.cycle_position({"prompts": {"prompts": ["1+1="]}})
 
 
+def test_more_mini_batches_than_rows_stop_at_the_first_update_naming_the_flags(ckpt):
+    # 2 prompts x G 2 = 4 rollout rows cannot make 8 mini-batches: half the updates would be empty steps
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=2, steps_per_generation=8,
+                        reward=CharCodeReward())
+    with pytest.raises(ValueError, match=r"model.steps_per_generation=8 .* only 4 rollout rows .*data.prompt_batch_size"):
+        _fit(module, 8, prompt_batch_size=2, expert_batch_size=8)
+    assert module.global_step == 0  # no optimizer step ran
+    # a split that does not divide the rows: mini-batches differ by one row, none empty
+    sizes = [len(GRPOModule.minibatch(module, 10, r)) for r in range(8)]
+    assert sizes == [2, 2, 1, 1, 1, 1, 1, 1]
+
+
 def _rollout(completions: list[list[int]], eos: int, pad: int) -> Rollout:
     T = max(map(len, completions))
     ids = torch.full((len(completions), T), pad)
@@ -101,6 +113,21 @@ def test_truncated_completions_leave_the_rl_term_when_asked(ckpt, masked):
     assert math.isfinite(float(loss))
     if masked:  # only rows 1 and 3 count: their tokens alone normalise the term
         assert metrics["entropy_usual"].item() > 0
+
+
+def test_a_rollout_batch_masked_entirely_says_so_once(ckpt):
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=3, mask_truncated_completions=True)
+    eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
+    rollout = _rollout([[7, 8, 9], [7, 8, 10], [7, 8, 11], [7, 9, 9]], eos, pad)  # all truncated
+    module.rollout_and_score = lambda prompts: (rollout, torch.tensor([1.0, 0.0, 1.0, 0.0]), {})
+    with pytest.warns(UserWarning, match=r"every completion .* model.max_new_tokens=3 .* no tokens this update"):
+        cycle = module.rollout_batch({"prompts": ["a", "b"], "answers": ["1", "2"]})
+    assert int(cycle["mask"].sum()) == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.rollout_batch({"prompts": ["a", "b"], "answers": ["1", "2"]})  # said once
 
 
 def test_entropy_expert_uses_the_sampling_temperature(ckpt):

@@ -27,9 +27,24 @@ class RolloutCycles:
             )
         return int(r or 0)
 
-    def minibatch(self, rows: int, position: int) -> torch.Tensor:
-        """Row indices of this update's mini-batch: the rows split in ``steps_per_generation`` parts."""
-        return torch.tensor_split(torch.arange(rows), self.hparams.steps_per_generation)[position % self.hparams.steps_per_generation]
+    def minibatch(self, rows: int, position: int, what: str = "rollout rows") -> torch.Tensor:
+        """Row indices of this update's mini-batch: the rows split in ``steps_per_generation`` parts
+        (sizes differing by at most one where it does not divide ``rows``).
+
+        Raises:
+            ValueError: fewer rows than ``steps_per_generation`` (some updates would be empty steps),
+                at the first batch, naming the flags that set both.
+        """
+        k = self.hparams.steps_per_generation
+        if 0 < rows < k:
+            source = ("data.prompt_batch_size x model.num_generations" if what == "rollout rows"
+                      else "data.expert_batch_size")
+            raise ValueError(
+                f"model.steps_per_generation={k} splits each batch's {what} into {k} mini-batches, one optimizer "
+                f"step each, but a batch holds only {rows} {what} per rank ({source}): updates would run on "
+                f"no rows. Lower model.steps_per_generation or raise {source.split(' x ')[0]}."
+            )
+        return torch.tensor_split(torch.arange(rows), k)[position % k]
 
     def rollouts_for(self, batch: dict, position: int) -> dict:
         """The rollout batch of this cycle: sampled at its first update (or the first that needs one)."""
@@ -52,7 +67,7 @@ class RolloutCycles:
     def _expert_rows(self, expert: dict, position: int) -> dict:
         if self.hparams.steps_per_generation == 1:
             return expert
-        rows = self.minibatch(expert["input_ids"].shape[0], position)
+        rows = self.minibatch(expert["input_ids"].shape[0], position, "expert rows")
         return {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
 
     def _cycle_state(self) -> dict | None:

@@ -493,6 +493,16 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         mask = rollout.completion_mask
         if hp.mask_truncated_completions:
             mask = mask * (~truncated).long().unsqueeze(-1)
+            if len(truncated) and bool(truncated.all()) and not getattr(self, "_warned_all_truncated", False):
+                self._warned_all_truncated = True
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"every completion of this rollout batch reached model.max_new_tokens={hp.max_new_tokens} without "
+                    "an end token, and model.mask_truncated_completions drops them all: the RL term has no tokens "
+                    "this update (said once; train/clipped_ratio is the share truncated, every update). Raise "
+                    "max_new_tokens, or set mask_truncated_completions false."
+                )
         # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
         reward_mean = self.ranks.averages(rewards.mean())[0]
         return {"rollout": rollout, "rewards": rewards, "advantages": adv, "mask": mask,
