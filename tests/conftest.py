@@ -6,6 +6,8 @@ import pytest
 # One embedded checkpoint and task per test session, never the user's cache.
 os.environ["LIT_ALIGN_CACHE"] = tempfile.mkdtemp(prefix="lit_align_test_cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the base checkpoint (embedded-base) pre-trained for a few updates only: built in seconds, cached per session
+os.environ.setdefault("LIT_ALIGN_BASE_STEPS", "30")
 
 
 @pytest.fixture(scope="session")

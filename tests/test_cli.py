@@ -106,7 +106,8 @@ def test_validation_scores_each_batch_once(tmp_path):
     share of full rewards among those same scores."""
     cli = main(["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
-                "--data.init_args.val_batch_size=16", "--model.init_args.reward=_rewards.CountingReward"])
+                "--data.init_args.val_batch_size=16", "--model.init_args.reward=_rewards.CountingReward",
+                "--data.init_args.retention_data=null"])
     calls = cli.model.reward.calls
     # per batch: the greedy answers, then (first pass only) the demonstrations for val/expert_nll_correct
     assert len(calls) == 4, "one reward call per validation batch, plus one per batch of unseen demonstrations"
@@ -116,6 +117,36 @@ def test_validation_scores_each_batch_once(tmp_path):
     assert float(metrics["val/reward"]) == pytest.approx(float(rewards.mean()))
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     assert len(calls) == 6, "a second validation pass checks no demonstration again"
+
+
+def test_retention_is_the_greedy_accuracy_on_each_held_out_skill(ckpt, tmp_path):
+    """val/retention/<skill> is the share of the skill's held-out prompts whose greedy answer is right, one metric
+    per skill, next to the task's own val/ metrics (no dataloader suffix on any of them)."""
+    import json
+
+    from lit_align.data.embedded import build_tokenizer
+    from lit_align.hf import load_model
+
+    model, tok = load_model(ckpt), build_tokenizer()
+    prompts = [f"{a}-{b}=" for a in range(10, 30) for b in range(3)]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)
+    greedy = [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    rows = [(p, g) for p, g in zip(prompts, greedy) if g][:12]
+    assert len(rows) == 12, greedy
+    files = {}
+    for skill, right in (("half", 5), ("none", 0)):  # the model's own greedy answer for the first `right` rows
+        files[skill] = tmp_path / f"{skill}.jsonl"
+        files[skill].write_text("".join(json.dumps({"prompt": p, "answer": g if i < right else g + "7"}) + "\n"
+                                        for i, (p, g) in enumerate(rows)))
+    cli = main(["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=5",
+                f"--data.init_args.retention_data={json.dumps({k: str(v) for k, v in files.items()})}"])
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["val/retention/half"]) == pytest.approx(0.5)  # 2 batches of 5: rows 0-9, 0-4 right
+    assert float(metrics["val/retention/none"]) == 0.0
+    assert {"val/accuracy", "val/expert_nll", "val/expert_nll_correct"} <= set(metrics)
+    assert not [k for k in metrics if "dataloader_idx" in k]
 
 
 def test_bad_model_path_fails_before_training(tmp_path):

@@ -281,3 +281,86 @@ def test_a_truncated_demonstration_is_judged_on_what_is_left(chat_ckpt, tmp_path
     cut = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)",
               overlong="truncate", max_response_length=8, **GSM8K)
     assert all("####" not in r["response"] and len(r["response"]) < 60 for r in cut.expert_rows)
+
+
+# ----------------------------------------------------------------------------- the multi-skill base checkpoint
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_base_checkpoint_build_is_deterministic_per_seed(tmp_path):
+    import torch
+
+    recipe = {**embedded.BASE_RECIPE, "steps": 3}
+    a = embedded.build_base_checkpoint(tmp_path / "a", recipe)
+    b = embedded.build_base_checkpoint(tmp_path / "b", recipe)
+    c = embedded.build_base_checkpoint(tmp_path / "c", {**recipe, "seed": 1})
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    fresh = _weights(embedded.build_checkpoint(tmp_path / "fresh"))
+    assert any(not torch.equal(wa[k], fresh[k]) for k in wa), "the base checkpoint is trained, not the initialisation"
+    info = json.loads((a / "base_recipe.json").read_text())
+    assert info["recipe"] == recipe and set(info["heldout_accuracy"]) == set(embedded.SKILLS)
+
+
+def test_base_checkpoint_is_cached_and_keyed_by_its_recipe(monkeypatch):
+    from lit_align.hf import load_model, load_tokenizer
+
+    first = embedded.ensure_base_checkpoint()  # the test session's LIT_ALIGN_BASE_STEPS (conftest)
+    assert first.startswith(str(embedded.cache_dir())) and embedded.resolve_model_path("embedded-base") == first
+    monkeypatch.setattr(embedded, "build_base_checkpoint", lambda *a: pytest.fail("cached: must not rebuild"))
+    assert embedded.ensure_base_checkpoint() == first
+    monkeypatch.setenv(embedded.BASE_STEPS_ENV, str(embedded.base_steps() + 1))
+    built = []
+    monkeypatch.setattr(embedded, "build_base_checkpoint", lambda d, recipe: built.append(recipe) or d.mkdir(exist_ok=True))
+    assert embedded.ensure_base_checkpoint() != first and built[0]["steps"] == embedded.base_steps()
+    # loaded back the way a user's checkpoint is
+    monkeypatch.undo()
+    assert load_model("embedded-base").num_parameters() > 0 and load_tokenizer("embedded-base")("1+2=")["input_ids"]
+
+
+def test_base_steps_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(embedded.BASE_STEPS_ENV, "0")
+    with pytest.raises(ValueError, match="LIT_ALIGN_BASE_STEPS"):
+        embedded.ensure_base_checkpoint()
+    monkeypatch.setenv(embedded.BASE_STEPS_ENV, "many")
+    with pytest.raises(ValueError, match="LIT_ALIGN_BASE_STEPS"):
+        embedded.base_steps()
+
+
+def test_retention_sets_are_absent_from_every_training_stream(ckpt, task):
+    """No held-out problem of a retention skill is pre-trained on (base checkpoint) or post-trained on (the
+    task's expert, prompt and meta streams); no held-out addition problem is pre-trained on either."""
+    pretrain = {p for p, _ in embedded.base_rows()}
+    files = embedded.ensure_retention()
+    assert list(files) == list(embedded.RETENTION_SKILLS)
+    post = {r["prompt"] for split in ("train", "meta") for r in _rows(task[split])}
+    for skill, path in files.items():
+        held = {r["prompt"]: r["answer"] for r in _rows(path)}
+        assert len(held) == embedded.BASE_RECIPE["num_retention"]
+        assert not (set(held) & pretrain) and not (set(held) & post)
+        assert held == dict(embedded.retention_split(skill, len(held))[0])  # the same rows the recipe holds out
+        rest = {p for p, _ in embedded.retention_split(skill, len(held))[1]}
+        assert rest <= pretrain and len(rest) + len(held) == len(embedded.skill_problems(skill))
+    assert not ({r["prompt"] for split in ("val", "meta") for r in _rows(task[split])} & pretrain)
+    adds = [p for p in pretrain if "+" in p]  # the base's addition: no carry out of the ones digit
+    assert adds and all(sum(int(x[-1]) for x in p[:-1].split("+")) < 10 for p in adds)
+    # through the data module: one loader per skill after the val loader, no row shared with a training stream
+    dm = _dm(ckpt, meta_data="embedded", retention_data="embedded")
+    assert list(dm.retention_rows) == list(embedded.RETENTION_SKILLS) and dm.stats["data/heldout_duplicates"] == 0
+    train = {r["prompt"] for rows in (dm.expert_rows, dm.prompt_rows, dm.meta_rows) for r in rows}
+    assert all(not ({r["prompt"] for r in rows} & train) for rows in dm.retention_rows.values())
+    loaders = dm.val_dataloader()
+    assert len(loaders) == 3 and [next(iter(lo))["retention"] for lo in loaders[1:]] == list(embedded.RETENTION_SKILLS)
+
+
+def test_bad_retention_data_is_named(ckpt):
+    with pytest.raises(ValueError, match="data.retention_data"):
+        MixedDataModule(model_name_or_path=ckpt, retention_data="subtraction.jsonl")
+    with pytest.raises(ValueError, match="data.retention_data.*skill name"):
+        MixedDataModule(model_name_or_path=ckpt, retention_data={"a/b": "x.jsonl"})
+    with pytest.raises(ValueError, match="embedded skill"):
+        embedded.skill_problems("division")

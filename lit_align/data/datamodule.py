@@ -1,6 +1,7 @@
 """MixedDataModule: every training step gets expert demonstrations and prompts, side by side."""
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -56,6 +57,12 @@ class MixedDataModule(L.LightningDataModule):
         meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
             reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
         prompt_column, response_column, answer_column: column names in your files.
+        retention_data: held-out sets of skills the post-training data does not contain, each logged
+            as ``val/retention/<skill>`` (greedy accuracy: the share of prompts whose answer the reward
+            accepts, as val/accuracy). A mapping skill name -> file with prompt + answer columns, or
+            ``"embedded"`` for the embedded base checkpoint's skills (subtraction, reversal: their
+            held-out problems, never trained on by the base checkpoint or the embedded task);
+            ``null`` (default): none. A skill name is letters, digits, ``_``, ``.`` or ``-``.
         meta_response_column: the column of ``meta_data`` read as its completions (what AMFT's
             ``expert_nll`` objective scores); None (default): ``response_column``, the expert's
             demonstrations. Name the answer column (``answer``) where the reference answer is a
@@ -104,6 +111,7 @@ class MixedDataModule(L.LightningDataModule):
         prompt_data: str | None = "embedded",
         val_data: str | None = "embedded",
         meta_data: str | None = None,
+        retention_data: str | dict[str, str] | None = None,
         prompt_column: str = "prompt",
         response_column: str = "response",
         answer_column: str = "answer",
@@ -165,6 +173,19 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(f"data.demo_check_rows={demo_check_rows!r} must be an integer >= 0 (0: no check)")
         if not isinstance(demo_check_threshold, (int, float)) or not 0.0 <= demo_check_threshold <= 1.0:
             raise ValueError(f"data.demo_check_threshold={demo_check_threshold!r} must lie in [0, 1]")
+        if isinstance(retention_data, str) and retention_data != embedded.EMBEDDED_NAME:
+            raise ValueError(
+                f"data.retention_data={retention_data!r}: give a mapping skill -> file (e.g. "
+                f"{{subtraction: sub.jsonl}}), {embedded.EMBEDDED_NAME!r}, or null"
+            )
+        if isinstance(retention_data, dict):
+            for skill, path in retention_data.items():
+                if not isinstance(skill, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", skill):
+                    raise ValueError(f"data.retention_data: skill name {skill!r} must be letters, digits, '_', '.' or '-'")
+                if not isinstance(path, str) or not path:
+                    raise ValueError(f"data.retention_data[{skill!r}]={path!r} must be a file or data set name")
+        elif retention_data is not None and not isinstance(retention_data, str):
+            raise ValueError(f"data.retention_data={retention_data!r} must be a mapping skill -> file, 'embedded', or null")
         if expert_data is None and prompt_data is None:
             raise ValueError("data.expert_data and data.prompt_data are both null: nothing to train on")
         self.save_hyperparameters()
@@ -172,11 +193,19 @@ class MixedDataModule(L.LightningDataModule):
         self.stats: dict[str, int] = {}  # data/... counts, see ``invalid_rows``
         self.labels: dict[str, str] = {}  # stream -> file or data set it came from
         self.batch_sizes: dict[str, int] = {}  # per-device batch size of each stream
+        self.retention_rows: dict[str, list[dict]] = {}  # skill -> its held-out rows (retention_data)
         # each training batch is yielded this many times, with a "repeat" index: the policy module sets
         # it to its updates per rollout batch (steps_per_generation x num_iterations) at set-up
         self.batch_repeats = 1
 
     # ------------------------------------------------------------------ set-up
+    def retention_sources(self) -> dict[str, str]:
+        """Skill -> file of each ``retention_data`` set (the embedded ones written on first use)."""
+        value = self.hparams.retention_data
+        if value is None:
+            return {}
+        return embedded.ensure_retention() if value == embedded.EMBEDDED_NAME else dict(value)
+
     def _source(self, value: str, split: str) -> str:
         if value == embedded.EMBEDDED_NAME:
             return embedded.ensure_task(self.hparams.expert_error_rate)[split]
@@ -350,6 +379,10 @@ class MixedDataModule(L.LightningDataModule):
             if hp.meta_data
             else None
         )
+        self.retention_rows = {
+            skill: self._encode(source, "val", {**cols, "answer": hp.answer_column}, f"retention/{skill}")
+            for skill, source in self.retention_sources().items()
+        }
         self._check_heldout_overlap()
         self._log_stats()
 
@@ -377,7 +410,8 @@ class MixedDataModule(L.LightningDataModule):
         train = [(s, rows) for s, rows in (("expert", self.expert_rows), ("prompts", self.prompt_rows)) if rows]
         seen = {r["prompt"] for _, rows in train for r in rows}
         total = 0
-        for stream, rows in (("val", self.val_rows), ("meta", self.meta_rows)):
+        heldout = [("val", self.val_rows), ("meta", self.meta_rows), *self.retention_rows.items()]
+        for stream, rows in heldout:
             if not rows:
                 continue
             overlap = sum(r["prompt"] in seen for r in rows)
@@ -385,7 +419,7 @@ class MixedDataModule(L.LightningDataModule):
             if overlap:
                 sources = " and ".join(sorted({self.labels[s] for s, _ in train}))
                 rank_zero_warn(
-                    f"{self.labels[stream]} ({stream}_data): {overlap} of its {len(rows)} rows have a prompt that "
+                    f"{self.labels[stream]} ({stream.split('/')[0]}_data): {overlap} of its {len(rows)} rows have a prompt that "
                     f"also appears in the training data ({sources}); held-out scores on them are not held out"
                 )
         self.stats["data/heldout_duplicates"] = total
@@ -504,10 +538,18 @@ class MixedDataModule(L.LightningDataModule):
             loaders["meta"] = self._loader(self.meta_rows, bs["meta"], self.collate_val, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
+    def collate_retention(self, rows: list[dict], skill: str) -> dict:
+        """A batch of a retention set: prompt rows (as :meth:`collate_prompts`) with ``"retention": skill``."""
+        return {**self.collate_prompts(rows), "retention": skill}
+
     def val_dataloader(self):
-        if not self.val_rows:
-            return []
-        return self._loader(self.val_rows, self.batch_sizes["val"], self.collate_val, False)
+        """The held-out loader (val_data), then one loader per retention skill (in ``retention_data``'s
+        order); a single loader when there is no retention set."""
+        loaders = [self._loader(self.val_rows, self.batch_sizes["val"], self.collate_val, False)] if self.val_rows else []
+        for skill, rows in self.retention_rows.items():
+            collate = functools.partial(self.collate_retention, skill=skill)
+            loaders.append(self._loader(rows, self.batch_sizes["val"], collate, False))
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self):
         return self.val_dataloader()

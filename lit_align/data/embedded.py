@@ -10,10 +10,20 @@ The task: prompt ``"37+48="``, answer ``"85"``. The expert drops the carry on a 
 problems (those whose ones digits form one of the highest-carry pairs, e.g. 7+8): it writes
 ``"75"``. Because the mistake is systematic, imitation learns it, and only the reward can undo
 it. ``expert_error_rate`` sets the size of that class (share of all digit pairs, at most 0.45).
+
+The base checkpoint (``"embedded-base"``), standing for an instruct model: the same tiny model
+pre-trained on a mixture of skills before any post-training. It answers subtraction (``"73-28="``)
+and digit reversal (``"408="`` -> ``"804"``), which the post-training data never shows, and the
+additions without a carry out of the ones digit (so RL on the addition task can earn rewards from the
+start, and the carries are what post-training has to teach). Each skill keeps a held-out set that no
+training stream (pre-training or post-training) contains: the retention sets, read as
+``val/retention/<skill>``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -21,6 +31,16 @@ import tempfile
 from pathlib import Path
 
 EMBEDDED_NAME = "embedded"
+BASE_NAME = "embedded-base"
+# skills of the base checkpoint; the post-training task is "addition", the others are held out of it
+SKILLS = ("addition", "subtraction", "reversal")
+RETENTION_SKILLS = ("subtraction", "reversal")
+BASE_STEPS_ENV = "LIT_ALIGN_BASE_STEPS"  # pre-training updates of the base checkpoint (tests: a few)
+# the base checkpoint's pre-training recipe; any change to it (or to the model or the splits) is a new cache key
+BASE_RECIPE = {
+    "version": 1, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "min_lr_ratio": 0.1,
+    "seed": 0, "num_retention": 300, "addition": "no_ones_carry",
+}
 CHARS = list("0123456789+-=")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
@@ -104,8 +124,13 @@ def ensure_checkpoint(name: str = EMBEDDED_NAME) -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``"embedded"`` -> the embedded checkpoint directory; anything else is returned as is."""
-    return ensure_checkpoint() if name_or_path == EMBEDDED_NAME else name_or_path
+    """``"embedded"`` -> the embedded (freshly initialised) checkpoint directory; ``"embedded-base"`` -> the
+    pre-trained multi-skill base checkpoint (built on first use, minutes); anything else is returned as is."""
+    if name_or_path == EMBEDDED_NAME:
+        return ensure_checkpoint()
+    if name_or_path == BASE_NAME:
+        return ensure_base_checkpoint()
+    return name_or_path
 
 
 # ----------------------------------------------------------------------------- data
@@ -171,3 +196,199 @@ def ensure_task(
         cache_dir() / "data" / name, lambda d: write_task(d, expert_error_rate, num_val, num_meta, seed)
     )
     return {split: str(target / f"{split}.jsonl") for split in ("train", "val", "meta")}
+
+
+# ----------------------------------------------------------------------------- the multi-skill base checkpoint
+
+
+def skill_problems(skill: str) -> list[tuple[str, str]]:
+    """Every problem of an embedded skill as (prompt, answer), in a fixed order.
+
+    ``addition``: ``"a+b="`` -> a + b for 0 <= a, b <= 99 (10,000); ``subtraction``: ``"a-b="`` -> a - b for
+    0 <= b <= a <= 99 (5,050); ``reversal``: ``"n="`` -> the digits of n reversed, 100 <= n <= 999 (900;
+    ``"120="`` -> ``"021"``). Raises ValueError for another name.
+    """
+    if skill == "addition":
+        return [(f"{a}+{b}=", str(a + b)) for a in range(100) for b in range(100)]
+    if skill == "subtraction":
+        return [(f"{a}-{b}=", str(a - b)) for a in range(100) for b in range(a + 1)]
+    if skill == "reversal":
+        return [(f"{n}=", str(n)[::-1]) for n in range(100, 1000)]
+    raise ValueError(f"unknown embedded skill {skill!r}: choose one of {list(SKILLS)}")
+
+
+def task_heldout_prompts(num_val: int = 500, num_meta: int = 500, seed: int = 0) -> set[str]:
+    """Prompts of the addition task's held-out splits (val and meta) that :func:`write_task` writes with the
+    same arguments: the base checkpoint's pre-training never sees them."""
+    problems = [(a, b) for a in range(100) for b in range(100)]
+    random.Random(seed).shuffle(problems)
+    return {f"{a}+{b}=" for a, b in problems[: num_val + num_meta]}
+
+
+def retention_split(skill: str, num_retention: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(held-out, rest) of a retention skill's problems: ``num_retention`` of them, a seeded random choice,
+    are held out of every training stream; the rest may be pre-trained on."""
+    if skill not in RETENTION_SKILLS:
+        raise ValueError(f"{skill!r} is not a retention skill: choose one of {list(RETENTION_SKILLS)}")
+    problems = skill_problems(skill)
+    if not 1 <= num_retention < len(problems):
+        raise ValueError(f"num_retention={num_retention} must lie in [1, {len(problems) - 1}] for {skill!r}")
+    order = list(range(len(problems)))
+    random.Random(f"{seed}-{skill}").shuffle(order)
+    held = sorted(order[:num_retention])
+    rest = sorted(order[num_retention:])
+    return [problems[i] for i in held], [problems[i] for i in rest]
+
+
+def base_rows(recipe: dict | None = None) -> list[tuple[str, str]]:
+    """The base checkpoint's pre-training problems as (prompt, answer): additions with no carry out of the
+    ones digit, and the subtraction and reversal problems outside their retention sets; none of the
+    addition task's held-out (val, meta) prompts."""
+    recipe = {**BASE_RECIPE, **(recipe or {})}
+    held = task_heldout_prompts()
+    rows = [(p, a) for p, a in skill_problems("addition")
+            if p not in held and sum(int(x[-1]) for x in p[:-1].split("+")) < 10]
+    for skill in RETENTION_SKILLS:
+        rows += retention_split(skill, recipe["num_retention"], recipe["seed"])[1]
+    return rows
+
+
+def base_steps() -> int:
+    """Pre-training updates of the base checkpoint: ``$LIT_ALIGN_BASE_STEPS`` if set, else BASE_RECIPE's.
+    Raises ValueError naming the variable when it is not an integer >= 1."""
+    value = os.environ.get(BASE_STEPS_ENV)
+    if value is None:
+        return BASE_RECIPE["steps"]
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"{BASE_STEPS_ENV}={value!r} must be an integer >= 1 (pre-training updates of {BASE_NAME!r})")
+    return steps
+
+
+def base_key(recipe: dict) -> str:
+    """The cache key of a base checkpoint: a hash of its recipe (steps, optimiser, seed, splits)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _encode_pairs(tok, pairs: list[tuple[str, str]]):
+    """(input_ids, attention_mask, labels), each (B, S) right-padded; labels -100 except the answer + EOS."""
+    import torch
+
+    seqs, labels = [], []
+    for prompt, answer in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(p + a)
+        labels.append([-100] * len(p) + a)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+    return ids, mask, lab
+
+
+def greedy_accuracy(model, tok, pairs: list[tuple[str, str]], batch_size: int = 256, max_new_tokens: int = 5) -> float:
+    """Share of (prompt, answer) pairs whose greedy completion (up to EOS) equals the answer."""
+    import torch
+
+    tok.padding_side = "left"
+    hits = 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += sum(t.strip() == a for t, (_, a) in zip(texts, chunk))
+    return hits / len(pairs)
+
+
+def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
+    """Pre-train the embedded model on :func:`base_rows` with ``recipe`` and save it (tokenizer + weights) to
+    ``path`` as an HF checkpoint, with ``base_recipe.json``: the recipe and the greedy accuracy per skill on the
+    held-out problems (addition: the task's val split; the others: their retention sets).
+
+    Deterministic for a recipe (its ``seed`` seeds the initialisation and the batches) on a given machine and
+    thread count. AdamW, linear warm-up then cosine decay to ``min_lr_ratio`` x lr, batches of ``batch_size``
+    problems drawn in shuffled passes, loss on the answer tokens and EOS only.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    build_checkpoint(path, seed=recipe["seed"])
+    tok = build_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(recipe["seed"])
+    rows, rng = base_rows(recipe), random.Random(recipe["seed"])
+    steps, warm = recipe["steps"], recipe["warmup_steps"]
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return recipe["min_lr_ratio"] + (1 - recipe["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
+
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < recipe["batch_size"]:
+            order += rng.sample(range(len(rows)), len(rows))
+        batch, order = [rows[i] for i in order[: recipe["batch_size"]]], order[recipe["batch_size"] :]
+        ids, mask, labels = _encode_pairs(tok, batch)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.save_pretrained(path)
+    val = [json.loads(line) for line in open(ensure_task()["val"])]
+    heldout = {"addition": [(r["prompt"], r["answer"]) for r in val]}
+    heldout |= {s: retention_split(s, recipe["num_retention"], recipe["seed"])[0] for s in RETENTION_SKILLS}
+    info = {"recipe": recipe, "final_loss": loss.item(),
+            "heldout_accuracy": {s: greedy_accuracy(model, tok, pairs) for s, pairs in heldout.items()}}
+    (path / "base_recipe.json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def base_recipe() -> dict:
+    """BASE_RECIPE with the step count of :func:`base_steps`."""
+    return {**BASE_RECIPE, "steps": base_steps()}
+
+
+def ensure_base_checkpoint() -> str:
+    """Path of the base checkpoint for :func:`base_recipe`, pre-training it on first use (about 3 minutes on
+    2 CPU cores at the default 3,000 steps) into ``<cache>/base-<key>``, the key a hash of the recipe."""
+    recipe = base_recipe()
+    return str(_atomic_dir(cache_dir() / f"base-{base_key(recipe)}", lambda d: build_base_checkpoint(d, recipe)))
+
+
+def write_retention(directory: str | Path, num_retention: int, seed: int = 0) -> dict[str, str]:
+    """Write ``<skill>.jsonl`` (columns prompt, answer) for each retention skill's held-out problems."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for skill in RETENTION_SKILLS:
+        path = directory / f"{skill}.jsonl"
+        with open(path, "w") as f:
+            for prompt, answer in retention_split(skill, num_retention, seed)[0]:
+                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+        paths[skill] = str(path)
+    return paths
+
+
+def ensure_retention() -> dict[str, str]:
+    """Skill -> path of its held-out retention set (JSONL: prompt, answer), those the base checkpoint's
+    recipe holds out of pre-training, written on first use."""
+    n, seed = BASE_RECIPE["num_retention"], BASE_RECIPE["seed"]
+    target = _atomic_dir(cache_dir() / "data" / f"retention-n{n}-seed{seed}", lambda d: write_retention(d, n, seed))
+    return {skill: str(target / f"{skill}.jsonl") for skill in RETENTION_SKILLS}

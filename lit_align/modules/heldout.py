@@ -14,8 +14,11 @@ from lit_align.modules.engine import micro_batches
 class HeldOut:
     """``validation_step`` / ``test_step`` and the per-row expert NLL they log."""
 
-    def validation_step(self, batch: dict, batch_idx: int, prefix: str = "val") -> None:
-        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations."""
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0, prefix: str = "val") -> None:
+        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations; on a batch
+        of a retention set (``batch["retention"]``, the skill), only ``<prefix>/retention/<skill>``."""
+        if "retention" in batch:
+            return self._retention_step(batch, prefix)
         rollout = self.sample(batch, greedy=True, num_generations=1)
         columns = batch.get("columns")
         scores = self.score_all(batch["prompts"], rollout, batch["answers"], columns)
@@ -32,14 +35,28 @@ class HeldOut:
             n = tokens.sum()
             self.val_expert_nll.update(nll.sum() / n.clamp(min=1), weight=n)
             self.val_expert_token_acc.update(hits.sum() / n.clamp(min=1), weight=n)
-            self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n))
-            self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n))
+            self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n), add_dataloader_idx=False)
+            self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n),
+                     add_dataloader_idx=False)
             if "responses" in batch:
                 self._split_expert_nll(batch, nll, tokens, prefix)
         bs = len(batch["prompts"])
-        self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs)
+        self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs,
+                 add_dataloader_idx=False)
+        self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs, add_dataloader_idx=False)
 
+    def _retention_step(self, batch: dict, prefix: str) -> None:
+        """``<prefix>/retention/<skill>``: the share of the batch's prompts whose greedy answer the reward's
+        correctness check accepts, averaged over the set (weighted by rows, synced over ranks)."""
+        rollout = self.sample(batch, greedy=True, num_generations=1)
+        scores = self.score_all(batch["prompts"], rollout, batch["answers"], batch.get("columns"))
+        hp = self.hparams
+        correct, _ = self.rewards.correct(
+            batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
+            timeout_s=hp.reward_timeout_s,
+        )
+        self.log(f"{prefix}/retention/{batch['retention']}", correct.float().mean().to(self.device), on_epoch=True,
+                 batch_size=len(batch["prompts"]), sync_dist=True, add_dataloader_idx=False)
     @torch.no_grad()
     def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row of ``expert``: (summed NLL of its response tokens, greedy hits among them, their
@@ -76,10 +93,11 @@ class HeldOut:
             value = nll[rows].sum() / k if k > 0 else nll.new_zeros(())
             metric = self.val_expert_nll_split[name]
             metric.update(value, weight=k)
-            self.log(f"{prefix}/expert_nll_{name}", metric, on_epoch=True, batch_size=max(int(k), 1))
+            self.log(f"{prefix}/expert_nll_{name}", metric, on_epoch=True, batch_size=max(int(k), 1),
+                     add_dataloader_idx=False)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx, prefix="test")
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx, prefix="test")
 
     def judge_demonstrations(self, prompts: list[str], completions: list[str], answers: list[str],
                              completion_ids: list[list[int]] | None = None, columns: dict | None = None) -> torch.Tensor:
