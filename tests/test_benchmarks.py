@@ -149,6 +149,7 @@ def test_compare_trl_quick_measures_both_length_modes(tmp_path):
 
 
 def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
+    """--quick (CI): two methods from the base checkpoint, every axis in the table and in methods.json."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/methods.py", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
@@ -156,9 +157,43 @@ def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "methods.md").read_text()
     assert "| sft |" in table and "| chord_phi |" in table and "1 torch thread" in table
+    assert "starts from the multi-skill base checkpoint" in table and "| start checkpoint |" in table
+    header = table.split("| method |", 1)[1].split("\n", 1)[0]
+    for column in ("val/accuracy @25%", "val/accuracy @50%", "val/accuracy @100%", "val/retention/subtraction",
+                   "drop subtraction", "val/retention/reversal", "drop reversal", "val/expert_nll_correct"):
+        assert f" {column} |" in header, column
+    start = json.loads((tmp_path / "start.json").read_text())
+    assert {"val/accuracy", "val/retention/subtraction", "val/retention/reversal"} <= set(start)
     runs = json.loads((tmp_path / "methods.json").read_text())
-    assert {r["method"] for r in runs} == {"sft", "chord_phi"} and all(r["steps"] == 6 for r in runs)
+    assert {r["method"] for r in runs} == {"sft", "chord_phi"} and all(r["steps"] == 8 for r in runs)
+    for r in runs:  # validation after updates 2, 4, 6, 8: the 25 / 50 / 100% points are read, not missing
+        assert [s for s, _ in r["accuracy_curve"]] == [1, 3, 5, 7]
+        assert r["accuracy_at"] == {"25%": r["accuracy_curve"][0][1], "50%": r["accuracy_curve"][1][1],
+                                    "100%": r["accuracy_curve"][3][1]}
+        assert set(r["final_retention"]) == {"subtraction", "reversal"}
+        assert all(0 <= v <= 1 for v in r["final_retention"].values())
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_methods_flags_pairs_more_than_two_seed_stds_apart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("methods", ROOT / "benchmarks" / "methods.py")
+    methods = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods)
+
+    def run(m, acc, ret):
+        return {"method": m, "accuracy_at": {"25%": acc, "50%": acc, "100%": acc}, "final_retention": {"sub": ret},
+                "final_expert_nll_correct": 0.1, "wall_s": 1.0, "meta_grads": []}
+
+    runs = [run("a", 0.50, 0.9), run("a", 0.52, 0.8), run("a", 0.54, 0.7), run("b", 0.60, 0.85), run("b", 0.61, 0.75),
+            run("b", 0.62, 0.80)]
+    lines = methods.separated(runs, ["a", "b"], {"val/retention/sub": 1.0})
+    # accuracy: |0.61 - 0.52| = 0.09 > 2 x 0.02; retention: |0.80 - 0.80| = 0; the NLL: equal, std 0
+    assert len(lines) == 3 and all(line.startswith("- val/accuracy @") for line in lines)
+    table = methods.summarise(runs, ["a", "b"], {"val/retention/sub": 1.0, "val/accuracy": 0.3})
+    assert "| start checkpoint | 0.300 | 0.300 | 0.300 | 1.000 |" in table
+    assert "| a | 0.520 ± 0.020 | 0.520 ± 0.020 | 0.520 ± 0.020 | 0.800 ± 0.100 | 0.200 ± 0.100 |" in table
 
 
 def test_amft_cost_quick_times_meta_and_ordinary_updates():

@@ -37,7 +37,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
     """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
 
     Args:
-        model_name_or_path: Hugging Face checkpoint directory, hub id, or ``"embedded"``.
+        model_name_or_path: Hugging Face checkpoint directory, hub id, ``"embedded"`` (the tiny model, freshly
+            initialised) or ``"embedded-base"`` (the same, pre-trained on several skills; built on first use).
         optimizer: policy optimizer (class path + init args in YAML); AdamW by default.
         warmup_steps: linear learning-rate warm-up, in policy updates.
         lr_decay: ``constant``, ``linear`` or ``cosine`` decay to ``min_lr_ratio`` x lr at max_steps.
