@@ -193,7 +193,8 @@ def test_expert_nll_is_split_by_the_verifiers_verdict_on_each_demonstration(tmp_
     from lit_align import losses
 
     args = ["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=50"]
+            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=50",
+            "--data.init_args.retention_data=null"]  # the task's own held-out loader only
     cli = main(args)
     model, metrics = cli.model, cli.trainer.callback_metrics
     sums = {True: [0.0, 0], False: [0.0, 0]}
