@@ -1,6 +1,6 @@
 """Method comparison on the embedded task: same policy-update budget, same seeds, three axes.
 
-    python benchmarks/methods.py --seeds 0 1 2 --steps 1000 --out benchmarks/results/methods
+    python benchmarks/methods.py --seeds 0 1 2 --steps 400 --val-every 100 --out benchmarks/results/methods
     python benchmarks/methods.py --quick          # smoke test: 2 methods, a few steps
 
 Every run starts from the multi-skill base checkpoint (``--start base``, the default: the embedded
@@ -324,7 +324,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=1000, help="policy updates per run (a multiple of 4)")
+    p.add_argument("--steps", type=int, default=400, help="policy updates per run (a multiple of 4)")
     p.add_argument("--val-every", type=int, default=None,
                    help="policy updates between validations; must divide --steps / 4 (default: its largest "
                         "divisor that gives at least 8 validations)")
