@@ -366,8 +366,9 @@ def base_recipe() -> dict:
 
 
 def ensure_base_checkpoint() -> str:
-    """Path of the base checkpoint for :func:`base_recipe`, pre-training it on first use (about 3 minutes on
-    2 CPU cores at the default 3,000 steps) into ``<cache>/base-<key>``, the key a hash of the recipe."""
+    """Path of the base checkpoint for :func:`base_recipe`, pre-training it on first use (262 s with one torch
+    thread on a shared 2-core machine at the default 3,000 steps) into ``<cache>/base-<key>``, the key a hash
+    of the recipe. Raises ValueError when ``$LIT_ALIGN_BASE_STEPS`` is not an integer >= 1."""
     recipe = base_recipe()
     return str(_atomic_dir(cache_dir() / f"base-{base_key(recipe)}", lambda d: build_base_checkpoint(d, recipe)))
 
