@@ -256,8 +256,11 @@ def summarise(runs: list[dict], methods: list[str], start: dict | None = None) -
             lines.append(f"| {m} | {_fmt([len(r['meta_grads']) for r in rs], 0)} | {_fmt(means, 5)} | {_fmt(shares, 2)} "
                          f"| {_fmt(final_mu, 2) if final_mu else ''} |")
     pairs = separated(runs, methods, start)
-    lines += ["", "Pairs of methods more than two seed standard deviations apart:" if pairs else
-              "No pair of methods is more than two seed standard deviations apart on any axis.", "", *pairs]
+    if all(sum(r["method"] == m for r in runs) < 2 for m in methods):
+        lines += ["", "One run per method: no seed standard deviation, so no pair of methods is tested for separation."]
+    else:
+        lines += ["", "Pairs of methods more than two seed standard deviations apart:" if pairs else
+                  "No pair of methods is more than two seed standard deviations apart on any axis.", "", *pairs]
     return "\n".join(lines).rstrip()
 
 

@@ -362,5 +362,25 @@ def test_bad_retention_data_is_named(ckpt):
         MixedDataModule(model_name_or_path=ckpt, retention_data="subtraction.jsonl")
     with pytest.raises(ValueError, match="data.retention_data.*skill name"):
         MixedDataModule(model_name_or_path=ckpt, retention_data={"a/b": "x.jsonl"})
+    with pytest.raises(ValueError, match="data.retention_data.*skill name '..'"):
+        MixedDataModule(model_name_or_path=ckpt, retention_data={"..": "x.jsonl"})  # it would name a tag val/retention/..
     with pytest.raises(ValueError, match="embedded skill"):
         embedded.skill_problems("division")
+
+
+def test_a_retention_file_is_named_by_its_skill_and_its_overlap_with_training_is_counted(ckpt, tmp_path):
+    from lit_align.data.loading import DataError
+
+    with pytest.raises(DataError, match=r"data.retention_data\['trivia'\]: .*missing.jsonl does not exist"):
+        _dm(ckpt, retention_data={"trivia": str(tmp_path / "missing.jsonl")})
+    bad = tmp_path / "cols.jsonl"
+    bad.write_text('{"question": "1-1=", "answer": "0"}\n')
+    with pytest.raises(DataError, match=r"data.retention_data\['cols'\]: .*missing column 'prompt'"):
+        _dm(ckpt, retention_data={"cols": str(bad)})
+    # a retention row whose prompt is also a training prompt: warned about and counted, not a crash
+    train_prompt = _dm(ckpt).expert_rows[0]["prompt"]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(json.dumps({"prompt": train_prompt, "answer": "0"}) + "\n" + json.dumps({"prompt": "98-1=", "answer": "97"}) + "\n")
+    with pytest.warns(UserWarning, match=r"dup.jsonl \(retention_data\): 1 of its 2 rows have a prompt that also appears"):
+        dm = _dm(ckpt, retention_data={"dup": str(dup)})
+    assert dm.stats["data/heldout_duplicates"] == 1

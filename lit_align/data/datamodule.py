@@ -180,8 +180,9 @@ class MixedDataModule(L.LightningDataModule):
             )
         if isinstance(retention_data, dict):
             for skill, path in retention_data.items():
-                if not isinstance(skill, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", skill):
-                    raise ValueError(f"data.retention_data: skill name {skill!r} must be letters, digits, '_', '.' or '-'")
+                if not isinstance(skill, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", skill):
+                    raise ValueError(f"data.retention_data: skill name {skill!r} must be letters, digits, '_', '.' or '-', "
+                                     f"not starting with '.'")
                 if not isinstance(path, str) or not path:
                     raise ValueError(f"data.retention_data[{skill!r}]={path!r} must be a file or data set name")
         elif retention_data is not None and not isinstance(retention_data, str):
@@ -379,10 +380,13 @@ class MixedDataModule(L.LightningDataModule):
             if hp.meta_data
             else None
         )
-        self.retention_rows = {
-            skill: self._encode(source, "val", {**cols, "answer": hp.answer_column}, f"retention/{skill}")
-            for skill, source in self.retention_sources().items()
-        }
+        self.retention_rows = {}
+        for skill, source in self.retention_sources().items():
+            try:
+                self.retention_rows[skill] = self._encode(source, "val", {**cols, "answer": hp.answer_column},
+                                                          f"retention/{skill}")
+            except DataError as e:
+                raise DataError(f"data.retention_data[{skill!r}]: {e}") from e
         self._check_heldout_overlap()
         self._log_stats()
 
@@ -410,7 +414,8 @@ class MixedDataModule(L.LightningDataModule):
         train = [(s, rows) for s, rows in (("expert", self.expert_rows), ("prompts", self.prompt_rows)) if rows]
         seen = {r["prompt"] for _, rows in train for r in rows}
         total = 0
-        heldout = [("val", self.val_rows), ("meta", self.meta_rows), *self.retention_rows.items()]
+        heldout = [("val", self.val_rows), ("meta", self.meta_rows),
+                   *((f"retention/{skill}", rows) for skill, rows in self.retention_rows.items())]
         for stream, rows in heldout:
             if not rows:
                 continue

@@ -322,6 +322,8 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    print(f"lit_align: pre-training the embedded base checkpoint ({recipe['steps']} updates, once; cached in {path.parent})",
+          flush=True)
     build_checkpoint(path, seed=recipe["seed"])
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(path)
