@@ -35,7 +35,6 @@ class AlignCLI(LightningCLI):
             callbacks = [c for c in self.trainer_defaults["callbacks"] if not isinstance(c, ModelCheckpoint)]
             self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
 
-
     def instantiate_classes(self) -> None:
         """Build the model, data module and trainer. A constructor's own error (a flag out of range, a
         missing file) reaches the user as itself, message last: jsonargparse would wrap it in a

@@ -243,6 +243,21 @@ TOKEN_WEIGHT_STRATEGIES = ("none", "phi", "sft_is", "adaptive", "entropy", "marg
 _CHUNK_ELEMS = 1 << 24  # logits elements processed at once (float32: 64 MiB)
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine", min_ratio: float = 0.1) -> float:
+    """The learning-rate multiplier at optimizer step ``step``: linear warm-up ((step + 1) / warmup_steps)
+    for the first ``warmup_steps``, then ``constant`` (1), ``linear`` or ``cosine`` decay to ``min_ratio``
+    at ``total_steps`` (held after it). 1 after the warm-up when ``total_steps`` <= ``warmup_steps``
+    (no known end). The policy modules' ``model.lr_decay`` and the embedded base checkpoint's
+    pre-training use it."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant" or total_steps <= warmup_steps:
+        return 1.0
+    frac = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    shape = 1.0 - frac if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
 def _over_vocab(logits: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply ``fn`` ((N, V) -> (N,), in float32, or float64 for float64 logits) to logits (..., V) in row
     chunks."""

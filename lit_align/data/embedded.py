@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -321,6 +320,8 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lit_align.weighting import lr_factor
+
     path = Path(path)
     print(f"lit_align: pre-training the embedded base checkpoint ({recipe['steps']} updates, once; cached in {path.parent})",
           flush=True)
@@ -330,15 +331,8 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     torch.manual_seed(recipe["seed"])
     rows, rng = base_rows(recipe), random.Random(recipe["seed"])
     steps, warm = recipe["steps"], recipe["warmup_steps"]
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return recipe["min_lr_ratio"] + (1 - recipe["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * t))
-
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, steps, "cosine", recipe["min_lr_ratio"]))
     model.train()
     order: list[int] = []
     for _ in range(steps):

@@ -19,16 +19,8 @@ class HeldOut:
         of a retention set (``batch["retention"]``, the skill), only ``<prefix>/retention/<skill>``."""
         if "retention" in batch:
             return self._retention_step(batch, prefix)
-        rollout = self.sample(batch, greedy=True, num_generations=1)
-        columns = batch.get("columns")
-        scores = self.score_all(batch["prompts"], rollout, batch["answers"], columns)
-        rewards = scores.total
-        hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
-        correct, _ = self.rewards.correct(  # the judge's default verdict is read from scores: no second pass
-            batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
-            timeout_s=hp.reward_timeout_s,
-        )
-        self.val_reward.update(rewards.to(self.device))
+        scores, correct = self._greedy_verdicts(batch)
+        self.val_reward.update(scores.total.to(self.device))
         self.val_accuracy.update(correct.float().to(self.device))
         if "expert" in batch:
             nll, hits, tokens = self.expert_nll_rows(batch["expert"])
@@ -45,18 +37,25 @@ class HeldOut:
                  add_dataloader_idx=False)
         self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs, add_dataloader_idx=False)
 
-    def _retention_step(self, batch: dict, prefix: str) -> None:
-        """``<prefix>/retention/<skill>``: the share of the batch's prompts whose greedy answer the reward's
-        correctness check accepts, averaged over the set (weighted by rows, synced over ranks)."""
+    def _greedy_verdicts(self, batch: dict):
+        """Greedy answers to the batch's prompts: their reward scores (:class:`RewardScores`) and the
+        correctness verdict per prompt (bool, (N,))."""
         rollout = self.sample(batch, greedy=True, num_generations=1)
         scores = self.score_all(batch["prompts"], rollout, batch["answers"], batch.get("columns"))
-        hp = self.hparams
-        correct, _ = self.rewards.correct(
+        hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
+        correct, _ = self.rewards.correct(  # the judge's default verdict is read from scores: no second pass
             batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
             timeout_s=hp.reward_timeout_s,
         )
+        return scores, correct
+
+    def _retention_step(self, batch: dict, prefix: str) -> None:
+        """``<prefix>/retention/<skill>``: the share of the batch's prompts whose greedy answer the reward's
+        correctness check accepts, averaged over the set (weighted by rows, synced over ranks)."""
+        _, correct = self._greedy_verdicts(batch)
         self.log(f"{prefix}/retention/{batch['retention']}", correct.float().mean().to(self.device), on_epoch=True,
                  batch_size=len(batch["prompts"]), sync_dist=True, add_dataloader_idx=False)
+
     @torch.no_grad()
     def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row of ``expert``: (summed NLL of its response tokens, greedy hits among them, their

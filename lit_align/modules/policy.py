@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from lit_align import losses
 from lit_align.hf import apply_lora, disable_dropout_in_model, load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
+from lit_align.weighting import lr_factor
 from lit_align.modules.cycles import RolloutCycles
 from lit_align.modules.heldout import HeldOut
 from lit_align.modules.knobs import check_knobs
@@ -231,14 +232,8 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
 
     def _lr_factor(self, step: int) -> float:
         hp = self.hparams
-        if step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
-        if hp.lr_decay == "constant" or total <= hp.warmup_steps:
-            return 1.0
-        frac = min(1.0, (step - hp.warmup_steps) / (total - hp.warmup_steps))
-        shape = 1.0 - frac if hp.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-        return hp.min_lr_ratio + (1.0 - hp.min_lr_ratio) * shape
+        return lr_factor(step, hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
 
     def on_fit_start(self) -> None:
         if self.ref_model is not None:

@@ -153,8 +153,9 @@ class RolloutEngine:
 
     def _trainer_logprobs(self, prompt_ids, prompt_mask, ids, mask, temperature: float):
         """Log-probs of ``ids`` and entropies (B, T), float32, 0 on padding, from the training forward
-        (:meth:`_forward_logits`, the policy in its training mode, dropout off) over micro-batches.
-        Under FSDP2 every rank runs as many forwards as the rank with the most micro-batches."""
+        (:meth:`_forward_logits`, the policy in its training mode, dropout off) over the step engine's
+        forward passes (micro-batches split by length, :func:`forward_groups`). Under FSDP2 every rank
+        runs as many forwards as the rank with the most micro-batches."""
         logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         entropy = torch.zeros_like(logp)
         P = prompt_ids.shape[1]
