@@ -9,7 +9,7 @@ CONFIG ?= configs/chord_phi.yaml
 VLLM_VENV ?= .venv-vllm
 VPY        = $(VLLM_VENV)/bin/python
 
-.PHONY: setup setup-bench demo test test-main test-vllm setup-vllm bench bench-quick
+.PHONY: setup setup-bench demo test lint test-main test-vllm setup-vllm bench bench-quick
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ setup-bench: setup
 demo: setup
 	$(PY) train.py fit --config $(CONFIG)
 
-test: test-main test-vllm
+test: lint test-main test-vllm
+
+# ruff (configured in pyproject.toml): lint and format check before any test runs
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-main: setup-bench
 	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/with_vllm

@@ -2,6 +2,7 @@
 
 Subcommands: fit, validate, test, predict. ``--print_config`` shows every setting.
 """
+
 from lit_align.cli import main
 
 if __name__ == "__main__":

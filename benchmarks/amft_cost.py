@@ -10,6 +10,7 @@ mean seconds of ordinary RL updates and of meta updates, their ratio, and memory
 peak resident memory before the first meta step and at the end, and the parameter-sized tensors a
 meta step holds (g_SFT, g_RL, theta') computed from the model's size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,19 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--meta-prompts", type=int, default=256, help="held-out rows per meta step (configs/amft.yaml: 256)")
-    p.add_argument("--meta-objective", choices=["expert_nll", "reward"], default="expert_nll",
-                   help="model.meta_objective: NLL of the held-out verified answers (configs/amft.yaml), or "
-                        "held-out reward (G samples of each held-out prompt, the paper's)")
-    p.add_argument("--lookahead", choices=["sgd", "optimizer"], default="optimizer",
-                   help="model.lookahead: the policy's AdamW step and its derivative (configs/amft.yaml), or the SGD formula")
+    p.add_argument(
+        "--meta-objective",
+        choices=["expert_nll", "reward"],
+        default="expert_nll",
+        help="model.meta_objective: NLL of the held-out verified answers (configs/amft.yaml), or "
+        "held-out reward (G samples of each held-out prompt, the paper's)",
+    )
+    p.add_argument(
+        "--lookahead",
+        choices=["sgd", "optimizer"],
+        default="optimizer",
+        help="model.lookahead: the policy's AdamW step and its derivative (configs/amft.yaml), or the SGD formula",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
@@ -70,16 +79,32 @@ def main() -> None:
             times["meta" if meta else "rl"].append(time.perf_counter() - self.t0)
 
     model = AMFTModule(
-        num_generations=a.generations, max_new_tokens=4, warmup_sft_steps=W, meta_interval=K,
-        controller=ScalarMu(), controller_lr=30.0 if a.lookahead == "sgd" else 2.0, lookahead=a.lookahead,
+        num_generations=a.generations,
+        max_new_tokens=4,
+        warmup_sft_steps=W,
+        meta_interval=K,
+        controller=ScalarMu(),
+        controller_lr=30.0 if a.lookahead == "sgd" else 2.0,
+        lookahead=a.lookahead,
         meta_objective=a.meta_objective,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0),  # configs/amft.yaml's
     )
-    data = MixedDataModule(expert_batch_size=64, prompt_batch_size=a.prompts, meta_data="embedded",
-                           meta_response_column="answer", meta_batch_size=a.meta_prompts, val_data=None)
+    data = MixedDataModule(
+        expert_batch_size=64,
+        prompt_batch_size=a.prompts,
+        meta_data="embedded",
+        meta_response_column="answer",
+        meta_batch_size=a.meta_prompts,
+        val_data=None,
+    )
     trainer = L.Trainer(
-        max_steps=W + a.rl_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[Timer()],
+        max_steps=W + a.rl_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[Timer()],
     )
     trainer.fit(model, datamodule=data)
     n_params = sum(p.numel() for p in model.model.parameters() if p.requires_grad)

@@ -31,6 +31,7 @@ matmuls alone in the same process. From TRL's runs comes the ceiling: the step's
 matmul rate, i.e. the time no implementation of the same math can beat on this machine.
 Prints one JSON object with the ratios per mode, the medians, the ceilings and every run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -133,8 +134,12 @@ def measure_trl(a: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(
-            model=a.model, reward_funcs=exact_answer, args=trl_config(a, out), train_dataset=dataset,
-            processing_class=load_tokenizer(a.model), callbacks=[StepTimer()],
+            model=a.model,
+            reward_funcs=exact_answer,
+            args=trl_config(a, out),
+            train_dataset=dataset,
+            processing_class=load_tokenizer(a.model),
+            callbacks=[StepTimer()],
         )
 
         def timed(fn, phase):
@@ -154,7 +159,7 @@ def measure_trl(a: argparse.Namespace) -> dict:
         trainer._generate = timed(trainer._generate, "generation")
         trainer._calculate_rewards = timed(trainer._calculate_rewards, "scoring")
         trainer.train()
-    timed_records = records[a.warmup - 1:]
+    timed_records = records[a.warmup - 1 :]
     summary = throughput.summarise_steps(timed_records)
     memory = throughput.peak_memory_mib()
     return {
@@ -184,14 +189,33 @@ def summarise_mode(runs: list[dict]) -> dict:
     trl = [r for r in runs if r["method"] == "trl_grpo"]
     ratios = [o["completion_tokens_per_s"] / t["completion_tokens_per_s"] for o, t in zip(ours, trl)]
     step_ratios = [t["step_s"] / o["step_s"] for o, t in zip(ours, trl)]
-    keys = ("completion_tokens_per_s", "step_s", "generation_s", "scoring_s", "training_s", "peak_rss_mib",
-            "completion_tokens_per_step", "prompt_tokens_per_step", "generation_gflop_per_step",
-            "training_gflop_per_step", "generation_gflops", "training_gflops", "step_gflops",
-            "matmul_gflops_training_shapes", "matmul_gflops_decoding_shapes", "load_avg_1m")
-    median = {name: {k: statistics.median(x[k] for x in side) for k in keys} for name, side in (("ours", ours), ("trl", trl))}
+    keys = (
+        "completion_tokens_per_s",
+        "step_s",
+        "generation_s",
+        "scoring_s",
+        "training_s",
+        "peak_rss_mib",
+        "completion_tokens_per_step",
+        "prompt_tokens_per_step",
+        "generation_gflop_per_step",
+        "training_gflop_per_step",
+        "generation_gflops",
+        "training_gflops",
+        "step_gflops",
+        "matmul_gflops_training_shapes",
+        "matmul_gflops_decoding_shapes",
+        "load_avg_1m",
+    )
+    median = {
+        name: {k: statistics.median(x[k] for x in side) for k in keys} for name, side in (("ours", ours), ("trl", trl))
+    }
     # TRL's step: its model FLOPs at this machine's matmul rates, generation at the decoding shapes
-    floors = [t["generation_gflop_per_step"] / t["matmul_gflops_decoding_shapes"]
-              + t["training_gflop_per_step"] / t["matmul_gflops_training_shapes"] for t in trl]
+    floors = [
+        t["generation_gflop_per_step"] / t["matmul_gflops_decoding_shapes"]
+        + t["training_gflop_per_step"] / t["matmul_gflops_training_shapes"]
+        for t in trl
+    ]
     spread = lambda v: {"min": min(v), "median": statistics.median(v), "max": max(v), "per_round": v}  # noqa: E731
     return {
         "ratio_tokens_per_s": spread(ratios),
@@ -224,9 +248,13 @@ def markdown(result: dict) -> str:
         "| ratio per round, ours / TRL | " + " | ".join(f"{name[m]}: min | median | max" for m in modes) + " |",
         "|---|" + "---|---|---|" * len(modes),
     ]
-    for label, key in (("completion tokens / s", "ratio_tokens_per_s"), ("s / step (TRL / ours)", "ratio_step_time_trl_over_ours")):
-        cells = " | ".join(f"{modes[m][key]['min']:.2f} | {modes[m][key]['median']:.2f} | {modes[m][key]['max']:.2f}"
-                           for m in modes)
+    for label, key in (
+        ("completion tokens / s", "ratio_tokens_per_s"),
+        ("s / step (TRL / ours)", "ratio_step_time_trl_over_ours"),
+    ):
+        cells = " | ".join(
+            f"{modes[m][key]['min']:.2f} | {modes[m][key]['median']:.2f} | {modes[m][key]['max']:.2f}" for m in modes
+        )
         lines.append(f"| {label} | {cells} |")
     lines += [
         "",
@@ -235,8 +263,11 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     # one row per mode and side ("fixed-length, lit_align", ...), with that side's median numbers
-    rows = [(f"{name[m]}, {'lit_align' if side == 'ours' else 'TRL'}", x)
-            for m, mode in modes.items() for side, x in mode["median"].items()]
+    rows = [
+        (f"{name[m]}, {'lit_align' if side == 'ours' else 'TRL'}", x)
+        for m, mode in modes.items()
+        for side, x in mode["median"].items()
+    ]
     for label, x in rows:
         lines.append(
             f"| {label} | {x['completion_tokens_per_step']:.0f} "
@@ -289,9 +320,14 @@ def run_child(side: str, a: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     throughput.add_arguments(p, ignore_eos=None)
-    p.add_argument("--lengths", nargs="+", choices=("fixed", "free"), default=None,
-                   help="completion-length modes to measure (default: both; --ignore-eos alone: fixed, "
-                        "--no-ignore-eos alone: free)")
+    p.add_argument(
+        "--lengths",
+        nargs="+",
+        choices=("fixed", "free"),
+        default=None,
+        help="completion-length modes to measure (default: both; --ignore-eos alone: fixed, "
+        "--no-ignore-eos alone: free)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="pairs of runs (ours, TRL) per mode")
     p.add_argument("--trl-child", action="store_true", help="measure TRL only, in this process")
     p.add_argument("--profile", type=Path, default=None, help="with --trl-child: write a cProfile summary here")
@@ -314,9 +350,13 @@ def main() -> None:
             mode_args = argparse.Namespace(**{**vars(a), "ignore_eos": mode == "fixed", "seed": a.seed + r})
             ours, theirs = run_child("ours", mode_args), run_child("trl", mode_args)
             runs += [dict(ours, round=r, lengths=mode), dict(theirs, round=r, lengths=mode)]
-            print(f"round {r}, {mode} lengths: ours {ours['completion_tokens_per_s']:.1f} tok/s "
-                  f"({ours['completion_tokens_per_step']:.0f} tok/step), TRL {theirs['completion_tokens_per_s']:.1f} "
-                  f"tok/s ({theirs['completion_tokens_per_step']:.0f} tok/step)", file=sys.stderr, flush=True)
+            print(
+                f"round {r}, {mode} lengths: ours {ours['completion_tokens_per_s']:.1f} tok/s "
+                f"({ours['completion_tokens_per_step']:.0f} tok/step), TRL {theirs['completion_tokens_per_s']:.1f} "
+                f"tok/s ({theirs['completion_tokens_per_step']:.0f} tok/step)",
+                file=sys.stderr,
+                flush=True,
+            )
     result = {
         "date": str(date.today()),
         "command": throughput.command_line(),

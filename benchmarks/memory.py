@@ -16,6 +16,7 @@ gloo), and reports for every rank, measured after the last step:
 
 Prints one JSON object; ``fsdp2_over_ddp`` is the ratio of param+optimizer bytes per rank.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,24 @@ def worker(args) -> None:
 
     L.seed_everything(0)
     module = SFTModule(model_name_or_path=args.ckpt, max_new_tokens=4)
-    data = MixedDataModule(model_name_or_path=args.ckpt, expert_data="embedded", prompt_data=None, val_data=None,
-                           expert_batch_size=args.batch_size)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=args.strategy, max_steps=args.steps, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Probe()])
+    data = MixedDataModule(
+        model_name_or_path=args.ckpt,
+        expert_data="embedded",
+        prompt_data=None,
+        val_data=None,
+        expert_batch_size=args.batch_size,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=args.strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Probe()],
+    )
     trainer.fit(module, datamodule=data)
 
 
@@ -108,12 +122,27 @@ def main() -> None:
     from lit_align.data.embedded import build_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="lit_align_memory-") as tmp:
-        ckpt = build_checkpoint(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
+        ckpt = build_checkpoint(
+            Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads
+        )
         result: dict = {"ranks": 2, "device": "cpu (gloo)", "steps": args.steps, "optimizer": "AdamW"}
         for strategy in args.strategies:
             env = {**os.environ, "MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
-            cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--ckpt", str(ckpt), "--out-dir", tmp,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--strategy",
+                strategy,
+                "--ckpt",
+                str(ckpt),
+                "--out-dir",
+                tmp,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+            ]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"{strategy} failed:\n{proc.stderr[-4000:]}")
@@ -124,7 +153,14 @@ def main() -> None:
             mean = lambda s, k: sum(r[k] for r in result[s]["per_rank"]) / 2  # noqa: E731
             result["fsdp2_over_ddp"] = {
                 k: round(mean("fsdp2", k) / mean("ddp", k), 3)
-                for k in ("param_and_optimizer_bytes", "param_bytes", "optimizer_bytes", "grad_bytes", "rss_mb", "peak_rss_mb")
+                for k in (
+                    "param_and_optimizer_bytes",
+                    "param_bytes",
+                    "optimizer_bytes",
+                    "grad_bytes",
+                    "rss_mb",
+                    "peak_rss_mb",
+                )
             }
     text = json.dumps(result, indent=2)
     print(text)

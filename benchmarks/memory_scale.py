@@ -43,6 +43,7 @@ and kills it above ``--max-gb`` ("killed at N GiB"); once a side is killed at a 
 prompts and at least as many tokens, or more tokens and at least as many prompts) are skipped.
 Writes <out>/memory_scale.json and memory_scale.md, and prints the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer rebuilds its pipeline with it on loading)
-QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-               r"""|\s+(?!\S)|\s+""")
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
+)
 ANSWER_PREFIX = "####"
 GIB = 2**30
 
@@ -87,8 +90,12 @@ def pre_tokenizer():
     """Qwen2's pre-tokenization: its regex split, then byte-level symbols (a space is "Ġ", a newline "Ċ")."""
     from tokenizers import Regex, pre_tokenizers
 
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def demonstration(a: int, b: int, min_tokens: int) -> str:
@@ -97,8 +104,10 @@ def demonstration(a: int, b: int, min_tokens: int) -> str:
     pieces = pre_tokenizer()
     s = a + b
     ones, carry = (a % 10 + b % 10) % 10, (a % 10 + b % 10) // 10
-    text = (f"We add the ones: {a % 10} + {b % 10} = {a % 10 + b % 10}, so we write {ones} and carry {carry}. "
-            f"Then the tens: {a // 10} + {b // 10} + {carry} = {a // 10 + b // 10 + carry}. So {a} + {b} = {s}.")
+    text = (
+        f"We add the ones: {a % 10} + {b % 10} = {a % 10 + b % 10}, so we write {ones} and carry {carry}. "
+        f"Then the tens: {a // 10} + {b // 10} + {carry} = {a // 10 + b // 10 + carry}. So {a} + {b} = {s}."
+    )
     k = 0
     while len(pieces.pre_tokenize_str(text)) < min_tokens:
         k += 1
@@ -139,24 +148,34 @@ def build_tokenizer(vocab_size: int, texts: list[str]):
     core.pre_tokenizer = split
     core.decoder = decoders.ByteLevel()
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token=None, padding_side="left")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, padding_side="left"
+    )
     tok.chat_template = CHAT_TEMPLATE
     assert len(tok) == vocab_size, (len(tok), vocab_size)
     return tok
 
 
-def save_qwen2(directory: Path, tok, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-               seed: int = 0) -> None:
+def save_qwen2(
+    directory: Path, tok, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, seed: int = 0
+) -> None:
     """A freshly initialised Qwen2 (tied embeddings, Qwen2.5's rope theta) of ``tok``'s vocabulary, saved with
     ``tok`` as a Hugging Face checkpoint in ``directory`` (EOS and pad from the tokenizer)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=32768, rope_theta=1e6,
-        tie_word_embeddings=True, bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)
@@ -167,9 +186,19 @@ def save_qwen2(directory: Path, tok, hidden: int, layers: int, heads: int, kv_he
     tok.save_pretrained(directory)
 
 
-def build_assets(directory: Path, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                 intermediate: int, prompts: int = 1000, demos: int = 256, demo_tokens: int = 1100,
-                 seed: int = 0) -> None:
+def build_assets(
+    directory: Path,
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    prompts: int = 1000,
+    demos: int = 256,
+    demo_tokens: int = 1100,
+    seed: int = 0,
+) -> None:
     """The checkpoint (``model/``), ``prompts.jsonl`` (prompt, answer) and ``expert.jsonl`` (prompt, response)."""
     rng = random.Random(seed)
     sums = [(rng.randrange(10, 100), rng.randrange(10, 100)) for _ in range(prompts)]
@@ -206,12 +235,18 @@ def ensure_assets(a: argparse.Namespace) -> dict:
     from lit_align.data import embedded
 
     demo_tokens = max(a.tokens + [a.at_tokens]) + 64  # each demonstration is cut to max new tokens
-    name = (f"qwen2-v{a.vocab}-h{a.hidden}-l{a.layers}-a{a.heads}-kv{a.kv_heads}-i{a.intermediate}"
-            f"-demo{demo_tokens}")
-    target = embedded._atomic_dir(embedded.cache_dir() / "bench" / "memory_scale" / name, lambda d: build_assets(
-        d, a.vocab, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, demo_tokens=demo_tokens))
-    return {"model": str(target / "model"), "prompts": str(target / "prompts.jsonl"),
-            "expert": str(target / "expert.jsonl")}
+    name = f"qwen2-v{a.vocab}-h{a.hidden}-l{a.layers}-a{a.heads}-kv{a.kv_heads}-i{a.intermediate}-demo{demo_tokens}"
+    target = embedded._atomic_dir(
+        embedded.cache_dir() / "bench" / "memory_scale" / name,
+        lambda d: build_assets(
+            d, a.vocab, a.hidden, a.layers, a.heads, a.kv_heads, a.intermediate, demo_tokens=demo_tokens
+        ),
+    )
+    return {
+        "model": str(target / "model"),
+        "prompts": str(target / "prompts.jsonl"),
+        "expert": str(target / "expert.jsonl"),
+    }
 
 
 # ----------------------------------------------------------------------------- inside a measuring process
@@ -279,10 +314,18 @@ def measure_lit(spec: dict) -> dict:
     P, G, T = spec["prompts"], spec["G"], spec["max_new_tokens"]
     L.seed_everything(spec["seed"], verbose=False)
     common = dict(
-        model_name_or_path=spec["model"], num_generations=G, max_new_tokens=T, temperature=1.0, top_p=1.0, top_k=0,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0), beta=0.0,
-        loss_aggregation="token-mean", reward=ExactAnswerReward(answer_prefix=ANSWER_PREFIX),
-        micro_batch_size=spec["micro_batch_size"], generation_batch_size=spec["generation_batch_size"],
+        model_name_or_path=spec["model"],
+        num_generations=G,
+        max_new_tokens=T,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
+        beta=0.0,
+        loss_aggregation="token-mean",
+        reward=ExactAnswerReward(answer_prefix=ANSWER_PREFIX),
+        micro_batch_size=spec["micro_batch_size"],
+        generation_batch_size=spec["generation_batch_size"],
     )
     if spec["side"] == "grpo":
         module, expert = GRPOModule(**common), None
@@ -291,8 +334,14 @@ def measure_lit(spec: dict) -> dict:
         expert = spec["expert"]
     module.model.generation_config.min_new_tokens = T  # every completion max_new_tokens long
     data = MixedDataModule(
-        model_name_or_path=spec["model"], expert_data=expert, prompt_data=spec["prompts_file"], val_data=None,
-        prompt_batch_size=P, expert_batch_size=spec["expert_rows"] or 1, max_response_length=T, overlong="truncate",
+        model_name_or_path=spec["model"],
+        expert_data=expert,
+        prompt_data=spec["prompts_file"],
+        val_data=None,
+        prompt_batch_size=P,
+        expert_batch_size=spec["expert_rows"] or 1,
+        max_response_length=T,
+        overlong="truncate",
         seed=spec["seed"],
     )
     seen: dict = {"baseline_peak_gib": peak_gib(), "rss_after_load_gib": vmrss_gib(), **_common(spec, module.model)}
@@ -304,8 +353,12 @@ def measure_lit(spec: dict) -> dict:
     def counted_sample(*args, **kwargs):
         out = sample(*args, **kwargs)
         tokens.extend(out.completion_mask.sum(-1).tolist())
-        seen.update(peak_after_generation_gib=peak_gib(), mean_completion_length=sum(tokens) / len(tokens),
-                    completions=len(tokens), forwards=probe.stats)
+        seen.update(
+            peak_after_generation_gib=peak_gib(),
+            mean_completion_length=sum(tokens) / len(tokens),
+            completions=len(tokens),
+            forwards=probe.stats,
+        )
         save(spec, seen)
         return out
 
@@ -316,13 +369,27 @@ def measure_lit(spec: dict) -> dict:
             seen["peak_at_train_start_gib"] = peak_gib()
             save(spec, seen)
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[TrainStart()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[TrainStart()],
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
-    seen.update(update_s=time.perf_counter() - start, peak_in_process_gib=peak_gib(), steps_done=trainer.global_step,
-                forwards=probe.stats, done=True)
+    seen.update(
+        update_s=time.perf_counter() - start,
+        peak_in_process_gib=peak_gib(),
+        steps_done=trainer.global_step,
+        forwards=probe.stats,
+        done=True,
+    )
     return seen
 
 
@@ -351,25 +418,59 @@ def measure_trl(spec: dict) -> dict:
         return reward(["" for _ in texts], texts, answer).tolist()
 
     table, _ = load_table(spec["prompts_file"])
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])}
-                                 for r in table])
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])} for r in table]
+    )
     out_dir = str(Path(spec["result_path"]).with_suffix(".trl"))  # in the parent's temporary directory
     args = GRPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation, num_iterations=1, num_generations=G, max_completion_length=T,
-        generation_kwargs={"min_new_tokens": T}, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-6,
-        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, beta=0.0, epsilon=0.2, loss_type="dapo",
-        scale_rewards="group", max_steps=1, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, disable_tqdm=True, seed=spec["seed"],
+        output_dir=out_dir,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,
+        num_iterations=1,
+        num_generations=G,
+        max_completion_length=T,
+        generation_kwargs={"min_new_tokens": T},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        max_steps=1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=spec["seed"],
         dataloader_num_workers=0,
     )
     torch.manual_seed(spec["seed"])
-    trainer = GRPOTrainer(model=spec["model"], reward_funcs=exact_answer, args=args, train_dataset=dataset,
-                          processing_class=load_tokenizer(spec["model"]))
-    seen: dict = {"baseline_peak_gib": peak_gib(), "rss_after_load_gib": vmrss_gib(), **_common(spec, trainer.model),
-                  "trl_version": trl.__version__, "trl_per_device_train_batch_size": micro,
-                  "trl_gradient_accumulation_steps": accumulation,
-                  "trl_generation_batch_size": args.generation_batch_size}
+    trainer = GRPOTrainer(
+        model=spec["model"],
+        reward_funcs=exact_answer,
+        args=args,
+        train_dataset=dataset,
+        processing_class=load_tokenizer(spec["model"]),
+    )
+    seen: dict = {
+        "baseline_peak_gib": peak_gib(),
+        "rss_after_load_gib": vmrss_gib(),
+        **_common(spec, trainer.model),
+        "trl_version": trl.__version__,
+        "trl_per_device_train_batch_size": micro,
+        "trl_gradient_accumulation_steps": accumulation,
+        "trl_generation_batch_size": args.generation_batch_size,
+    }
     save(spec, seen)
     probe = ForwardProbe(trainer.model)
     tokens = []
@@ -378,8 +479,12 @@ def measure_trl(spec: dict) -> dict:
     def counted_generate(*a, **k):
         result = generate(*a, **k)  # (prompt_ids, completion_ids, ...): lists, EOS kept, nothing after it
         tokens.extend(len(ids) for ids in result[1])
-        seen.update(peak_after_generation_gib=peak_gib(), mean_completion_length=sum(tokens) / len(tokens),
-                    completions=len(tokens), forwards=probe.stats)
+        seen.update(
+            peak_after_generation_gib=peak_gib(),
+            mean_completion_length=sum(tokens) / len(tokens),
+            completions=len(tokens),
+            forwards=probe.stats,
+        )
         save(spec, seen)
         return result
 
@@ -393,8 +498,13 @@ def measure_trl(spec: dict) -> dict:
     trainer.add_callback(TrainStart())
     start = time.perf_counter()
     trainer.train()
-    seen.update(update_s=time.perf_counter() - start, peak_in_process_gib=peak_gib(),
-                steps_done=trainer.state.global_step, forwards=probe.stats, done=True)
+    seen.update(
+        update_s=time.perf_counter() - start,
+        peak_in_process_gib=peak_gib(),
+        steps_done=trainer.state.global_step,
+        forwards=probe.stats,
+        done=True,
+    )
     return seen
 
 
@@ -414,25 +524,49 @@ def measure_validation(spec: dict) -> dict:
     L.seed_everything(spec["seed"], verbose=False)
     rows = [json.loads(line) for line in Path(spec["expert"]).read_text().splitlines()][: spec["val_rows"]]
     val_file = Path(spec["result_path"]).with_suffix(".val.jsonl")
-    val_file.write_text("".join(json.dumps({**r, "answer": r["response"].rsplit(ANSWER_PREFIX, 1)[1].strip()}) + "\n"
-                                for r in rows))
+    val_file.write_text(
+        "".join(json.dumps({**r, "answer": r["response"].rsplit(ANSWER_PREFIX, 1)[1].strip()}) + "\n" for r in rows)
+    )
     module = GRPOModule(
-        model_name_or_path=spec["model"], num_generations=2, max_new_tokens=T,  # (validation samples one answer)
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6), reward=ExactAnswerReward(answer_prefix=ANSWER_PREFIX),
-        micro_batch_size=spec["micro_batch_size"], generation_batch_size=spec["generation_batch_size"],
+        model_name_or_path=spec["model"],
+        num_generations=2,
+        max_new_tokens=T,  # (validation samples one answer)
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6),
+        reward=ExactAnswerReward(answer_prefix=ANSWER_PREFIX),
+        micro_batch_size=spec["micro_batch_size"],
+        generation_batch_size=spec["generation_batch_size"],
     )
     module.model.generation_config.min_new_tokens = T  # every greedy answer max_new_tokens long
-    data = MixedDataModule(model_name_or_path=spec["model"], expert_data=None, prompt_data=spec["prompts_file"],
-                           val_data=str(val_file), max_response_length=T, overlong="truncate", seed=spec["seed"])
+    data = MixedDataModule(
+        model_name_or_path=spec["model"],
+        expert_data=None,
+        prompt_data=spec["prompts_file"],
+        val_data=str(val_file),
+        max_response_length=T,
+        overlong="truncate",
+        seed=spec["seed"],
+    )
     seen: dict = {"baseline_peak_gib": peak_gib(), "rss_after_load_gib": vmrss_gib(), **_common(spec, module.model)}
     save(spec, seen)
     probe = ForwardProbe(module.model)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     start = time.perf_counter()
     metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    seen.update(update_s=time.perf_counter() - start, peak_in_process_gib=peak_gib(), forwards=probe.stats,
-                val_rows=len(rows), metrics={k: float(v) for k, v in metrics.items()}, done=True)
+    seen.update(
+        update_s=time.perf_counter() - start,
+        peak_in_process_gib=peak_gib(),
+        forwards=probe.stats,
+        val_rows=len(rows),
+        metrics={k: float(v) for k, v in metrics.items()},
+        done=True,
+    )
     return seen
 
 
@@ -447,8 +581,14 @@ def child(spec_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the parent
-def run_guarded(cmd: list[str], max_gb: float, log_path: Path, env: dict | None = None, timeout_s: float | None = None,
-                poll_s: float = 0.05) -> dict:
+def run_guarded(
+    cmd: list[str],
+    max_gb: float,
+    log_path: Path,
+    env: dict | None = None,
+    timeout_s: float | None = None,
+    poll_s: float = 0.05,
+) -> dict:
     """Run ``cmd``, reading its VmRSS every ``poll_s`` s and killing it (SIGKILL) above ``max_gb`` GiB or after
     ``timeout_s``. Returns its exit code, whether and at what RSS it was killed, the highest RSS seen, and its
     peak RSS from ``wait4`` (the kernel's ru_maxrss of that process, also when it was killed)."""
@@ -470,8 +610,14 @@ def run_guarded(cmd: list[str], max_gb: float, log_path: Path, env: dict | None 
                 proc.kill()
         time.sleep(poll_s)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-    return {"returncode": proc.returncode, "killed_at_gib": killed_at, "timed_out": timed_out,
-            "max_vmrss_seen_gib": seen, "peak_gib": usage.ru_maxrss / 2**20, "wall_s": time.perf_counter() - start}
+    return {
+        "returncode": proc.returncode,
+        "killed_at_gib": killed_at,
+        "timed_out": timed_out,
+        "max_vmrss_seen_gib": seen,
+        "peak_gib": usage.ru_maxrss / 2**20,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 def grid(a: argparse.Namespace) -> list[tuple[int, int]]:
@@ -483,12 +629,22 @@ def grid(a: argparse.Namespace) -> list[tuple[int, int]]:
 def measure(side: str, prompts: int, tokens: int, a: argparse.Namespace, assets: dict, work: Path) -> dict:
     tag = f"{side}-p{prompts}-t{tokens}"
     spec = {
-        "side": side, "prompts": prompts, "G": a.G, "max_new_tokens": tokens, "micro_batch_size": a.micro_batch_size,
-        "generation_batch_size": a.generation_batch_size, "seed": a.seed, "threads": a.threads,
-        "model": assets["model"], "prompts_file": assets["prompts"], "expert": assets["expert"],
+        "side": side,
+        "prompts": prompts,
+        "G": a.G,
+        "max_new_tokens": tokens,
+        "micro_batch_size": a.micro_batch_size,
+        "generation_batch_size": a.generation_batch_size,
+        "seed": a.seed,
+        "threads": a.threads,
+        "model": assets["model"],
+        "prompts_file": assets["prompts"],
+        "expert": assets["expert"],
         "expert_rows": (a.expert_rows if a.expert_rows is not None else max(1, prompts * a.G // 4))
-        if side == "chord" else 0,
-        "result_path": str(work / f"{tag}.json"), "val_rows": a.val_rows,
+        if side == "chord"
+        else 0,
+        "result_path": str(work / f"{tag}.json"),
+        "val_rows": a.val_rows,
     }
     spec_path = work / f"{tag}.spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -496,10 +652,17 @@ def measure(side: str, prompts: int, tokens: int, a: argparse.Namespace, assets:
     if a.threads > 0:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     log = work / f"{tag}.log"
-    guard = run_guarded([sys.executable, __file__, "--child", str(spec_path)], a.max_gb, log, env,
-                        a.timeout_min * 60 if a.timeout_min else None)
-    run = {k: spec[k] for k in ("side", "prompts", "G", "max_new_tokens", "micro_batch_size",
-                                "generation_batch_size", "expert_rows")}
+    guard = run_guarded(
+        [sys.executable, __file__, "--child", str(spec_path)],
+        a.max_gb,
+        log,
+        env,
+        a.timeout_min * 60 if a.timeout_min else None,
+    )
+    run = {
+        k: spec[k]
+        for k in ("side", "prompts", "G", "max_new_tokens", "micro_batch_size", "generation_batch_size", "expert_rows")
+    }
     run.update(guard)
     result_path = Path(spec["result_path"])
     measured = json.loads(result_path.read_text()) if result_path.exists() else {}
@@ -525,8 +688,9 @@ def covers(killed: tuple[int, int], cell: tuple[int, int]) -> bool:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lit_align"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "lit_align"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
     except OSError:
         return None
@@ -564,14 +728,15 @@ def markdown(result: dict) -> str:
         f"are killed; larger sizes of a killed side are skipped.",
     ]
     for title, cells in (
-        (f"As prompts per step grow (max new tokens {s['at_tokens']})",
-         [(p, s["at_tokens"]) for p in s["prompts"]]),
+        (f"As prompts per step grow (max new tokens {s['at_tokens']})", [(p, s["at_tokens"]) for p in s["prompts"]]),
         (f"As max new tokens grow ({s['at_prompts']} prompts per step)", [(s["at_prompts"], t) for t in s["tokens"]]),
     ):
         if not cells:
             continue
         lines += [
-            "", f"{title}:", "",
+            "",
+            f"{title}:",
+            "",
             "| side | prompts x G | max new tokens | mean completion length | rows / forward (training, generation) "
             "| baseline peak (GiB) | at train start | after generation | peak (GiB) | update (GiB) | update s "
             "| status |",
@@ -607,10 +772,19 @@ def validation(a: argparse.Namespace, assets: dict) -> None:
     """--validation: one measuring process; prints its result and writes <out>/memory_scale_validation.json."""
     with tempfile.TemporaryDirectory(prefix="memory_scale-") as tmp:
         run = measure("val", a.val_rows, a.val_tokens, a, assets, Path(tmp))
-    run.update(command=command_line(), date=str(date.today()), lit_align_commit=_git_commit(),
-               vocab=a.vocab, hidden=a.hidden, layers=a.layers)
-    print(f"validation of {a.val_rows} rows x {a.val_tokens} tokens: {run['status']}, peak "
-          f"{run.get('peak_gib', 0):.2f} GiB (baseline {run.get('baseline_peak_gib') or 0:.2f})", file=sys.stderr)
+    run.update(
+        command=command_line(),
+        date=str(date.today()),
+        lit_align_commit=_git_commit(),
+        vocab=a.vocab,
+        hidden=a.hidden,
+        layers=a.layers,
+    )
+    print(
+        f"validation of {a.val_rows} rows x {a.val_tokens} tokens: {run['status']}, peak "
+        f"{run.get('peak_gib', 0):.2f} GiB (baseline {run.get('baseline_peak_gib') or 0:.2f})",
+        file=sys.stderr,
+    )
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "memory_scale_validation.json").write_text(json.dumps(run, indent=1) + "\n")
@@ -620,10 +794,20 @@ def validation(a: argparse.Namespace, assets: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    p.add_argument("--prompts", type=int, nargs="*", default=[1, 2, 4, 8, 16],
-                   help="prompts per step of the prompts sweep (at --at-tokens)")
-    p.add_argument("--tokens", type=int, nargs="*", default=[128, 256, 512],
-                   help="max new tokens of the tokens sweep (at --at-prompts)")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        nargs="*",
+        default=[1, 2, 4, 8, 16],
+        help="prompts per step of the prompts sweep (at --at-tokens)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="*",
+        default=[128, 256, 512],
+        help="max new tokens of the tokens sweep (at --at-prompts)",
+    )
     p.add_argument("--at-tokens", type=int, default=128, help="max new tokens of the prompts sweep")
     p.add_argument("--at-prompts", type=int, default=4, help="prompts per step of the tokens sweep")
     p.add_argument("--G", type=int, default=8, help="completions per prompt")
@@ -640,15 +824,25 @@ def main() -> None:
     p.add_argument("--timeout-min", type=float, default=60.0, help="kill a measuring process after this long")
     p.add_argument("--threads", type=int, default=1, help="torch threads per measuring process (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=1,
-                   help="measuring processes at once (the sides of one size; each still has its own peak and "
-                        "--max-gb, but together they may need jobs x --max-gb)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: tiny body (hidden 64, 2 layers), 2 prompts x G 4, 8 new tokens, micro-batch 4")
-    p.add_argument("--validation", action="store_true",
-                   help="instead of the grid: peak RSS of one validation (greedy answers + expert NLL) over "
-                        "--val-rows held-out rows of --val-tokens tokens, at --micro-batch-size / "
-                        "--generation-batch-size")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="measuring processes at once (the sides of one size; each still has its own peak and "
+        "--max-gb, but together they may need jobs x --max-gb)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: tiny body (hidden 64, 2 layers), 2 prompts x G 4, 8 new tokens, micro-batch 4",
+    )
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="instead of the grid: peak RSS of one validation (greedy answers + expert NLL) over "
+        "--val-rows held-out rows of --val-tokens tokens, at --micro-batch-size / "
+        "--generation-batch-size",
+    )
     p.add_argument("--val-rows", type=int, default=100)
     p.add_argument("--val-tokens", type=int, default=300)
     p.add_argument("--out", type=Path, default=None, help="write <out>/memory_scale.json and memory_scale.md")
@@ -668,16 +862,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="memory_scale-") as tmp, ThreadPoolExecutor(a.jobs) as pool:
         for cell in grid(a):  # the sides of one cell may run side by side (--jobs); cells one after another
             todo = [side for side in a.sides if not any(covers(k, cell) for k in killed[side])]
-            done = dict(zip(todo, pool.map(lambda side: measure(side, *cell, a, assets, Path(tmp)), todo)))
+            done = dict(zip(todo, pool.map(lambda side, cell=cell: measure(side, *cell, a, assets, Path(tmp)), todo)))
             for side in a.sides:
-                run = done.get(side) or {"side": side, "prompts": cell[0], "G": a.G, "max_new_tokens": cell[1],
-                                         "status": "skipped (killed at a smaller size)"}
+                run = done.get(side) or {
+                    "side": side,
+                    "prompts": cell[0],
+                    "G": a.G,
+                    "max_new_tokens": cell[1],
+                    "status": "skipped (killed at a smaller size)",
+                }
                 if run["status"].startswith(("killed", "timed out")):
                     killed[side].append(cell)
                 runs.append(run)
-                print(f"{side} {cell[0]} prompts x {a.G}, {cell[1]} tokens: {run['status']}, peak "
-                      f"{run.get('peak_gib', 0):.2f} GiB (baseline {run.get('baseline_peak_gib') or 0:.2f})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{side} {cell[0]} prompts x {a.G}, {cell[1]} tokens: {run['status']}, peak "
+                    f"{run.get('peak_gib', 0):.2f} GiB (baseline {run.get('baseline_peak_gib') or 0:.2f})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     parameters = next((r["parameters"] for r in runs if "parameters" in r), None)
     trl_version = next((r["trl_version"] for r in runs if "trl_version" in r), None)
     if trl_version is None:
@@ -691,16 +893,42 @@ def main() -> None:
         "date": str(date.today()),
         "command": command_line(),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-                   f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
         "lit_align_commit": _git_commit(),
         "trl_version": trl_version,
         "torch_version": torch.__version__,
-        "model": {"architecture": "Qwen2ForCausalLM", "parameters": parameters, "vocab": a.vocab, "hidden": a.hidden,
-                  "layers": a.layers, "heads": a.heads, "kv_heads": a.kv_heads, "intermediate": a.intermediate,
-                  "tie_word_embeddings": True, "dtype": "float32", "path": assets["model"]},
-        "settings": {k: getattr(a, k) for k in ("sides", "prompts", "tokens", "at_prompts", "at_tokens", "G",
-                                                 "micro_batch_size", "generation_batch_size", "expert_rows", "max_gb",
-                                                 "threads", "seed", "jobs", "quick")},
+        "model": {
+            "architecture": "Qwen2ForCausalLM",
+            "parameters": parameters,
+            "vocab": a.vocab,
+            "hidden": a.hidden,
+            "layers": a.layers,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "intermediate": a.intermediate,
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+            "path": assets["model"],
+        },
+        "settings": {
+            k: getattr(a, k)
+            for k in (
+                "sides",
+                "prompts",
+                "tokens",
+                "at_prompts",
+                "at_tokens",
+                "G",
+                "micro_batch_size",
+                "generation_batch_size",
+                "expert_rows",
+                "max_gb",
+                "threads",
+                "seed",
+                "jobs",
+                "quick",
+            )
+        },
         "runs": runs,
     }
     if a.out:

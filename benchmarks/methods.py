@@ -16,6 +16,7 @@ Writes ``<out>/methods.md`` (the tables, and the pairs of methods that differ by
 standard deviations on an axis), ``<out>/methods.json`` (every run) and, when matplotlib is present,
 ``<out>/curves.png`` (the three axes and train/mu).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,17 @@ DEFAULT_METHODS = METHODS[:-1]  # amft_reward (the paper's meta-objective) on re
 # rows that are another config with overrides: AMFT with the paper's meta-objective (held-out reward,
 # sampled) and the papers' SGD look-ahead formula (configs/amft.yaml's header points here)
 VARIANTS = {
-    "amft_reward": ("amft", [
-        "--model.init_args.meta_objective=reward", "--model.init_args.lookahead=sgd",
-        "--model.init_args.controller_lr=30", "--model.init_args.meta_interval=10",
-        "--data.init_args.meta_response_column=null", "--data.init_args.meta_batch_size=64",
-    ]),
+    "amft_reward": (
+        "amft",
+        [
+            "--model.init_args.meta_objective=reward",
+            "--model.init_args.lookahead=sgd",
+            "--model.init_args.controller_lr=30",
+            "--model.init_args.meta_interval=10",
+            "--data.init_args.meta_response_column=null",
+            "--data.init_args.meta_batch_size=64",
+        ],
+    ),
 }
 # each mixed recipe's SFT phase as a share of the run, so --steps scales it (configs: 1500 updates);
 # from the base checkpoint (--start base) the shares in SFT_SHARE_BASE
@@ -75,8 +82,11 @@ def start_args(start: str, error_rate: float) -> list[str]:
     """train.py arguments every run (and the starting checkpoint's evaluation) gets; from the base checkpoint
     every method's peak learning rate is BASE_LR."""
     model = embedded.BASE_NAME if start == "base" else embedded.EMBEDDED_NAME
-    args = [f"--model.init_args.model_name_or_path={model}", f"--data.init_args.expert_error_rate={error_rate}",
-            "--data.init_args.retention_data=embedded"]
+    args = [
+        f"--model.init_args.model_name_or_path={model}",
+        f"--data.init_args.expert_error_rate={error_rate}",
+        "--data.init_args.retention_data=embedded",
+    ]
     return args + ([f"--model.init_args.optimizer.init_args.lr={BASE_LR}"] if start == "base" else [])
 
 
@@ -85,9 +95,16 @@ def evaluate_start(start: str, error_rate: float, out: Path, extra: list[str], t
     ``train.py validate`` (which also builds the base checkpoint on first use)."""
     save_dir = out / "runs" / f"start-{start}"
     args = [
-        sys.executable, str(ROOT / "train.py"), "validate", "--config", str(ROOT / "configs" / "sft.yaml"),
-        *start_args(start, error_rate), f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *extra,
+        sys.executable,
+        str(ROOT / "train.py"),
+        "validate",
+        "--config",
+        str(ROOT / "configs" / "sft.yaml"),
+        *start_args(start, error_rate),
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -96,15 +113,34 @@ def evaluate_start(start: str, error_rate: float, out: Path, extra: list[str], t
     return {k: v[-1][1] for k, v in read_scalars(save_dir).items() if k.startswith("val/")}
 
 
-def run_one(method: str, seed: int, steps: int, val_every: int, out: Path, extra: list[str], threads: int = 1,
-            start: str = "base", error_rate: float = 0.25) -> dict:
+def run_one(
+    method: str,
+    seed: int,
+    steps: int,
+    val_every: int,
+    out: Path,
+    extra: list[str],
+    threads: int = 1,
+    start: str = "base",
+    error_rate: float = 0.25,
+) -> dict:
     save_dir = out / "runs" / f"{method}-seed{seed}"
     config, overrides = VARIANTS.get(method, (method, []))
     args = [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *overrides,
-        f"--seed_everything={seed}", f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={val_every}",
-        f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", *start_args(start, error_rate), *extra,
+        sys.executable,
+        str(ROOT / "train.py"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / f"{config}.yaml"),
+        *overrides,
+        f"--seed_everything={seed}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={val_every}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *start_args(start, error_rate),
+        *extra,
     ]
     shares = SFT_SHARE_BASE if start == "base" else SFT_SHARE
     if method in shares:  # the plain-SFT part of the budget (from scratch as in the configs, 1000 of 1500)
@@ -141,15 +177,18 @@ def collect(method: str, seed: int, save_dir: Path, wall: float, budget: int) ->
         "best_accuracy": max(v for _, v in acc) if acc else float("nan"),
         "final_expert_nll": s["val/expert_nll"][-1][1] if "val/expert_nll" in s else float("nan"),
         # the same over the held-out demonstrations the reward accepts (where the expert is right)
-        "final_expert_nll_correct": s["val/expert_nll_correct"][-1][1] if "val/expert_nll_correct" in s else float("nan"),
+        "final_expert_nll_correct": s["val/expert_nll_correct"][-1][1]
+        if "val/expert_nll_correct" in s
+        else float("nan"),
         "wall_s": wall,
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
         "steps": s["train/loss"][-1][0] + 1 if s.get("train/loss") else 0,  # logged every n updates
         # AMFT: dV/dmu of each meta step that fell on a logging step (log_every_n_steps; Lightning
         # repeats the latest value until the next meta step: deduplicated)
-        "meta_grads": [v for i, (_, v) in enumerate(s.get("train/meta_grad", []))
-                       if i == 0 or v != s["train/meta_grad"][i - 1][1]],
+        "meta_grads": [
+            v for i, (_, v) in enumerate(s.get("train/meta_grad", [])) if i == 0 or v != s["train/meta_grad"][i - 1][1]
+        ],
     }
 
 
@@ -217,8 +256,10 @@ def separated(runs: list[dict], methods: list[str], start: dict) -> list[str]:
                 if m1 in stats and m2 in stats:
                     (a, sa), (b, sb) = stats[m1], stats[m2]
                     if abs(a - b) > 2 * max(sa, sb):
-                        lines.append(f"- {name}: {m1} {a:.3f} vs {m2} {b:.3f} (|diff| {abs(a - b):.3f} > 2 x std "
-                                     f"{max(sa, sb):.3f})")
+                        lines.append(
+                            f"- {name}: {m1} {a:.3f} vs {m2} {b:.3f} (|diff| {abs(a - b):.3f} > 2 x std "
+                            f"{max(sa, sb):.3f})"
+                        )
     return lines
 
 
@@ -237,8 +278,11 @@ def summarise(runs: list[dict], methods: list[str], start: dict | None = None) -
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if rs:
-            lines.append(f"| {m} | " + " | ".join(_fmt([f(r) for r in rs]) for f in cols.values())
-                         + f" | {_fmt([r['wall_s'] for r in rs], 0)} |")
+            lines.append(
+                f"| {m} | "
+                + " | ".join(_fmt([f(r) for r in rs]) for f in cols.values())
+                + f" | {_fmt([r['wall_s'] for r in rs], 0)} |"
+            )
     meta = [(m, [r for r in runs if r["method"] == m and r.get("meta_grads")]) for m in methods]
     meta = [(m, rs) for m, rs in meta if rs]
     if meta:
@@ -253,14 +297,22 @@ def summarise(runs: list[dict], methods: list[str], start: dict | None = None) -
             means = [statistics.mean(r["meta_grads"]) for r in rs]
             shares = [sum(g > 0 for g in r["meta_grads"]) / len(r["meta_grads"]) for r in rs]
             final_mu = [r["mu_curve"][-1][1] for r in rs if r["mu_curve"]]
-            lines.append(f"| {m} | {_fmt([len(r['meta_grads']) for r in rs], 0)} | {_fmt(means, 5)} | {_fmt(shares, 2)} "
-                         f"| {_fmt(final_mu, 2) if final_mu else ''} |")
+            lines.append(
+                f"| {m} | {_fmt([len(r['meta_grads']) for r in rs], 0)} | {_fmt(means, 5)} | {_fmt(shares, 2)} "
+                f"| {_fmt(final_mu, 2) if final_mu else ''} |"
+            )
     pairs = separated(runs, methods, start)
     if all(sum(r["method"] == m for r in runs) < 2 for m in methods):
         lines += ["", "One run per method: no seed standard deviation, so no pair of methods is tested for separation."]
     else:
-        lines += ["", "Pairs of methods more than two seed standard deviations apart:" if pairs else
-                  "No pair of methods is more than two seed standard deviations apart on any axis.", "", *pairs]
+        lines += [
+            "",
+            "Pairs of methods more than two seed standard deviations apart:"
+            if pairs
+            else "No pair of methods is more than two seed standard deviations apart on any axis.",
+            "",
+            *pairs,
+        ]
     return "\n".join(lines).rstrip()
 
 
@@ -291,8 +343,14 @@ def plot(runs: list[dict], methods: list[str], path: Path, start: dict | None = 
         if acc:
             ax1.plot(*zip(*acc), marker="o", ms=3, **kw)
         if skills:
-            per_run = [[(s, statistics.mean(dict(r["retention_curves"][k])[s] for k in skills))
-                        for s, _ in r["retention_curves"][skills[0]]] for r in rs if r.get("retention_curves")]
+            per_run = [
+                [
+                    (s, statistics.mean(dict(r["retention_curves"][k])[s] for k in skills))
+                    for s, _ in r["retention_curves"][skills[0]]
+                ]
+                for r in rs
+                if r.get("retention_curves")
+            ]
             ret = mean_curve(per_run)
             if ret:
                 ax2.plot(*zip(*ret), marker="o", ms=3, **kw)
@@ -310,10 +368,16 @@ def plot(runs: list[dict], methods: list[str], path: Path, start: dict | None = 
     for q in BUDGET_POINTS:  # where the table reads the accuracy
         ax1.axvline(budget * q / 100, color="grey", lw=0.5, alpha=0.5)
     ax1.set(xlabel="policy updates", ylabel="val/accuracy", title="in domain (sample efficiency)")
-    ax2.set(xlabel="policy updates", ylabel="mean val/retention/<skill>",
-            title="retention: " + ", ".join(skills) if skills else "retention")
-    ax3.set(xticks=range(len(methods)), ylabel="final val/expert_nll_correct (nats/token)",
-            title="imitation where the expert is right")
+    ax2.set(
+        xlabel="policy updates",
+        ylabel="mean val/retention/<skill>",
+        title="retention: " + ", ".join(skills) if skills else "retention",
+    )
+    ax3.set(
+        xticks=range(len(methods)),
+        ylabel="final val/expert_nll_correct (nats/token)",
+        title="imitation where the expert is right",
+    )
     ax3.set_xticklabels(methods, rotation=30, fontsize=8)
     ax4.set(xlabel="policy updates", ylabel="train/mu (SFT weight)", title="mu")
     ax1.legend(fontsize=7)
@@ -328,27 +392,47 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400, help="policy updates per run (a multiple of 4)")
-    p.add_argument("--val-every", type=int, default=None,
-                   help="policy updates between validations; must divide --steps / 4 (default: its largest "
-                        "divisor that gives at least 8 validations)")
-    p.add_argument("--start", choices=["base", "scratch"], default="base",
-                   help="the checkpoint every run starts from: the multi-skill base checkpoint (embedded-base) "
-                        "or the freshly initialised model (embedded)")
-    p.add_argument("--expert-error-rate", type=float, default=DEFAULT_ERROR_RATE,
-                   help="share of addition problems the expert systematically gets wrong (data.expert_error_rate)")
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=None,
+        help="policy updates between validations; must divide --steps / 4 (default: its largest "
+        "divisor that gives at least 8 validations)",
+    )
+    p.add_argument(
+        "--start",
+        choices=["base", "scratch"],
+        default="base",
+        help="the checkpoint every run starts from: the multi-skill base checkpoint (embedded-base) "
+        "or the freshly initialised model (embedded)",
+    )
+    p.add_argument(
+        "--expert-error-rate",
+        type=float,
+        default=DEFAULT_ERROR_RATE,
+        help="share of addition problems the expert systematically gets wrong (data.expert_error_rate)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: 2 methods, 1 seed, 8 steps (and, unless {embedded.BASE_STEPS_ENV} is set, a "
-                        f"base checkpoint pre-trained for 20 updates)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: 2 methods, 1 seed, 8 steps (and, unless {embedded.BASE_STEPS_ENV} is set, a "
+        f"base checkpoint pre-trained for 20 updates)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each with --threads torch threads")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--from-runs", action="store_true",
-                   help="train nothing: summarise the finished runs already under --out")
+    p.add_argument(
+        "--from-runs", action="store_true", help="train nothing: summarise the finished runs already under --out"
+    )
     a, extra = p.parse_known_args()  # anything else is passed to every train.py run
     if a.quick:
         a.methods, a.seeds, a.steps, a.val_every = ["sft", "chord_phi"], [0], 8, 2
-        extra += ["--trainer.limit_val_batches=1", "--data.init_args.expert_batch_size=8",
-                  "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=20"]
+        extra += [
+            "--trainer.limit_val_batches=1",
+            "--data.init_args.expert_batch_size=8",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.val_batch_size=20",
+        ]
         os.environ.setdefault(embedded.BASE_STEPS_ENV, "20")
     if a.steps < 4 or a.steps % 4:
         p.error(f"--steps={a.steps} must be a positive multiple of 4 (accuracy is reported at 25%, 50% and 100%)")
@@ -364,8 +448,11 @@ def main() -> None:
         seed, m = job
         r = run_one(m, seed, a.steps, a.val_every, a.out, extra, a.threads, a.start, a.expert_error_rate)
         ret = " ".join(f"{k} {v:.3f}" for k, v in r["final_retention"].items())
-        print(f"{m} seed {seed}: final acc {r['final_accuracy']:.3f} retention {ret} "
-              f"expert_nll_correct {r['final_expert_nll_correct']:.3f} ({r['wall_s']:.0f} s)", flush=True)
+        print(
+            f"{m} seed {seed}: final acc {r['final_accuracy']:.3f} retention {ret} "
+            f"expert_nll_correct {r['final_expert_nll_correct']:.3f} ({r['wall_s']:.0f} s)",
+            flush=True,
+        )
         return r
 
     start_time = time.perf_counter()
@@ -387,15 +474,24 @@ def main() -> None:
         header = f"{first} Summarised again on {date.today()} with `python benchmarks/methods.py --from-runs`.\n\n"
     else:
         if a.from_runs:
-            how = (f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had "
-                   f"finished (wall time: span of each run's event file, training and validation only)")
+            how = (
+                f"`python benchmarks/methods.py --from-runs --out {a.out}`, summarising the runs that had "
+                f"finished (wall time: span of each run's event file, training and validation only)"
+            )
         else:
-            how = (f"`{' '.join(['python benchmarks/methods.py', *sys.argv[1:]])}` "
-                   f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)")
-        begin = ("the multi-skill base checkpoint (embedded-base)" if a.start == "base"
-                 else "the freshly initialised model (embedded)")
-        header = (f"Embedded addition task, noisy expert ({a.expert_error_rate:.0%} systematic carry errors); every run "
-                  f"starts from {begin}; {a.steps} policy updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n")
+            how = (
+                f"`{' '.join(['python benchmarks/methods.py', *sys.argv[1:]])}` "
+                f"({a.jobs} runs at once, {a.threads} torch thread each; whole benchmark {total / 60:.1f} min)"
+            )
+        begin = (
+            "the multi-skill base checkpoint (embedded-base)"
+            if a.start == "base"
+            else "the freshly initialised model (embedded)"
+        )
+        header = (
+            f"Embedded addition task, noisy expert ({a.expert_error_rate:.0%} systematic carry errors); every run "
+            f"starts from {begin}; {a.steps} policy updates per run; seeds {a.seeds}; {date.today()}; {how}.\n\n"
+        )
     (a.out / "methods.md").write_text(header + table + "\n")
     (a.out / "methods.json").write_text(json.dumps(runs, indent=1))
     plotted = plot(runs, a.methods, a.out / "curves.png", start)

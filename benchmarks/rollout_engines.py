@@ -17,6 +17,7 @@ tokens). Timed, after one untimed warm-up call each, as the median of --repeats 
 Prints one JSON object (completion tokens per second of each, seconds per call, the ratio) and, with
 --out, writes it there. Needs vLLM (``make setup-vllm`` on a CPU: run with .venv-vllm/bin/python).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,10 +44,20 @@ def qwen2_half_billion(path: Path, dtype: str) -> str:
     from lit_align.data.embedded import build_tokenizer
 
     if not (path / "config.json").exists():
-        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                             tie_word_embeddings=True, rope_theta=1000000.0, eos_token_id=1, pad_token_id=0,
-                             bos_token_id=None)
+        config = Qwen2Config(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_theta=1000000.0,
+            eos_token_id=1,
+            pad_token_id=0,
+            bos_token_id=None,
+        )
         torch.manual_seed(0)
         model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
         model.save_pretrained(path)
@@ -66,7 +77,12 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--G", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48, help="prompt + new tokens <= the checkpoint's positions (64 for the default Llama)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=48,
+        help="prompt + new tokens <= the checkpoint's positions (64 for the default Llama)",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (set before the engine)")
     p.add_argument("--kv-cache-bytes", type=int, default=512 << 20, help="the engine's KV cache (bounded on a CPU)")
@@ -75,7 +91,15 @@ def main() -> None:
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     if args.quick:
-        args.hidden, args.layers, args.heads, args.prompts, args.G, args.max_new_tokens, args.repeats = 64, 2, 2, 2, 2, 8, 1
+        args.hidden, args.layers, args.heads, args.prompts, args.G, args.max_new_tokens, args.repeats = (
+            64,
+            2,
+            2,
+            2,
+            2,
+            8,
+            1,
+        )
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
@@ -91,7 +115,9 @@ def main() -> None:
         path = qwen2_half_billion(embedded.cache_dir() / "bench" / f"qwen2-0.5b-random-{args.dtype}", args.dtype)
     else:
         target = embedded.cache_dir() / "bench" / f"llama-h{args.hidden}-l{args.layers}-a{args.heads}"
-        path = str(embedded._atomic_dir(target, lambda d: embedded.build_checkpoint(d, args.hidden, args.layers, args.heads)))
+        path = str(
+            embedded._atomic_dir(target, lambda d: embedded.build_checkpoint(d, args.hidden, args.layers, args.heads))
+        )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -104,8 +130,18 @@ def main() -> None:
     prompt_ids = torch.randint(2, min(vocab, len(tok)), (args.prompts, args.prompt_len), generator=gen).to(args.device)
     prompt_mask = torch.ones_like(prompt_ids)
     T, G = args.max_new_tokens, args.G
-    settings = dict(max_new_tokens=T, min_new_tokens=T, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                    min_p=0.0, repetition_penalty=1.0, pad_token_id=0, eos_token_id=[1])
+    settings = dict(
+        max_new_tokens=T,
+        min_new_tokens=T,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        pad_token_id=0,
+        eos_token_id=[1],
+    )
 
     def sync():
         if args.device.startswith("cuda"):
@@ -129,8 +165,12 @@ def main() -> None:
     hf_s, hf_tokens = timed(hf)
 
     build = time.perf_counter()
-    engine = VLLMEngine(path, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_bytes if args.device == "cpu" else None,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+    engine = VLLMEngine(
+        path,
+        dtype=args.dtype,
+        kv_cache_memory_bytes=args.kv_cache_bytes if args.device == "cpu" else None,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     build = time.perf_counter() - build
     engine.load_weights((n, t.detach()) for n, t in model.state_dict().items())
     seed = iter(range(10**6))
@@ -139,8 +179,9 @@ def main() -> None:
         ids, mask, _ = engine.generate(prompt_ids, prompt_mask, settings, G, next(seed))
         if score:
             with torch.no_grad():
-                score_completions(model, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), ids,
-                                  mask, 1.0)
+                score_completions(
+                    model, prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0), ids, mask, 1.0
+                )
         return int(mask.sum())
 
     vllm_s, vllm_tokens = timed(vllm)
@@ -151,18 +192,33 @@ def main() -> None:
     engine.close()
     assert hf_tokens == vllm_tokens == args.prompts * G * T, (hf_tokens, vllm_tokens)
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {args.threads} thread(s)"
+    )
     import vllm as vllm_package
 
     result = {
-        "date": str(date.today()), "device": device, "vllm": vllm_package.__version__, "torch": torch.__version__,
-        "model": "random Qwen2.5-0.5B-shaped" if args.qwen else (args.model or f"random Llama h{args.hidden} l{args.layers}"),
-        "parameters": params, "vocab": vocab, "dtype": args.dtype, "rows": args.prompts * G, "prompt_tokens": args.prompt_len,
+        "date": str(date.today()),
+        "device": device,
+        "vllm": vllm_package.__version__,
+        "torch": torch.__version__,
+        "model": "random Qwen2.5-0.5B-shaped"
+        if args.qwen
+        else (args.model or f"random Llama h{args.hidden} l{args.layers}"),
+        "parameters": params,
+        "vocab": vocab,
+        "dtype": args.dtype,
+        "rows": args.prompts * G,
+        "prompt_tokens": args.prompt_len,
         "new_tokens": T,
         "tokens_per_s": {"hf": hf_tokens / hf_s, "vllm": vllm_tokens / vllm_s, "vllm+score": vllm_tokens / scored_s},
         "seconds_per_call": {"hf": hf_s, "vllm": vllm_s, "vllm+score": scored_s},
-        "vllm_over_hf": hf_s / vllm_s, "vllm+score_over_hf": hf_s / scored_s,
-        "engine_build_s": build, "weight_sync_s": sync_s,
+        "vllm_over_hf": hf_s / vllm_s,
+        "vllm+score_over_hf": hf_s / scored_s,
+        "engine_build_s": build,
+        "weight_sync_s": sync_s,
     }
     text = json.dumps(result, indent=2)
     print(text)

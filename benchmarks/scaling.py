@@ -8,6 +8,7 @@ knob is varied at a time; every completion is exactly max new tokens long (``--i
 point is ``benchmarks/throughput.py``'s measurement of GRPO in a fresh process. Writes
 ``<out>/scaling.md`` (a markdown table with the date and the command) and ``<out>/scaling.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,21 @@ def main() -> None:
             if key not in seen:
                 hidden, layers, heads = point["size"]
                 args = argparse.Namespace(
-                    model=throughput.bench_checkpoint(hidden, layers, heads), prompts=a.prompts, G=point["G"],
-                    max_new_tokens=point["max_new_tokens"], steps=a.steps, warmup=a.warmup, lr=1e-5, temperature=1.0,
-                    accelerator="auto", seed=0, loss_aggregation="token-mean", expert_batch_size=None,
-                    threads=a.threads, ignore_eos=True, prompt_data=None,
+                    model=throughput.bench_checkpoint(hidden, layers, heads),
+                    prompts=a.prompts,
+                    G=point["G"],
+                    max_new_tokens=point["max_new_tokens"],
+                    steps=a.steps,
+                    warmup=a.warmup,
+                    lr=1e-5,
+                    temperature=1.0,
+                    accelerator="auto",
+                    seed=0,
+                    loss_aggregation="token-mean",
+                    expert_batch_size=None,
+                    threads=a.threads,
+                    ignore_eos=True,
+                    prompt_data=None,
                 )
                 seen[key] = dict(throughput.measure_in_subprocess("grpo", args), size=f"h{hidden}-l{layers}")
                 r = seen[key]
@@ -82,8 +94,9 @@ def main() -> None:
     )
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "scaling.md").write_text(header + "\n".join(lines) + "\n")
-    (a.out / "scaling.json").write_text(json.dumps({"date": str(date.today()), "command": throughput.command_line(),
-                                                    "runs": rows}, indent=1) + "\n")
+    (a.out / "scaling.json").write_text(
+        json.dumps({"date": str(date.today()), "command": throughput.command_line(), "runs": rows}, indent=1) + "\n"
+    )
     print("\n".join(lines))
 
 

@@ -16,6 +16,7 @@ Without ``--model``, a freshly initialised Llama (``--hidden``, ``--layers``, ``
 with lit_align.data.embedded.build_checkpoint; prompts are the embedded task's two-digit sums
 (all the same length, so every step has the same shapes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -123,8 +124,12 @@ def step_flops(model, step: dict) -> dict:
     completion = step["completion_tokens_per_step"]
     tokens = step["prompt_tokens_per_step"] + completion
     per_forward = (n - head) * tokens + head * completion
-    return {"linear_parameters": n, "head_parameters": head, "generation_gflop_per_step": 2 * per_forward / 1e9,
-            "training_gflop_per_step": 6 * per_forward / 1e9}
+    return {
+        "linear_parameters": n,
+        "head_parameters": head,
+        "generation_gflop_per_step": 2 * per_forward / 1e9,
+        "training_gflop_per_step": 6 * per_forward / 1e9,
+    }
 
 
 def matmul_gflops(model, rows: int, seconds: float = 1.0) -> float:
@@ -210,8 +215,12 @@ def measure(
     model = model or bench_checkpoint()
     L.seed_everything(seed, verbose=False)
     common = dict(
-        model_name_or_path=model, num_generations=G, max_new_tokens=max_new_tokens, temperature=temperature,
-        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0), beta=0.0,
+        model_name_or_path=model,
+        num_generations=G,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
+        beta=0.0,
         loss_aggregation=loss_aggregation,
     )
     if method == "grpo":
@@ -227,8 +236,13 @@ def measure(
         policy_module.generate = functools.partial(sample_generate, min_new_tokens=max_new_tokens)
     expert_batch_size = expert_batch_size or max(1, prompts * G // 4)  # the paper's ~20% expert share
     data = MixedDataModule(
-        model_name_or_path=model, expert_data=expert, prompt_data=prompt_data or bench_prompts(), val_data=None,
-        prompt_batch_size=prompts, expert_batch_size=expert_batch_size, seed=seed,
+        model_name_or_path=model,
+        expert_data=expert,
+        prompt_data=prompt_data or bench_prompts(),
+        val_data=None,
+        prompt_batch_size=prompts,
+        expert_batch_size=expert_batch_size,
+        seed=seed,
     )
 
     class StepTimer(Callback):
@@ -268,8 +282,15 @@ def measure(
 
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_steps=warmup + steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator=accelerator,
+        devices=1,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
         callbacks=[timer],
     )
     try:
@@ -277,7 +298,7 @@ def measure(
     finally:
         if ignore_eos:
             policy_module.generate = sample_generate
-    timed = timer.records[warmup - 1:]
+    timed = timer.records[warmup - 1 :]
     summary = summarise_steps(timed)
     memory = peak_memory_mib()  # before the matmul measurement allocates anything
     # FLOPs for GRPO only: CHORD's expert rows add training work that step_flops does not count
@@ -329,10 +350,33 @@ def measure_in_subprocess(method: str, args: argparse.Namespace) -> dict:
 
 
 def _forwarded(a: argparse.Namespace) -> list[str]:
-    out = ["--model", a.model, "--prompts", str(a.prompts), "--G", str(a.G), "--max-new-tokens", str(a.max_new_tokens),
-           "--steps", str(a.steps), "--warmup", str(a.warmup), "--lr", str(a.lr), "--temperature", str(a.temperature),
-           "--accelerator", a.accelerator, "--seed", str(a.seed), "--loss-aggregation", a.loss_aggregation,
-           "--threads", str(a.threads), "--ignore-eos" if a.ignore_eos else "--no-ignore-eos"]
+    out = [
+        "--model",
+        a.model,
+        "--prompts",
+        str(a.prompts),
+        "--G",
+        str(a.G),
+        "--max-new-tokens",
+        str(a.max_new_tokens),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--lr",
+        str(a.lr),
+        "--temperature",
+        str(a.temperature),
+        "--accelerator",
+        a.accelerator,
+        "--seed",
+        str(a.seed),
+        "--loss-aggregation",
+        a.loss_aggregation,
+        "--threads",
+        str(a.threads),
+        "--ignore-eos" if a.ignore_eos else "--no-ignore-eos",
+    ]
     if a.prompt_data:
         out += ["--prompt-data", a.prompt_data]
     if a.expert_batch_size:
@@ -346,8 +390,12 @@ def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool | None = False) -
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--prompt-data", default=None, help="JSONL/CSV/... with prompt and answer columns "
-                   "(default: the embedded task's ab+cd= sums, all 6 tokens long)")
+    p.add_argument(
+        "--prompt-data",
+        default=None,
+        help="JSONL/CSV/... with prompt and answer columns "
+        "(default: the embedded task's ab+cd= sums, all 6 tokens long)",
+    )
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--G", type=int, default=8, help="completions per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -359,13 +407,21 @@ def add_arguments(p: argparse.ArgumentParser, ignore_eos: bool | None = False) -
     p.add_argument("--loss-aggregation", default="token-mean")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads per measuring process (0: torch's default, one per core). One "
-                        "thread keeps CPU timings stable on a shared machine, where several threads per process "
-                        "oversubscribe the cores")
-    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=ignore_eos,
-                   help="make every completion max-new-tokens long (EOS masked until then), so that both the work "
-                        "and the token count per step are fixed")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per measuring process (0: torch's default, one per core). One "
+        "thread keeps CPU timings stable on a shared machine, where several threads per process "
+        "oversubscribe the cores",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=ignore_eos,
+        help="make every completion max-new-tokens long (EOS masked until then), so that both the work "
+        "and the token count per step are fixed",
+    )
     p.add_argument("--quick", action="store_true", help="smoke test: tiny model, 2 prompts x 4, 1+2 steps")
 
 
@@ -390,8 +446,10 @@ def profiled(fn, path: Path | None, top: int = 25):
     stats = pstats.Stats(prof, stream=text).sort_stats("tottime")
     stats.print_stats(top)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {date.today()}: `{command_line()}`, cProfile, the {top} functions with the most own time\n"
-                    + text.getvalue())
+    path.write_text(
+        f"# {date.today()}: `{command_line()}`, cProfile, the {top} functions with the most own time\n"
+        + text.getvalue()
+    )
     return result
 
 
@@ -428,8 +486,12 @@ def write(out: Path, name: str, result: dict, md: str) -> None:
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if Path(sys.argv[0]).exists()
-                                 else sys.argv[0], *sys.argv[1:]])
+    return "python " + " ".join(
+        [
+            str(Path(sys.argv[0]).resolve().relative_to(ROOT)) if Path(sys.argv[0]).exists() else sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
 
 
 def main() -> None:
@@ -444,11 +506,29 @@ def main() -> None:
     a.model = a.model or bench_checkpoint(a.hidden, a.layers, a.heads)
     if a.in_process:
         set_threads(a.threads)
-        runs = profiled(lambda: [
-            measure(m, a.model, a.prompts, a.G, a.max_new_tokens, a.steps, a.warmup, a.lr, a.temperature,
-                    a.expert_batch_size, a.loss_aggregation, a.accelerator, a.seed, a.ignore_eos, a.prompt_data)
-            for m in a.methods
-        ], a.profile)
+        runs = profiled(
+            lambda: [
+                measure(
+                    m,
+                    a.model,
+                    a.prompts,
+                    a.G,
+                    a.max_new_tokens,
+                    a.steps,
+                    a.warmup,
+                    a.lr,
+                    a.temperature,
+                    a.expert_batch_size,
+                    a.loss_aggregation,
+                    a.accelerator,
+                    a.seed,
+                    a.ignore_eos,
+                    a.prompt_data,
+                )
+                for m in a.methods
+            ],
+            a.profile,
+        )
     else:
         runs = [measure_in_subprocess(m, a) for m in a.methods]
     result = {"date": str(date.today()), "command": command_line(), "runs": runs}

@@ -1,4 +1,5 @@
 """lit-align: single-stage LLM post-training (SFT + RL in one run) as PyTorch Lightning modules."""
+
 from lit_align.data.datamodule import MixedDataModule
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.chord import CHORDModule
@@ -6,5 +7,13 @@ from lit_align.modules.grpo import GRPOModule, SFTThenGRPOModule
 from lit_align.modules.policy import PolicyModule
 from lit_align.modules.sft import SFTModule
 
-__all__ = ["AMFTModule", "CHORDModule", "MixedDataModule", "PolicyModule", "SFTModule", "GRPOModule", "SFTThenGRPOModule"]
+__all__ = [
+    "AMFTModule",
+    "CHORDModule",
+    "MixedDataModule",
+    "PolicyModule",
+    "SFTModule",
+    "GRPOModule",
+    "SFTThenGRPOModule",
+]
 __version__ = "0.1.0"

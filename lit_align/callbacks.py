@@ -4,6 +4,7 @@ The scalars themselves (train/mu, train/token_weight_mean, train/entropy_usual, 
 by the modules from values they already computed, so monitoring costs no extra forward pass.
 These callbacks add what ``self.log`` cannot: text samples and token-weight histograms.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,7 +52,9 @@ class AlignmentMonitor(L.Callback):
         samples = getattr(pl_module, "last_samples", None)
         if samples:
             rows = ["| prompt | completion | reward |", "|---|---|---|"]
-            for p, c, r in list(zip(samples["prompts"], samples["completions"], samples["rewards"]))[: self.num_samples]:
+            for p, c, r in list(zip(samples["prompts"], samples["completions"], samples["rewards"]))[
+                : self.num_samples
+            ]:
                 cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
                 rows.append(f"| {cell(p)} | {cell(c)} | {r:.3g} |")
             writer.add_text("samples", "\n".join(rows), step)

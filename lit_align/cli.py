@@ -1,4 +1,5 @@
 """The command line: ``python train.py fit --config configs/chord_phi.yaml``."""
+
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -67,7 +68,10 @@ def trainer_defaults() -> dict:
         },
         "callbacks": [
             ModelCheckpoint(
-                monitor="val/accuracy", mode="max", save_last=True, filename="best-step{step}",
+                monitor="val/accuracy",
+                mode="max",
+                save_last=True,
+                filename="best-step{step}",
                 auto_insert_metric_name=False,
             ),
             AlignmentMonitor(),

@@ -1,4 +1,5 @@
 """Reading scalars back from TensorBoard event files (for tests, benchmarks and reports)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ merged into them), the model config, the generation config and the tokenizer, an
 config and tokenizer come from the checkpoint's ``model_name_or_path`` unless ``--base`` names
 another copy (e.g. when the run was trained on another machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def merge_lora(peft_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if not isinstance(module, LoraLayer):
             continue
         if not isinstance(module, LoraLinear):
-            raise NotImplementedError(f"{name}: merging {type(module).__name__} adapters is not supported (Linear only)")
+            raise NotImplementedError(
+                f"{name}: merging {type(module).__name__} adapters is not supported (Linear only)"
+            )
         base = state.pop(f"{name}.base_layer.weight")
         merged = base.float()
         for adapter in module.active_adapters:
@@ -47,11 +50,17 @@ def merge_lora(peft_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     for key in [k for k in state if ".lora_" in k]:  # inactive adapters
         del state[key]
     prefix = "base_model.model."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
-def save_hf_dir(config, generation_config, tokenizer, state: dict[str, torch.Tensor], target: str | Path,
-                trust_remote_code: bool = False) -> Path:
+def save_hf_dir(
+    config,
+    generation_config,
+    tokenizer,
+    state: dict[str, torch.Tensor],
+    target: str | Path,
+    trust_remote_code: bool = False,
+) -> Path:
     """Write ``state`` (plain HF names, whole tensors) as a from_pretrained-able directory.
 
     The weights go through a parameter-free skeleton (built on the meta device from ``config``), so
@@ -87,8 +96,14 @@ def save_module(pl_module, target: str | Path, state: dict[str, torch.Tensor]) -
     model = pl_module.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # the config as loaded: the dropout probabilities disable_dropout zeroed for training put back
-    return save_hf_dir(config_as_loaded(base.config), getattr(base, "generation_config", None), pl_module.tokenizer,
-                       state, target, pl_module.hparams.get("trust_remote_code", False))
+    return save_hf_dir(
+        config_as_loaded(base.config),
+        getattr(base, "generation_config", None),
+        pl_module.tokenizer,
+        state,
+        target,
+        pl_module.hparams.get("trust_remote_code", False),
+    )
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -124,7 +139,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = 
         generation_config = GenerationConfig.from_pretrained(source)
     except OSError:
         generation_config = GenerationConfig.from_model_config(config)
-    state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{ckpt}: its state_dict holds no policy weights (keys starting with 'model.')")
     if hp.get("lora"):
@@ -142,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lit_align.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", help="Lightning checkpoint (.ckpt file or sharded checkpoint directory)")
     parser.add_argument("out_dir", help="directory to write the Hugging Face model and tokenizer to")
-    parser.add_argument("--base", default=None, help="base model (config + tokenizer) if not the checkpoint's model_name_or_path")
+    parser.add_argument(
+        "--base", default=None, help="base model (config + tokenizer) if not the checkpoint's model_name_or_path"
+    )
     args = parser.parse_args(argv)
     out = export_checkpoint(args.ckpt, args.out_dir, args.base)
     print(f"exported {args.ckpt} -> {out}")

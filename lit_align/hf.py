@@ -1,4 +1,5 @@
 """Loading a policy and its tokenizer the way a user's own checkpoint is loaded; switching its dropout off."""
+
 from __future__ import annotations
 
 import re
@@ -51,8 +52,12 @@ _AS_LOADED: dict[int, list[tuple[tuple[str, ...], float]]] = {}  # id(config) ->
 
 
 def _is_rate(name: str, value) -> bool:
-    return (isinstance(value, float) and 0.0 < value < 1.0 and "keep" not in name.lower()
-            and _RATE_NAME.search(name.lower()) is not None)
+    return (
+        isinstance(value, float)
+        and 0.0 < value < 1.0
+        and "keep" not in name.lower()
+        and _RATE_NAME.search(name.lower()) is not None
+    )
 
 
 def disable_dropout_in_model(model) -> int:

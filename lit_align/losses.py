@@ -3,6 +3,7 @@
 Shapes: B rows, T token positions. ``mask`` is 1 where a token counts, 0 elsewhere.
 Each loss returns ``(loss, metrics)``; ``metrics`` holds detached scalars ready to log.
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,7 +85,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
     gradient is written into ``logits``' own storage: no second (B, T, V) tensor at all."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float, consume: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, logits: torch.Tensor, ids: torch.Tensor, temperature: float, consume: bool = False
+    ) -> torch.Tensor:
         B, T, V = logits.shape
         acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 logits
         out = torch.empty(B, T, dtype=acc, device=logits.device)
@@ -130,7 +133,9 @@ class _NoCtx:
         pass
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, consume: bool = False) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, consume: bool = False
+) -> torch.Tensor:
     """log softmax(logits / temperature) gathered at ``ids``: (B, T, V), (B, T) -> (B, T), in float32
     (float64 for float64 logits). Also (N, V), (N,) -> (N,).
 
@@ -171,6 +176,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     Differentiable when ``logits`` carries a graph (AMFT's entropy term); otherwise computed over
     chunks of positions (see :func:`chunked`), so no full-size temporaries.
     """
+
     def entropy(x: torch.Tensor) -> torch.Tensor:
         if temperature != 1.0:
             x = x / temperature
@@ -298,7 +304,8 @@ def clipped_surrogate(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`surrogate_per_token` aggregated over ``mask`` (B, T); metrics as token-means
     (``clip_ratio``: the share of tokens where the clipped branch is the one taken)."""
-    per_token, per = surrogate_per_token(logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp, beta,
-                                         kl_estimator)
+    per_token, per = surrogate_per_token(
+        logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp, beta, kl_estimator
+    )
     loss = aggregate(per_token, mask, aggregation)
     return loss, {k: aggregate(v, mask, "token-mean") for k, v in per.items()}

@@ -21,6 +21,7 @@ sees them. Math-Verify's own time limits use ``signal.alarm`` (main thread only)
 off; :class:`lit_align.rewards.MathAnswerReward` puts a per-answer time limit around each check
 that works in any thread.
 """
+
 from __future__ import annotations
 
 import functools
@@ -258,4 +259,3 @@ def answers_equivalent(prediction: str, reference: str, max_chars: int = 200) ->
     if not gold or not pred:
         return False
     return bool(math_verify.verify(gold, pred, timeout_seconds=None))
-

@@ -59,6 +59,7 @@ __all__ = [
 
 T = TypeVar("T")
 
+
 class RewardError(RuntimeError):
     """A reward function raised, hung, or returned invalid scores."""
 
@@ -252,7 +253,11 @@ class ThinkFormatReward:
                 raise ValueError(f"ThinkFormatReward.{name}={tag!r} must be a tag name such as 'think' (no <, >, /)")
         self.think_tag, self.answer_tag, self.reward = think_tag, answer_tag or None, float(reward)
         t = re.escape(think_tag)
-        tail = rf"(?=\S)(?:(?!</?{t}>).)+" if self.answer_tag is None else rf"<{re.escape(self.answer_tag)}>(?:(?!</?{re.escape(self.answer_tag)}>).)+</{re.escape(self.answer_tag)}>\s*"
+        tail = (
+            rf"(?=\S)(?:(?!</?{t}>).)+"
+            if self.answer_tag is None
+            else rf"<{re.escape(self.answer_tag)}>(?:(?!</?{re.escape(self.answer_tag)}>).)+</{re.escape(self.answer_tag)}>\s*"
+        )
         self._pattern = re.compile(rf"\s*<{t}>(?:(?!</?{t}>).)*</{t}>\s*{tail}", re.DOTALL)
 
     def __call__(self, completions: list[str], **kwargs) -> list[float]:
@@ -279,7 +284,9 @@ class SoftOverlongPunishment:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"SoftOverlongPunishment.max_new_tokens={max_new_tokens!r} must be an integer >= 1")
         if not isinstance(buffer, int) or not 1 <= buffer <= max_new_tokens:
-            raise ValueError(f"SoftOverlongPunishment.buffer={buffer!r} must be an integer in [1, max_new_tokens={max_new_tokens}]")
+            raise ValueError(
+                f"SoftOverlongPunishment.buffer={buffer!r} must be an integer in [1, max_new_tokens={max_new_tokens}]"
+            )
         if not math.isfinite(penalty) or penalty < 0:
             raise ValueError(f"SoftOverlongPunishment.penalty={penalty!r} must be a finite number >= 0")
         self.max_new_tokens, self.buffer, self.penalty = max_new_tokens, buffer, float(penalty)
@@ -344,8 +351,14 @@ def _short(text) -> str:
 
 
 def _score_calls(
-    call: Callable[[list[int] | None], Any], n: int, name: str, prompts: list, completions: list,
-    on_error: str, timeout_s: float | None, allow_none: bool = False,
+    call: Callable[[list[int] | None], Any],
+    n: int,
+    name: str,
+    prompts: list,
+    completions: list,
+    on_error: str,
+    timeout_s: float | None,
+    allow_none: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The shared safe-scoring core: ``call(None)`` scores all ``n`` rows, ``call([i])`` row i.
     Returns (rewards, applies, n_errors): failed rows score 0 (``on_error="zero"``) or raise."""
@@ -555,9 +568,14 @@ class RewardSet:
         return next((f for f in self.functions if takes_answers(f)), None)
 
     def score(
-        self, prompts: list[str], completions: list[str], answers: list[str],
-        completion_ids: list[list[int]] | None = None, columns: dict[str, list] | None = None,
-        on_error: str = "raise", timeout_s: float | None = None,
+        self,
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str],
+        completion_ids: list[list[int]] | None = None,
+        columns: dict[str, list] | None = None,
+        on_error: str = "raise",
+        timeout_s: float | None = None,
     ) -> RewardScores:
         """Score N completions with every function (each under ``timeout_s`` per call).
 
@@ -576,10 +594,15 @@ class RewardSet:
             if takes_answers(fn):
                 values, applies, n_err = self._score_lit(fn, name, prompts, completions, answers, on_error, timeout_s)
             else:
+
                 def call(rows, fn=fn):
                     pick = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
-                    return fn(prompts=pick(prompts), completions=pick(completions), completion_ids=pick(ids),
-                              **{key: pick(v) for key, v in columns.items()})
+                    return fn(
+                        prompts=pick(prompts),
+                        completions=pick(completions),
+                        completion_ids=pick(ids),
+                        **{key: pick(v) for key, v in columns.items()},
+                    )
 
                 values, applies, n_err = _score_calls(call, n, name, prompts, completions, on_error, timeout_s, True)
             per[:, k] = torch.where(applies, values, torch.full_like(values, math.nan))
@@ -591,7 +614,8 @@ class RewardSet:
             warnings.warn(
                 f"every reward function returned None for {int(unscored.sum())} of {n} completions (scored 0), e.g. "
                 f"prompt={_short(prompts[i])}, completion={_short(completions[i])}; functions: {', '.join(self.names)}",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning,
+                stacklevel=2,
             )
         total = (per * self.weights).nansum(1)
         return RewardScores(total, per, errors)
@@ -606,9 +630,15 @@ class RewardSet:
         return _score_calls(call, len(completions), name, prompts, completions, on_error, timeout_s)
 
     def correct(
-        self, prompts: list[str], completions: list[str], answers: list[str], scores: RewardScores | None = None,
-        completion_ids: list[list[int]] | None = None, columns: dict[str, list] | None = None,
-        on_error: str = "raise", timeout_s: float | None = None,
+        self,
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str],
+        scores: RewardScores | None = None,
+        completion_ids: list[list[int]] | None = None,
+        columns: dict[str, list] | None = None,
+        on_error: str = "raise",
+        timeout_s: float | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Bool ``(N,)``: which completions are correct, and the failed checks. The judge's own
         ``correct`` (the first lit-align-interface function's) if it has one, else its reward >= 1

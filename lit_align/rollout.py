@@ -5,6 +5,7 @@ the training forward.
 
 No Lightning here. The model is any ``transformers`` causal LM; prompts arrive left-padded.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -27,7 +28,9 @@ class Rollout:
     old_logp: torch.Tensor  # (B*G, T) log-probs of the sampled tokens at sampling time
     entropy: torch.Tensor  # (B*G, T) entropy of the sampling distribution
     completions: list[str]  # decoded completions (see completion_texts: special tokens dropped by default)
-    sampler: str = "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
+    sampler: str = (
+        "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
+    )
     sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
 
     @property
@@ -55,7 +58,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-_FORWARD_ARGS: "weakref.WeakKeyDictionary[torch.nn.Module, frozenset]" = weakref.WeakKeyDictionary()
+_FORWARD_ARGS: weakref.WeakKeyDictionary[torch.nn.Module, frozenset] = weakref.WeakKeyDictionary()
 
 
 def _forward_args(model) -> frozenset:
@@ -163,26 +166,70 @@ def _eos_ids(model, tokenizer) -> list[int] | None:
 # ---------------------------------------------------------------------------------------------- settings
 # The generation settings lit-align's sampler applies, on either path (decode, HF generate). Each one
 # comes from lit-align's own arguments; a checkpoint's generation config is never read for them.
-SETTINGS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
-            "repetition_penalty", "pad_token_id", "eos_token_id")
+SETTINGS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "pad_token_id",
+    "eos_token_id",
+)
 
 # Generation-config fields that do not change what is sampled (token ids, caching, output format,
 # bookkeeping): sampling_overrides never reports them. max_length: max_new_tokens wins over it in HF too.
-_NOT_SAMPLING = frozenset({
-    "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "max_length", "use_cache",
-    "cache_implementation", "cache_config", "max_cache_len", "return_dict_in_generate", "output_attentions",
-    "output_hidden_states", "output_scores", "output_logits", "num_return_sequences", "compile_config",
-    "disable_compile", "prefill_chunk_size", "continuous_batching_config", "transformers_version",
-    "_from_model_config",
-})
+_NOT_SAMPLING = frozenset(
+    {
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "return_dict_in_generate",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "num_return_sequences",
+        "compile_config",
+        "disable_compile",
+        "prefill_chunk_size",
+        "continuous_batching_config",
+        "transformers_version",
+        "_from_model_config",
+    }
+)
 
 # the value that switches a generation-config field off (what lit-align samples with when it does not set it)
 _OFF = {
-    "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
-    "renormalize_logits": False, "remove_invalid_values": False, "num_beams": 1, "num_beam_groups": 1,
-    "diversity_penalty": 0.0, "length_penalty": 1.0, "guidance_scale": 1.0,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "length_penalty": 1.0,
+    "guidance_scale": 1.0,
 }
 
 
@@ -224,24 +271,42 @@ def check_settings(settings: dict) -> None:
 
 
 def sampling_settings(
-    model, tokenizer, max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-    min_p: float = 0.0, repetition_penalty: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
+    model,
+    tokenizer,
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    greedy: bool = False,
+    min_new_tokens: int = 0,
 ) -> dict:
     """The complete generation settings :func:`generate` samples with: lit-align's arguments, plus the
     end and padding tokens (the checkpoint's ``eos_token_id``, else the tokenizer's; the tokenizer's
     pad token, else the first end token). No other field of ``model.generation_config`` is used.
     ``greedy``: argmax of the raw logits, the sampling arguments unused (they are still checked).
     Raises ValueError naming an argument that is out of range."""
-    check_settings(dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-                        top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
+    check_settings(
+        dict(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+        )
+    )
     eos_ids = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
     settings = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids, do_sample=not greedy)
     if min_new_tokens:
         settings["min_new_tokens"] = min_new_tokens
     if not greedy:
-        settings.update(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
+        settings.update(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty
+        )
     return settings
 
 
@@ -366,17 +431,22 @@ def generate(
     completion width T is the longest chunk's, shorter completions padded with the pad id, mask 0,
     log-prob 0 and entropy 0 (all float32, nats). The model's train/eval mode is restored afterwards.
     """
-    settings = sampling_settings(model, tokenizer, max_new_tokens, temperature, top_p, top_k, min_p,
-                                 repetition_penalty, greedy, min_new_tokens)
+    settings = sampling_settings(
+        model, tokenizer, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, greedy, min_new_tokens
+    )
     if generation_batch_size is not None and not (is_integer(generation_batch_size) and generation_batch_size >= 1):
         raise ValueError(f"generation_batch_size={generation_batch_size!r} must be None (all rows) or an integer >= 1")
     if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: lit-align samples decoder-only causal LMs")
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model: lit-align samples decoder-only causal LMs"
+        )
     G = num_generations if not greedy else 1
     sampler = "decode" if drop_finished and decode_supports(model) else "hf-generate"
     pad, t = settings["pad_token_id"], 1.0 if greedy else temperature
     rows = prompt_ids.shape[0] * G
-    chunks = _chunks(rows, G, rows if generation_batch_size is None else min(generation_batch_size, rows)) if rows else []
+    chunks = (
+        _chunks(rows, G, rows if generation_batch_size is None else min(generation_batch_size, rows)) if rows else []
+    )
     n_chunks = _all_reduce_max(len(chunks), prompt_ids.device) if synced_gpus else len(chunks)
     was_training = model.training
     model.eval()
@@ -403,13 +473,31 @@ def generate(
         return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float32 if k > 1 else torch.long)
 
     completion_ids, mask, old_logp, entropy = padded(0, pad), padded(1, 0), padded(2, 0.0), padded(3, 0.0)
-    texts = completion_texts(tokenizer, completion_ids, mask, settings["eos_token_id"], skip_special_tokens, pad) if rows else []
-    return Rollout(prompt_ids.repeat_interleave(G, dim=0), prompt_mask.repeat_interleave(G, dim=0), completion_ids,
-                   mask, old_logp, entropy, texts, sampler)
+    texts = (
+        completion_texts(tokenizer, completion_ids, mask, settings["eos_token_id"], skip_special_tokens, pad)
+        if rows
+        else []
+    )
+    return Rollout(
+        prompt_ids.repeat_interleave(G, dim=0),
+        prompt_mask.repeat_interleave(G, dim=0),
+        completion_ids,
+        mask,
+        old_logp,
+        entropy,
+        texts,
+        sampler,
+    )
 
 
-def completion_texts(tokenizer, completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_ids,
-                     skip_special_tokens: bool = True, pad_token_id: int | None = None) -> list[str]:
+def completion_texts(
+    tokenizer,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    eos_token_ids,
+    skip_special_tokens: bool = True,
+    pad_token_id: int | None = None,
+) -> list[str]:
     """The text of each completion (``completion_ids``, ``completion_mask``: (N, T)), from its tokens
     up to and including its first EOS. ``skip_special_tokens`` (TRL's behaviour): special tokens are
     dropped (the masked positions decoded as ``pad_token_id``, a special token). False: every token the
@@ -437,8 +525,17 @@ def completion_id_lists(rollout) -> list[list[int]] | None:
     return [row[: int(n)] for row, n in zip(ids.tolist(), rollout.completion_mask.sum(-1).tolist())]
 
 
-def _sample_chunk(sampler: str, model, prompt_ids, prompt_mask, counts: list[int], settings: dict, temperature: float,
-                  synced: bool, idle: bool = False) -> tuple[torch.Tensor, ...]:
+def _sample_chunk(
+    sampler: str,
+    model,
+    prompt_ids,
+    prompt_mask,
+    counts: list[int],
+    settings: dict,
+    temperature: float,
+    synced: bool,
+    idle: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """One chunk: ``counts[i]`` samples of prompt i. (completion ids, mask, log-probs, entropies), each
     (sum(counts), T). ``idle``: a stand-in chunk (see :func:`generate`); its output is meaningless."""
     repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts)
@@ -455,7 +552,11 @@ def _sample_chunk(sampler: str, model, prompt_ids, prompt_mask, counts: list[int
 
 
 def hf_generate(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, synced: bool = False,
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: dict,
+    synced: bool = False,
 ) -> torch.Tensor:
     """HF ``generate`` with ``settings`` (see :data:`SETTINGS`) and nothing else: the model's own
     generation config is swapped out for the call, so none of its fields (a checkpoint's top_k,
@@ -474,20 +575,28 @@ def hf_generate(
     before = inner.generation_config
     inner.generation_config = config  # what HF merges missing fields from: nothing of the checkpoint's
     try:
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                             synced_gpus=synced)
+        out = model.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
+        )
     finally:
         inner.generation_config = before
-    return out[:, prompt_ids.shape[1]:]
+    return out[:, prompt_ids.shape[1] :]
 
 
 # explicit "off" values where HF's global defaults are not off (top_k 50) or not set
-_OFF_FOR_HF = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1,
-                   use_cache=True)
+_OFF_FOR_HF = dict(
+    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1, use_cache=True
+)
 
 
-def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
-                      completion_mask: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def score_completions(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of ``completion_ids`` (B, T) and entropies (nats) under softmax(raw logits /
     ``temperature``), float32, 0 where ``completion_mask`` is 0: one forward over prompt + completion
     (B, P + T), with logits at the T completion positions only where the model takes ``logits_to_keep``
@@ -505,8 +614,14 @@ def score_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
 
 def decode(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, compact_at: float = 0.25,
-    repeats: int | torch.Tensor = 1, synced: bool = False, idle: bool = False,
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    settings: dict,
+    compact_at: float = 0.25,
+    repeats: int | torch.Tensor = 1,
+    synced: bool = False,
+    idle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or greedily pick) completions token by token with a KV cache, as HF ``generate`` does
     for ``settings`` (only those: :data:`SETTINGS`; anything else, or a value out of range, raises
@@ -537,8 +652,13 @@ def decode(
     finished or max_new_tokens (0 when ``idle``).
     """
     from transformers import (
-        DynamicCache, LogitsProcessorList, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        DynamicCache,
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     check_settings(settings)
@@ -579,8 +699,14 @@ def decode(
     mask = prompt_mask
     cache = DynamicCache(config=model.config)
     keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=True, **with_cache(model, cache), **keep_last)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        use_cache=True,
+        **with_cache(model, cache),
+        **keep_last,
+    )
     logits = out.logits[:, -1].float()
     history = prompt_ids
     if index is not None:  # one prefill per prompt; the rows that sample it share copies of its cache
@@ -633,7 +759,12 @@ def decode(
             history = torch.cat([history, token.unsqueeze(1)], dim=1)
         position = mask.sum(-1, keepdim=True)  # tokens attended so far: the new token's position
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position,
-                    use_cache=True, **with_cache(model, cache))
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **with_cache(model, cache),
+        )
         logits = out.logits[:, -1].float()
     return ids[:, :steps], logp[:, :steps], entropy[:, :steps]

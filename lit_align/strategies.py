@@ -28,6 +28,7 @@ Anything else is set in YAML::
 
 ``--trainer.strategy=fsdp`` (Lightning's FSDP1) stops at start-up with a message naming ``fsdp2``.
 """
+
 from __future__ import annotations
 
 import os
@@ -194,7 +195,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     @property
     def sharding_options(self) -> dict:
         """Keyword arguments for :func:`shard_model`, read by ``PolicyModule.configure_model``."""
-        return {"activation_checkpointing": self.activation_checkpointing, "reshard_after_forward": self.reshard_after_forward}
+        return {
+            "activation_checkpointing": self.activation_checkpointing,
+            "reshard_after_forward": self.reshard_after_forward,
+        }
 
     @property
     def checkpoint_io(self):

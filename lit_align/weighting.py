@@ -227,9 +227,7 @@ class AdaptiveMu(MuSchedule):
     def __call__(self, step: int, mean_reward: float | None = None) -> float:
         _check_step(step)
         if mean_reward is None:
-            raise ValueError(
-                "AdaptiveMu needs the batch mean reward: call schedule(step, mean_reward=...)"
-            )
+            raise ValueError("AdaptiveMu needs the batch mean reward: call schedule(step, mean_reward=...)")
         r = float(mean_reward)
         if not math.isfinite(r):
             raise ValueError(f"AdaptiveMu: mean_reward must be finite, got {r!r}")

@@ -4,6 +4,7 @@ The tokenizer and the checkpoint come from benchmarks/memory_scale.py's builders
 as Qwen2's is, Qwen2-Instruct's ChatML template, a freshly initialised Qwen2), here with a small vocabulary
 and a tiny body.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """Reward functions for tests only (importable by class path because tests/ is on sys.path)."""
+
 import torch
 
 from lit_align.rewards import RewardFunction
@@ -57,7 +58,9 @@ class CountingReward(RewardFunction):
         self.calls: list[torch.Tensor] = []
 
     def __call__(self, prompts, completions, answers):
-        r = torch.tensor([1.0 if c.strip() == a else 0.5 * (len(c.strip()) == len(a)) for c, a in zip(completions, answers)])
+        r = torch.tensor(
+            [1.0 if c.strip() == a else 0.5 * (len(c.strip()) == len(a)) for c, a in zip(completions, answers)]
+        )
         self.calls.append(r)
         return r
 

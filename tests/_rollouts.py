@@ -1,5 +1,6 @@
 """A fixed rollout with mixed prompt and completion lengths, for tests that compare forward paths
 (length groups, logits_to_keep) on the same batch."""
+
 import torch
 
 from lit_align.rollout import Rollout
@@ -20,5 +21,12 @@ def mixed_length_rollout(vocab: int, pad: int, seed: int = 0, dtype: torch.dtype
     completion_mask = torch.tensor([[1] * n + [0] * (T - n) for n in COMPLETION_LENS])
     completion_ids = torch.randint(3, vocab, (rows, T), generator=g) * completion_mask + pad * (1 - completion_mask)
     old_logp = (-torch.rand(rows, T, generator=g, dtype=dtype) * 3) * completion_mask
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, old_logp,
-                   torch.zeros(rows, T, dtype=dtype), [""] * rows)
+    return Rollout(
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        old_logp,
+        torch.zeros(rows, T, dtype=dtype),
+        [""] * rows,
+    )

@@ -1,5 +1,6 @@
 """AMFTModule on the embedded tiny Llama: the hypergradient, the direction of mu, warm-up and H*,
 the entropy term, the meta-network, step accounting, and a run through the CLI."""
+
 import copy
 import math
 import os
@@ -60,8 +61,14 @@ def batch(ckpt) -> dict:
 
 def make(ckpt, **kwargs) -> AMFTModule:
     defaults = dict(
-        model_name_or_path=ckpt, num_generations=8, max_new_tokens=4, reward=OperatorReward(), gradient_clip=0.0,
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.1), warmup_sft_steps=0, meta_interval=1,
+        model_name_or_path=ckpt,
+        num_generations=8,
+        max_new_tokens=4,
+        reward=OperatorReward(),
+        gradient_clip=0.0,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        warmup_sft_steps=0,
+        meta_interval=1,
     )
     return AMFTModule(**{**defaults, **kwargs})
 
@@ -82,8 +89,15 @@ def fit(module: AMFTModule, batch: dict, steps: int) -> tuple[L.Trainer, list[di
 
     module.log_metrics, module.training_step = record, counted_step
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
     )
     trainer.fit(module, DataLoader([batch] * steps, batch_size=None, collate_fn=lambda b: b))
     return trainer, logged
@@ -282,8 +296,14 @@ def test_meta_network_is_trained_through_the_module(ckpt, batch):
 
 # ----------------------------------------------------------------------------- arguments
 def test_arguments_are_validated(ckpt, batch):
-    for field, value in [("meta_interval", -1), ("warmup_sft_steps", -2), ("controller_lr", -1.0),
-                         ("entropy_coef", float("nan")), ("num_generations", 1), ("meta_objective", "accuracy")]:
+    for field, value in [
+        ("meta_interval", -1),
+        ("warmup_sft_steps", -2),
+        ("controller_lr", -1.0),
+        ("entropy_coef", float("nan")),
+        ("num_generations", 1),
+        ("meta_objective", "accuracy"),
+    ]:
         with pytest.raises(ValueError, match=field):
             make(ckpt, **{field: value})
     m = make(ckpt)
@@ -347,8 +367,9 @@ def test_ddp_ranks_hold_the_same_mu(tmp_path, ckpt):
     script = tmp_path / "amft_ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script), ckpt], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(script), ckpt], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     files = sorted(tmp_path.glob("result_*.txt"))
     assert out.returncode == 0 and len(files) == 2, out.stderr[-3000:]
     results = [f.read_text().split() for f in files]
@@ -362,19 +383,36 @@ def test_cli_run_logs_the_controller(tmp_path, ckpt):
     from lit_align.cli import main
     from lit_align.events import read_scalars
 
-    main([
-        "fit", "--config", str(ROOT / "configs" / "amft.yaml"),
-        "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--model.init_args.warmup_sft_steps=2", "--model.init_args.meta_interval=2",
-        "--model.init_args.num_generations=2", "--model.init_args.max_new_tokens=3",
-        "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2",
-        "--data.init_args.meta_batch_size=2",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "amft.yaml"),
+            "--trainer.max_steps=4",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.init_args.warmup_sft_steps=2",
+            "--model.init_args.meta_interval=2",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.max_new_tokens=3",
+            "--data.init_args.expert_batch_size=4",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.meta_batch_size=2",
+        ]
+    )
     scalars = read_scalars(tmp_path)
-    for tag in ("train/mu", "train/meta_grad", "train/target_entropy", "train/val_objective",
-                "train/meta_sft_grad_norm", "train/meta_rl_grad_norm", "train/meta_grad_cosine"):
+    for tag in (
+        "train/mu",
+        "train/meta_grad",
+        "train/target_entropy",
+        "train/val_objective",
+        "train/meta_sft_grad_norm",
+        "train/meta_rl_grad_norm",
+        "train/meta_grad_cosine",
+    ):
         assert tag in scalars, sorted(scalars)
     assert [step for step, _ in scalars["train/meta_grad"]] == [3]
     assert all(math.isfinite(v) for _, v in scalars["train/loss"])

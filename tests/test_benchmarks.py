@@ -1,4 +1,5 @@
 """The throughput benchmarks: our GRPO loss equals TRL's, and the --quick variants print sane JSON."""
+
 import json
 import subprocess
 import sys
@@ -38,27 +39,47 @@ def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: fl
     if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
         extra["use_bias_correction_kl"] = False  # TRL 1.x weights the KL by the ratio by default; ours is plain k3
     args = GRPOConfig(
-        output_dir="/tmp/unused", loss_type=loss_type, epsilon=eps_low, epsilon_high=eps_high, beta=beta,
-        max_completion_length=b["mask"].shape[1], use_cpu=True, bf16=False, report_to="none", **extra,
+        output_dir="/tmp/unused",
+        loss_type=loss_type,
+        epsilon=eps_low,
+        epsilon_high=eps_high,
+        beta=beta,
+        max_completion_length=b["mask"].shape[1],
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        **extra,
     )
     logp = b["logp"].clone().requires_grad_(True)
     ident = lambda t, *a, **k: t  # noqa: E731  (one process: gather / reduce are the identity)
     stub = SimpleNamespace(
-        args=args, loss_type=args.loss_type, beta=args.beta, epsilon_low=args.epsilon,
+        args=args,
+        loss_type=args.loss_type,
+        beta=args.beta,
+        epsilon_low=args.epsilon,
         epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        importance_sampling_level=args.importance_sampling_level, top_entropy_quantile=args.top_entropy_quantile,
-        off_policy_mask_threshold=args.off_policy_mask_threshold, use_vllm=False, aux_loss_enabled=False,
-        _entropy_bonus_enabled=False, max_completion_length=args.max_completion_length,
-        current_gradient_accumulation_steps=1, model=SimpleNamespace(training=True),
+        importance_sampling_level=args.importance_sampling_level,
+        top_entropy_quantile=args.top_entropy_quantile,
+        off_policy_mask_threshold=args.off_policy_mask_threshold,
+        use_vllm=False,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        max_completion_length=args.max_completion_length,
+        current_gradient_accumulation_steps=1,
+        model=SimpleNamespace(training=True),
         accelerator=SimpleNamespace(num_processes=1, gather=ident, reduce=ident, gather_for_metrics=ident),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
     )
     rows, T = b["mask"].shape
     inputs = {
-        "prompt_ids": torch.zeros(rows, 3, dtype=torch.long), "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
-        "completion_ids": torch.zeros(rows, T, dtype=torch.long), "completion_mask": b["mask"],
-        "advantages": b["adv"], "old_per_token_logps": b["old_logp"], "ref_per_token_logps": b["ref_logp"],
+        "prompt_ids": torch.zeros(rows, 3, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, T, dtype=torch.long),
+        "completion_mask": b["mask"],
+        "advantages": b["adv"],
+        "old_per_token_logps": b["old_logp"],
+        "ref_per_token_logps": b["ref_logp"],
         "num_items_in_batch": b["mask"].sum(),
     }
     loss = GRPOTrainer._compute_loss(stub, None, inputs)
@@ -69,8 +90,16 @@ def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: fl
 def _our_loss(b: dict, aggregation: str, eps_low: float, eps_high: float, beta: float) -> tuple:
     logp = b["logp"].clone().requires_grad_(True)
     loss, metrics = losses.clipped_surrogate(
-        logp, b["old_logp"], b["adv"], b["mask"], eps_low, eps_high, aggregation,
-        ref_logp=b["ref_logp"] if beta > 0 else None, beta=beta, kl_estimator="k3",
+        logp,
+        b["old_logp"],
+        b["adv"],
+        b["mask"],
+        eps_low,
+        eps_high,
+        aggregation,
+        ref_logp=b["ref_logp"] if beta > 0 else None,
+        beta=beta,
+        kl_estimator="k3",
     )
     assert 0 < metrics["clip_ratio"] < 1  # both branches of the clipped min are exercised
     (grad,) = torch.autograd.grad(loss, logp)
@@ -79,8 +108,12 @@ def _our_loss(b: dict, aggregation: str, eps_low: float, eps_high: float, beta: 
 
 # ours -> TRL's loss_type, and the constant that separates them (dr_grpo divides the token sum by
 # rows x max_completion_length; our seq-mean-token-sum divides it by rows)
-MATCHES = [("token-mean", "dapo", 1.0), ("token-mean", "bnpo", 1.0), ("seq-mean-token-mean", "grpo", 1.0),
-           ("seq-mean-token-sum", "dr_grpo", 7.0)]
+MATCHES = [
+    ("token-mean", "dapo", 1.0),
+    ("token-mean", "bnpo", 1.0),
+    ("seq-mean-token-mean", "grpo", 1.0),
+    ("seq-mean-token-sum", "dr_grpo", 7.0),
+]
 
 
 @pytest.mark.parametrize("aggregation,loss_type,scale", MATCHES, ids=[m[1] for m in MATCHES])
@@ -103,8 +136,15 @@ def _run_json(*args: str) -> dict:
 
 
 def _check_run(run: dict) -> None:
-    for key in ("completion_tokens_per_s", "step_s", "generation_s", "training_s", "peak_rss_mib", "parameters",
-                "completion_tokens_per_step"):
+    for key in (
+        "completion_tokens_per_s",
+        "step_s",
+        "generation_s",
+        "training_s",
+        "peak_rss_mib",
+        "parameters",
+        "completion_tokens_per_step",
+    ):
         assert run[key] > 0, (key, run)
     assert run["scoring_s"] >= 0
     assert run["generation_s"] + run["scoring_s"] <= run["step_s"] * 1.001
@@ -124,7 +164,11 @@ def test_compare_trl_quick_measures_both_length_modes(tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
     out = _run_json("benchmarks/compare_trl.py", "--quick", "--out", str(tmp_path))
     assert [(r["method"], r["lengths"], r["ignore_eos"]) for r in out["runs"]] == [
-        ("grpo", "fixed", True), ("trl_grpo", "fixed", True), ("grpo", "free", False), ("trl_grpo", "free", False)]
+        ("grpo", "fixed", True),
+        ("trl_grpo", "fixed", True),
+        ("grpo", "free", False),
+        ("trl_grpo", "free", False),
+    ]
     for run in out["runs"]:
         _check_run(run)
         assert run["parameters"] == out["parameters"] and run["prompt_tokens_per_step"] > 0
@@ -145,22 +189,34 @@ def test_compare_trl_quick_measures_both_length_modes(tmp_path):
         assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
         assert 0 < m["trl_step_at_matmul_rate_s"] < m["median"]["trl"]["step_s"] and m["max_speedup_over_trl"] > 1
     table = (tmp_path / "compare_trl.md").read_text()
-    assert "fixed-length: min" in table and "free-length, TRL" in table and "no implementation of the same math" in table
+    assert (
+        "fixed-length: min" in table and "free-length, TRL" in table and "no implementation of the same math" in table
+    )
 
 
 def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
     """--quick (CI): two methods from the base checkpoint, every axis in the table and in methods.json."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/methods.py", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "methods.md").read_text()
     assert "| sft |" in table and "| chord_phi |" in table and "1 torch thread" in table
     assert "starts from the multi-skill base checkpoint" in table and "| start checkpoint |" in table
     header = table.split("| method |", 1)[1].split("\n", 1)[0]
-    for column in ("val/accuracy @25%", "val/accuracy @50%", "val/accuracy @100%", "val/retention/subtraction",
-                   "drop subtraction", "val/retention/reversal", "drop reversal", "val/expert_nll_correct"):
+    for column in (
+        "val/accuracy @25%",
+        "val/accuracy @50%",
+        "val/accuracy @100%",
+        "val/retention/subtraction",
+        "drop subtraction",
+        "val/retention/reversal",
+        "drop reversal",
+        "val/expert_nll_correct",
+    ):
         assert f" {column} |" in header, column
     start = json.loads((tmp_path / "start.json").read_text())
     assert {"val/accuracy", "val/retention/subtraction", "val/retention/reversal"} <= set(start)
@@ -168,8 +224,11 @@ def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
     assert {r["method"] for r in runs} == {"sft", "chord_phi"} and all(r["steps"] == 8 for r in runs)
     for r in runs:  # validation after updates 2, 4, 6, 8: the 25 / 50 / 100% points are read, not missing
         assert [s for s, _ in r["accuracy_curve"]] == [1, 3, 5, 7]
-        assert r["accuracy_at"] == {"25%": r["accuracy_curve"][0][1], "50%": r["accuracy_curve"][1][1],
-                                    "100%": r["accuracy_curve"][3][1]}
+        assert r["accuracy_at"] == {
+            "25%": r["accuracy_curve"][0][1],
+            "50%": r["accuracy_curve"][1][1],
+            "100%": r["accuracy_curve"][3][1],
+        }
         assert set(r["final_retention"]) == {"subtraction", "reversal"}
         assert all(0 <= v <= 1 for v in r["final_retention"].values())
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -183,11 +242,23 @@ def test_methods_flags_pairs_more_than_two_seed_stds_apart():
     spec.loader.exec_module(methods)
 
     def run(m, acc, ret):
-        return {"method": m, "accuracy_at": {"25%": acc, "50%": acc, "100%": acc}, "final_retention": {"sub": ret},
-                "final_expert_nll_correct": 0.1, "wall_s": 1.0, "meta_grads": []}
+        return {
+            "method": m,
+            "accuracy_at": {"25%": acc, "50%": acc, "100%": acc},
+            "final_retention": {"sub": ret},
+            "final_expert_nll_correct": 0.1,
+            "wall_s": 1.0,
+            "meta_grads": [],
+        }
 
-    runs = [run("a", 0.50, 0.9), run("a", 0.52, 0.8), run("a", 0.54, 0.7), run("b", 0.60, 0.85), run("b", 0.61, 0.75),
-            run("b", 0.62, 0.80)]
+    runs = [
+        run("a", 0.50, 0.9),
+        run("a", 0.52, 0.8),
+        run("a", 0.54, 0.7),
+        run("b", 0.60, 0.85),
+        run("b", 0.61, 0.75),
+        run("b", 0.62, 0.80),
+    ]
     lines = methods.separated(runs, ["a", "b"], {"val/retention/sub": 1.0})
     # accuracy: |0.61 - 0.52| = 0.09 > 2 x 0.02; retention: |0.80 - 0.80| = 0; the NLL: equal, std 0
     assert len(lines) == 3 and all(line.startswith("- val/accuracy @") for line in lines)
@@ -201,7 +272,7 @@ def test_amft_cost_quick_times_meta_and_ordinary_updates():
         [sys.executable, "benchmarks/amft_cost.py", "--quick"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    out = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert out["meta_updates"] == 2 and out["rl_updates"] == 4
     assert out["rl_update_s"] > 0 and out["meta_update_s"] > 0 and out["extra_tensors_mib"] > 0
 
@@ -209,8 +280,21 @@ def test_amft_cost_quick_times_meta_and_ordinary_updates():
 def test_memory_scale_quick_measures_one_update_per_process(tmp_path):
     pytest.importorskip("trl", reason="TRL is not installed (pip install 'lit-align[bench]')")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/memory_scale.py", "--quick", "--vocab", "2048", "--jobs", "2", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/memory_scale.py",
+            "--quick",
+            "--vocab",
+            "2048",
+            "--jobs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "memory_scale.json").read_text())
@@ -218,10 +302,19 @@ def test_memory_scale_quick_measures_one_update_per_process(tmp_path):
     assert out["model"]["vocab"] == 2048 and out["model"]["architecture"] == "Qwen2ForCausalLM"
     runs = out["runs"]
     assert [(r["side"], r["prompts"], r["max_new_tokens"]) for r in runs] == [
-        ("grpo", 2, 8), ("chord", 2, 8), ("trl", 2, 8)]
+        ("grpo", 2, 8),
+        ("chord", 2, 8),
+        ("trl", 2, 8),
+    ]
     for r in runs:
         assert r["status"] == "ok", r
-        assert 0 < r["baseline_peak_gib"] <= r["peak_at_train_start_gib"] <= r["peak_after_generation_gib"] <= r["peak_gib"]
+        assert (
+            0
+            < r["baseline_peak_gib"]
+            <= r["peak_at_train_start_gib"]
+            <= r["peak_after_generation_gib"]
+            <= r["peak_gib"]
+        )
         assert r["update_gib"] == pytest.approx(r["peak_gib"] - r["baseline_peak_gib"])
         assert r["max_vmrss_seen_gib"] <= r["peak_gib"] * 1.01
         assert r["steps_done"] == 1 and r["completions"] == r["prompts"] * r["G"]
@@ -238,9 +331,24 @@ def test_memory_scale_quick_measures_one_update_per_process(tmp_path):
 
 def test_memory_scale_validation_decodes_and_scores_in_bounded_batches(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "benchmarks/memory_scale.py", "--quick", "--vocab", "2048", "--validation", "--val-rows", "10",
-         "--val-tokens", "8", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "benchmarks/memory_scale.py",
+            "--quick",
+            "--vocab",
+            "2048",
+            "--validation",
+            "--val-rows",
+            "10",
+            "--val-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "memory_scale_validation.json").read_text())

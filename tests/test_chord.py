@@ -57,8 +57,12 @@ def test_phi_weights_reach_the_sft_term(ckpt, batch):
 
 
 def test_sft_warmup_then_schedule_from_its_end(ckpt, batch):
-    mod = CHORDModule(model_name_or_path=ckpt, num_generations=2, sft_warmup_steps=3,
-                      mu_schedule=ReferenceMu(mu_peak=0.9, mu_valley=0.1, warmup_steps=0, decay_steps=4))
+    mod = CHORDModule(
+        model_name_or_path=ckpt,
+        num_generations=2,
+        sft_warmup_steps=3,
+        mu_schedule=ReferenceMu(mu_peak=0.9, mu_valley=0.1, warmup_steps=0, decay_steps=4),
+    )
     assert [mod.mixing_weight(s) for s in range(3)] == [1.0, 1.0, 1.0]
     assert mod.mixing_weight(3) == pytest.approx(0.9) and mod.mixing_weight(7) == pytest.approx(0.1)
     _, m = _loss(mod, batch)  # global_step 0: warm-up, plain SFT, no rollouts, no token weights
@@ -78,10 +82,16 @@ def test_reference_schedule_pitfall_warns():
 
 
 TINY = [
-    "--trainer.max_steps=6", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
-    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=8",
-    "--model.init_args.num_generations=2", "--trainer.callbacks+=lit_align.callbacks.AlignmentMonitor",
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.expert_batch_size=4",
+    "--data.init_args.prompt_batch_size=2",
+    "--data.init_args.val_batch_size=8",
+    "--model.init_args.num_generations=2",
+    "--trainer.callbacks+=lit_align.callbacks.AlignmentMonitor",
     "--trainer.callbacks.every_n_steps=2",
 ]
 
@@ -89,14 +99,18 @@ TINY = [
 @pytest.mark.parametrize(
     "config,extra,expected",
     [
-        ("chord_mu", ["--model.init_args.sft_warmup_steps=1", "--model.init_args.mu_schedule.init_args.decay_steps=4"],
-         lambda s: 1.0 if s < 1 else ReferenceMu(mu_peak=0.9, mu_valley=0.05, warmup_steps=0, decay_steps=4)(s - 1)),
+        (
+            "chord_mu",
+            ["--model.init_args.sft_warmup_steps=1", "--model.init_args.mu_schedule.init_args.decay_steps=4"],
+            lambda s: 1.0 if s < 1 else ReferenceMu(mu_peak=0.9, mu_valley=0.05, warmup_steps=0, decay_steps=4)(s - 1),
+        ),
         ("chord_phi", ["--model.init_args.sft_warmup_steps=3"], lambda s: 1.0 if s < 3 else 0.1),
     ],
 )
 def test_cli_logs_mu_following_the_schedule(config, extra, expected, tmp_path):
-    cli = main(["fit", "--config", f"configs/{config}.yaml", *TINY, *extra,
-                f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    cli = main(
+        ["fit", "--config", f"configs/{config}.yaml", *TINY, *extra, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    )
     log_dir = Path(cli.trainer.log_dir)
     mu = read_scalars(log_dir)["train/mu"]
     assert [s for s, _ in mu] == list(range(6)), "train/mu is logged every policy update"
@@ -104,7 +118,9 @@ def test_cli_logs_mu_following_the_schedule(config, extra, expected, tmp_path):
         assert value == pytest.approx(expected(step), abs=1e-6), f"step {step}"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(next(log_dir.glob("events.out.tfevents.*"))), size_guidance={"histograms": 0, "tensors": 0})
+    acc = EventAccumulator(
+        str(next(log_dir.glob("events.out.tfevents.*"))), size_guidance={"histograms": 0, "tensors": 0}
+    )
     acc.Reload()
     assert "samples/text_summary" in acc.Tags()["tensors"]
     if config == "chord_phi":

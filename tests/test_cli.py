@@ -1,4 +1,5 @@
 """End-to-end: train.py's CLI on every config, a few steps on a tiny setting."""
+
 import math
 from pathlib import Path
 
@@ -18,16 +19,40 @@ TINY = [
     "--data.init_args.prompt_batch_size=2",
     "--data.init_args.val_batch_size=8",
 ]
-SFT_NAMES = {"train/loss", "train/sft_loss", "train/expert_nll", "train/entropy", "train/grad_norm", "train/lr", "train/mu"}
+SFT_NAMES = {
+    "train/loss",
+    "train/sft_loss",
+    "train/expert_nll",
+    "train/entropy",
+    "train/grad_norm",
+    "train/lr",
+    "train/mu",
+}
 RL_NAMES = {
-    "train/loss", "train/rl_loss", "train/reward_mean", "train/reward_std", "train/frac_reward_zero_std",
-    "train/entropy", "train/completion_length", "train/clip_ratio", "train/grad_norm", "train/lr", "train/mu",
+    "train/loss",
+    "train/rl_loss",
+    "train/reward_mean",
+    "train/reward_std",
+    "train/frac_reward_zero_std",
+    "train/entropy",
+    "train/completion_length",
+    "train/clip_ratio",
+    "train/grad_norm",
+    "train/lr",
+    "train/mu",
 }
 VAL_NAMES = {"val/accuracy", "val/reward", "val/expert_nll", "val/expert_token_acc"}
 
 
 def fit(config: str, save_dir: Path, *extra: str):
-    args = ["fit", "--config", f"configs/{config}.yaml", *TINY, f"--trainer.logger.init_args.save_dir={save_dir}", *extra]
+    args = [
+        "fit",
+        "--config",
+        f"configs/{config}.yaml",
+        *TINY,
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        *extra,
+    ]
     return main(args)
 
 
@@ -43,13 +68,30 @@ def weights(path) -> dict:
         ("sft", SFT_NAMES, []),
         # a freshly initialised policy earns no exact-answer reward (all advantages 0, no update):
         # a length-match reward gives GRPO a signal to learn from
-        ("grpo", RL_NAMES | {"train/kl"}, ["--model.init_args.num_generations=4", "--model.init_args.beta=0.05",
-                                           "--model.init_args.reward=_rewards.LengthMatchReward"]),
-        ("sft_then_grpo", SFT_NAMES | RL_NAMES, ["--model.init_args.num_generations=2", "--model.init_args.sft_steps=2"]),
-        ("chord_mu", SFT_NAMES | RL_NAMES | {"train/entropy_usual", "train/entropy_expert"},
-         ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=1"]),
-        ("chord_phi", SFT_NAMES | RL_NAMES | {"train/token_weight_mean"},
-         ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"]),
+        (
+            "grpo",
+            RL_NAMES | {"train/kl"},
+            [
+                "--model.init_args.num_generations=4",
+                "--model.init_args.beta=0.05",
+                "--model.init_args.reward=_rewards.LengthMatchReward",
+            ],
+        ),
+        (
+            "sft_then_grpo",
+            SFT_NAMES | RL_NAMES,
+            ["--model.init_args.num_generations=2", "--model.init_args.sft_steps=2"],
+        ),
+        (
+            "chord_mu",
+            SFT_NAMES | RL_NAMES | {"train/entropy_usual", "train/entropy_expert"},
+            ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=1"],
+        ),
+        (
+            "chord_phi",
+            SFT_NAMES | RL_NAMES | {"train/token_weight_mean"},
+            ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"],
+        ),
     ],
 )
 def test_config_trains_logs_and_checkpoints(config, names, extra, tmp_path, ckpt):
@@ -93,8 +135,12 @@ def test_rerun_into_same_log_dir_and_print_config(tmp_path, capsys):
 
 
 def test_validate_and_test_subcommands_report_accuracy(tmp_path):
-    common = ["--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-              "--trainer.enable_progress_bar=false"]
+    common = [
+        "--config",
+        "configs/sft.yaml",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
     cli = main(["validate", *common, "--trainer.limit_val_batches=1"])
     assert {"val/accuracy", "val/expert_nll"} <= set(cli.trainer.callback_metrics)
     cli = main(["test", *common, "--trainer.limit_test_batches=1"])
@@ -104,10 +150,19 @@ def test_validate_and_test_subcommands_report_accuracy(tmp_path):
 def test_validation_scores_each_batch_once(tmp_path):
     """A reward without its own ``correct`` is called once per validation batch; accuracy is the
     share of full rewards among those same scores."""
-    cli = main(["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2",
-                "--data.init_args.val_batch_size=16", "--model.init_args.reward=_rewards.CountingReward",
-                "--data.init_args.retention_data=null"])
+    cli = main(
+        [
+            "validate",
+            "--config",
+            "configs/sft.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.limit_val_batches=2",
+            "--data.init_args.val_batch_size=16",
+            "--model.init_args.reward=_rewards.CountingReward",
+            "--data.init_args.retention_data=null",
+        ]
+    )
     calls = cli.model.reward.calls
     # per batch: the greedy answers, then (first pass only) the demonstrations for val/expert_nll_correct
     assert len(calls) == 4, "one reward call per validation batch, plus one per batch of unseen demonstrations"
@@ -131,17 +186,29 @@ def test_retention_is_the_greedy_accuracy_on_each_held_out_skill(ckpt, tmp_path)
     prompts = [f"{a}-{b}=" for a in range(10, 30) for b in range(3)]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
-    greedy = [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    greedy = [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
     rows = [(p, g) for p, g in zip(prompts, greedy) if g][:12]
     assert len(rows) == 12, greedy
     files = {}
     for skill, right in (("half", 5), ("none", 0)):  # the model's own greedy answer for the first `right` rows
         files[skill] = tmp_path / f"{skill}.jsonl"
-        files[skill].write_text("".join(json.dumps({"prompt": p, "answer": g if i < right else g + "7"}) + "\n"
-                                        for i, (p, g) in enumerate(rows)))
-    cli = main(["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=5",
-                f"--data.init_args.retention_data={json.dumps({k: str(v) for k, v in files.items()})}"])
+        files[skill].write_text(
+            "".join(
+                json.dumps({"prompt": p, "answer": g if i < right else g + "7"}) + "\n" for i, (p, g) in enumerate(rows)
+            )
+        )
+    cli = main(
+        [
+            "validate",
+            "--config",
+            "configs/sft.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.limit_val_batches=2",
+            "--data.init_args.val_batch_size=5",
+            f"--data.init_args.retention_data={json.dumps({k: str(v) for k, v in files.items()})}",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     assert float(metrics["val/retention/half"]) == pytest.approx(0.5)  # 2 batches of 5: rows 0-9, 0-4 right
     assert float(metrics["val/retention/none"]) == 0.0
@@ -166,14 +233,27 @@ def test_a_flag_out_of_range_ends_the_output_with_its_message_not_the_parsed_con
 
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs" / "grpo.yaml"),
-         "--model.init_args.micro_batch_size=0", f"--trainer.default_root_dir={tmp_path}",
-         f"--trainer.logger.init_args.save_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(root / "train.py"),
+            "fit",
+            "--config",
+            str(root / "configs" / "grpo.yaml"),
+            "--model.init_args.micro_batch_size=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == "ValueError: model.micro_batch_size=0 is out of range: it must be null (the whole batch) or an integer >= 1"
+    assert (
+        lines[-1]
+        == "ValueError: model.micro_batch_size=0 is out of range: it must be null (the whole batch) or an integer >= 1"
+    )
     assert "Namespace(" not in proc.stderr and "Union subtypes" not in proc.stderr and len(lines) < 20
     assert not list(tmp_path.rglob("*.ckpt"))
 
@@ -192,9 +272,16 @@ def test_expert_nll_is_split_by_the_verifiers_verdict_on_each_demonstration(tmp_
     make up val/expert_nll. With an error-free expert the incorrect class is empty: NaN."""
     from lit_align import losses
 
-    args = ["validate", "--config", "configs/sft.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=2", "--data.init_args.val_batch_size=50",
-            "--data.init_args.retention_data=null"]  # the task's own held-out loader only
+    args = [
+        "validate",
+        "--config",
+        "configs/sft.yaml",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=2",
+        "--data.init_args.val_batch_size=50",
+        "--data.init_args.retention_data=null",
+    ]  # the task's own held-out loader only
     cli = main(args)
     model, metrics = cli.model, cli.trainer.callback_metrics
     sums = {True: [0.0, 0], False: [0.0, 0]}
@@ -216,7 +303,9 @@ def test_expert_nll_is_split_by_the_verifiers_verdict_on_each_demonstration(tmp_
     assert float(metrics["val/expert_nll"]) == pytest.approx(total, rel=1e-4)
 
     clean = main([*args, "--data.init_args.expert_error_rate=0.0"]).trainer.callback_metrics
-    assert math.isnan(float(clean["val/expert_nll_incorrect"])) and math.isfinite(float(clean["val/expert_nll_correct"]))
+    assert math.isnan(float(clean["val/expert_nll_incorrect"])) and math.isfinite(
+        float(clean["val/expert_nll_correct"])
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -226,10 +315,16 @@ def test_enable_checkpointing_false_writes_no_checkpoint(checkpointing, tmp_path
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     mine = tmp_path / "mine"
-    extra = ["--trainer.enable_checkpointing=false"] if not checkpointing else [
-        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={mine}",
-        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
-    ]
+    extra = (
+        ["--trainer.enable_checkpointing=false"]
+        if not checkpointing
+        else [
+            "--trainer.callbacks+=ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={mine}",
+            "--trainer.callbacks.every_n_train_steps=1",
+            "--trainer.callbacks.save_top_k=-1",
+        ]
+    )
     cli = fit("sft", tmp_path / "runs", "--trainer.max_steps=2", "--data.init_args.val_batch_size=4", *extra)
     assert cli.trainer.global_step == 2
     log_dir = Path(cli.trainer.log_dir)

@@ -116,8 +116,16 @@ def _adam_case(prob: Problem, opt_cls, steps: int, mu: float, **opt_kwargs):
     g_rl = list(torch.autograd.grad(prob.rl(model), params))
     group = opt.param_groups[0]
     theta_prime, e_sft, e_rl = adam_lookahead(
-        params, g_sft, g_rl, mu, group["lr"], [opt.state[p] for p in params], group["betas"], group["eps"],
-        group["weight_decay"], group["decoupled_weight_decay"],
+        params,
+        g_sft,
+        g_rl,
+        mu,
+        group["lr"],
+        [opt.state[p] for p in params],
+        group["betas"],
+        group["eps"],
+        group["weight_decay"],
+        group["decoupled_weight_decay"],
     )
     names = [n for n, _ in model.named_parameters()]
     at = [t.detach().requires_grad_(True) for t in theta_prime]

@@ -92,9 +92,18 @@ def test_user_files_with_custom_columns(ckpt, tmp_path, suffix):
     rows = [{"question": f"{i}+1=", "solution": str(i + 1), "target": str(i + 1)} for i in range(6)]
     path = str(tmp_path / f"d{suffix}")
     ds = datasets.Dataset.from_list(rows)
-    {".jsonl": lambda: ds.to_json(path), ".csv": lambda: ds.to_csv(path), ".parquet": lambda: ds.to_parquet(path)}[suffix]()
-    dm = _dm(ckpt, expert_data=path, prompt_data=path, val_data=path,
-             prompt_column="question", response_column="solution", answer_column="target")
+    {".jsonl": lambda: ds.to_json(path), ".csv": lambda: ds.to_csv(path), ".parquet": lambda: ds.to_parquet(path)}[
+        suffix
+    ]()
+    dm = _dm(
+        ckpt,
+        expert_data=path,
+        prompt_data=path,
+        val_data=path,
+        prompt_column="question",
+        response_column="solution",
+        answer_column="target",
+    )
     assert len(dm.expert_rows) == 6 and dm.prompt_rows[0]["answer"] == "1"
 
 
@@ -107,7 +116,9 @@ def test_meta_completions_come_from_the_chosen_column(ckpt, tmp_path):
     plain = _dm(ckpt, meta_data=path)
     assert [tok_text(plain, r) for r in plain.meta_rows] == [f"{i}{plain.tokenizer.eos_token}" for i in range(6)]
     verified = _dm(ckpt, meta_data=path, meta_response_column="answer")
-    assert [tok_text(verified, r) for r in verified.meta_rows] == [f"{i + 109}{verified.tokenizer.eos_token}" for i in range(6)]
+    assert [tok_text(verified, r) for r in verified.meta_rows] == [
+        f"{i + 109}{verified.tokenizer.eos_token}" for i in range(6)
+    ]
     assert verified.expert_rows[0]["response_ids"] == plain.expert_rows[0]["response_ids"]  # training data untouched
     meta = next(iter(verified.train_dataloader()))[0]["meta"]
     labels = meta["expert"]["labels"]
@@ -127,7 +138,9 @@ def test_chat_template_is_applied_when_present(ckpt, tmp_path):
     d = tmp_path / "ckpt"
     shutil.copytree(ckpt, d)
     tok = AutoTokenizer.from_pretrained(d)
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=={% endif %}"
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=={% endif %}"
+    )
     tok.save_pretrained(d)
     dm = _dm(str(d))
     assert dm.tokenizer.decode(dm.prompt_rows[0]["prompt_ids"]).endswith("===")
@@ -156,13 +169,18 @@ def test_malformed_line_names_file_and_line(ckpt, tmp_path):
 def test_empty_dataset_and_empty_field(ckpt, tmp_path):
     with pytest.raises(DataError, match="empty"):
         _dm(ckpt, expert_data=_write(tmp_path / "empty.jsonl", []))
-    path = _write(tmp_path / "blank.jsonl", ['{"prompt": "1+1=", "response": "2"}\n', '{"prompt": " ", "response": "2"}\n'])
+    path = _write(
+        tmp_path / "blank.jsonl", ['{"prompt": "1+1=", "response": "2"}\n', '{"prompt": " ", "response": "2"}\n']
+    )
     with pytest.raises(DataError, match=r"row 2, column 'prompt' is empty"):
         _dm(ckpt, expert_data=path, prompt_data=None)
 
 
 def test_overlong_rows_error_truncate_or_skip(ckpt, tmp_path):
-    rows = ['{"prompt": "1+1=", "response": "2", "answer": "2"}\n', '{"prompt": "111111111+1=", "response": "2", "answer": "2"}\n']
+    rows = [
+        '{"prompt": "1+1=", "response": "2", "answer": "2"}\n',
+        '{"prompt": "111111111+1=", "response": "2", "answer": "2"}\n',
+    ]
     path = _write(tmp_path / "long.jsonl", rows)
     kw = dict(expert_data=path, prompt_data=path, val_data=None, max_prompt_length=6)
     with pytest.raises(DataError, match="row 2 is longer than max_prompt_length=6"):
@@ -199,12 +217,22 @@ def test_answer_pattern_takes_the_reference_answer_from_worked_solutions(chat_ck
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(path).read() + json.dumps({"question": "What is 2+2?", "answer": "It is 4."}) + "\n")
-    with pytest.raises(DataError, match=r"(?s)bad\.jsonl: 1 rows whose answer does not match.*row 13, column 'answer' "
-                                        r"does not match data\.answer_pattern"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)bad\.jsonl: 1 rows whose answer does not match.*row 13, column 'answer' "
+        r"does not match data\.answer_pattern",
+    ):
         _dm(chat_ckpt, expert_data=None, prompt_data=str(bad), val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
     with pytest.warns(UserWarning, match=r"row 13, column 'answer' does not match"):
-        skipped = _dm(chat_ckpt, expert_data=None, prompt_data=str(bad), val_data=None, answer_pattern=r"####\s*(.+)",
-                      invalid_rows="skip", **GSM8K)
+        skipped = _dm(
+            chat_ckpt,
+            expert_data=None,
+            prompt_data=str(bad),
+            val_data=None,
+            answer_pattern=r"####\s*(.+)",
+            invalid_rows="skip",
+            **GSM8K,
+        )
     assert len(skipped.prompt_rows) == 12 and skipped.stats["data/invalid_rows"] == 1
     with pytest.raises(ValueError, match=r"data.answer_pattern='####' has 0 groups"):
         MixedDataModule(model_name_or_path=chat_ckpt, answer_pattern="####")
@@ -212,7 +240,9 @@ def test_answer_pattern_takes_the_reference_answer_from_worked_solutions(chat_ck
 
 def test_system_prompt_goes_through_the_chat_template(chat_ckpt, ckpt, tmp_path):
     path = _gsm8k(tmp_path)
-    dm = _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, system_prompt="Reason, then answer.", **GSM8K)
+    dm = _dm(
+        chat_ckpt, expert_data=None, prompt_data=path, val_data=None, system_prompt="Reason, then answer.", **GSM8K
+    )
     text = dm.tokenizer.decode(dm.prompt_rows[0]["prompt_ids"])
     assert text.startswith("<|im_start|>system\nReason, then answer.<|im_end|>\n<|im_start|>user\nMark sold 65")
     assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
@@ -225,46 +255,74 @@ def test_truncating_a_long_prompt_keeps_the_chat_template_header_and_generation_
 
     long = "Natalia sold clips. " * 60 + "How many clips did Natalia sell altogether?"
     path = write_jsonl(tmp_path / "long.jsonl", [{"question": long, "answer": "#### 72"}])
-    dm = _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, max_prompt_length=40, overlong="truncate",
-             system_prompt="Be brief.", **GSM8K)
+    dm = _dm(
+        chat_ckpt,
+        expert_data=None,
+        prompt_data=path,
+        val_data=None,
+        max_prompt_length=40,
+        overlong="truncate",
+        system_prompt="Be brief.",
+        **GSM8K,
+    )
     ids = dm.prompt_rows[0]["prompt_ids"]
     text = dm.tokenizer.decode(ids)
     assert len(ids) <= 40 and dm.stats["data/truncated_rows"] == 1
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")  # the header survives
     assert text.endswith("How many clips did Natalia sell altogether?<|im_end|>\n<|im_start|>assistant\n")
     assert len(ids) >= 36, "the cut keeps as much of the user's text as fits"
-    with pytest.raises(DataError, match=r"long\.jsonl: row 1: the prompt template alone .* raise data.max_prompt_length"):
-        _dm(chat_ckpt, expert_data=None, prompt_data=path, val_data=None, max_prompt_length=8, overlong="truncate",
-            system_prompt="Be brief.", **GSM8K)
+    with pytest.raises(
+        DataError, match=r"long\.jsonl: row 1: the prompt template alone .* raise data.max_prompt_length"
+    ):
+        _dm(
+            chat_ckpt,
+            expert_data=None,
+            prompt_data=path,
+            val_data=None,
+            max_prompt_length=8,
+            overlong="truncate",
+            system_prompt="Be brief.",
+            **GSM8K,
+        )
 
 
 def _judge(*args):
     from lit_align.rewards import MathAnswerReward, RewardSet
 
     prompts, completions, answers, completion_ids, columns = args
-    return RewardSet([MathAnswerReward()]).correct(prompts, completions, answers, completion_ids=completion_ids,
-                                                   columns=columns)[0]
+    return RewardSet([MathAnswerReward()]).correct(
+        prompts, completions, answers, completion_ids=completion_ids, columns=columns
+    )[0]
 
 
 def test_self_check_catches_an_answer_column_of_worked_solutions(chat_ckpt, tmp_path):
     path = _gsm8k(tmp_path, n=30)
     wrong = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, **GSM8K)  # no answer_pattern
-    with pytest.warns(UserWarning, match=r"(?s)SELF-CHECK FAILED.*data.answer_column='answer' and "
-                                         r"data.answer_pattern=None.*A rejected row: reference answer '.*#### "):
+    with pytest.warns(
+        UserWarning,
+        match=r"(?s)SELF-CHECK FAILED.*data.answer_column='answer' and "
+        r"data.answer_pattern=None.*A rejected row: reference answer '.*#### ",
+    ):
         rate = wrong.check_demonstrations(_judge)
     assert rate <= 0.05 and wrong.stats["data/demo_reward_rate"] == rate
     right = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
     assert right.check_demonstrations(_judge) == 1.0
-    assert _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, demo_check_rows=0,
-               **GSM8K).check_demonstrations(_judge) is None
+    assert (
+        _dm(
+            chat_ckpt, expert_data=path, prompt_data=path, val_data=None, demo_check_rows=0, **GSM8K
+        ).check_demonstrations(_judge)
+        is None
+    )
 
 
 def test_a_prompt_rows_long_worked_solution_neither_skips_nor_counts_it(ckpt, tmp_path):
     """GSM8K-style files name one column as both response and answer: prompt rows then carry a worked
     solution they do not train on. Its length must not skip the prompt (overlong=skip) or report the
     prompt as truncated; demonstrations still are."""
-    rows = ['{"prompt": "1+1=", "response": "' + "1+1=2 " * 40 + '#### 2", "answer": "2"}\n',
-            '{"prompt": "2+2=", "response": "4", "answer": "4"}\n']
+    rows = [
+        '{"prompt": "1+1=", "response": "' + "1+1=2 " * 40 + '#### 2", "answer": "2"}\n',
+        '{"prompt": "2+2=", "response": "4", "answer": "4"}\n',
+    ]
     path = _write(tmp_path / "long_solution.jsonl", rows)
     dm = _dm(ckpt, expert_data=path, prompt_data=path, val_data=None, overlong="skip", max_response_length=8)
     assert len(dm.prompt_rows) == 2 and dm.stats["data/prompts_skipped_rows"] == 0
@@ -278,8 +336,16 @@ def test_a_truncated_demonstration_is_judged_on_what_is_left(chat_ckpt, tmp_path
     path = _gsm8k(tmp_path, n=6)
     full = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)", **GSM8K)
     assert all("####" in r["response"] for r in full.expert_rows)
-    cut = _dm(chat_ckpt, expert_data=path, prompt_data=path, val_data=None, answer_pattern=r"####\s*(.+)",
-              overlong="truncate", max_response_length=8, **GSM8K)
+    cut = _dm(
+        chat_ckpt,
+        expert_data=path,
+        prompt_data=path,
+        val_data=None,
+        answer_pattern=r"####\s*(.+)",
+        overlong="truncate",
+        max_response_length=8,
+        **GSM8K,
+    )
     assert all("####" not in r["response"] and len(r["response"]) < 60 for r in cut.expert_rows)
 
 
@@ -315,7 +381,9 @@ def test_base_checkpoint_is_cached_and_keyed_by_its_recipe(monkeypatch):
     assert embedded.ensure_base_checkpoint() == first
     monkeypatch.setenv(embedded.BASE_STEPS_ENV, str(embedded.base_steps() + 1))
     built = []
-    monkeypatch.setattr(embedded, "build_base_checkpoint", lambda d, recipe: built.append(recipe) or d.mkdir(exist_ok=True))
+    monkeypatch.setattr(
+        embedded, "build_base_checkpoint", lambda d, recipe: built.append(recipe) or d.mkdir(exist_ok=True)
+    )
     assert embedded.ensure_base_checkpoint() != first and built[0]["steps"] == embedded.base_steps()
     # loaded back the way a user's checkpoint is
     monkeypatch.undo()
@@ -363,7 +431,9 @@ def test_bad_retention_data_is_named(ckpt):
     with pytest.raises(ValueError, match="data.retention_data.*skill name"):
         MixedDataModule(model_name_or_path=ckpt, retention_data={"a/b": "x.jsonl"})
     with pytest.raises(ValueError, match="data.retention_data.*skill name '..'"):
-        MixedDataModule(model_name_or_path=ckpt, retention_data={"..": "x.jsonl"})  # it would name a tag val/retention/..
+        MixedDataModule(
+            model_name_or_path=ckpt, retention_data={"..": "x.jsonl"}
+        )  # it would name a tag val/retention/..
     with pytest.raises(ValueError, match="embedded skill"):
         embedded.skill_problems("division")
 
@@ -380,7 +450,14 @@ def test_a_retention_file_is_named_by_its_skill_and_its_overlap_with_training_is
     # a retention row whose prompt is also a training prompt: warned about and counted, not a crash
     train_prompt = _dm(ckpt).expert_rows[0]["prompt"]
     dup = tmp_path / "dup.jsonl"
-    dup.write_text(json.dumps({"prompt": train_prompt, "answer": "0"}) + "\n" + json.dumps({"prompt": "98-1=", "answer": "97"}) + "\n")
-    with pytest.warns(UserWarning, match=r"dup.jsonl \(retention_data\): 1 of its 2 rows have a prompt that also appears"):
+    dup.write_text(
+        json.dumps({"prompt": train_prompt, "answer": "0"})
+        + "\n"
+        + json.dumps({"prompt": "98-1=", "answer": "97"})
+        + "\n"
+    )
+    with pytest.warns(
+        UserWarning, match=r"dup.jsonl \(retention_data\): 1 of its 2 rows have a prompt that also appears"
+    ):
         dm = _dm(ckpt, retention_data={"dup": str(dup)})
     assert dm.stats["data/heldout_duplicates"] == 1

@@ -1,6 +1,7 @@
 """rollout.decode, the sampling loop that stops computing finished rows: HF generate's samples token
 for token while no row is dropped, the right conditionals after rows are dropped, and a ValueError
 (never a silent fallback) for a setting the loop does not apply."""
+
 import pytest
 import torch
 
@@ -22,12 +23,21 @@ def setup(ckpt):
 
 def _settings(tok, **sampling):
     greedy = not sampling
-    return dict(max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], do_sample=not greedy,
-                **sampling)
+    return dict(
+        max_new_tokens=T,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id],
+        do_sample=not greedy,
+        **sampling,
+    )
 
 
-SAMPLING = [dict(temperature=0.7, top_k=5, top_p=0.9), dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=1.3,
-            top_k=0, top_p=0.8), {}]
+SAMPLING = [
+    dict(temperature=0.7, top_k=5, top_p=0.9),
+    dict(temperature=1.0, top_k=0, top_p=1.0),
+    dict(temperature=1.3, top_k=0, top_p=0.8),
+    {},
+]
 
 
 @pytest.mark.parametrize("sampling", SAMPLING, ids=["t0.7-k5-p0.9", "plain", "t1.3-p0.8", "greedy"])
@@ -36,10 +46,12 @@ def test_without_dropping_rows_the_samples_are_hf_generates(setup, sampling):
     settings = _settings(tok, **sampling)
     assert decode_supports(model)
     torch.manual_seed(3)
-    hf = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **settings)
+    hf = model.generate(
+        input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **settings
+    )
     torch.manual_seed(3)
     out, logp, entropy = decode(model, ids, mask, settings, compact_at=float("inf"))
-    hf_ids = hf.sequences[:, ids.shape[1]:]
+    hf_ids = hf.sequences[:, ids.shape[1] :]
     assert torch.equal(out, hf_ids)
     m = completion_mask(hf_ids, tok.eos_token_id)
     if sampling:  # (the untrained model's greedy answers never reach EOS)
@@ -61,8 +73,9 @@ def test_after_dropping_rows_each_step_samples_from_the_full_forward(setup):
     assert (out[m == 0] == tok.pad_token_id).all()
     full = torch.cat([mask, m], dim=1)
     with torch.no_grad():
-        logits = model(input_ids=torch.cat([ids, out], 1), attention_mask=full,
-                       position_ids=position_ids_from_mask(full)).logits[:, ids.shape[1] - 1 : -1]
+        logits = model(
+            input_ids=torch.cat([ids, out], 1), attention_mask=full, position_ids=position_ids_from_mask(full)
+        ).logits[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(logp, token_logprobs(logits, out, 0.8) * m, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.8) * m, rtol=0, atol=1e-5)
 
@@ -76,8 +89,19 @@ def test_fixed_length_rollouts_equal_hf_generate(setup):
     runs = []
     for drop in (True, False):
         torch.manual_seed(1)
-        runs.append(generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
-                             temperature=0.9, drop_finished=drop, min_new_tokens=T))
+        runs.append(
+            generate(
+                model,
+                tok,
+                enc.input_ids,
+                enc.attention_mask,
+                num_generations=G,
+                max_new_tokens=T,
+                temperature=0.9,
+                drop_finished=drop,
+                min_new_tokens=T,
+            )
+        )
     ours, hf = runs
     assert (ours.sampler, hf.sampler) == ("decode", "hf-generate")
     assert ours.completion_ids.shape == (len(PROMPTS) * G, T) and ours.completion_mask.all()
@@ -132,15 +156,27 @@ def test_the_decode_loop_uses_no_deprecated_transformers_argument(tmp_path, arch
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    small = dict(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                 num_key_value_heads=2, n_embd=16, n_layer=1, n_head=2, n_positions=64, max_position_embeddings=64)
+    small = dict(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        max_position_embeddings=64,
+    )
     config = AutoConfig.for_model(arch, **{k: v for k, v in small.items() if hasattr(AutoConfig.for_model(arch), k)})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     model = load_model(str(tmp_path)).eval()
     ids = torch.randint(3, 32, (2, 4))
-    settings = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=[1], do_sample=True, temperature=1.0, top_k=0,
-                    top_p=1.0)
+    settings = dict(
+        max_new_tokens=5, pad_token_id=0, eos_token_id=[1], do_sample=True, temperature=1.0, top_k=0, top_p=1.0
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=FutureWarning, module="transformers")
         warnings.filterwarnings("error", message=".*past_key_values.*")

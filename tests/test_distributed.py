@@ -8,6 +8,7 @@
 - end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
   resume), ``fsdp`` fails naming ``fsdp2``.
 """
+
 import json
 import os
 import socket
@@ -21,8 +22,8 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
-from lit_align.events import read_scalars
 from lit_align.controller import ScalarMu
+from lit_align.events import read_scalars
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.sft import SFTModule
@@ -44,8 +45,15 @@ class FixedRolloutGRPO(GRPOModule):
 
     def rollout_and_score(self, batch):
         r = batch["rollout"]
-        rollout = Rollout(r["prompt_ids"], r["prompt_mask"], r["completion_ids"], r["completion_mask"],
-                          r["old_logp"], torch.zeros_like(r["old_logp"]), [""] * len(r["prompt_ids"]))
+        rollout = Rollout(
+            r["prompt_ids"],
+            r["prompt_mask"],
+            r["completion_ids"],
+            r["completion_mask"],
+            r["old_logp"],
+            torch.zeros_like(r["old_logp"]),
+            [""] * len(r["prompt_ids"]),
+        )
         return rollout, batch["rewards"], {}
 
 
@@ -79,8 +87,13 @@ def _batches(ckpt: str) -> dict:
         old_logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     completion_mask = torch.ones_like(completion_ids)
     completion_mask[2, 2:] = 0  # rank 1's completions are shorter: 3 and 6 tokens against 6 and 6
-    rollout = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
-               "completion_mask": completion_mask, "old_logp": (old_logp - 0.05) * completion_mask}
+    rollout = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "old_logp": (old_logp - 0.05) * completion_mask,
+    }
     meta_ids = torch.randint(3, 16, (4, 10), generator=g)
     meta_labels = meta_ids.clone()
     meta_labels[:, :3] = -100
@@ -92,7 +105,9 @@ def _batches(ckpt: str) -> dict:
 def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     take = lambda t: t.chunk(world)[rank] if world > 1 else t  # noqa: E731  (whole prompt groups per rank)
     expert = {"expert": {k: take(v) for k, v in batches["expert"].items()}}
-    prompts = {"prompts": {"rollout": {k: take(v) for k, v in batches["rollout"].items()}, "rewards": take(batches["rewards"])}}
+    prompts = {
+        "prompts": {"rollout": {k: take(v) for k, v in batches["rollout"].items()}, "rewards": take(batches["rewards"])}
+    }
     if method == "sft":
         return expert
     if method == "grpo":
@@ -101,7 +116,11 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
 
 
 AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves by controller_lr * dV/dmu
-    num_generations=2, warmup_sft_steps=0, meta_interval=1, meta_objective="expert_nll", controller_lr=0.5,
+    num_generations=2,
+    warmup_sft_steps=0,
+    meta_interval=1,
+    meta_objective="expert_nll",
+    controller_lr=0.5,
 )
 
 
@@ -113,7 +132,8 @@ METHODS = ("sft", "grpo", "amft", "amft_adam")
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
     cls, extra, steps = {
-        "sft": (SFTModule, {}, 1), "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
+        "sft": (SFTModule, {}, 1),
+        "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
     }[method]
@@ -123,20 +143,30 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
         optimizer = lambda p: torch.optim.SGD(p, lr=LR)  # noqa: E731
     # two ranks run micro-batches of one row, one process its whole batch at once: same update
     micro = 1 if devices > 1 else None
-    module = cls(model_name_or_path=ckpt, optimizer=optimizer, gradient_clip=0.0, warmup_steps=0,
-                 micro_batch_size=micro, **extra)
+    module = cls(
+        model_name_or_path=ckpt, optimizer=optimizer, gradient_clip=0.0, warmup_steps=0, micro_batch_size=micro, **extra
+    )
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader([batch] * steps, batch_size=None))
     return module, trainer
 
 
 def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2"
+    )
     import lit_align.strategies  # noqa: F401  registers fsdp2
 
     results = {}
@@ -149,7 +179,9 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
             if method.startswith("amft"):
                 results[f"{strategy}-{method}-mu-rank{rank}"] = float(module.controller.mu.detach())
             if strategy == "fsdp2" and method == "grpo":
-                results[f"reduce-rank{rank}"] = module._reduce_metrics({"x": torch.tensor(float(rank)), "reward_errors": 1.0})
+                results[f"reduce-rank{rank}"] = module._reduce_metrics(
+                    {"x": torch.tensor(float(rank)), "reward_errors": 1.0}
+                )
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
@@ -264,10 +296,14 @@ class RankReport(L.Callback):
         local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
         ref = pl_module.ref_model
         report = {
-            "rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
-            "prompts": self.prompts, "rollouts": self.rollouts,
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "step": trainer.global_step,
+            "prompts": self.prompts,
+            "rollouts": self.rollouts,
             "param_sum": sum(float(t.detach().double().sum()) for t in local),
-            "local_numel": sum(t.numel() for t in local), "numel": sum(p.numel() for p in params),
+            "local_numel": sum(t.numel() for t in local),
+            "numel": sum(p.numel() for p in params),
             "sharded": isinstance(pl_module.model, FSDPModule),
             "ref": None if ref is None else {"training": ref.training, "sharded": isinstance(ref, FSDPModule)},
         }
@@ -279,11 +315,20 @@ class RankReport(L.Callback):
 
 
 TINY = [
-    "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
-    "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.accelerator=cpu", "--trainer.devices=2",
-    "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
-    "--model.init_args.num_generations=2", "--model.init_args.max_new_tokens=4",
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--data.init_args.expert_batch_size=4",
+    "--data.init_args.prompt_batch_size=2",
+    "--data.init_args.val_batch_size=4",
+    "--model.init_args.num_generations=2",
+    "--model.init_args.max_new_tokens=4",
     "--model.init_args.reward=_rewards.LengthMatchReward",
 ]
 
@@ -291,12 +336,25 @@ TINY = [
 def train(config: str, strategy: str, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     """``python train.py fit`` on 2 CPU processes (Lightning launches rank 1 itself). ``strategy``
     is a --trainer.strategy value or a trainer preset file (configs/trainer_*.yaml)."""
-    env = {**os.environ, "MASTER_PORT": str(free_port()),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+    }
     chosen = ["--config", strategy] if strategy.endswith(".yaml") else [f"--trainer.strategy={strategy}"]
-    args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *chosen, *TINY,
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.callbacks+=test_distributed.RankReport", f"--trainer.callbacks.out={tmp_path}", *extra]
+    args = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        f"configs/{config}.yaml",
+        *chosen,
+        *TINY,
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks+=test_distributed.RankReport",
+        f"--trainer.callbacks.out={tmp_path}",
+        *extra,
+    ]
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     return proc, tmp_path
 
@@ -360,10 +418,16 @@ def test_chord_under_fsdp2_shards_generates_exports_and_resumes(tmp_path, ckpt):
 
     # resume it under FSDP2 with activation checkpointing, writing a sharded (per-rank) checkpoint
     proc, path = train(
-        "chord_phi", "lit_align.strategies.FSDP2Strategy", tmp_path / "b", *CHORD_RL,
-        "--trainer.strategy.activation_checkpointing=true", "--trainer.strategy.save_distributed_checkpoint=true",
-        f"--ckpt_path={last}", "--trainer.max_steps=4",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=4",
+        "chord_phi",
+        "lit_align.strategies.FSDP2Strategy",
+        tmp_path / "b",
+        *CHORD_RL,
+        "--trainer.strategy.activation_checkpointing=true",
+        "--trainer.strategy.save_distributed_checkpoint=true",
+        f"--ckpt_path={last}",
+        "--trainer.max_steps=4",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=4",
         "--trainer.callbacks.filename=periodic-{step}",
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -386,8 +450,14 @@ def _same_weights(a: Path, b: Path) -> None:
 def test_amft_under_ddp_keeps_one_controller(tmp_path):
     if not (ROOT / "configs" / "amft.yaml").exists():
         pytest.skip("AMFT not merged yet")
-    proc, path = train("amft", "ddp", tmp_path, "--model.init_args.warmup_sft_steps=1",
-                       "--model.init_args.meta_interval=1", "--data.init_args.meta_batch_size=2")
+    proc, path = train(
+        "amft",
+        "ddp",
+        tmp_path,
+        "--model.init_args.warmup_sft_steps=1",
+        "--model.init_args.meta_interval=1",
+        "--data.init_args.meta_batch_size=2",
+    )
     reports, log_dir = _check_run(proc, path, rl_steps=2)  # step 1 is the SFT warm-up
     assert reports[0]["param_sum"] == reports[1]["param_sum"]
     assert reports[0]["controller"] == reports[1]["controller"], "the AMFT controller must be identical on all ranks"
@@ -399,10 +469,14 @@ def test_amft_under_fsdp2_shards_meta_steps_and_resumes_exactly(tmp_path):
     """AMFT's look-ahead on sharded parameters: meta steps from the second update on (with the entropy
     regulariser, so the RL term's graph is back-propagated twice), one controller on both ranks, the
     export; then a resume from the step-3 checkpoint ends where the uninterrupted run did."""
-    amft = ["--model.init_args.warmup_sft_steps=1", "--model.init_args.meta_interval=1",
-            "--data.init_args.meta_batch_size=2", "--model.init_args.entropy_coef=0.1",
-            "--model.init_args.meta_objective=expert_nll",  # the tiny runs' rewards are often all equal
-            "--trainer.max_steps=4"]  # validation and last.ckpt at step 3
+    amft = [
+        "--model.init_args.warmup_sft_steps=1",
+        "--model.init_args.meta_interval=1",
+        "--data.init_args.meta_batch_size=2",
+        "--model.init_args.entropy_coef=0.1",
+        "--model.init_args.meta_objective=expert_nll",  # the tiny runs' rewards are often all equal
+        "--trainer.max_steps=4",
+    ]  # validation and last.ckpt at step 3
     proc, path = train("amft", "configs/trainer_fsdp.yaml", tmp_path / "a", *amft)
     reports, log_dir = _check_run(proc, path, rl_steps=3, steps=4)  # step 1 is the SFT warm-up
     for r in reports:
@@ -432,5 +506,13 @@ def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):
     from lit_align.cli import main
 
     with pytest.raises(ValueError, match="--trainer.strategy=fsdp2"):
-        main(["fit", "--config", "configs/sft.yaml", "--trainer.strategy=fsdp", "--trainer.accelerator=cpu",
-              f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        main(
+            [
+                "fit",
+                "--config",
+                "configs/sft.yaml",
+                "--trainer.strategy=fsdp",
+                "--trainer.accelerator=cpu",
+                f"--trainer.logger.init_args.save_dir={tmp_path}",
+            ]
+        )

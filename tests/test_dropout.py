@@ -1,4 +1,5 @@
 """model.disable_dropout: a strictly on-policy update is exactly on-policy (ratio 1, KL 0)."""
+
 import json
 
 import pytest
@@ -18,8 +19,17 @@ def gpt2(tmp_path_factory) -> str:
     from lit_align.data.embedded import build_tokenizer
 
     tok = build_tokenizer()
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(tok), **RATES,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(tok),
+        **RATES,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("gpt2")
     GPT2LMHeadModel(config).save_pretrained(path)
@@ -101,8 +111,14 @@ def test_lora_dropout_and_the_adapter_free_reference(gpt2, disable):
 def test_disable_dropout_in_model_zeroes_modules_attributes_and_config():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, attention_dropout=0.1)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        attention_dropout=0.1,
+    )
     model = LlamaForCausalLM(config)
     model.extra = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Dropout(0.0))
     model.extra.dropout_keep_prob = 0.9  # a keep probability is not a dropout rate

@@ -2,6 +2,7 @@
 nor let it silently learn garbage. Each test feeds the bad input through a public entry point
 (train.py's CLI, or the DataModule / module constructors) and asserts on the error text or on
 the logged counters, and that training goes on where the policy says it should."""
+
 import json
 import math
 import pickle
@@ -36,7 +37,9 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def _fit(config: str, save_dir: Path, *extra: str):
-    return main(["fit", "--config", f"configs/{config}.yaml", *QUIET, f"--trainer.logger.init_args.save_dir={save_dir}", *extra])
+    return main(
+        ["fit", "--config", f"configs/{config}.yaml", *QUIET, f"--trainer.logger.init_args.save_dir={save_dir}", *extra]
+    )
 
 
 def _last(scalars: dict, name: str) -> float:
@@ -55,8 +58,10 @@ def test_every_bad_row_is_reported_with_file_row_and_column(ckpt, tmp_path):
         {"prompt": "3+3=\ud800", "response": "6"},  # lone surrogate: not encodable text
     ]
     path = tmp_path / "expert.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + '{"prompt": "2+2=", "response": 4.5}\n'
-                    '{"prompt": "2+2=", "response": true}\n')
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows[:3]) + '{"prompt": "2+2=", "response": 4.5}\n'
+        '{"prompt": "2+2=", "response": true}\n'
+    )
     with pytest.raises(DataError) as e:
         MixedDataModule(model_name_or_path=ckpt, expert_data=str(path), prompt_data=None, val_data=None).setup("fit")
     msg = str(e.value)
@@ -70,11 +75,11 @@ def test_every_bad_row_is_reported_with_file_row_and_column(ckpt, tmp_path):
 
 
 def _write_bad_utf8(path: Path) -> None:
-    good, bad = "1+1=".encode(), b"\xff\xfe+1="
+    good, bad = b"1+1=", b"\xff\xfe+1="
     if path.suffix == ".parquet":
+        import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import numpy as np
 
         offsets = pa.py_buffer(np.array([0, len(good), len(good) + len(bad)], dtype="int32").tobytes())
         prompts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(good + bad)])
@@ -82,13 +87,17 @@ def _write_bad_utf8(path: Path) -> None:
     elif path.suffix == ".csv":
         path.write_bytes(b"prompt,response\n" + good + b",2\n" + bad + b",2\n")
     elif path.suffix == ".json":
-        path.write_bytes(b'[{"prompt": "' + good + b'", "response": "2"},\n {"prompt": "' + bad + b'", "response": "2"}]\n')
+        path.write_bytes(
+            b'[{"prompt": "' + good + b'", "response": "2"},\n {"prompt": "' + bad + b'", "response": "2"}]\n'
+        )
     else:
         path.write_bytes(b'{"prompt": "' + good + b'", "response": "2"}\n{"prompt": "' + bad + b'", "response": "2"}\n')
 
 
-@pytest.mark.parametrize("suffix,where", [(".jsonl", "line 2"), (".json", "line 2"), (".csv", "line 3"),
-                                          (".parquet", "row 2, column 'prompt'")])
+@pytest.mark.parametrize(
+    "suffix,where",
+    [(".jsonl", "line 2"), (".json", "line 2"), (".csv", "line 3"), (".parquet", "row 2, column 'prompt'")],
+)
 def test_non_utf8_bytes_are_named_in_every_format(ckpt, tmp_path, suffix, where):
     path = tmp_path / f"expert{suffix}"
     _write_bad_utf8(path)
@@ -100,12 +109,19 @@ def test_non_utf8_bytes_are_named_in_every_format(ckpt, tmp_path, suffix, where)
 def test_all_invalid_or_all_overlong_data_is_an_error_not_an_empty_epoch(ckpt, tmp_path):
     blank = _jsonl(tmp_path / "blank.jsonl", [{"prompt": " ", "response": "2"}, {"prompt": "", "response": "3"}])
     with pytest.raises(DataError, match=r"blank\.jsonl: 2 invalid fields: none of the 2 rows is usable"):
-        MixedDataModule(model_name_or_path=ckpt, expert_data=blank, prompt_data=None, val_data=None,
-                        invalid_rows="skip").setup("fit")
+        MixedDataModule(
+            model_name_or_path=ckpt, expert_data=blank, prompt_data=None, val_data=None, invalid_rows="skip"
+        ).setup("fit")
     long = _jsonl(tmp_path / "long.jsonl", [{"prompt": "1+1=" * 10, "response": "2"}])
     with pytest.raises(DataError, match=r"long\.jsonl: no usable rows left after applying data.overlong='skip'"):
-        MixedDataModule(model_name_or_path=ckpt, expert_data=long, prompt_data=None, val_data=None,
-                        max_prompt_length=8, overlong="skip").setup("fit")
+        MixedDataModule(
+            model_name_or_path=ckpt,
+            expert_data=long,
+            prompt_data=None,
+            val_data=None,
+            max_prompt_length=8,
+            overlong="skip",
+        ).setup("fit")
 
 
 @pytest.fixture(scope="module")
@@ -118,32 +134,48 @@ def dirty_run(tmp_path_factory):
     one prompt with the training file, and has a row whose reward raises.
     """
     d = tmp_path_factory.mktemp("dirty")
-    prompts = _jsonl(d / "prompts.jsonl", [
-        {"prompt": "12+3=", "answer": "15"},
-        {"prompt": "20+4=", "answer": "24"},
-        {"prompt": "7+7=", "answer": "raise"},
-        {"prompt": "8+1=", "answer": "nan"},
-        {"prompt": "1+1=" * 10, "answer": "2"},
-        {"prompt": "   ", "answer": "3"},
-        {"prompt": "3+3="},
-    ])
-    val = _jsonl(d / "val.jsonl", [
-        {"prompt": "12+3=", "answer": "15"},
-        {"prompt": "30+30=", "answer": "60"},
-        {"prompt": "5+5=", "answer": "raise"},
-    ])
+    prompts = _jsonl(
+        d / "prompts.jsonl",
+        [
+            {"prompt": "12+3=", "answer": "15"},
+            {"prompt": "20+4=", "answer": "24"},
+            {"prompt": "7+7=", "answer": "raise"},
+            {"prompt": "8+1=", "answer": "nan"},
+            {"prompt": "1+1=" * 10, "answer": "2"},
+            {"prompt": "   ", "answer": "3"},
+            {"prompt": "3+3="},
+        ],
+    )
+    val = _jsonl(
+        d / "val.jsonl",
+        [
+            {"prompt": "12+3=", "answer": "15"},
+            {"prompt": "30+30=", "answer": "60"},
+            {"prompt": "5+5=", "answer": "raise"},
+        ],
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cli = _fit(
-            "grpo", d,
-            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
-            "--model.init_args.num_generations=2", "--model.init_args.reward=_rewards.FlakyReward",
+            "grpo",
+            d,
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--trainer.limit_val_batches=1",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.reward=_rewards.FlakyReward",
             "--model.init_args.reward_errors=zero",
-            f"--data.init_args.prompt_data={prompts}", f"--data.init_args.val_data={val}",
-            "--data.init_args.prompt_batch_size=4", "--data.init_args.val_batch_size=8",
-            "--data.init_args.max_prompt_length=16", "--data.init_args.overlong=skip", "--data.init_args.invalid_rows=skip",
+            f"--data.init_args.prompt_data={prompts}",
+            f"--data.init_args.val_data={val}",
+            "--data.init_args.prompt_batch_size=4",
+            "--data.init_args.val_batch_size=8",
+            "--data.init_args.max_prompt_length=16",
+            "--data.init_args.overlong=skip",
+            "--data.init_args.invalid_rows=skip",
         )
-    return SimpleNamespace(cli=cli, scalars=read_scalars(cli.trainer.log_dir), warnings=[str(w.message) for w in caught])
+    return SimpleNamespace(
+        cli=cli, scalars=read_scalars(cli.trainer.log_dir), warnings=[str(w.message) for w in caught]
+    )
 
 
 def test_skipped_and_duplicate_rows_are_warned_and_logged(dirty_run):
@@ -168,13 +200,20 @@ def test_flaky_reward_is_counted_and_training_finishes(dirty_run):
     assert [v for _, v in s["train/reward_errors"]] == [4.0, 8.0, 12.0]
     assert dirty_run.cli.model.reward_errors == 12
     assert all(math.isfinite(v) for _, v in s["train/reward_mean"]) and "val/accuracy" in s
-    ckpt = torch.load(Path(trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)  # 5. weights_only loads it
+    ckpt = torch.load(
+        Path(trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True
+    )  # 5. weights_only loads it
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
 
 
 def _prompt_batch(ckpt, tmp_path, rows):
-    dm = MixedDataModule(model_name_or_path=ckpt, expert_data=None, prompt_data=_jsonl(tmp_path / "p.jsonl", rows),
-                         val_data=None, prompt_batch_size=len(rows))
+    dm = MixedDataModule(
+        model_name_or_path=ckpt,
+        expert_data=None,
+        prompt_data=_jsonl(tmp_path / "p.jsonl", rows),
+        val_data=None,
+        prompt_batch_size=len(rows),
+    )
     dm.setup("fit")
     batch, _, _ = next(iter(dm.train_dataloader()))
     return batch["prompts"]
@@ -198,7 +237,9 @@ class _Sleepy(RewardFunction):
 
 def test_a_hanging_reward_hits_the_per_call_time_limit(ckpt):
     rollout = SimpleNamespace(completions=["1", "2"])
-    zero = GRPOModule(model_name_or_path=ckpt, num_generations=2, reward=_Sleepy(), reward_timeout_s=0.2, reward_errors="zero")
+    zero = GRPOModule(
+        model_name_or_path=ckpt, num_generations=2, reward=_Sleepy(), reward_timeout_s=0.2, reward_errors="zero"
+    )
     start = time.perf_counter()
     rewards, n_errors = zero.score(["1+1=", "2+2="], rollout, ["2", "hang"])
     assert time.perf_counter() - start < 1.5 and n_errors == 2 and rewards.tolist() == [0.0, 0.0]
@@ -224,9 +265,14 @@ def test_builtin_checker_withstands_hostile_completions_fast(parts):
 # ============================================================== 3. numerics
 
 # these runs count the reward's calls: the set-up self-check (one more call) is off
-NUMERIC = ["--trainer.limit_val_batches=0", "--model.init_args.num_generations=2", "--model.init_args.advantage_norm=none",
-           "--data.init_args.prompt_batch_size=2", "--model.init_args.reward=_rewards.ExplodingReward",
-           "--data.init_args.demo_check_rows=0"]
+NUMERIC = [
+    "--trainer.limit_val_batches=0",
+    "--model.init_args.num_generations=2",
+    "--model.init_args.advantage_norm=none",
+    "--data.init_args.prompt_batch_size=2",
+    "--model.init_args.reward=_rewards.ExplodingReward",
+    "--data.init_args.demo_check_rows=0",
+]
 
 
 def test_a_non_finite_update_is_skipped_counted_and_training_continues(tmp_path):
@@ -235,14 +281,24 @@ def test_a_non_finite_update_is_skipped_counted_and_training_continues(tmp_path)
     assert cli.trainer.global_step == 3 and cli.model.reward.calls == 4, "the skipped batch did not count as an update"
     assert _last(s, "train/skipped_steps") == 1
     losses = [v for _, v in s["train/loss"]]
-    assert len(losses) == 4 and sum(not math.isfinite(v) for v in losses) == 1, "the skipped step's statistics are logged"
+    assert len(losses) == 4 and sum(not math.isfinite(v) for v in losses) == 1, (
+        "the skipped step's statistics are logged"
+    )
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
 def test_consecutive_non_finite_updates_stop_the_run_with_a_clear_message(tmp_path):
-    with pytest.raises(NonFiniteError, match="2 consecutive updates had a non-finite loss or gradient.*max_consecutive_skips"):
-        _fit("grpo", tmp_path, *NUMERIC, "--trainer.max_steps=5", "--model.init_args.reward.init_args.from_call=0",
-             "--model.init_args.max_consecutive_skips=2")
+    with pytest.raises(
+        NonFiniteError, match="2 consecutive updates had a non-finite loss or gradient.*max_consecutive_skips"
+    ):
+        _fit(
+            "grpo",
+            tmp_path,
+            *NUMERIC,
+            "--trainer.max_steps=5",
+            "--model.init_args.reward.init_args.from_call=0",
+            "--model.init_args.max_consecutive_skips=2",
+        )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
@@ -250,35 +306,81 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
     # an infinite learning rate: the first update is applied (its loss and gradient are finite) and
     # turns every weight into NaN; the checkpoint after the next validation is refused
     with pytest.raises(NonFiniteError, match=r"refusing to save a checkpoint at step 1: .*state_dict\.model\."):
-        _fit("sft", tmp_path, "--trainer.max_steps=3", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
-             "--data.init_args.expert_batch_size=4", "--data.init_args.val_batch_size=4",
-             "--model.init_args.optimizer.init_args.lr=.inf")
+        _fit(
+            "sft",
+            tmp_path,
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=1",
+            "--trainer.limit_val_batches=1",
+            "--data.init_args.expert_batch_size=4",
+            "--data.init_args.val_batch_size=4",
+            "--model.init_args.optimizer.init_args.lr=.inf",
+        )
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
 # ============================================================== 4. configuration
 
 
-@pytest.mark.parametrize("build,match", [
-    (lambda c: GRPOModule(model_name_or_path=c, num_generations=1), "num_generations=1: GRPO needs at least 2"),
-    (lambda c: CHORDModule(model_name_or_path=c, num_generations=1), "num_generations=1: CHORD's GRPO term needs at least 2"),
-    (lambda c: SFTModule(model_name_or_path=c, max_new_tokens=0), r"model.max_new_tokens=0 is out of range: it must be an integer >= 1"),
-    (lambda c: SFTModule(model_name_or_path=c, epsilon_low=1.5), r"model.epsilon_low=1.5 is out of range: it must be in \[0, 1\)"),
-    (lambda c: SFTModule(model_name_or_path=c, epsilon_high=-0.1), r"model.epsilon_high=-0.1 .* a finite number >= 0"),
-    (lambda c: SFTModule(model_name_or_path=c, gradient_clip=float("nan")), r"model.gradient_clip=nan .* finite number >= 0"),
-    (lambda c: SFTModule(model_name_or_path=c, reward_timeout_s=0), r"model.reward_timeout_s=0 .* null or a finite number > 0"),
-    (lambda c: SFTModule(model_name_or_path=c, reward_errors="ignore"), r"model.reward_errors='ignore': choose one of \['raise', 'zero'\]"),
-    (lambda c: SFTModule(model_name_or_path=c, model_dtype="fp8"), r"model.model_dtype='fp8': choose one of"),
-    (lambda c: SFTModule(model_name_or_path=c, max_consecutive_skips=0), r"model.max_consecutive_skips=0 .* an integer >= 1"),
-    (lambda c: ConstantMu(1.5), r"ConstantMu.mu must be a number in \[0, 1\]"),
-    (lambda c: ReferenceMu(decay_steps=-1), r"ReferenceMu.decay_steps must be an integer >= 0"),
-    (lambda c: LinearMu(total_steps=2.5), r"LinearMu.total_steps must be an integer >= 0"),
-    (lambda c: ScalarMu(mu_min=0.9, mu_max=0.1), "mu_min must be < mu_max"),
-    (lambda c: MixedDataModule(model_name_or_path=c, prompt_batch_size=0), r"data.prompt_batch_size=0 must be an integer >= 1"),
-    (lambda c: MixedDataModule(model_name_or_path=c, overlong="drop"), r"data.overlong='drop': choose one of \['error', 'truncate', 'skip'\]"),
-    (lambda c: MixedDataModule(model_name_or_path=c, invalid_rows="ignore"), r"data.invalid_rows='ignore': choose one of"),
-    (lambda c: MixedDataModule(model_name_or_path=c, batch_scope="node"), r"data.batch_scope='node': choose one of"),
-])
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda c: GRPOModule(model_name_or_path=c, num_generations=1), "num_generations=1: GRPO needs at least 2"),
+        (
+            lambda c: CHORDModule(model_name_or_path=c, num_generations=1),
+            "num_generations=1: CHORD's GRPO term needs at least 2",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, max_new_tokens=0),
+            r"model.max_new_tokens=0 is out of range: it must be an integer >= 1",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, epsilon_low=1.5),
+            r"model.epsilon_low=1.5 is out of range: it must be in \[0, 1\)",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, epsilon_high=-0.1),
+            r"model.epsilon_high=-0.1 .* a finite number >= 0",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, gradient_clip=float("nan")),
+            r"model.gradient_clip=nan .* finite number >= 0",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, reward_timeout_s=0),
+            r"model.reward_timeout_s=0 .* null or a finite number > 0",
+        ),
+        (
+            lambda c: SFTModule(model_name_or_path=c, reward_errors="ignore"),
+            r"model.reward_errors='ignore': choose one of \['raise', 'zero'\]",
+        ),
+        (lambda c: SFTModule(model_name_or_path=c, model_dtype="fp8"), r"model.model_dtype='fp8': choose one of"),
+        (
+            lambda c: SFTModule(model_name_or_path=c, max_consecutive_skips=0),
+            r"model.max_consecutive_skips=0 .* an integer >= 1",
+        ),
+        (lambda c: ConstantMu(1.5), r"ConstantMu.mu must be a number in \[0, 1\]"),
+        (lambda c: ReferenceMu(decay_steps=-1), r"ReferenceMu.decay_steps must be an integer >= 0"),
+        (lambda c: LinearMu(total_steps=2.5), r"LinearMu.total_steps must be an integer >= 0"),
+        (lambda c: ScalarMu(mu_min=0.9, mu_max=0.1), "mu_min must be < mu_max"),
+        (
+            lambda c: MixedDataModule(model_name_or_path=c, prompt_batch_size=0),
+            r"data.prompt_batch_size=0 must be an integer >= 1",
+        ),
+        (
+            lambda c: MixedDataModule(model_name_or_path=c, overlong="drop"),
+            r"data.overlong='drop': choose one of \['error', 'truncate', 'skip'\]",
+        ),
+        (
+            lambda c: MixedDataModule(model_name_or_path=c, invalid_rows="ignore"),
+            r"data.invalid_rows='ignore': choose one of",
+        ),
+        (
+            lambda c: MixedDataModule(model_name_or_path=c, batch_scope="node"),
+            r"data.batch_scope='node': choose one of",
+        ),
+    ],
+)
 def test_arguments_are_validated_when_built(ckpt, build, match):
     with pytest.raises(ValueError, match=match):
         build(ckpt)
@@ -287,16 +389,22 @@ def test_arguments_are_validated_when_built(ckpt, build, match):
 def test_global_batch_sizes_must_divide_across_devices(ckpt):
     dm = MixedDataModule(model_name_or_path=ckpt, batch_scope="global", expert_batch_size=8, prompt_batch_size=3)
     dm.trainer = SimpleNamespace(world_size=2, loggers=[])
-    with pytest.raises(ValueError, match=r"data.prompt_batch_size=3 is a global batch size .* divisible by the 2 devices"):
+    with pytest.raises(
+        ValueError, match=r"data.prompt_batch_size=3 is a global batch size .* divisible by the 2 devices"
+    ):
         dm.setup("fit")
-    dm = MixedDataModule(model_name_or_path=ckpt, batch_scope="global", expert_batch_size=8, prompt_batch_size=4, val_batch_size=6)
+    dm = MixedDataModule(
+        model_name_or_path=ckpt, batch_scope="global", expert_batch_size=8, prompt_batch_size=4, val_batch_size=6
+    )
     dm.trainer = SimpleNamespace(world_size=2, loggers=[])
     dm.setup("fit")
     assert dm.batch_sizes == {"expert": 4, "prompt": 2, "val": 3, "meta": 16}
 
 
 def test_unknown_strategy_names_the_known_ones_before_loading_anything(tmp_path):
-    with pytest.raises(ValueError, match=r"trainer.strategy='dpp' is not a known strategy: choose one of \['auto', 'ddp'.*'fsdp'"):
+    with pytest.raises(
+        ValueError, match=r"trainer.strategy='dpp' is not a known strategy: choose one of \['auto', 'ddp'.*'fsdp'"
+    ):
         _fit("sft", tmp_path, "--trainer.strategy=dpp")
 
 
@@ -334,7 +442,9 @@ def test_remote_code_stays_off_unless_set(ckpt, tmp_path):
     d = tmp_path / "custom"
     shutil.copytree(ckpt, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    cfg.update(
+        model_type="custom_llama", auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     sentinel = tmp_path / "pwned"
     (d / "custom.py").write_text(f"open({str(sentinel)!r}, 'w').write('pwned')\n")
@@ -352,7 +462,9 @@ def test_data_paths_are_read_never_executed(ckpt, tmp_path):
     (folder / "dataset.py").write_text(script.read_text())
     for source in (script, folder):
         with pytest.raises(DataError, match="unsupported data file type"):
-            MixedDataModule(model_name_or_path=ckpt, expert_data=str(source), prompt_data=None, val_data=None).setup("fit")
+            MixedDataModule(model_name_or_path=ckpt, expert_data=str(source), prompt_data=None, val_data=None).setup(
+                "fit"
+            )
     assert not sentinel.exists()
 
 

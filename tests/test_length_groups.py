@@ -1,12 +1,13 @@
 """Forward passes grouped by row length (``length_buckets``): the grouping is the cheapest one, and
 the losses and gradients equal those of one pass over the whole padded batch."""
+
 import itertools
 import random
 
 import pytest
 import torch
-
 from _rollouts import mixed_length_rollout
+
 from lit_align import losses
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
@@ -31,7 +32,8 @@ def test_best_cuts_is_the_cheapest_contiguous_partition():
         assert len(cuts) <= k and cuts == sorted(set(cuts)) and cuts[-1] == D - 1
         brute = min(
             _cells(values, counts, [*inner, D - 1])
-            for r in range(min(k, D)) for inner in itertools.combinations(range(D - 1), r)
+            for r in range(min(k, D))
+            for inner in itertools.combinations(range(D - 1), r)
         )
         assert _cells(values, counts, cuts) == brute
 
@@ -40,10 +42,15 @@ def test_length_groups_cover_every_row_once_up_to_its_end():
     mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0]])
     groups = length_groups(mask, 2)
     assert [(rows.tolist(), width) for rows, width in groups] == [([2], 2), ([0, 3, 1], 6)]
-    assert [(rows.tolist(), width) for rows, width in length_groups(mask, 8)] == [([2], 2), ([0], 4), ([3], 5), ([1], 6)]
+    assert [(rows.tolist(), width) for rows, width in length_groups(mask, 8)] == [
+        ([2], 2),
+        ([0], 4),
+        ([3], 5),
+        ([1], 6),
+    ]
     assert length_groups(mask, 1) is None
     assert length_groups(torch.ones(3, 5), 4) is None  # all rows full length: one pass, nothing to cut
-    (rows, width), = length_groups(torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]]), 4)  # one length: one group,
+    ((rows, width),) = length_groups(torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]]), 4)  # one length: one group,
     assert rows.tolist() == [0, 1] and width == 3  # still cut to the longest row
 
 
@@ -57,8 +64,9 @@ def _terms(module, rollout, rewards, buckets: int, entropy_term: bool = False):
     (gated open: H* above the rollout's entropy)."""
     module.hparams.length_buckets = buckets
     widths = []
-    hook = module.model.register_forward_pre_hook(lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)),
-                                                  with_kwargs=True)
+    hook = module.model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
     try:
         module.model.zero_grad(set_to_none=True)
         if entropy_term:
@@ -78,8 +86,9 @@ def _terms(module, rollout, rewards, buckets: int, entropy_term: bool = False):
 @pytest.mark.parametrize("beta", [0.0, 0.05], ids=["no-kl", "kl"])
 def test_grouped_rl_loss_and_gradients_equal_one_pass(ckpt, aggregation, beta):
     torch.manual_seed(0)
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, loss_aggregation=aggregation, beta=beta,
-                        temperature=0.7)
+    module = GRPOModule(
+        model_name_or_path=ckpt, num_generations=G, loss_aggregation=aggregation, beta=beta, temperature=0.7
+    )
     if beta:  # a reference that differs from the policy, so the KL term has a gradient
         with torch.no_grad():
             for p in module.ref_model.parameters():

@@ -1,11 +1,11 @@
 """RL forwards compute logits only at completion positions (``logits_to_keep``) when the model's
 forward takes it, and all of them otherwise: the losses and gradients are the same either way."""
+
 import pytest
 import torch
+from _rollouts import PROMPT_LENS, mixed_length_rollout
 
 from lit_align import losses
-
-from _rollouts import PROMPT_LENS, mixed_length_rollout
 from lit_align.modules import logits as logits_module  # where the policy looks up logits_to_keep support
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
@@ -74,8 +74,14 @@ def _assert_same(a, b, rtol=1e-10, atol=1e-12):
 @pytest.mark.parametrize("buckets", [1, 4])
 def test_grpo_with_reference_keeps_only_completion_logits_and_matches_full_logits(ckpt, buckets, monkeypatch):
     torch.manual_seed(0)
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.05, temperature=0.7, model_dtype="float64",
-                        length_buckets=buckets)
+    module = GRPOModule(
+        model_name_or_path=ckpt,
+        num_generations=G,
+        beta=0.05,
+        temperature=0.7,
+        model_dtype="float64",
+        length_buckets=buckets,
+    )
     _perturb_reference(module)
     assert accepts_logits_to_keep(module.model) and accepts_logits_to_keep(module.ref_model)
     tok = module.tokenizer
@@ -106,12 +112,14 @@ def test_fallback_for_a_model_without_logits_to_keep(ckpt, monkeypatch):
             return self.inner.get_output_embeddings()
 
         def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=use_cache)
+            return self.inner(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+            )
 
     torch.manual_seed(0)
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.05, temperature=0.7, model_dtype="float64",
-                        length_buckets=3)
+    module = GRPOModule(
+        model_name_or_path=ckpt, num_generations=G, beta=0.05, temperature=0.7, model_dtype="float64", length_buckets=3
+    )
     _perturb_reference(module)
     tok = module.tokenizer
     rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=2, dtype=torch.float64)
@@ -129,8 +137,14 @@ def test_fallback_for_a_model_without_logits_to_keep(ckpt, monkeypatch):
 def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
     pytest.importorskip("peft")
     torch.manual_seed(0)
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, beta=0.1, model_dtype="float64", length_buckets=4,
-                        lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    module = GRPOModule(
+        model_name_or_path=ckpt,
+        num_generations=G,
+        beta=0.1,
+        model_dtype="float64",
+        length_buckets=4,
+        lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    )
     with torch.no_grad():  # adapters away from B = 0, so policy and reference differ
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
@@ -149,8 +163,9 @@ def test_lora_reference_keeps_only_completion_logits(ckpt, monkeypatch):
 
 def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypatch):
     torch.manual_seed(0)
-    module = AMFTModule(model_name_or_path=ckpt, num_generations=G, entropy_coef=0.5, model_dtype="float64",
-                        length_buckets=3)
+    module = AMFTModule(
+        model_name_or_path=ckpt, num_generations=G, entropy_coef=0.5, model_dtype="float64", length_buckets=3
+    )
     tok = module.tokenizer
     rollout = mixed_length_rollout(len(tok), tok.pad_token_id, seed=1, dtype=torch.float64)
     kept = _rl(module, rollout, full=False, monkeypatch=monkeypatch)

@@ -1,4 +1,5 @@
 """LoRA through peft (switchable in YAML), precision flags, and exporting from a checkpoint."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,15 @@ from lit_align.events import read_scalars  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj], lora_dropout: 0.0}"
 TINY = [
-    "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-    "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--data.init_args.expert_batch_size=4",
+    "--data.init_args.prompt_batch_size=2",
+    "--data.init_args.val_batch_size=4",
 ]
 
 
@@ -29,7 +36,9 @@ def _weights(path) -> dict:
 def test_lora_reference_is_the_policy_without_adapters(ckpt):
     from lit_align.modules.grpo import GRPOModule
 
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, beta=0.1, lora={"r": 4, "target_modules": ["q_proj"]})
+    module = GRPOModule(
+        model_name_or_path=ckpt, num_generations=2, beta=0.1, lora={"r": 4, "target_modules": ["q_proj"]}
+    )
     assert module.ref_model is None, "no second model is loaded under LoRA"
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -57,9 +66,20 @@ def test_bad_lora_config_names_the_field(ckpt):
 
 
 def test_lora_from_yaml_trains_adapters_and_exports_merged_weights(tmp_path, ckpt):
-    cli = main(["fit", "--config", "configs/grpo.yaml", *TINY, f"--trainer.logger.init_args.save_dir={tmp_path}",
-                f"--model.init_args.lora={LORA}", "--model.init_args.beta=0.05", "--model.init_args.num_generations=2",
-                "--model.init_args.optimizer.init_args.lr=0.05", "--model.init_args.reward=_rewards.CharCodeReward"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/grpo.yaml",
+            *TINY,
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--model.init_args.lora={LORA}",
+            "--model.init_args.beta=0.05",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.optimizer.init_args.lr=0.05",
+            "--model.init_args.reward=_rewards.CharCodeReward",
+        ]
+    )
     log_dir = Path(cli.trainer.log_dir)
     assert "train/kl" in read_scalars(log_dir)
     exported, start = _weights(log_dir / "hf_model"), _weights(ckpt)
@@ -85,9 +105,20 @@ def test_lora_from_yaml_trains_adapters_and_exports_merged_weights(tmp_path, ckp
 
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_precision_flag_runs_a_step_on_cpu(tmp_path, precision):
-    cli = main(["fit", "--config", "configs/chord_phi.yaml", *TINY, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                f"--trainer.precision={precision}", f"--trainer.logger.init_args.save_dir={tmp_path}",
-                "--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/chord_phi.yaml",
+            *TINY,
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.precision={precision}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.sft_warmup_steps=0",
+        ]
+    )
     module = cli.trainer.lightning_module
     assert cli.trainer.global_step == 1 and module.skipped_steps == 0
     dtype = next(module.model.parameters()).dtype

@@ -4,6 +4,7 @@ A checkpoint holds the policy, optimizer and LR schedule, the step (hence the mu
 training stream's position (ResumableLoader) and every rank's RNG states; checkpoints are written
 atomically (AtomicCheckpointIO), so dying mid-save never replaces the last good one.
 """
+
 import json
 import os
 import signal
@@ -35,8 +36,10 @@ class HangAfterStep(L.Callback):
 
 def _data(tmp_path: Path) -> Path:
     """10 rows: 2 expert batches and 5 prompt batches per pass, so 7 steps cross pass and epoch ends."""
-    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)} for a, b in
-            [(12, 3), (40, 17), (8, 8), (55, 21), (9, 90), (33, 33), (71, 6), (18, 27), (64, 5), (2, 49)]]
+    rows = [
+        {"prompt": f"{a}+{b}=", "response": str(a + b), "answer": str(a + b)}
+        for a, b in [(12, 3), (40, 17), (8, 8), (55, 21), (9, 90), (33, 33), (71, 6), (18, 27), (64, 5), (2, 49)]
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -45,22 +48,32 @@ def _data(tmp_path: Path) -> Path:
 def _args(tmp_path: Path, save_dir: Path, *extra: str) -> list[str]:
     data = _data(tmp_path)
     return [
-        "fit", "--config", "configs/chord_mu.yaml",
+        "fit",
+        "--config",
+        "configs/chord_mu.yaml",
         f"--trainer.logger.init_args.save_dir={save_dir}",
-        "--trainer.max_steps=7", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--trainer.max_steps=7",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        "--model.init_args.num_generations=2", "--model.init_args.warmup_steps=2", "--model.init_args.sft_warmup_steps=0",
+        "--model.init_args.num_generations=2",
+        "--model.init_args.warmup_steps=2",
+        "--model.init_args.sft_warmup_steps=0",
         "--model.init_args.lr_decay=linear",  # the LR schedule's position matters too
         "--model.init_args.mu_schedule.init_args.warmup_steps=2",
         "--model.init_args.mu_schedule.init_args.decay_steps=4",  # mu changes every step
         "--model.init_args.reward=_rewards.LengthMatchReward",
-        f"--data.init_args.expert_data={data}", f"--data.init_args.prompt_data={data}",
-        "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2",
+        f"--data.init_args.expert_data={data}",
+        f"--data.init_args.prompt_data={data}",
+        "--data.init_args.expert_batch_size=4",
+        "--data.init_args.prompt_batch_size=2",
         "--data.init_args.val_batch_size=4",
         # a checkpoint every 2 updates (the default one only follows val/accuracy)
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.every_n_train_steps=2",
+        "--trainer.callbacks.save_top_k=-1",
         "--trainer.callbacks.filename=periodic-{step}",
         *extra,
     ]
@@ -68,8 +81,15 @@ def _args(tmp_path: Path, save_dir: Path, *extra: str) -> list[str]:
 
 def _run(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _weights(run_dir: Path) -> dict:
@@ -80,7 +100,9 @@ def _weights(run_dir: Path) -> dict:
 
 # steps_per_generation 3: updates 3-5 share one rollout batch, so the checkpoint at step 4 falls
 # between two of its mini-batches and the resumed run must train on the same rollouts
-@pytest.mark.parametrize("extra", [[], ["--model.init_args.steps_per_generation=3"]], ids=["on-policy", "mid-rollout-batch"])
+@pytest.mark.parametrize(
+    "extra", [[], ["--model.init_args.steps_per_generation=3"]], ids=["on-policy", "mid-rollout-batch"]
+)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt, extra):
     def args(tmp_path, save_dir, *more):  # the run settings, plus this case's
         return _args(tmp_path, save_dir, *extra, *more)
@@ -93,8 +115,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt, extra)
 
     # 2. the same run, killed with SIGKILL after step 5 (last checkpoint: step 4)
     marker = tmp_path / "reached"
-    killed = _run(args(tmp_path, tmp_path / "killed", "--trainer.callbacks+=test_resume.HangAfterStep",
-                        "--trainer.callbacks.step=5", f"--trainer.callbacks.marker={marker}"))
+    killed = _run(
+        args(
+            tmp_path,
+            tmp_path / "killed",
+            "--trainer.callbacks+=test_resume.HangAfterStep",
+            "--trainer.callbacks.step=5",
+            f"--trainer.callbacks.marker={marker}",
+        )
+    )
     deadline = time.time() + 300
     while not marker.exists():
         assert killed.poll() is None, killed.stdout.read()[-3000:]
@@ -120,7 +149,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, ckpt, extra)
         after = {s: v for s, v in ref_s[name] if s >= 4}
         got = {s: v for s, v in res_s[name] if s >= 4}
         assert sorted(got) == sorted(after) == [4, 5, 6], (name, got, after)
-        assert [got[s] for s in sorted(got)] == pytest.approx([after[s] for s in sorted(after)], rel=1e-4, abs=1e-5), name
+        assert [got[s] for s in sorted(got)] == pytest.approx([after[s] for s in sorted(after)], rel=1e-4, abs=1e-5), (
+            name
+        )
     mus = [v for _, v in ref_s["train/mu"]]
     assert len(set(round(m, 6) for m in mus)) >= 4, "mu should move during the run"
     a, b = _weights(ref_dir), _weights(res_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -469,11 +470,19 @@ def test_trl_style_function_is_called_as_trl_calls_it():
 
     rewards = RewardSet([spy, boxed_matches, reward_len])
     out = rewards.score(
-        ["p1", "p2"], [r"so \boxed{4}", r"\boxed{5}" + "x" * 30], ["4", "6"], completion_ids=[[1, 2], [3]],
+        ["p1", "p2"],
+        [r"so \boxed{4}", r"\boxed{5}" + "x" * 30],
+        ["4", "6"],
+        completion_ids=[[1, 2], [3]],
         columns={"ground_truth": ["4", "6"], "source": ["a", "b"], "prompt": ["never", "passed"]},
     )
-    assert seen == {"prompts": ["p1", "p2"], "completions": [r"so \boxed{4}", r"\boxed{5}" + "x" * 30],
-                    "completion_ids": [[1, 2], [3]], "ground_truth": ["4", "6"], "source": ["a", "b"]}
+    assert seen == {
+        "prompts": ["p1", "p2"],
+        "completions": [r"so \boxed{4}", r"\boxed{5}" + "x" * 30],
+        "completion_ids": [[1, 2], [3]],
+        "ground_truth": ["4", "6"],
+        "source": ["a", "b"],
+    }
     assert rewards.names == ["spy", "boxed_matches", "reward_len"]
     assert out.per_function[:, 1].tolist() == [1.0, 0.0]
     assert out.per_function[:, 2].tolist() == [-8.0, -19.0]
@@ -485,8 +494,12 @@ def test_two_weighted_rewards_and_a_none_give_the_right_total():
 
     rewards = RewardSet([boxed_matches, only_multiple_choice], weights=[2.0, 0.5])
     completions = [r"\boxed{7}", r"\boxed{(B)}", r"\boxed{8}", "(C)"]
-    out = rewards.score(["q"] * 4, completions, [""] * 4,
-                        columns={"ground_truth": ["7", "(B)", "7", "(B)"], "kind": ["number", "choice", "number", "choice"]})
+    out = rewards.score(
+        ["q"] * 4,
+        completions,
+        [""] * 4,
+        columns={"ground_truth": ["7", "(B)", "7", "(B)"], "kind": ["number", "choice", "number", "choice"]},
+    )
     per = out.per_function
     assert per[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
     assert torch.isnan(per[[0, 2], 1]).all() and per[[1, 3], 1].tolist() == [1.0, 1.0]  # None: not applicable
@@ -546,8 +559,13 @@ def test_think_format_reward():
     ]
     assert fn(completions=completions) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     tagged = ThinkFormatReward(think_tag="reasoning", answer_tag="answer", reward=0.5)
-    assert tagged(completions=["<reasoning>x</reasoning><answer>12</answer>", "<reasoning>x</reasoning>12",
-                               "<think>x</think><answer>12</answer>"]) == [0.5, 0.0, 0.0]
+    assert tagged(
+        completions=[
+            "<reasoning>x</reasoning><answer>12</answer>",
+            "<reasoning>x</reasoning>12",
+            "<think>x</think><answer>12</answer>",
+        ]
+    ) == [0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="ThinkFormatReward.think_tag='<think>'"):
         ThinkFormatReward(think_tag="<think>")
 
@@ -585,20 +603,23 @@ def test_plain_three_argument_callables_keep_lit_aligns_interface():
     assert RewardSet([trl, lit]).correct(["q", "q"], ["4", "5"], ["4", "4"])[0].tolist() == [True, False]
 
 
-@pytest.mark.parametrize("completion, answer, expected", [
-    # without a box, a number inside the last math span is never taken alone (a fraction's denominator)
-    (r"So $x = \frac{1}{4}$.", "4", 0.0),
-    (r"So $x = \frac{1}{4}$.", "0.25", 1.0),
-    (r"Therefore \[ x = \frac{3}{2} \]", "2", 0.0),
-    (r"Therefore \[ x = \frac{3}{2} \]", "1.5", 1.0),
-    (r"The final answer is \[ \frac{3}{2} \]", "3", 0.0),
-    (r"The final answer is \[ x = \frac{3}{2} \]", "1.5", 1.0),
-    (r"Thus $\frac{5}{8}$ of the pie", r"\frac58", 1.0),
-    ("We get $12$ apples and 3 pears", "3", 1.0),  # the last number lies outside the span
-    # a typeset minus sign (U+2212) is a minus
-    ("It is \u22127 degrees.", "7", 0.0),
-    ("It is \u22127 degrees.", "-7", 1.0),
-    ("\\boxed{\u22123}", "-3", 1.0),
-])
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        # without a box, a number inside the last math span is never taken alone (a fraction's denominator)
+        (r"So $x = \frac{1}{4}$.", "4", 0.0),
+        (r"So $x = \frac{1}{4}$.", "0.25", 1.0),
+        (r"Therefore \[ x = \frac{3}{2} \]", "2", 0.0),
+        (r"Therefore \[ x = \frac{3}{2} \]", "1.5", 1.0),
+        (r"The final answer is \[ \frac{3}{2} \]", "3", 0.0),
+        (r"The final answer is \[ x = \frac{3}{2} \]", "1.5", 1.0),
+        (r"Thus $\frac{5}{8}$ of the pie", r"\frac58", 1.0),
+        ("We get $12$ apples and 3 pears", "3", 1.0),  # the last number lies outside the span
+        # a typeset minus sign (U+2212) is a minus
+        ("It is \u22127 degrees.", "7", 0.0),
+        ("It is \u22127 degrees.", "-7", 1.0),
+        ("\\boxed{\u22123}", "-3", 1.0),
+    ],
+)
 def test_unboxed_math_spans_and_the_unicode_minus(completion, answer, expected):
     assert math_reward(completion, answer) == expected

@@ -2,6 +2,7 @@
 the knobs are checked when the module is built, with messages naming them; a vLLM rollout's
 train/sampler_logp_diff and TRL's truncated importance-sampling weights are what they say, by hand;
 the weights scale the RL term and nothing else; a rollout batch split into mini-batches keeps them."""
+
 import importlib.util
 
 import pytest
@@ -12,14 +13,17 @@ from lit_align.modules.grpo import GRPOModule
 from lit_align.rollout import Rollout
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("rollout_engine", "sglang", "model.rollout_engine='sglang': choose one of"),
-    ("vllm_gpu_memory_utilization", 1.5, "model.vllm_gpu_memory_utilization=1.5 is out of range"),
-    ("vllm_kv_cache_memory_bytes", 1024, "model.vllm_kv_cache_memory_bytes=1024 is out of range"),
-    ("vllm_max_model_length", 0, "model.vllm_max_model_length=0 is out of range"),
-    ("vllm_tensor_parallel_size", 2, "model.vllm_tensor_parallel_size=2 is out of range: it must be 1"),
-    ("vllm_importance_sampling_cap", 0.5, "model.vllm_importance_sampling_cap=0.5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rollout_engine", "sglang", "model.rollout_engine='sglang': choose one of"),
+        ("vllm_gpu_memory_utilization", 1.5, "model.vllm_gpu_memory_utilization=1.5 is out of range"),
+        ("vllm_kv_cache_memory_bytes", 1024, "model.vllm_kv_cache_memory_bytes=1024 is out of range"),
+        ("vllm_max_model_length", 0, "model.vllm_max_model_length=0 is out of range"),
+        ("vllm_tensor_parallel_size", 2, "model.vllm_tensor_parallel_size=2 is out of range: it must be 1"),
+        ("vllm_importance_sampling_cap", 0.5, "model.vllm_importance_sampling_cap=0.5 is out of range"),
+    ],
+)
 def test_bad_engine_settings_name_the_flag(ckpt, field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         GRPOModule(model_name_or_path=ckpt, **{field: value})
@@ -40,8 +44,9 @@ def _vllm_rollout(module, shift: torch.Tensor) -> Rollout:
 
 
 def test_sampler_logp_diff_and_importance_weights_by_hand(ckpt):
-    module = GRPOModule(model_name_or_path=ckpt, vllm_importance_sampling_correction=True,
-                        vllm_importance_sampling_cap=2.0)
+    module = GRPOModule(
+        model_name_or_path=ckpt, vllm_importance_sampling_correction=True, vllm_importance_sampling_cap=2.0
+    )
     hf = mixed_length_rollout(len(module.tokenizer), module.tokenizer.pad_token_id)
     assert module.sampler_metrics(hf) == {}, "the HF path logs no sampler difference"
     shift = torch.zeros_like(hf.old_logp, dtype=torch.float32)
@@ -56,13 +61,17 @@ def test_sampler_logp_diff_and_importance_weights_by_hand(ckpt):
     w = module.importance_weights(r, rows, 9)
     expected = torch.ones(3, 9)
     expected[0, 0], expected[1, 2], expected[2, 6] = torch.exp(torch.tensor(-0.5)), 2.0, torch.exp(torch.tensor(-2.0))
-    torch.testing.assert_close(w * r.completion_mask[rows, :9], expected * r.completion_mask[rows, :9])  # exp(1) capped at 2
+    torch.testing.assert_close(
+        w * r.completion_mask[rows, :9], expected * r.completion_mask[rows, :9]
+    )  # exp(1) capped at 2
     module.hparams.vllm_importance_sampling_correction = False
     assert module.importance_weights(r, rows, 9) is None
 
 
 def test_importance_weights_scale_the_rl_term(ckpt):
-    module = GRPOModule(model_name_or_path=ckpt, vllm_importance_sampling_correction=True, loss_aggregation="token-mean")
+    module = GRPOModule(
+        model_name_or_path=ckpt, vllm_importance_sampling_correction=True, loss_aggregation="token-mean"
+    )
     r = _vllm_rollout(module, torch.tensor(-0.5))  # sampler log-probs 0.5 below the trainer's: weight e^0.5
     adv = torch.linspace(-1.0, 1.0, len(r.completions))
     corrected, metrics = module.run_terms([module.rl_term(r, adv, 1.0)], grad=False)
@@ -83,4 +92,6 @@ def test_minibatches_of_a_vllm_rollout_keep_the_sampler_logprobs(ckpt):
     module._cycle = {**cycle, "rewards": torch.zeros(8), "reward_mean": 0.0, "metrics": {}}
     state = module._cycle_state()
     module._load_cycle_state(state)
-    assert module._cycle["rollout"].sampler == "vllm" and torch.equal(module._cycle["rollout"].sampler_logp, r.sampler_logp)
+    assert module._cycle["rollout"].sampler == "vllm" and torch.equal(
+        module._cycle["rollout"].sampler_logp, r.sampler_logp
+    )

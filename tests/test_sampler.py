@@ -12,6 +12,7 @@
 - synced decoding over 2 processes (plain and FSDP2) finishes when ranks stop at different lengths
   and run different numbers of chunks.
 """
+
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,13 @@ import torch.multiprocessing as mp
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.losses import entropy_from_logits, token_logprobs
 from lit_align.rollout import (
-    completion_mask, decode, decode_supports, generate, position_ids_from_mask, sampling_overrides, sampling_settings,
+    completion_mask,
+    decode,
+    decode_supports,
+    generate,
+    position_ids_from_mask,
+    sampling_overrides,
+    sampling_settings,
 )
 
 PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4="]
@@ -60,8 +67,16 @@ def test_chunked_generation_keeps_exact_log_probs(setup, gbs):
     rows, hook = _rows_per_forward(model)
     try:
         torch.manual_seed(0)
-        r = generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
-                     temperature=0.8, generation_batch_size=gbs)
+        r = generate(
+            model,
+            tok,
+            enc.input_ids,
+            enc.attention_mask,
+            num_generations=G,
+            max_new_tokens=T,
+            temperature=0.8,
+            generation_batch_size=gbs,
+        )
     finally:
         hook.remove()
     B = len(PROMPTS) * G
@@ -90,8 +105,17 @@ def test_chunked_hf_generate_keeps_exact_log_probs(setup):
     rows, hook = _rows_per_forward(model)
     try:
         torch.manual_seed(0)
-        r = generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=T,
-                     temperature=1.2, generation_batch_size=6, drop_finished=False)
+        r = generate(
+            model,
+            tok,
+            enc.input_ids,
+            enc.attention_mask,
+            num_generations=G,
+            max_new_tokens=T,
+            temperature=1.2,
+            generation_batch_size=6,
+            drop_finished=False,
+        )
     finally:
         hook.remove()
     assert r.sampler == "hf-generate" and r.completion_ids.shape[0] == len(PROMPTS) * G
@@ -120,14 +144,29 @@ def instruct_ckpt(tmp_path_factory) -> str:
     """A tiny Qwen2 with Qwen2.5-Instruct's vocabulary size and its kind of generation_config.json."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=True, bos_token_id=QWEN_PAD, eos_token_id=QWEN_EOS)
+    config = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=QWEN_PAD,
+        eos_token_id=QWEN_EOS,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=QWEN_PAD, pad_token_id=QWEN_PAD, eos_token_id=[QWEN_EOS, QWEN_PAD], do_sample=True,
-        repetition_penalty=1.1, temperature=0.7, top_p=0.8, top_k=20,
+        bos_token_id=QWEN_PAD,
+        pad_token_id=QWEN_PAD,
+        eos_token_id=[QWEN_EOS, QWEN_PAD],
+        do_sample=True,
+        repetition_penalty=1.1,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
     )
     path = tmp_path_factory.mktemp("qwen_like")
     model.save_pretrained(path)
@@ -139,9 +178,15 @@ def test_an_instruct_checkpoints_sampling_defaults_are_overridden(instruct_ckpt,
     tok = IdTokenizer(QWEN_PAD, QWEN_EOS)
     assert model.generation_config.top_k == 20 and model.generation_config.repetition_penalty == 1.1
     assert sampling_overrides(model, sampling_settings(model, tok)) == {
-        "repetition_penalty": (1.1, 1.0), "temperature": (0.7, 1.0), "top_p": (0.8, 1.0), "top_k": (20, 0)}
+        "repetition_penalty": (1.1, 1.0),
+        "temperature": (0.7, 1.0),
+        "top_p": (0.8, 1.0),
+        "top_k": (20, 0),
+    }
     assert sampling_overrides(model, sampling_settings(model, tok, temperature=0.7, top_k=20)) == {
-        "repetition_penalty": (1.1, 1.0), "top_p": (0.8, 1.0)}
+        "repetition_penalty": (1.1, 1.0),
+        "top_p": (0.8, 1.0),
+    }
 
     def no_generate(*a, **k):
         raise AssertionError("HF generate (and its per-step logits) must not run for this checkpoint")
@@ -181,16 +226,19 @@ def test_repetition_penalty_and_min_p_shape_the_proposal_as_hf_does(setup, name,
     tok, model, enc = setup
     shaping = SHAPED[name]
     ids, mask = enc.input_ids.repeat_interleave(G, 0), enc.attention_mask.repeat_interleave(G, 0)
-    settings = dict(max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], do_sample=True,
-                    **shaping)
+    settings = dict(
+        max_new_tokens=T, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id], do_sample=True, **shaping
+    )
     torch.manual_seed(3)
-    hf = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **settings)
+    hf = model.generate(
+        input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **settings
+    )
     drawn, multinomial = [], torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: (drawn.append(p.clone()), multinomial(p, *a, **k))[1])
     torch.manual_seed(3)
     out, logp, entropy = decode(model, ids, mask, settings, compact_at=float("inf"))
     monkeypatch.undo()
-    hf_ids = hf.sequences[:, ids.shape[1]:]
+    hf_ids = hf.sequences[:, ids.shape[1] :]
     assert torch.equal(out, hf_ids)
     assert len(drawn) == len(hf.scores) == out.shape[1]
     for probs, scores in zip(drawn, hf.scores):
@@ -198,8 +246,11 @@ def test_repetition_penalty_and_min_p_shape_the_proposal_as_hf_does(setup, name,
     m = completion_mask(out, tok.eos_token_id)
     full = torch.cat([mask, torch.ones_like(out)], 1)  # finished rows are fed padding, attended, as in HF
     with torch.no_grad():
-        raw = model(input_ids=torch.cat([ids, out], 1), attention_mask=full,
-                    position_ids=position_ids_from_mask(full)).logits[:, ids.shape[1] - 1 : -1].float()
+        raw = (
+            model(input_ids=torch.cat([ids, out], 1), attention_mask=full, position_ids=position_ids_from_mask(full))
+            .logits[:, ids.shape[1] - 1 : -1]
+            .float()
+        )
     t = shaping["temperature"]
     torch.testing.assert_close(logp, token_logprobs(raw, out, t) * m, rtol=0, atol=1e-5)
     torch.testing.assert_close(entropy, entropy_from_logits(raw, t) * m, rtol=0, atol=1e-5)
@@ -221,9 +272,19 @@ def test_repetition_penalty_and_min_p_shape_the_proposal_as_hf_does(setup, name,
         assert seen.any() and (ratio[seen] < unseen[seen]).all()
 
 
-@pytest.mark.parametrize("bad", [dict(min_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0.0),
-                                 dict(top_k=-1), dict(top_p=0.0), dict(temperature=0.0),
-                                 dict(generation_batch_size=0), dict(max_new_tokens=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(min_p=1.5),
+        dict(min_p=-0.1),
+        dict(repetition_penalty=0.0),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(temperature=0.0),
+        dict(generation_batch_size=0),
+        dict(max_new_tokens=0),
+    ],
+)
 def test_an_invalid_setting_raises_naming_it(setup, bad):
     tok, model, enc = setup
     (name,) = bad
@@ -234,9 +295,18 @@ def test_an_invalid_setting_raises_naming_it(setup, bad):
 def test_a_sliding_window_model_samples_with_hf_generate_and_only_lit_aligns_settings(monkeypatch):
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=1, sliding_window=4, bos_token_id=2,
-                           eos_token_id=1, pad_token_id=0)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=4,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     model.generation_config.update(do_sample=True, top_k=1, repetition_penalty=3.0, no_repeat_ngram_size=1)
@@ -250,8 +320,17 @@ def test_a_sliding_window_model_samples_with_hf_generate_and_only_lit_aligns_set
     monkeypatch.setattr(model, "generate", recording_generate)
     prompts = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])
     torch.manual_seed(0)
-    r = generate(model, IdTokenizer(0, 1), prompts, (prompts != 0).long(), num_generations=3, max_new_tokens=8,
-                 temperature=1.5, top_p=0.95, generation_batch_size=4)
+    r = generate(
+        model,
+        IdTokenizer(0, 1),
+        prompts,
+        (prompts != 0).long(),
+        num_generations=3,
+        max_new_tokens=8,
+        temperature=1.5,
+        top_p=0.95,
+        generation_batch_size=4,
+    )
     assert r.sampler == "hf-generate" and len(seen) == 2  # 6 rows in chunks of 4
     for used, during, kwargs in seen:
         assert used is during, "the checkpoint's generation config was swapped out for the call"
@@ -305,8 +384,14 @@ def _synced_worker(rank: int, port: int, ckpt: str, out: str) -> None:
     for name, model in (("plain", plain), ("fsdp2", sharded)):
         torch.manual_seed(rank)
         synced, forwards = run(model, synced_gpus=True, **sampled)
-        results[name] = {"forwards": forwards, "ids": synced.completion_ids, "logp": synced.old_logp,
-                         "mask": synced.completion_mask, "alone_ids": alone.completion_ids, "alone_logp": alone.old_logp}
+        results[name] = {
+            "forwards": forwards,
+            "ids": synced.completion_ids,
+            "logp": synced.old_logp,
+            "mask": synced.completion_mask,
+            "alone_ids": alone.completion_ids,
+            "alone_logp": alone.old_logp,
+        }
     # greedy, one prompt per rank: rank 1 stops after its first token, rank 0 runs to max_new_tokens
     args = (tok, enc.input_ids[:1], enc.attention_mask[:1])
     first = generate(plain, *args, greedy=True, max_new_tokens=T).completion_ids[0].tolist()
@@ -347,8 +432,14 @@ def test_the_module_samples_with_its_settings_and_logs_what_it_overrode_once(ckp
     from lit_align.modules import policy as policy_module
     from lit_align.modules.grpo import GRPOModule
 
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=3, repetition_penalty=1.2,
-                        min_p=0.1, generation_batch_size=3)
+    module = GRPOModule(
+        model_name_or_path=ckpt,
+        num_generations=2,
+        max_new_tokens=3,
+        repetition_penalty=1.2,
+        min_p=0.1,
+        generation_batch_size=3,
+    )
     module.model.generation_config.update(top_k=20, do_sample=True)  # as an instruct checkpoint ships it
     calls, real = [], policy_module.generate
     monkeypatch.setattr(policy_module, "generate", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
@@ -361,7 +452,11 @@ def test_the_module_samples_with_its_settings_and_logs_what_it_overrode_once(ckp
             rollout = module.sample(prompts)
     assert rollout.completion_ids.shape[0] == 4 and rollout.sampler == "decode"
     assert {k: calls[0][k] for k in ("repetition_penalty", "min_p", "generation_batch_size", "top_k")} == {
-        "repetition_penalty": 1.2, "min_p": 0.1, "generation_batch_size": 3, "top_k": 0}
+        "repetition_penalty": 1.2,
+        "min_p": 0.1,
+        "generation_batch_size": 3,
+        "top_k": 0,
+    }
     lines = [r.getMessage() for r in caplog.records if "lit_align sampling" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "decode sampler" in lines[0] and "top_k=20 (sampling with 0)" in lines[0]
@@ -396,7 +491,9 @@ def test_an_instruct_checkpoints_first_on_policy_update_has_ratio_one(instruct_c
         assert field in line, (field, line)
     module.train()
     with torch.no_grad():
-        logits = module._forward_logits(rollout.input_ids, rollout.attention_mask, start=rollout.prompt_ids.shape[1] - 1)
+        logits = module._forward_logits(
+            rollout.input_ids, rollout.attention_mask, start=rollout.prompt_ids.shape[1] - 1
+        )
     logp = losses.token_logprobs(logits, rollout.completion_ids, module.hparams.temperature)
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 0

@@ -6,6 +6,7 @@ give the same loss and the same gradient of every parameter as a direct whole-ba
 (logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
 per-micro-batch mean would differ.
 """
+
 import pytest
 import torch
 
@@ -36,11 +37,21 @@ def _batch() -> dict:
     for row, length in enumerate([6, 2, 4, 1]):
         completion_mask[row, length:] = 0
     old_logp = -torch.rand(4, 6, generator=g, dtype=torch.float64) * 3 * completion_mask
-    rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask, old_logp,
-                      torch.zeros_like(old_logp), [""] * 4)
-    return {"expert": {"input_ids": ids, "attention_mask": mask, "labels": labels}, "rollout": rollout,
-            "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9], dtype=torch.float64),
-            "prompts": {"prompts": ["a", "b"], "answers": ["1", "2"]}}
+    rollout = Rollout(
+        prompt_ids,
+        torch.ones_like(prompt_ids),
+        completion_ids,
+        completion_mask,
+        old_logp,
+        torch.zeros_like(old_logp),
+        [""] * 4,
+    )
+    return {
+        "expert": {"input_ids": ids, "attention_mask": mask, "labels": labels},
+        "rollout": rollout,
+        "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9], dtype=torch.float64),
+        "prompts": {"prompts": ["a", "b"], "answers": ["1", "2"]},
+    }
 
 
 def _fixed(cls):
@@ -52,9 +63,16 @@ def _fixed(cls):
 
 
 def _module(cls, aggregation, micro, **kwargs):
-    module = _fixed(cls)(model_name_or_path=pytest.ckpt_path, model_dtype="float64", num_generations=G,
-                         loss_aggregation=aggregation, micro_batch_size=micro, epsilon_low=0.1, epsilon_high=0.1,
-                         **kwargs)
+    module = _fixed(cls)(
+        model_name_or_path=pytest.ckpt_path,
+        model_dtype="float64",
+        num_generations=G,
+        loss_aggregation=aggregation,
+        micro_batch_size=micro,
+        epsilon_low=0.1,
+        epsilon_high=0.1,
+        **kwargs,
+    )
     module._fixed = _batch()
     return module
 
@@ -86,7 +104,9 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
             weights = p * (1 - p)
         elif weighting == "entropy":
             lp = torch.log_softmax(logits.detach(), -1)
-            weights = (-(lp.exp() * lp).sum(-1) / torch.log(torch.tensor(logits.shape[-1], dtype=torch.float64))).clamp(0, 1)
+            weights = (-(lp.exp() * lp).sum(-1) / torch.log(torch.tensor(logits.shape[-1], dtype=torch.float64))).clamp(
+                0, 1
+            )
         sft, _ = losses.masked_nll(logp, labels != -100, weights, agg)
         total = total + mu * sft
     return total
@@ -134,8 +154,9 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(case, aggregation
 def test_micro_batches_run_at_most_that_many_rows_per_forward():
     module = _module(CHORDModule, "token-mean", 2, mu_schedule=ConstantMu(MU), token_weighting="phi")
     rows = []
-    hook = module.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]),
-                                                  with_kwargs=True)
+    hook = module.model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
         batch = module._fixed
         module.mixed_loss({"expert": batch["expert"], "prompts": batch["prompts"]})

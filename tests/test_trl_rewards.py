@@ -1,6 +1,7 @@
 """Rewards as users bring them (issue 15): TRL-style functions and weights in a run, their TensorBoard
 metrics, special tokens in the text rewards see, and configs/math_chord_phi.yaml end to end on GSM8K-format
 data with a chat checkpoint."""
+
 import math
 import shutil
 from pathlib import Path
@@ -15,17 +16,30 @@ from lit_align.rollout import completion_texts
 
 
 def test_trl_style_rewards_with_weights_log_trls_metric_names(tmp_path):
-    cli = main([
-        "fit", "--config", "configs/grpo.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=1",
-        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.enable_checkpointing=false",
-        "--model.init_args.num_generations=2", "--data.init_args.prompt_batch_size=4",
-        "--model.init_args.reward=[_rewards.char_count_reward, _rewards.LengthMatchReward]",
-        "--model.init_args.reward_weights=[1.0, 0.5]",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/grpo.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            "--model.init_args.num_generations=2",
+            "--data.init_args.prompt_batch_size=4",
+            "--model.init_args.reward=[_rewards.char_count_reward, _rewards.LengthMatchReward]",
+            "--model.init_args.reward_weights=[1.0, 0.5]",
+        ]
+    )
     s = read_scalars(cli.trainer.log_dir)
-    names = ["train/rewards/char_count_reward/mean", "train/rewards/char_count_reward/std",
-             "train/rewards/LengthMatchReward/mean", "train/rewards/LengthMatchReward/std"]
+    names = [
+        "train/rewards/char_count_reward/mean",
+        "train/rewards/char_count_reward/std",
+        "train/rewards/LengthMatchReward/mean",
+        "train/rewards/LengthMatchReward/std",
+    ]
     assert set(names) <= set(s), sorted(k for k in s if "reward" in k)
     chars, length = s[names[0]][0][1], s[names[2]][0][1]
     assert s["train/reward_mean"][0][1] == pytest.approx(1.0 * chars + 0.5 * length, abs=1e-5)  # the weighted total
@@ -56,8 +70,9 @@ def test_skip_special_tokens_false_passes_a_sampled_special_token_to_the_reward(
         seen.extend(completions)
         return [float("<answer>" in c) for c in completions]
 
-    module = GRPOModule(model_name_or_path=path, num_generations=2, max_new_tokens=3, reward=[tag_reward],
-                        skip_special_tokens=skip)
+    module = GRPOModule(
+        model_name_or_path=path, num_generations=2, max_new_tokens=3, reward=[tag_reward], skip_special_tokens=skip
+    )
     head = module.model.lm_head
     sampler = torch.nn.Linear(head.in_features, head.out_features, bias=True)  # a policy that always says <answer>
     with torch.no_grad():
@@ -66,8 +81,13 @@ def test_skip_special_tokens_false_passes_a_sampled_special_token_to_the_reward(
         sampler.bias[answer_id] = 30.0
     module.model.lm_head = sampler
     ids = module.tokenizer("12+3=")["input_ids"]
-    batch = {"prompt_ids": torch.tensor([ids]), "prompt_mask": torch.ones(1, len(ids), dtype=torch.long),
-             "prompts": ["12+3="], "answers": ["15"], "columns": {}}
+    batch = {
+        "prompt_ids": torch.tensor([ids]),
+        "prompt_mask": torch.ones(1, len(ids), dtype=torch.long),
+        "prompts": ["12+3="],
+        "answers": ["15"],
+        "columns": {},
+    }
     _, rewards, _ = module.rollout_and_score(batch)
     assert seen == (["", ""] if skip else ["<answer><answer><answer>"] * 2)
     assert rewards.tolist() == ([0.0, 0.0] if skip else [1.0, 1.0])
@@ -93,17 +113,32 @@ def test_math_chord_phi_recipe_runs_offline_on_gsm8k_format_files(chat_ckpt, tmp
     from lit_align.rewards import MathAnswerReward
 
     data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(24))
-    cli = main([
-        "fit", "--config", "configs/math_chord_phi.yaml", f"--trainer.logger.init_args.save_dir={tmp_path}",
-        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.enable_checkpointing=false",
-        f"--model.init_args.model_name_or_path={chat_ckpt}", "--model.init_args.max_new_tokens=8",
-        "--model.init_args.num_generations=2", "--model.init_args.micro_batch_size=2",
-        "--model.init_args.generation_batch_size=4",
-        f"--data.init_args.expert_data={data}", f"--data.init_args.prompt_data={data}", f"--data.init_args.val_data={data}",
-        "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
-        "--data.init_args.max_response_length=48",
-    ])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/math_chord_phi.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=3",
+            "--trainer.val_check_interval=3",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--model.init_args.model_name_or_path={chat_ckpt}",
+            "--model.init_args.max_new_tokens=8",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.micro_batch_size=2",
+            "--model.init_args.generation_batch_size=4",
+            f"--data.init_args.expert_data={data}",
+            f"--data.init_args.prompt_data={data}",
+            f"--data.init_args.val_data={data}",
+            "--data.init_args.expert_batch_size=4",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.val_batch_size=4",
+            "--data.init_args.max_response_length=48",
+        ]
+    )
     assert cli.trainer.global_step == 3
     s = read_scalars(cli.trainer.log_dir)
     assert s["data/demo_reward_rate"] == [(0, 1.0)], "the self-check accepts every sampled demonstration"
@@ -134,6 +169,8 @@ def test_the_self_check_says_when_the_reward_itself_fails(ckpt):
     from lit_align.modules.grpo import GRPOModule
 
     module = GRPOModule(model_name_or_path=ckpt, reward=[needs_solution], reward_errors="zero")
-    with pytest.warns(UserWarning, match=r"self-check: the reward failed on 2 of 2 demonstrations .*reward_errors raise"):
+    with pytest.warns(
+        UserWarning, match=r"self-check: the reward failed on 2 of 2 demonstrations .*reward_errors raise"
+    ):
         verdicts = module.judge_demonstrations(["1+2=", "3+4="], ["3", "7"], ["3", "7"], columns={"answer": ["3", "7"]})
     assert verdicts.tolist() == [False, False]

@@ -1,16 +1,16 @@
 """Several optimizer steps per rollout batch (steps_per_generation, num_iterations), truncated
 completions (mask_truncated_completions, clipped_ratio) and the expert entropy's temperature."""
+
 import math
 
 import lightning as L
 import pytest
 import torch
+from _rewards import CharCodeReward
 
 from lit_align import CHORDModule, GRPOModule, MixedDataModule
 from lit_align.rollout import Rollout
 from lit_align.weighting import LinearMu
-
-from _rewards import CharCodeReward
 
 
 def _fit(module, steps: int, **data):
@@ -29,9 +29,17 @@ def _fit(module, steps: int, **data):
 
     module.log_metrics, module.rollout_batch = record, counted
     dm = MixedDataModule(model_name_or_path=module.hparams.model_name_or_path, val_data=None, seed=0, **data)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     return trainer, logged, sampled
 
@@ -40,9 +48,18 @@ def _fit(module, steps: int, **data):
 def test_one_rollout_batch_serves_several_updates_with_the_clip_at_work(ckpt, spg, iters):
     torch.manual_seed(0)
     module = CHORDModule(
-        model_name_or_path=ckpt, num_generations=4, max_new_tokens=4, steps_per_generation=spg, num_iterations=iters,
-        mu_schedule=LinearMu(0.5, 0.1, total_steps=8), token_weighting="phi", epsilon_low=0.01, epsilon_high=0.01,
-        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_steps=4, reward=CharCodeReward(),
+        model_name_or_path=ckpt,
+        num_generations=4,
+        max_new_tokens=4,
+        steps_per_generation=spg,
+        num_iterations=iters,
+        mu_schedule=LinearMu(0.5, 0.1, total_steps=8),
+        token_weighting="phi",
+        epsilon_low=0.01,
+        epsilon_high=0.01,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        warmup_steps=4,
+        reward=CharCodeReward(),
     )
     trainer, logged, sampled = _fit(module, 8, prompt_batch_size=4, expert_batch_size=8)
     assert trainer.global_step == 8  # max_steps counts optimizer steps
@@ -51,7 +68,9 @@ def test_one_rollout_batch_serves_several_updates_with_the_clip_at_work(ckpt, sp
     assert [m["step"] for m in steps] == list(range(1, 9))  # read after each update
     # mu and the lr schedule advance with every optimizer step
     assert [m["mu"] for m in steps] == pytest.approx([LinearMu(0.5, 0.1, total_steps=8)(s) for s in range(8)])
-    assert [m["lr"] for m in steps[:4]] == pytest.approx([1e-2 * min(1, (s + 2) / 4) for s in range(4)])  # the next update's
+    assert [m["lr"] for m in steps[:4]] == pytest.approx(
+        [1e-2 * min(1, (s + 2) / 4) for s in range(4)]
+    )  # the next update's
     # the first update of a rollout batch is on-policy (ratio 1: nothing clipped); later ones use the
     # sampling-time log-probs of a policy that has moved since, and the clip bites
     assert steps[0]["clip_ratio"] == 0.0 and steps[4]["clip_ratio"] == 0.0
@@ -68,9 +87,12 @@ def test_several_updates_need_a_data_module_that_repeats_batches(ckpt):
 
 def test_more_mini_batches_than_rows_stop_at_the_first_update_naming_the_flags(ckpt):
     # 2 prompts x G 2 = 4 rollout rows cannot make 8 mini-batches: half the updates would be empty steps
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=2, steps_per_generation=8,
-                        reward=CharCodeReward())
-    with pytest.raises(ValueError, match=r"model.steps_per_generation=8 .* only 4 rollout rows .*data.prompt_batch_size"):
+    module = GRPOModule(
+        model_name_or_path=ckpt, num_generations=2, max_new_tokens=2, steps_per_generation=8, reward=CharCodeReward()
+    )
+    with pytest.raises(
+        ValueError, match=r"model.steps_per_generation=8 .* only 4 rollout rows .*data.prompt_batch_size"
+    ):
         _fit(module, 8, prompt_batch_size=2, expert_batch_size=8)
     assert module.global_step == 0  # no optimizer step ran
     # a split that does not divide the rows: mini-batches differ by one row, none empty
@@ -86,14 +108,20 @@ def _rollout(completions: list[list[int]], eos: int, pad: int) -> Rollout:
         ids[i, : len(c)] = torch.tensor(c)
         mask[i, : len(c)] = 1
     prompt = torch.full((len(completions), 3), 5)
-    return Rollout(prompt, torch.ones_like(prompt), ids, mask, torch.zeros(ids.shape), torch.zeros(ids.shape),
-                   [""] * len(completions))
+    return Rollout(
+        prompt,
+        torch.ones_like(prompt),
+        ids,
+        mask,
+        torch.zeros(ids.shape),
+        torch.zeros(ids.shape),
+        [""] * len(completions),
+    )
 
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_truncated_completions_leave_the_rl_term_when_asked(ckpt, masked):
-    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=4,
-                        mask_truncated_completions=masked)
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=4, mask_truncated_completions=masked)
     eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
     # rows 0 and 2 reach max_new_tokens without EOS (truncated); row 1 ends with EOS at the limit
     rollout = _rollout([[7, 8, 9, 10], [7, 8, 9, eos], [7, 8, 9, 11], [7, eos]], eos, pad)
@@ -143,4 +171,6 @@ def test_entropy_expert_uses_the_sampling_temperature(ckpt):
         logits = module.model(input_ids=ids).logits[:, 1:-1]
     want = losses.entropy_from_logits(logits, 0.6).mean()
     assert metrics["entropy_expert"].item() == pytest.approx(want.item(), rel=1e-5)
-    assert metrics["entropy_expert"].item() != pytest.approx(losses.entropy_from_logits(logits, 1.0).mean().item(), rel=1e-3)
+    assert metrics["entropy_expert"].item() != pytest.approx(
+        losses.entropy_from_logits(logits, 1.0).mean().item(), rel=1e-3
+    )

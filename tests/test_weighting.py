@@ -75,9 +75,7 @@ def test_reference_mu_warmup_without_decay():
     assert [s(0), s(2), s(3), s(4), s(9)] == pytest.approx([0.0, 0.4, 0.6, 0.2, 0.2])
 
 
-@pytest.mark.parametrize(
-    "step, expected", [(0, 0.9), (25, 0.7), (50, 0.5), (75, 0.3), (100, 0.1), (150, 0.1)]
-)
+@pytest.mark.parametrize("step, expected", [(0, 0.9), (25, 0.7), (50, 0.5), (75, 0.3), (100, 0.1), (150, 0.1)])
 def test_linear_mu(step, expected):
     assert LinearMu(0.9, 0.1, 100)(step) == pytest.approx(expected, abs=1e-12)
 
@@ -90,9 +88,7 @@ def test_cosine_mu(step, expected):
     assert CosineMu(0.9, 0.1, 100)(step) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize(
-    "step, expected", [(0, 0.8), (25, 0.4), (50, 0.2), (75, 0.1), (100, 0.05), (200, 0.05)]
-)
+@pytest.mark.parametrize("step, expected", [(0, 0.8), (25, 0.4), (50, 0.2), (75, 0.1), (100, 0.05), (200, 0.05)])
 def test_exponential_mu(step, expected):
     # ratio 0.05 / 0.8 = 1/16: each quarter of the way halves mu.
     assert ExponentialMu(0.8, 0.05, 100)(step) == pytest.approx(expected, abs=1e-12)
@@ -171,9 +167,7 @@ def test_adaptive_per_row_reward():
 
 
 def test_entropy_and_margin_hand_values():
-    probs = torch.tensor(
-        [[[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.25, 0.0], [1.0, 0.0, 0.0, 0.0]]]
-    )
+    probs = torch.tensor([[[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.25, 0.0], [1.0, 0.0, 0.0, 0.0]]])
     logits = probs.log()  # -inf entries: zero-probability tokens
     targets = torch.tensor([[2, 1, 0]])
     logp = probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).log()

@@ -1,4 +1,5 @@
 """MixedDataModule: every training step gets expert demonstrations and prompts, side by side."""
+
 from __future__ import annotations
 
 import functools
@@ -137,7 +138,14 @@ class MixedDataModule(L.LightningDataModule):
     ):
         super().__init__()
         args = locals()
-        for name in ("expert_batch_size", "prompt_batch_size", "val_batch_size", "meta_batch_size", "max_prompt_length", "max_response_length"):
+        for name in (
+            "expert_batch_size",
+            "prompt_batch_size",
+            "val_batch_size",
+            "meta_batch_size",
+            "max_prompt_length",
+            "max_response_length",
+        ):
             if not isinstance(args[name], int) or isinstance(args[name], bool) or args[name] < 1:
                 raise ValueError(f"data.{name}={args[name]!r} must be an integer >= 1")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -181,12 +189,16 @@ class MixedDataModule(L.LightningDataModule):
         if isinstance(retention_data, dict):
             for skill, path in retention_data.items():
                 if not isinstance(skill, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", skill):
-                    raise ValueError(f"data.retention_data: skill name {skill!r} must be letters, digits, '_', '.' or '-', "
-                                     f"not starting with '.'")
+                    raise ValueError(
+                        f"data.retention_data: skill name {skill!r} must be letters, digits, '_', '.' or '-', "
+                        f"not starting with '.'"
+                    )
                 if not isinstance(path, str) or not path:
                     raise ValueError(f"data.retention_data[{skill!r}]={path!r} must be a file or data set name")
         elif retention_data is not None and not isinstance(retention_data, str):
-            raise ValueError(f"data.retention_data={retention_data!r} must be a mapping skill -> file, 'embedded', or null")
+            raise ValueError(
+                f"data.retention_data={retention_data!r} must be a mapping skill -> file, 'embedded', or null"
+            )
         if expert_data is None and prompt_data is None:
             raise ValueError("data.expert_data and data.prompt_data are both null: nothing to train on")
         self.save_hyperparameters()
@@ -227,7 +239,9 @@ class MixedDataModule(L.LightningDataModule):
             except Exception as e:
                 if not hp.system_prompt:
                     raise
-                raise DataError(f"data.system_prompt: the tokenizer's chat template refused a system message: {e}") from e
+                raise DataError(
+                    f"data.system_prompt: the tokenizer's chat template refused a system message: {e}"
+                ) from e
             return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         return tok(text, add_special_tokens=True)["input_ids"]
 
@@ -249,7 +263,9 @@ class MixedDataModule(L.LightningDataModule):
             keep -= len(ids) - limit
         return ids[-limit:]  # pragma: no cover - a tokenizer whose edits never converge
 
-    def _answers(self, valid: list[tuple[int, dict]], label: str, column: str) -> tuple[list[tuple[int, dict]], dict, list[str]]:
+    def _answers(
+        self, valid: list[tuple[int, dict]], label: str, column: str
+    ) -> tuple[list[tuple[int, dict]], dict, list[str]]:
         """Reference answers of the rows: ``answer_pattern``'s group from ``column`` (or the column as it
         is). Returns the rows kept, row number -> answer, and a problem line per row it did not match."""
         hp = self.hparams
@@ -274,7 +290,9 @@ class MixedDataModule(L.LightningDataModule):
         if problems:
             if hp.invalid_rows == "error":
                 raise DataError(
-                    report(label, problems, f"rows whose answer does not match data.answer_pattern in {len(valid)} rows")
+                    report(
+                        label, problems, f"rows whose answer does not match data.answer_pattern in {len(valid)} rows"
+                    )
                     + "\nFix data.answer_pattern or data.answer_column, or set data.invalid_rows=skip to drop the rows."
                 )
             rank_zero_warn(report(label, problems, "rows whose answer does not match data.answer_pattern; skipped"))
@@ -340,7 +358,12 @@ class MixedDataModule(L.LightningDataModule):
             raise DataError(f"{label}: no usable rows left after applying data.overlong={hp.overlong!r}")
         self.labels[stream] = label
         invalid = len(rows) - len(valid)
-        for key, n in (("rows", len(out)), ("invalid_rows", invalid), ("skipped_rows", dropped), ("truncated_rows", cut)):
+        for key, n in (
+            ("rows", len(out)),
+            ("invalid_rows", invalid),
+            ("skipped_rows", dropped),
+            ("truncated_rows", cut),
+        ):
             self.stats[f"data/{stream}_{key}"] = n
             if key != "rows":
                 self.stats[f"data/{key}"] = self.stats.get(f"data/{key}", 0) + n
@@ -360,21 +383,35 @@ class MixedDataModule(L.LightningDataModule):
         self._split_batch_sizes()
         self.tokenizer = load_tokenizer(hp.model_name_or_path, hp.trust_remote_code)
         if hp.system_prompt and not self._chat():
-            why = "data.use_chat_template is false" if not hp.use_chat_template else f"the tokenizer of {hp.model_name_or_path} has none"
-            raise ValueError(f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model")
+            why = (
+                "data.use_chat_template is false"
+                if not hp.use_chat_template
+                else f"the tokenizer of {hp.model_name_or_path} has none"
+            )
+            raise ValueError(
+                f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model"
+            )
         cols = {"prompt": hp.prompt_column}
         self.stats = {f"data/{key}": 0 for key in ("invalid_rows", "skipped_rows", "truncated_rows")}
         self.expert_rows = (
-            self._encode(hp.expert_data, "train", {**cols, "response": hp.response_column}, "expert") if hp.expert_data else None
+            self._encode(hp.expert_data, "train", {**cols, "response": hp.response_column}, "expert")
+            if hp.expert_data
+            else None
         )
         self.prompt_rows = (
-            self._encode(hp.prompt_data, "train", {**cols, "answer": hp.answer_column}, "prompts") if hp.prompt_data else None
+            self._encode(hp.prompt_data, "train", {**cols, "answer": hp.answer_column}, "prompts")
+            if hp.prompt_data
+            else None
         )
-        self.val_rows = self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}, "val") if hp.val_data else None
+        self.val_rows = (
+            self._encode(hp.val_data, "val", {**cols, "answer": hp.answer_column}, "val") if hp.val_data else None
+        )
         self.meta_rows = (
             self._encode(
-                hp.meta_data, "meta",
-                {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column}, "meta",
+                hp.meta_data,
+                "meta",
+                {**cols, "answer": hp.answer_column, "response": hp.meta_response_column or hp.response_column},
+                "meta",
                 {"response": "meta_response_column"} if hp.meta_response_column else None,
             )
             if hp.meta_data
@@ -383,8 +420,9 @@ class MixedDataModule(L.LightningDataModule):
         self.retention_rows = {}
         for skill, source in self.retention_sources().items():
             try:
-                self.retention_rows[skill] = self._encode(source, "val", {**cols, "answer": hp.answer_column},
-                                                          f"retention/{skill}")
+                self.retention_rows[skill] = self._encode(
+                    source, "val", {**cols, "answer": hp.answer_column}, f"retention/{skill}"
+                )
             except DataError as e:
                 raise DataError(f"data.retention_data[{skill!r}]: {e}") from e
         self._check_heldout_overlap()
@@ -414,8 +452,11 @@ class MixedDataModule(L.LightningDataModule):
         train = [(s, rows) for s, rows in (("expert", self.expert_rows), ("prompts", self.prompt_rows)) if rows]
         seen = {r["prompt"] for _, rows in train for r in rows}
         total = 0
-        heldout = [("val", self.val_rows), ("meta", self.meta_rows),
-                   *((f"retention/{skill}", rows) for skill, rows in self.retention_rows.items())]
+        heldout = [
+            ("val", self.val_rows),
+            ("meta", self.meta_rows),
+            *((f"retention/{skill}", rows) for skill, rows in self.retention_rows.items()),
+        ]
         for stream, rows in heldout:
             if not rows:
                 continue
@@ -429,7 +470,7 @@ class MixedDataModule(L.LightningDataModule):
                 )
         self.stats["data/heldout_duplicates"] = total
 
-    def check_demonstrations(self, judge: Callable[..., "torch.Tensor"]) -> float | None:
+    def check_demonstrations(self, judge: Callable[..., torch.Tensor]) -> float | None:
         """The set-up self-check: score up to ``demo_check_rows`` demonstrations (a seeded sample of the
         expert rows that have a reference answer, else of the held-out rows with a response) against
         their own answers. ``judge(prompts, completions, answers, completion_ids, columns)`` returns a
@@ -448,8 +489,11 @@ class MixedDataModule(L.LightningDataModule):
         rows = random.Random(self.seed).sample(rows, min(hp.demo_check_rows, len(rows)))
         keys = list(dict.fromkeys(k for r in rows for k in r["columns"]))
         verdicts = judge(
-            [r["prompt"] for r in rows], [r["response"] for r in rows], [r["answer"] for r in rows],
-            [r["response_ids"] for r in rows], {k: [r["columns"].get(k) for r in rows] for k in keys},
+            [r["prompt"] for r in rows],
+            [r["response"] for r in rows],
+            [r["answer"] for r in rows],
+            [r["response_ids"] for r in rows],
+            {k: [r["columns"].get(k) for r in rows] for k in keys},
         )
         verdicts = [bool(v) for v in verdicts.tolist()]
         rate = sum(verdicts) / len(verdicts)
@@ -497,8 +541,10 @@ class MixedDataModule(L.LightningDataModule):
             "prompts": [r["prompt"] for r in rows],
             "answers": [r.get("answer", "") for r in rows],
             # the data set's other columns (rows built by hand may have none)
-            "columns": {k: [r.get("columns", {}).get(k) for r in rows]
-                        for k in dict.fromkeys(k for r in rows for k in r.get("columns", {}))},
+            "columns": {
+                k: [r.get("columns", {}).get(k) for r in rows]
+                for k in dict.fromkeys(k for r in rows for k in r.get("columns", {}))
+            },
         }
         return batch
 
@@ -516,8 +562,14 @@ class MixedDataModule(L.LightningDataModule):
             trainer = self.trainer
             replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
             return ResumableLoader(
-                _Rows(rows), batch_size, collate, seed=self.seed, num_workers=self.hparams.num_workers,
-                drop_last=len(rows) // self._world_size() >= batch_size, repeats=self.batch_repeats, **replicas,
+                _Rows(rows),
+                batch_size,
+                collate,
+                seed=self.seed,
+                num_workers=self.hparams.num_workers,
+                drop_last=len(rows) // self._world_size() >= batch_size,
+                repeats=self.batch_repeats,
+                **replicas,
             )
         # a generator of its own: creating an iterator must not draw from the global RNG (exact resume)
         gen = torch.Generator().manual_seed(self.seed)
@@ -550,7 +602,9 @@ class MixedDataModule(L.LightningDataModule):
     def val_dataloader(self):
         """The held-out loader (val_data), then one loader per retention skill (in ``retention_data``'s
         order); a single loader when there is no retention set."""
-        loaders = [self._loader(self.val_rows, self.batch_sizes["val"], self.collate_val, False)] if self.val_rows else []
+        loaders = (
+            [self._loader(self.val_rows, self.batch_sizes["val"], self.collate_val, False)] if self.val_rows else []
+        )
         for skill, rows in self.retention_rows.items():
             collate = functools.partial(self.collate_retention, skill=skill)
             loaders.append(self._loader(rows, self.batch_sizes["val"], collate, False))
@@ -591,11 +645,25 @@ class ResumableLoader(DataLoader):
     Workers' base seed comes from the loader's own generator, never from the global RNG.
     """
 
-    def __init__(self, dataset, batch_size: int, collate_fn, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 drop_last: bool = True, num_workers: int = 0, repeats: int = 1):
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        collate_fn,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = True,
+        num_workers: int = 0,
+        repeats: int = 1,
+    ):
         super().__init__(
-            dataset, batch_size=batch_size, sampler=_PassSampler(dataset, num_replicas, rank, seed),
-            drop_last=drop_last, collate_fn=collate_fn, num_workers=num_workers,
+            dataset,
+            batch_size=batch_size,
+            sampler=_PassSampler(dataset, num_replicas, rank, seed),
+            drop_last=drop_last,
+            collate_fn=collate_fn,
+            num_workers=num_workers,
             generator=torch.Generator().manual_seed(seed),
         )
         self.passes, self.batches, self._resuming = -1, 0, False

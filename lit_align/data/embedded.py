@@ -19,6 +19,7 @@ start, and the carries are what post-training has to teach). Each skill keeps a 
 training stream (pre-training or post-training) contains: the retention sets, read as
 ``val/retention/<skill>``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,15 @@ RETENTION_SKILLS = ("subtraction", "reversal")
 BASE_STEPS_ENV = "LIT_ALIGN_BASE_STEPS"  # pre-training updates of the base checkpoint (tests: a few)
 # the base checkpoint's pre-training recipe; any change to it (or to the model or the splits) is a new cache key
 BASE_RECIPE = {
-    "version": 1, "steps": 3000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 50, "min_lr_ratio": 0.1,
-    "seed": 0, "num_retention": 300, "addition": "no_ones_carry",
+    "version": 1,
+    "steps": 3000,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "warmup_steps": 50,
+    "min_lr_ratio": 0.1,
+    "seed": 0,
+    "num_retention": 300,
+    "addition": "no_ones_carry",
 }
 CHARS = list("0123456789+-=")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
@@ -224,7 +232,9 @@ def task_heldout_prompts(num_val: int = 500, num_meta: int = 500, seed: int = 0)
     return {f"{a}+{b}=" for a, b in problems[: num_val + num_meta]}
 
 
-def retention_split(skill: str, num_retention: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def retention_split(
+    skill: str, num_retention: int, seed: int = 0
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(held-out, rest) of a retention skill's problems: ``num_retention`` of them, a seeded random choice,
     are held out of every training stream; the rest may be pre-trained on."""
     if skill not in RETENTION_SKILLS:
@@ -245,8 +255,11 @@ def base_rows(recipe: dict | None = None) -> list[tuple[str, str]]:
     addition task's held-out (val, meta) prompts."""
     recipe = {**BASE_RECIPE, **(recipe or {})}
     held = task_heldout_prompts()
-    rows = [(p, a) for p, a in skill_problems("addition")
-            if p not in held and sum(int(x[-1]) for x in p[:-1].split("+")) < 10]
+    rows = [
+        (p, a)
+        for p, a in skill_problems("addition")
+        if p not in held and sum(int(x[-1]) for x in p[:-1].split("+")) < 10
+    ]
     for skill in RETENTION_SKILLS:
         rows += retention_split(skill, recipe["num_retention"], recipe["seed"])[1]
     return rows
@@ -286,8 +299,8 @@ def _encode_pairs(tok, pairs: list[tuple[str, str]]):
     ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)], lab[i, : len(l)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(l), 1
+    for i, (s, lab_row) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)], lab[i, : len(lab_row)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(lab_row), 1
     return ids, mask, lab
 
 
@@ -323,8 +336,10 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     from lit_align.weighting import lr_factor
 
     path = Path(path)
-    print(f"lit_align: pre-training the embedded base checkpoint ({recipe['steps']} updates, once; cached in {path.parent})",
-          flush=True)
+    print(
+        f"lit_align: pre-training the embedded base checkpoint ({recipe['steps']} updates, once; cached in {path.parent})",
+        flush=True,
+    )
     build_checkpoint(path, seed=recipe["seed"])
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -332,7 +347,9 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     rows, rng = base_rows(recipe), random.Random(recipe["seed"])
     steps, warm = recipe["steps"], recipe["warmup_steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warm, steps, "cosine", recipe["min_lr_ratio"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, warm, steps, "cosine", recipe["min_lr_ratio"])
+    )
     model.train()
     order: list[int] = []
     for _ in range(steps):
@@ -350,8 +367,11 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     val = [json.loads(line) for line in open(ensure_task()["val"])]
     heldout = {"addition": [(r["prompt"], r["answer"]) for r in val]}
     heldout |= {s: retention_split(s, recipe["num_retention"], recipe["seed"])[0] for s in RETENTION_SKILLS}
-    info = {"recipe": recipe, "final_loss": loss.item(),
-            "heldout_accuracy": {s: greedy_accuracy(model, tok, pairs) for s, pairs in heldout.items()}}
+    info = {
+        "recipe": recipe,
+        "final_loss": loss.item(),
+        "heldout_accuracy": {s: greedy_accuracy(model, tok, pairs) for s, pairs in heldout.items()},
+    }
     (path / "base_recipe.json").write_text(json.dumps(info, indent=1))
     return path
 

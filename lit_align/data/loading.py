@@ -4,6 +4,7 @@ Errors name the file, the line or row, and the column, and are raised before any
 Files are only ever parsed as data: nothing named in a config is imported or executed here
 (a ``.py`` path is refused, and hub data sets load without remote code).
 """
+
 from __future__ import annotations
 
 import json
@@ -118,11 +119,17 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
         parts = source.split(":")
         if len(parts) > 3 or not all(parts):
             raise DataError(f"data {source!r}: a hub data set is 'name', 'name:split' or 'name:config:split'")
-        name, config, name_split = parts[0], parts[1] if len(parts) == 3 else None, parts[-1] if len(parts) > 1 else split
+        name, config, name_split = (
+            parts[0],
+            parts[1] if len(parts) == 3 else None,
+            parts[-1] if len(parts) > 1 else split,
+        )
         try:
             ds = datasets.load_dataset(name, config, split=name_split)
         except Exception as e:
-            raise DataError(f"data {source!r} is neither an existing local file nor a loadable hub data set: {e}") from e
+            raise DataError(
+                f"data {source!r} is neither an existing local file nor a loadable hub data set: {e}"
+            ) from e
         label = source
     rows = ds.to_list()
     if not rows:
@@ -161,7 +168,11 @@ def report(label: str, problems: list[str], what: str) -> str:
 
 
 def validate_rows(
-    rows: list[dict], label: str, columns: dict[str, str], invalid_rows: str = "error", flags: dict[str, str] | None = None
+    rows: list[dict],
+    label: str,
+    columns: dict[str, str],
+    invalid_rows: str = "error",
+    flags: dict[str, str] | None = None,
 ) -> tuple[list[tuple[int, dict]], list[str]]:
     """Check that each ``role -> column`` holds a non-empty string (or a number) in every row.
 

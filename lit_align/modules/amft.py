@@ -29,6 +29,7 @@ gradient at theta' is taken with theta' written into the parameters and the weig
 inner products are summed over shards under FSDP2. So one meta step on N ranks equals one process on
 the global batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,8 +126,12 @@ class AMFTModule(PolicyModule):
         if controller is not None and not isinstance(controller, MetaController):
             raise ValueError(f"model.controller must be a lit_align.controller.MetaController, got {type(controller)}")
         self.hparams.update(
-            controller_lr=controller_lr, meta_objective=meta_objective, meta_interval=meta_interval,
-            warmup_sft_steps=warmup_sft_steps, entropy_coef=entropy_coef, lookahead=lookahead,
+            controller_lr=controller_lr,
+            meta_objective=meta_objective,
+            meta_interval=meta_interval,
+            warmup_sft_steps=warmup_sft_steps,
+            entropy_coef=entropy_coef,
+            lookahead=lookahead,
         )
         self.controller = (controller if controller is not None else ScalarMu()).float()
         self.register_buffer("target_entropy", torch.tensor(float("nan")))  # H*, set at the first RL step
@@ -253,8 +258,16 @@ class AMFTModule(PolicyModule):
             ids = [i for i, _ in members]
             states = [{k: _local(v) for k, v in opt.state.get(p, {}).items()} for _, p in members]
             th, es, er = adam_lookahead(
-                [params[i] for i in ids], [g_sft[i] for i in ids], [g_rl[i] for i in ids], mu, group["lr"], states,
-                tuple(group["betas"]), group["eps"], group["weight_decay"], group.get("decoupled_weight_decay", False),
+                [params[i] for i in ids],
+                [g_sft[i] for i in ids],
+                [g_rl[i] for i in ids],
+                mu,
+                group["lr"],
+                states,
+                tuple(group["betas"]),
+                group["eps"],
+                group["weight_decay"],
+                group.get("decoupled_weight_decay", False),
             )
             scale = group["lr"] / lr if lr else 0.0
             for i, t, a, b in zip(ids, th, es, er):
@@ -269,8 +282,11 @@ class AMFTModule(PolicyModule):
         ``train/meta_grad_cosine``). mu only trades the two off where their sizes are comparable."""
         ss, rr, sr = self._pair
         denom = math.sqrt(ss * rr)
-        return {"meta_sft_grad_norm": math.sqrt(ss), "meta_rl_grad_norm": math.sqrt(rr),
-                "meta_grad_cosine": sr / denom if denom > 0 else 0.0}
+        return {
+            "meta_sft_grad_norm": math.sqrt(ss),
+            "meta_rl_grad_norm": math.sqrt(rr),
+            "meta_grad_cosine": sr / denom if denom > 0 else 0.0,
+        }
 
     # ------------------------------------------------------------------ the held-out objective
     @torch.no_grad()
@@ -389,8 +405,9 @@ class AMFTModule(PolicyModule):
             loss = torch.tensor((1.0 - mu) * float(l_rl) + mu * float(l_sft) + extra_value)
         else:  # mu does not depend on this update's statistics: one pass over both terms
             mu = self.controller_mu(self._stats)
-            loss, m = self.run_terms([self.rl_term(rollout, adv, 1.0 - mu, mask, extra=extra),
-                                      self.sft_term(expert, mu)])
+            loss, m = self.run_terms(
+                [self.rl_term(rollout, adv, 1.0 - mu, mask, extra=extra), self.sft_term(expert, mu)]
+            )
             stats = self._controller_inputs(m["sft_loss"], m["rl_loss"], m)
         metrics.update(m)
         H = stats["entropy"]
@@ -417,8 +434,12 @@ class AMFTModule(PolicyModule):
     def _controller_inputs(self, l_sft, l_rl, metrics: dict) -> dict:
         """The controller's inputs from this update (global values, the same on every rank); kept as
         ``_stats`` when finite."""
-        stats = {"sft_loss": float(l_sft), "rl_loss": float(l_rl), "entropy": float(metrics["entropy_usual"]),
-                 "grad_norm": self._last_grad_norm}
+        stats = {
+            "sft_loss": float(l_sft),
+            "rl_loss": float(l_rl),
+            "entropy": float(metrics["entropy_usual"]),
+            "grad_norm": self._last_grad_norm,
+        }
         if all(math.isfinite(v) for v in stats.values()):
             self._stats = stats
         return stats

@@ -8,6 +8,7 @@ Per training step (arXiv 2508.11408, Trinity-RFT's "mix_chord" loss):
      its own tokens, so mu stays a convex weight whatever the expert share of the batch,
   4. one policy update on L.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -5,6 +5,7 @@ k times with a ``repeat`` index r; the rollouts are sampled at r = 0 (or at the 
 needs them) and kept for the cycle; update r trains on mini-batch ``r % steps_per_generation`` of the
 rollout rows and of the expert rows. The kept rollouts go into checkpoints (see ``resume.py``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ class RolloutCycles:
         """
         k = self.hparams.steps_per_generation
         if 0 < rows < k:
-            source = ("data.prompt_batch_size x model.num_generations" if what == "rollout rows"
-                      else "data.expert_batch_size")
+            source = (
+                "data.prompt_batch_size x model.num_generations" if what == "rollout rows" else "data.expert_batch_size"
+            )
             raise ValueError(
                 f"model.steps_per_generation={k} splits each batch's {what} into {k} mini-batches, one optimizer "
                 f"step each, but a batch holds only {rows} {what} per rank ({source}): updates would run on "
@@ -52,16 +54,23 @@ class RolloutCycles:
             self._cycle = self.rollout_batch(batch)
         return self._cycle
 
-
     def _rl_rows(self, cycle: dict, position: int) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """(rollout, advantages, mask) of this update's mini-batch of the cycle's rollout batch."""
         r, adv, mask = cycle["rollout"], cycle["advantages"], cycle["mask"]
         if self.hparams.steps_per_generation == 1:
             return r, adv, mask
         rows = self.minibatch(len(adv), position).to(adv.device)
-        part = Rollout(r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], r.completion_mask[rows],
-                       r.old_logp[rows], r.entropy[rows], [r.completions[i] for i in rows.tolist()], r.sampler,
-                       None if r.sampler_logp is None else r.sampler_logp[rows])
+        part = Rollout(
+            r.prompt_ids[rows],
+            r.prompt_mask[rows],
+            r.completion_ids[rows],
+            r.completion_mask[rows],
+            r.old_logp[rows],
+            r.entropy[rows],
+            [r.completions[i] for i in rows.tolist()],
+            r.sampler,
+            None if r.sampler_logp is None else r.sampler_logp[rows],
+        )
         return part, adv[rows], mask[rows]
 
     def _expert_rows(self, expert: dict, position: int) -> dict:
@@ -76,9 +85,23 @@ class RolloutCycles:
         if c is None:
             return None
         r = c["rollout"]
-        return {"rollout": {f: getattr(r, f) for f in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
-                                                       "old_logp", "entropy", "completions", "sampler", "sampler_logp")},
-                **{k: c[k] for k in ("rewards", "advantages", "mask", "reward_mean", "metrics")}}
+        return {
+            "rollout": {
+                f: getattr(r, f)
+                for f in (
+                    "prompt_ids",
+                    "prompt_mask",
+                    "completion_ids",
+                    "completion_mask",
+                    "old_logp",
+                    "entropy",
+                    "completions",
+                    "sampler",
+                    "sampler_logp",
+                )
+            },
+            **{k: c[k] for k in ("rewards", "advantages", "mask", "reward_mean", "metrics")},
+        }
 
     def _load_cycle_state(self, state: dict | None) -> None:
         if state is None:
@@ -87,4 +110,3 @@ class RolloutCycles:
         state = dict(state)
         state["rollout"] = Rollout(**state["rollout"])
         self._cycle = state
-

@@ -18,6 +18,7 @@ rows, the SFT term over expert rows, AMFT's held-out objective) and a weight for
 
 Nothing here knows about rollouts or methods; the caller's ``forward`` does.
 """
+
 from __future__ import annotations
 
 import contextlib

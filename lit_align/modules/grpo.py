@@ -1,4 +1,5 @@
 """GRPOModule (exploration only, mu = 0) and SFTThenGRPOModule (the two-stage baseline)."""
+
 from __future__ import annotations
 
 from lit_align.modules.policy import PolicyModule

@@ -3,6 +3,7 @@ held-out demonstrations (split by whether the reward accepts them), and the demo
 
 A mixin of :class:`lit_align.modules.policy.PolicyModule`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,14 +28,27 @@ class HeldOut:
             n = tokens.sum()
             self.val_expert_nll.update(nll.sum() / n.clamp(min=1), weight=n)
             self.val_expert_token_acc.update(hits.sum() / n.clamp(min=1), weight=n)
-            self.log(f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n), add_dataloader_idx=False)
-            self.log(f"{prefix}/expert_token_acc", self.val_expert_token_acc, on_epoch=True, batch_size=int(n),
-                     add_dataloader_idx=False)
+            self.log(
+                f"{prefix}/expert_nll", self.val_expert_nll, on_epoch=True, batch_size=int(n), add_dataloader_idx=False
+            )
+            self.log(
+                f"{prefix}/expert_token_acc",
+                self.val_expert_token_acc,
+                on_epoch=True,
+                batch_size=int(n),
+                add_dataloader_idx=False,
+            )
             if "responses" in batch:
                 self._split_expert_nll(batch, nll, tokens, prefix)
         bs = len(batch["prompts"])
-        self.log(f"{prefix}/accuracy", self.val_accuracy, on_epoch=True, prog_bar=True, batch_size=bs,
-                 add_dataloader_idx=False)
+        self.log(
+            f"{prefix}/accuracy",
+            self.val_accuracy,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=bs,
+            add_dataloader_idx=False,
+        )
         self.log(f"{prefix}/reward", self.val_reward, on_epoch=True, batch_size=bs, add_dataloader_idx=False)
 
     def _greedy_verdicts(self, batch: dict):
@@ -44,7 +58,11 @@ class HeldOut:
         scores = self.score_all(batch["prompts"], rollout, batch["answers"], batch.get("columns"))
         hp = self.hparams  # a failing check counts as wrong (reward_errors=zero) or stops (raise)
         correct, _ = self.rewards.correct(  # the judge's default verdict is read from scores: no second pass
-            batch["prompts"], rollout.completions, batch["answers"], scores, on_error=hp.reward_errors,
+            batch["prompts"],
+            rollout.completions,
+            batch["answers"],
+            scores,
+            on_error=hp.reward_errors,
             timeout_s=hp.reward_timeout_s,
         )
         return scores, correct
@@ -53,8 +71,14 @@ class HeldOut:
         """``<prefix>/retention/<skill>``: the share of the batch's prompts whose greedy answer the reward's
         correctness check accepts, averaged over the set (weighted by rows, synced over ranks)."""
         _, correct = self._greedy_verdicts(batch)
-        self.log(f"{prefix}/retention/{batch['retention']}", correct.float().mean().to(self.device), on_epoch=True,
-                 batch_size=len(batch["prompts"]), sync_dist=True, add_dataloader_idx=False)
+        self.log(
+            f"{prefix}/retention/{batch['retention']}",
+            correct.float().mean().to(self.device),
+            on_epoch=True,
+            batch_size=len(batch["prompts"]),
+            sync_dist=True,
+            add_dataloader_idx=False,
+        )
 
     @torch.no_grad()
     def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,7 +90,9 @@ class HeldOut:
         for rows in micro_batches(labels_all != -100, self.hparams.micro_batch_size):
             logits, labels, tokens, logp = self._expert_logprobs(expert, rows)
             hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), logits, labels)
-            out[:, rows.to(out.device)] = torch.stack([-(logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]).double()
+            out[:, rows.to(out.device)] = torch.stack(
+                [-(logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]
+            ).double()
             del logits
         return out[0], out[1], out[2]
 
@@ -83,8 +109,9 @@ class HeldOut:
         if new:  # a demonstration's verdict never changes: each one is checked once per run
             prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
             cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
-            verdicts, _ = self.rewards.correct(prompts, demos, answers, columns=cols, on_error=hp.reward_errors,
-                                               timeout_s=hp.reward_timeout_s)
+            verdicts, _ = self.rewards.correct(
+                prompts, demos, answers, columns=cols, on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s
+            )
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=self.device)
         for name, rows in (("correct", ok), ("incorrect", ~ok)):
@@ -92,20 +119,38 @@ class HeldOut:
             value = nll[rows].sum() / k if k > 0 else nll.new_zeros(())
             metric = self.val_expert_nll_split[name]
             metric.update(value, weight=k)
-            self.log(f"{prefix}/expert_nll_{name}", metric, on_epoch=True, batch_size=max(int(k), 1),
-                     add_dataloader_idx=False)
+            self.log(
+                f"{prefix}/expert_nll_{name}",
+                metric,
+                on_epoch=True,
+                batch_size=max(int(k), 1),
+                add_dataloader_idx=False,
+            )
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx, prefix="test")
 
-    def judge_demonstrations(self, prompts: list[str], completions: list[str], answers: list[str],
-                             completion_ids: list[list[int]] | None = None, columns: dict | None = None) -> torch.Tensor:
+    def judge_demonstrations(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str],
+        completion_ids: list[list[int]] | None = None,
+        columns: dict | None = None,
+    ) -> torch.Tensor:
         """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check).
         Where a reward function failed on some of them (an exception, the time limit, NaN; scored 0 under
         ``reward_errors=zero``), a warning says so: the cause is then the function, not the data."""
         hp = self.hparams
-        verdicts, n_errors = self.rewards.correct(prompts, completions, answers, completion_ids=completion_ids,
-                                                  columns=columns, on_error=hp.reward_errors, timeout_s=hp.reward_timeout_s)
+        verdicts, n_errors = self.rewards.correct(
+            prompts,
+            completions,
+            answers,
+            completion_ids=completion_ids,
+            columns=columns,
+            on_error=hp.reward_errors,
+            timeout_s=hp.reward_timeout_s,
+        )
         if n_errors:
             from lightning.pytorch.utilities import rank_zero_warn
 

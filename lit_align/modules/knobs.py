@@ -1,5 +1,6 @@
 """The range check of the policy module's knobs: every out-of-range value is a ValueError that names
 its flag (``model.<name>``) and what is allowed, raised before anything is loaded."""
+
 from __future__ import annotations
 
 from lit_align import losses
@@ -25,20 +26,35 @@ def check_knobs(args: dict) -> None:
         "epsilon_high": (number(args["epsilon_high"]) and args["epsilon_high"] >= 0, "a finite number >= 0"),
         "beta": (number(args["beta"]) and args["beta"] >= 0, "a finite number >= 0"),
         "warmup_steps": (integer(args["warmup_steps"]) and args["warmup_steps"] >= 0, "an integer >= 0"),
-        "gradient_clip": (number(args["gradient_clip"]) and args["gradient_clip"] >= 0, "a finite number >= 0 (0: off)"),
+        "gradient_clip": (
+            number(args["gradient_clip"]) and args["gradient_clip"] >= 0,
+            "a finite number >= 0 (0: off)",
+        ),
         "min_lr_ratio": (number(args["min_lr_ratio"]) and 0 <= args["min_lr_ratio"] <= 1, "in [0, 1]"),
         "max_consecutive_skips": (
-            integer(args["max_consecutive_skips"]) and args["max_consecutive_skips"] >= 1, "an integer >= 1"
+            integer(args["max_consecutive_skips"]) and args["max_consecutive_skips"] >= 1,
+            "an integer >= 1",
         ),
         "reward_timeout_s": (timeout is None or (number(timeout) and timeout > 0), "null or a finite number > 0"),
         "length_buckets": (integer(args["length_buckets"]) and args["length_buckets"] >= 1, "an integer >= 1"),
-        "micro_batch_size": (args["micro_batch_size"] is None or (integer(args["micro_batch_size"]) and args["micro_batch_size"] >= 1),
-                             "null (the whole batch) or an integer >= 1"),
-        "generation_batch_size": (args["generation_batch_size"] is None or (integer(args["generation_batch_size"])
-                                  and args["generation_batch_size"] >= 1), "null (every row at once) or an integer >= 1"),
-        "steps_per_generation": (integer(args["steps_per_generation"]) and args["steps_per_generation"] >= 1, "an integer >= 1"),
+        "micro_batch_size": (
+            args["micro_batch_size"] is None or (integer(args["micro_batch_size"]) and args["micro_batch_size"] >= 1),
+            "null (the whole batch) or an integer >= 1",
+        ),
+        "generation_batch_size": (
+            args["generation_batch_size"] is None
+            or (integer(args["generation_batch_size"]) and args["generation_batch_size"] >= 1),
+            "null (every row at once) or an integer >= 1",
+        ),
+        "steps_per_generation": (
+            integer(args["steps_per_generation"]) and args["steps_per_generation"] >= 1,
+            "an integer >= 1",
+        ),
         "num_iterations": (integer(args["num_iterations"]) and args["num_iterations"] >= 1, "an integer >= 1"),
-        "repetition_penalty": (number(args["repetition_penalty"]) and args["repetition_penalty"] > 0, "a finite number > 0 (1: off)"),
+        "repetition_penalty": (
+            number(args["repetition_penalty"]) and args["repetition_penalty"] > 0,
+            "a finite number > 0 (1: off)",
+        ),
         "min_p": (number(args["min_p"]) and 0 <= args["min_p"] < 1, "in [0, 1) (0: off)"),
         **RolloutEngine._validate_engine_args(args),
     }

@@ -4,6 +4,7 @@ A method only says how it mixes the two terms: ``mixing_weight`` returns mu in
 L = (1 - mu) * L_RL + mu * L_SFT, and ``token_weights`` may reweight expert tokens.
 Each term is normalised over its own tokens, so mu is a true convex weight.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,18 +19,21 @@ from torchmetrics import MeanMetric
 
 from lit_align import losses
 from lit_align.hf import apply_lora, disable_dropout_in_model, load_model, load_tokenizer
-from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
-from lit_align.weighting import lr_factor
 from lit_align.modules.cycles import RolloutCycles
+from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync
 from lit_align.modules.heldout import HeldOut
 from lit_align.modules.knobs import check_knobs
 from lit_align.modules.logits import PolicyLogits
-from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync
 from lit_align.modules.resume import NonFiniteError, ResumeState
 from lit_align.modules.rollout_engine import RolloutEngine
+from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
 from lit_align.rollout import (
-    Rollout, _eos_ids, completion_id_lists, generate,
+    Rollout,
+    _eos_ids,
+    completion_id_lists,
+    generate,
 )
+from lit_align.weighting import lr_factor
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
@@ -271,8 +275,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         # the backward writes the logits' gradient over them (consume): metrics read them in the forward only
         return logits, labels, labels != -100, losses.token_logprobs(logits, labels.clamp(min=0), consume=True)
 
-    def sft_term(self, expert: dict, weight: float, reward_mean: float | None = None, name: str = "sft",
-                 token_weights: bool = True) -> Term:
+    def sft_term(
+        self,
+        expert: dict,
+        weight: float,
+        reward_mean: float | None = None,
+        name: str = "sft",
+        token_weights: bool = True,
+    ) -> Term:
         """The (weighted) NLL of the demonstrations over expert tokens, as a :class:`Term`: per token
         w_t * (-log p_t), with w = :meth:`token_weights` (CHORD) or 1. Logged per token: expert_nll
         (unweighted), entropy_expert (at the sampling temperature, like entropy_usual) and
@@ -297,8 +307,15 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
 
         return Term(name, weight, labels_all != -100, forward)
 
-    def rl_term(self, rollout: Rollout, advantages: torch.Tensor, weight: float, mask: torch.Tensor | None = None,
-                name: str = "rl", extra=None) -> Term:
+    def rl_term(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        weight: float,
+        mask: torch.Tensor | None = None,
+        name: str = "rl",
+        extra=None,
+    ) -> Term:
         """The clipped GRPO surrogate over the rollout's (usual) tokens, as a :class:`Term` (per token
         -min(rho A, clip(rho) A) [+ beta KL]); logged per token: clip_ratio, kl (beta > 0), entropy_usual.
         ``mask`` (B, T): the tokens that count (default: the completion mask). ``extra(logits, mask)``:
@@ -320,11 +337,20 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             ref_logp = None
             if hp.beta > 0:
                 with torch.no_grad():
-                    ref_logp = losses.token_logprobs(self._ref_logits(ids, att, start=P - 1), completion, hp.temperature)
+                    ref_logp = losses.token_logprobs(
+                        self._ref_logits(ids, att, start=P - 1), completion, hp.temperature
+                    )
             is_weights = self.importance_weights(rollout, rows, width)
             values, metrics = losses.surrogate_per_token(
-                logp, rollout.old_logp[rows, :width], advantages[rows], hp.epsilon_low, hp.epsilon_high, ref_logp,
-                hp.beta, hp.kl_estimator, is_weights,
+                logp,
+                rollout.old_logp[rows, :width],
+                advantages[rows],
+                hp.epsilon_low,
+                hp.epsilon_high,
+                ref_logp,
+                hp.beta,
+                hp.kl_estimator,
+                is_weights,
             )
             if is_weights is not None:
                 metrics["importance_sampling_ratio"] = is_weights
@@ -342,7 +368,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         loss, more = self.run_terms([self.rl_term(rollout, adv, weight)])
         return loss, {**metrics, **more}
 
-    def sft_terms(self, expert: dict, reward_mean: float | None = None, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    def sft_terms(
+        self, expert: dict, reward_mean: float | None = None, weight: float = 1.0
+    ) -> tuple[torch.Tensor, dict]:
         """The SFT term alone over ``expert`` rows, weighted ``weight``: gradient in ``.grad``, value, metrics."""
         return self.run_terms([self.sft_term(expert, weight, reward_mean)])
 
@@ -350,8 +378,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         """Accumulate one update's gradients over its ``terms`` (:func:`lit_align.modules.engine.accumulate`:
         micro-batches of ``micro_batch_size`` rows, global normalisation, one gradient sync)."""
         return accumulate(
-            terms, self.hparams.micro_batch_size, self.hparams.loss_aggregation, self._backward,
-            self._no_grad_sync, self.ranks, grad=grad, length_buckets=self._length_buckets(),
+            terms,
+            self.hparams.micro_batch_size,
+            self.hparams.loss_aggregation,
+            self._backward,
+            self._no_grad_sync,
+            self.ranks,
+            grad=grad,
+            length_buckets=self._length_buckets(),
         )
 
     def _length_buckets(self) -> int:
@@ -382,22 +416,33 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         ``rollout_engine=vllm`` while fit runs, by this rank's vLLM engine (:meth:`engine_sample`).
         The first call logs which sampler runs and which checkpoint fields were overridden."""
         hp = self.hparams
-        sampling = dict(max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
-                        min_p=hp.min_p, repetition_penalty=hp.repetition_penalty)
+        sampling = dict(
+            max_new_tokens=hp.max_new_tokens,
+            temperature=hp.temperature,
+            top_p=hp.top_p,
+            top_k=hp.top_k,
+            min_p=hp.min_p,
+            repetition_penalty=hp.repetition_penalty,
+        )
         if self.engine_can_sample(prompts):  # model.rollout_engine=vllm, while fit runs
-            return self._logged(self.engine_sample(prompts, greedy, num_generations or hp.num_generations, sampling), sampling)
-        return self._logged(generate(
-            self.model,
-            self.tokenizer,
-            prompts["prompt_ids"],
-            prompts["prompt_mask"],
-            num_generations=num_generations or hp.num_generations,
-            greedy=greedy,
-            synced_gpus=self._sync_generation(),
-            generation_batch_size=hp.generation_batch_size,
-            skip_special_tokens=hp.skip_special_tokens,
-            **sampling,
-        ), sampling)
+            return self._logged(
+                self.engine_sample(prompts, greedy, num_generations or hp.num_generations, sampling), sampling
+            )
+        return self._logged(
+            generate(
+                self.model,
+                self.tokenizer,
+                prompts["prompt_ids"],
+                prompts["prompt_mask"],
+                num_generations=num_generations or hp.num_generations,
+                greedy=greedy,
+                synced_gpus=self._sync_generation(),
+                generation_batch_size=hp.generation_batch_size,
+                skip_special_tokens=hp.skip_special_tokens,
+                **sampling,
+            ),
+            sampling,
+        )
 
     def _logged(self, rollout: Rollout, sampling: dict) -> Rollout:
         if not getattr(self, "_sampling_logged", False):  # once, at start-up
@@ -409,9 +454,13 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             overridden = sampling_overrides(self.model, sampling_settings(self.model, self.tokenizer, **sampling))
             rank_zero_info(
                 f"lit_align sampling: {rollout.sampler} sampler; "
-                + ("the checkpoint's generation config sets " + ", ".join(
-                    f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())
-                   + ": overridden by model.* settings" if overridden else "no checkpoint sampling field overridden")
+                + (
+                    "the checkpoint's generation config sets "
+                    + ", ".join(f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())
+                    + ": overridden by model.* settings"
+                    if overridden
+                    else "no checkpoint sampling field overridden"
+                )
             )
         return rollout
 
@@ -424,17 +473,28 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
 
         return isinstance(self.model, FSDPModule)
 
-    def score(self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None) -> tuple[torch.Tensor, int]:
+    def score(
+        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
+    ) -> tuple[torch.Tensor, int]:
         """The weighted total reward (N,) of ``rollout``'s completions and the number of failed items."""
         scores = self.score_all(prompts, rollout, answers, columns)
         return scores.total, scores.n_errors
 
-    def score_all(self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None) -> RewardScores:
+    def score_all(
+        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
+    ) -> RewardScores:
         """Every reward function's scores of ``rollout``'s completions (see :class:`RewardSet`);
         ``columns``: the data set's other columns, one value per completion."""
         hp = self.hparams
-        return self.rewards.score(prompts, rollout.completions, answers, completion_id_lists(rollout), columns,
-                                  hp.reward_errors, hp.reward_timeout_s)
+        return self.rewards.score(
+            prompts,
+            rollout.completions,
+            answers,
+            completion_id_lists(rollout),
+            columns,
+            hp.reward_errors,
+            hp.reward_timeout_s,
+        )
 
     def reward_metrics(self, scores: RewardScores) -> dict:
         """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to (TRL's
@@ -501,8 +561,14 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
                 )
         # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
         reward_mean = self.ranks.averages(rewards.mean())[0]
-        return {"rollout": rollout, "rewards": rewards, "advantages": adv, "mask": mask,
-                "reward_mean": reward_mean, "metrics": metrics}
+        return {
+            "rollout": rollout,
+            "rewards": rewards,
+            "advantages": adv,
+            "mask": mask,
+            "reward_mean": reward_mean,
+            "metrics": metrics,
+        }
 
     # ------------------------------------------------------------------ rollout batches and their updates
     def mixed_loss(self, batch: dict, mu: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -651,6 +717,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             return metrics
         names = sorted(metrics)
         sums = ranks.sums([metrics[n] for n in names])
-        return {n: torch.tensor(v if n in self.SUMMED_METRICS else v / ranks.world, dtype=torch.float32)
-                for n, v in zip(names, sums)}
-
+        return {
+            n: torch.tensor(v if n in self.SUMMED_METRICS else v / ranks.world, dtype=torch.float32)
+            for n, v in zip(names, sums)
+        }

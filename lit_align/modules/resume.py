@@ -2,6 +2,7 @@
 refusal to write a checkpoint holding NaN or inf.
 
 A mixin of :class:`lit_align.modules.policy.PolicyModule` (Lightning's checkpoint hooks)."""
+
 from __future__ import annotations
 
 import random
@@ -59,8 +60,13 @@ class ResumeState:
         rng = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype("int64")),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -104,5 +110,3 @@ class ResumeState:
         np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-
-

@@ -7,6 +7,7 @@ and keeps it until fit ends. The engine's token ids become the same :class:`Roll
 returns: ``old_logp`` and ``entropy`` from the trainer's own forward (so the first update of a rollout
 batch has ratio 1 whatever the engine's numerics), the engine's log-probs kept as ``sampler_logp``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,7 @@ class RolloutEngine:
     def _validate_engine_args(args: dict) -> dict:
         """(name: (holds, what is allowed)) for the engine's knobs, checked with the module's others."""
         number = is_finite_number
+
         def optional_int(v, low: int) -> bool:
             return v is None or (is_integer(v) and v >= low)
 
@@ -36,15 +38,23 @@ class RolloutEngine:
 
             raise ImportError(f"model.rollout_engine=vllm needs vLLM, which is not installed: {INSTALL}")
         return {
-            "vllm_gpu_memory_utilization": (number(args["vllm_gpu_memory_utilization"])
-                                            and 0 < args["vllm_gpu_memory_utilization"] <= 1, "in (0, 1]"),
-            "vllm_kv_cache_memory_bytes": (optional_int(args["vllm_kv_cache_memory_bytes"], 1 << 20),
-                                           "null or an integer >= 1048576 (bytes)"),
+            "vllm_gpu_memory_utilization": (
+                number(args["vllm_gpu_memory_utilization"]) and 0 < args["vllm_gpu_memory_utilization"] <= 1,
+                "in (0, 1]",
+            ),
+            "vllm_kv_cache_memory_bytes": (
+                optional_int(args["vllm_kv_cache_memory_bytes"], 1 << 20),
+                "null or an integer >= 1048576 (bytes)",
+            ),
             "vllm_max_model_length": (optional_int(args["vllm_max_model_length"], 1), "null or an integer >= 1"),
-            "vllm_tensor_parallel_size": (args["vllm_tensor_parallel_size"] == 1,
-                                          "1 (one colocated engine per training process)"),
-            "vllm_importance_sampling_cap": (number(args["vllm_importance_sampling_cap"])
-                                             and args["vllm_importance_sampling_cap"] >= 1, "a finite number >= 1"),
+            "vllm_tensor_parallel_size": (
+                args["vllm_tensor_parallel_size"] == 1,
+                "1 (one colocated engine per training process)",
+            ),
+            "vllm_importance_sampling_cap": (
+                number(args["vllm_importance_sampling_cap"]) and args["vllm_importance_sampling_cap"] >= 1,
+                "a finite number >= 1",
+            ),
         }
 
     # ------------------------------------------------------------------ life cycle
@@ -65,10 +75,16 @@ class RolloutEngine:
         rank = (trainer.global_rank, trainer.local_rank) if trainer is not None and trainer.world_size > 1 else None
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         self._engine = VLLMEngine(
-            _resolve(hp.model_name_or_path), dtype=dtype, gpu_memory_utilization=hp.vllm_gpu_memory_utilization,
-            kv_cache_memory_bytes=hp.vllm_kv_cache_memory_bytes, max_model_length=hp.vllm_max_model_length,
-            tensor_parallel_size=hp.vllm_tensor_parallel_size, enable_sleep_mode=hp.vllm_enable_sleep_mode,
-            max_num_seqs=hp.generation_batch_size, seed=int(torch.initial_seed() % (2**31)), rank=rank,
+            _resolve(hp.model_name_or_path),
+            dtype=dtype,
+            gpu_memory_utilization=hp.vllm_gpu_memory_utilization,
+            kv_cache_memory_bytes=hp.vllm_kv_cache_memory_bytes,
+            max_model_length=hp.vllm_max_model_length,
+            tensor_parallel_size=hp.vllm_tensor_parallel_size,
+            enable_sleep_mode=hp.vllm_enable_sleep_mode,
+            max_num_seqs=hp.generation_batch_size,
+            seed=int(torch.initial_seed() % (2**31)),
+            rank=rank,
         )
         try:
             self._engine.probe()

