@@ -6,12 +6,16 @@ Each loss returns ``(loss, metrics)``; ``metrics`` holds detached scalars ready 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-ADVANTAGE_NORMS = ("std", "none", "batch-std")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# each option list is written once, as the Literal the modules' signatures use
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+AdvantageNorm = Literal["std", "none", "batch-std"]
+KLEstimator = Literal["k1", "k2", "k3"]
+AGGREGATIONS, ADVANTAGE_NORMS, KL_ESTIMATORS = get_args(Aggregation), get_args(AdvantageNorm), get_args(KLEstimator)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -93,67 +93,6 @@ def with_cache(model, cache) -> dict:
     return {"cache": cache} if "cache" in _forward_args(model) else {"past_key_values": cache}
 
 
-def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
-    """Split a batch's rows into at most ``max_groups`` groups of similar length, each to be run
-    only up to its own longest row: ``[(row indices, width), ...]``, or None when one pass over the
-    whole batch computes no fewer token positions.
-
-    A row's length is its last attended position + 1 (left padding counts, right padding does not).
-    In a causal model the logits at positions below ``width`` do not depend on the columns cut off,
-    so running each group on ``[:, :width]`` gives the same logits at every attended position.
-    The groups are contiguous in length order and minimise the number of computed positions
-    (sum of rows x width), preferring fewer groups on ties.
-    """
-    B, S = attention_mask.shape
-    if max_groups <= 1 or B <= 1:
-        return None
-    positions = torch.arange(1, S + 1, device=attention_mask.device)
-    ends = (attention_mask.ne(0) * positions).amax(-1).clamp(min=1).cpu()
-    values, counts = torch.unique(ends, sorted=True, return_counts=True)
-    if len(values) == 1 and int(values[0]) == S:
-        return None
-    cuts = _best_cuts(values.long(), counts.long(), max_groups)
-    order = torch.argsort(ends, stable=True).to(attention_mask.device)
-    bounds = torch.cumsum(counts, 0).tolist()
-    groups, start = [], 0
-    for cut in cuts:
-        groups.append((order[start : bounds[cut]], int(values[cut])))
-        start = bounds[cut]
-    return groups
-
-
-def _best_cuts(values: torch.Tensor, counts: torch.Tensor, max_groups: int) -> list[int]:
-    """Indices j of ``values`` (ascending) that close each group, for the partition of the sorted
-    values into at most ``max_groups`` contiguous runs minimising sum(count of run) x (last value of run).
-    Exact dynamic programme, vectorised over the run's first and last index: O(max_groups) tensor ops."""
-    D = len(values)
-    C = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # C[j] = rows with value index < j
-    j = torch.arange(D)
-    # cost[i, j]: one run over value indices i..j (i <= j) = (C[j+1] - C[i]) * values[j]
-    cost = (C[1:].unsqueeze(0) - C[:-1].unsqueeze(1)) * values.unsqueeze(0)
-    invalid = j.unsqueeze(1) > j.unsqueeze(0)  # i > j
-    best = cost[0].clone()  # one run over 0..j
-    choices = []  # per extra run: where its last run starts for each j, -1 = keep fewer runs
-    big = torch.iinfo(torch.long).max // 4
-    for _ in range(1, max_groups):
-        prev = torch.cat([best.new_full((1,), big), best[:-1]])  # best for 0..i-1, per i (i = 0: impossible)
-        total = (prev.unsqueeze(1) + cost).masked_fill(invalid, big)
-        total[0] = big
-        split, start = total.min(dim=0)
-        better = split < best
-        choices.append(torch.where(better, start, torch.full_like(start, -1)))
-        best = torch.where(better, split, best)
-    cuts, last, runs = [], D - 1, max_groups
-    while last >= 0:
-        start = int(choices[runs - 2][last]) if runs >= 2 else -1
-        if runs >= 2 and start == -1:
-            runs -= 1
-            continue
-        cuts.append(last)
-        last, runs = (start - 1, runs - 1) if runs >= 2 else (-1, runs)
-    return cuts[::-1]
-
-
 def _eos_ids(model, tokenizer) -> list[int] | None:
     eos = getattr(model.generation_config, "eos_token_id", None)
     if eos is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 
@@ -236,7 +237,9 @@ class AdaptiveMu(MuSchedule):
 
 # --------------------------------------------------------------------------- token weights
 
-TOKEN_WEIGHT_STRATEGIES = ("none", "phi", "sft_is", "adaptive", "entropy", "margin")
+# the strategies, written once: CHORD's token_weighting setting takes this Literal
+TokenWeighting = Literal["none", "phi", "sft_is", "adaptive", "entropy", "margin"]
+TOKEN_WEIGHT_STRATEGIES = get_args(TokenWeighting)
 
 _CHUNK_ELEMS = 1 << 24  # logits elements processed at once (float32: 64 MiB)
 

@@ -186,7 +186,7 @@ def test_optimizer_lookahead_matches_finite_difference_of_the_real_adamw_step(ck
 
     V_after_step = lambda mu_: V_after_real_step(m, opt, start, opt_start, rollout, rewards, batch, held, mu_)  # noqa: E731
     stepped = V_after_step(mu)
-    names = m._trainable()[0]
+    names = m.policy.trainable()[0]
     for name, t in zip(names, theta_prime):  # theta' is the step itself
         torch.testing.assert_close(t, dict(m.model.named_parameters())[name].detach(), rtol=1e-4, atol=1e-6)
     assert stepped == pytest.approx(m.val_objective(held))

@@ -19,7 +19,7 @@ def batch(ckpt):
 
 def _loss(module, batch, seed=0):
     torch.manual_seed(seed)  # the same rollouts for every module
-    return module.mixed_loss(batch)
+    return module.accumulate_update(batch)
 
 
 def test_mu_one_is_sft_and_mu_zero_is_grpo(ckpt, batch):

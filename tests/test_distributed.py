@@ -179,7 +179,7 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
             if method.startswith("amft"):
                 results[f"{strategy}-{method}-mu-rank{rank}"] = float(module.controller.mu.detach())
             if strategy == "fsdp2" and method == "grpo":
-                results[f"reduce-rank{rank}"] = module._reduce_metrics(
+                results[f"reduce-rank{rank}"] = module.reduce_metrics(
                     {"x": torch.tensor(float(rank)), "reward_errors": 1.0}
                 )
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
@@ -189,7 +189,7 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
 def _uneven_generation(module, rank: int) -> int:
     """Greedy generation where rank 1 stops after one token and rank 0 runs to max_new_tokens:
     without synced_gpus the ranks would wait on each other's all-gathers for ever."""
-    assert module._sharded() and module._sync_generation()
+    assert module.policy.sharded and module.world.synced_generation
     prompts = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long)}
     first = module.sample(prompts, greedy=True, num_generations=1)
     tokens = first.completion_ids[0].tolist()

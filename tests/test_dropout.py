@@ -54,7 +54,7 @@ def _train_logp(module, rollout) -> torch.Tensor:
     assert module.model.training
     start = rollout.prompt_ids.shape[1] - 1
     with torch.no_grad():
-        logits = module._forward_logits(rollout.input_ids, rollout.attention_mask, start=start)
+        logits = module.policy.logits(rollout.input_ids, rollout.attention_mask, start=start)
     return losses.token_logprobs(logits, rollout.completion_ids, module.hparams.temperature)
 
 
@@ -97,7 +97,7 @@ def test_lora_dropout_and_the_adapter_free_reference(gpt2, disable):
     rollout = _rollout(module)
     start = rollout.prompt_ids.shape[1] - 1
     with torch.no_grad():
-        refs = [module._ref_logits(rollout.input_ids, rollout.attention_mask, start=start) for _ in range(2)]
+        refs = [module.policy.ref_logits(rollout.input_ids, rollout.attention_mask, start=start) for _ in range(2)]
     policy = [_train_logp(module, rollout) for _ in range(2)]
     if disable:
         torch.testing.assert_close(refs[0], refs[1], rtol=0, atol=0)

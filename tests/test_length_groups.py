@@ -9,10 +9,10 @@ import torch
 from _rollouts import mixed_length_rollout
 
 from lit_align import losses
+from lit_align.core.engine import _best_cuts, length_groups
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.sft import SFTModule
-from lit_align.rollout import _best_cuts, length_groups
 
 
 def _cells(values, counts, cuts):
@@ -140,7 +140,7 @@ def test_grouped_sft_loss_equals_one_pass_and_fsdp_runs_one_pass(ckpt):
     results = []
     for buckets in (1, 3):
         module.hparams.length_buckets = buckets
-        module.zero_policy_grad()
+        module.policy.zero_grad()
         loss, m = module.sft_terms(expert)
         results.append((loss, [p.grad.clone() for p in module.model.parameters()], m["entropy_expert"]))
     (l1, g1, e1), (l3, g3, e3) = results
@@ -151,12 +151,12 @@ def test_grouped_sft_loss_equals_one_pass_and_fsdp_runs_one_pass(ckpt):
     calls = []
     hook = module.model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        module.zero_policy_grad()
+        module.policy.zero_grad()
         module.sft_terms(expert)
         assert len(calls) == 3
         calls.clear()
         module._sharded = lambda: True  # FSDP2: every rank must run the same number of forwards
-        module.zero_policy_grad()
+        module.policy.zero_grad()
         module.sft_terms(expert)
     finally:
         hook.remove()

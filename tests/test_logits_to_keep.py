@@ -173,7 +173,7 @@ def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypa
     _assert_same(kept, full)
 
     # V of the reward objective (its value and gradient through the step engine)
-    params = module._trainable()[1]
+    params = module.policy.trainable()[1]
     adv = torch.linspace(-1.0, 1.0, len(PROMPT_LENS), dtype=torch.float64)
     held = {"rollout": rollout, "advantages": adv}
 
@@ -183,7 +183,7 @@ def test_amft_entropy_term_and_reward_objective_match_full_logits(ckpt, monkeypa
                 m.setattr(logits_module, "accepts_logits_to_keep", lambda model: False)
             widths, hook = _lm_head_rows(module.model)
             try:
-                module.zero_policy_grad()
+                module.policy.zero_grad()
                 V, _ = module.run_terms([module.val_term(held)])
             finally:
                 hook.remove()

@@ -49,13 +49,13 @@ def test_lora_reference_is_the_policy_without_adapters(ckpt):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        ref_before = module._ref_logits(ids, mask)
-        torch.testing.assert_close(module._forward_logits(ids, mask), ref_before)  # B = 0 at init
+        ref_before = module.policy.ref_logits(ids, mask)
+        torch.testing.assert_close(module.policy.logits(ids, mask), ref_before)  # B = 0 at init
         for n, p in module.model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-        assert not torch.allclose(module._forward_logits(ids, mask), ref_before)
-        torch.testing.assert_close(module._ref_logits(ids, mask), ref_before)  # the reference stays the base
+        assert not torch.allclose(module.policy.logits(ids, mask), ref_before)
+        torch.testing.assert_close(module.policy.ref_logits(ids, mask), ref_before)  # the reference stays the base
 
 
 def test_bad_lora_config_names_the_field(ckpt):

@@ -48,24 +48,24 @@ def test_sampler_logp_diff_and_importance_weights_by_hand(ckpt):
         model_name_or_path=ckpt, vllm_importance_sampling_correction=True, vllm_importance_sampling_cap=2.0
     )
     hf = mixed_length_rollout(len(module.tokenizer), module.tokenizer.pad_token_id)
-    assert module.sampler_metrics(hf) == {}, "the HF path logs no sampler difference"
+    assert module.sampler.metrics(hf) == {}, "the HF path logs no sampler difference"
     shift = torch.zeros_like(hf.old_logp, dtype=torch.float32)
     shift[0, 0], shift[3, 2], shift[7, 6] = 0.5, -1.0, 2.0  # rows 0, 3, 7 have 9, 9, 7 completion tokens
     shift[1, 5] = 9.0  # after row 1's only token: padding, not counted
     r = _vllm_rollout(module, shift)
-    m = module.sampler_metrics(r)
+    m = module.sampler.metrics(r)
     tokens = int(r.completion_mask.sum())
     assert float(m["sampler_logp_diff"]) == pytest.approx(3.5 / tokens, rel=1e-5)
     assert float(m["sampler_logp_diff_max"]) == pytest.approx(2.0, rel=1e-6)
     rows = torch.tensor([0, 3, 7])
-    w = module.importance_weights(r, rows, 9)
+    w = module.sampler.importance_weights(r, rows, 9)
     expected = torch.ones(3, 9)
     expected[0, 0], expected[1, 2], expected[2, 6] = torch.exp(torch.tensor(-0.5)), 2.0, torch.exp(torch.tensor(-2.0))
     torch.testing.assert_close(
         w * r.completion_mask[rows, :9], expected * r.completion_mask[rows, :9]
     )  # exp(1) capped at 2
     module.hparams.vllm_importance_sampling_correction = False
-    assert module.importance_weights(r, rows, 9) is None
+    assert module.sampler.importance_weights(r, rows, 9) is None
 
 
 def test_importance_weights_scale_the_rl_term(ckpt):
@@ -86,12 +86,12 @@ def test_minibatches_of_a_vllm_rollout_keep_the_sampler_logprobs(ckpt):
     module = GRPOModule(model_name_or_path=ckpt, steps_per_generation=2)
     r = _vllm_rollout(module, torch.tensor(-0.25))
     cycle = {"rollout": r, "advantages": torch.zeros(len(r.completions)), "mask": r.completion_mask}
-    part, _, _ = module._rl_rows(cycle, 1)
-    rows = module.minibatch(len(r.completions), 1)
+    part = module.rollout_buffer.rollout_rows(cycle, 1)["rollout"]
+    rows = module.rollout_buffer.minibatch(len(r.completions), 1)
     assert part.sampler == "vllm" and torch.equal(part.sampler_logp, r.sampler_logp[rows])
-    module._cycle = {**cycle, "rewards": torch.zeros(8), "reward_mean": 0.0, "metrics": {}}
-    state = module._cycle_state()
-    module._load_cycle_state(state)
-    assert module._cycle["rollout"].sampler == "vllm" and torch.equal(
-        module._cycle["rollout"].sampler_logp, r.sampler_logp
+    module.rollout_buffer.cycle = {**cycle, "rewards": torch.zeros(8), "reward_mean": 0.0, "metrics": {}}
+    state = module.rollout_buffer.state_dict()
+    module.rollout_buffer.load_state_dict(state)
+    assert module.rollout_buffer.cycle["rollout"].sampler == "vllm" and torch.equal(
+        module.rollout_buffer.cycle["rollout"].sampler_logp, r.sampler_logp
     )

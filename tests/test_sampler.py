@@ -491,9 +491,7 @@ def test_an_instruct_checkpoints_first_on_policy_update_has_ratio_one(instruct_c
         assert field in line, (field, line)
     module.train()
     with torch.no_grad():
-        logits = module._forward_logits(
-            rollout.input_ids, rollout.attention_mask, start=rollout.prompt_ids.shape[1] - 1
-        )
+        logits = module.policy.logits(rollout.input_ids, rollout.attention_mask, start=rollout.prompt_ids.shape[1] - 1)
     logp = losses.token_logprobs(logits, rollout.completion_ids, module.hparams.temperature)
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 0

@@ -137,9 +137,9 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(case, aggregation
     for micro in (1, 2, None):
         module = _module(cls, aggregation, micro, **kwargs)
         batch = module._fixed
-        loss, metrics = module.mixed_loss({"expert": batch["expert"], "prompts": batch["prompts"]})
+        loss, metrics = module.accumulate_update({"expert": batch["expert"], "prompts": batch["prompts"]})
         results.append((float(loss), _grads(module)))
-    module.zero_policy_grad()
+    module.policy.zero_grad()
     ref = _reference(module, batch, mu, weighting)
     ref.backward()
     want = _grads(module)
@@ -159,7 +159,7 @@ def test_micro_batches_run_at_most_that_many_rows_per_forward():
     )
     try:
         batch = module._fixed
-        module.mixed_loss({"expert": batch["expert"], "prompts": batch["prompts"]})
+        module.accumulate_update({"expert": batch["expert"], "prompts": batch["prompts"]})
     finally:
         hook.remove()
     assert max(rows) <= 2 and sum(rows) >= 5 + 4  # every expert row and every rollout row, in pieces

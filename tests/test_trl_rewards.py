@@ -172,5 +172,7 @@ def test_the_self_check_says_when_the_reward_itself_fails(ckpt):
     with pytest.warns(
         UserWarning, match=r"self-check: the reward failed on 2 of 2 demonstrations .*reward_errors raise"
     ):
-        verdicts = module.judge_demonstrations(["1+2=", "3+4="], ["3", "7"], ["3", "7"], columns={"answer": ["3", "7"]})
+        verdicts = module.heldout.judge_demonstrations(
+            ["1+2=", "3+4="], ["3", "7"], ["3", "7"], columns={"answer": ["3", "7"]}
+        )
     assert verdicts.tolist() == [False, False]

@@ -82,7 +82,7 @@ def test_one_rollout_batch_serves_several_updates_with_the_clip_at_work(ckpt, sp
 def test_several_updates_need_a_data_module_that_repeats_batches(ckpt):
     module = GRPOModule(model_name_or_path=ckpt, num_generations=2, steps_per_generation=2)
     with pytest.raises(ValueError, match="steps_per_generation"):
-        module.cycle_position({"prompts": {"prompts": ["1+1="]}})
+        module.rollout_buffer.position({"prompts": {"prompts": ["1+1="]}})
 
 
 def test_more_mini_batches_than_rows_stop_at_the_first_update_naming_the_flags(ckpt):
@@ -96,7 +96,7 @@ def test_more_mini_batches_than_rows_stop_at_the_first_update_naming_the_flags(c
         _fit(module, 8, prompt_batch_size=2, expert_batch_size=8)
     assert module.global_step == 0  # no optimizer step ran
     # a split that does not divide the rows: mini-batches differ by one row, none empty
-    sizes = [len(GRPOModule.minibatch(module, 10, r)) for r in range(8)]
+    sizes = [len(module.rollout_buffer.minibatch(10, r)) for r in range(8)]
     assert sizes == [2, 2, 1, 1, 1, 1, 1, 1]
 
 
@@ -125,7 +125,7 @@ def test_truncated_completions_leave_the_rl_term_when_asked(ckpt, masked):
     eos, pad = module.tokenizer.eos_token_id, module.tokenizer.pad_token_id
     # rows 0 and 2 reach max_new_tokens without EOS (truncated); row 1 ends with EOS at the limit
     rollout = _rollout([[7, 8, 9, 10], [7, 8, 9, eos], [7, 8, 9, 11], [7, eos]], eos, pad)
-    assert module.truncated(rollout).tolist() == [True, False, True, False]
+    assert module.sampler.truncated(rollout).tolist() == [True, False, True, False]
     module.rollout_and_score = lambda prompts: (rollout, torch.tensor([1.0, 0.0, 1.0, 0.0]), {})
     cycle = module.rollout_batch({"prompts": ["a", "b"], "answers": ["1", "2"]})
     assert cycle["metrics"]["clipped_ratio"].item() == 0.5  # always logged
@@ -136,7 +136,7 @@ def test_truncated_completions_leave_the_rl_term_when_asked(ckpt, masked):
         expected[[0, 2]] = 0
     assert torch.equal(cycle["mask"], expected)
     # the truncated rows' tokens get no loss: their gradient vanishes from the update
-    module.zero_policy_grad()
+    module.policy.zero_grad()
     loss, metrics = module.run_terms([module.rl_term(rollout, cycle["advantages"], 1.0, cycle["mask"])])
     assert math.isfinite(float(loss))
     if masked:  # only rows 1 and 3 count: their tokens alone normalise the term

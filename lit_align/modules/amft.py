@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from lit_align import losses
 from lit_align.controller import MetaController, ScalarMu, adam_lookahead, hypergradient, lookahead
-from lit_align.modules.engine import Term, TermOutput
+from lit_align.core.engine import Term
+from lit_align.core.terms import pg_term
 from lit_align.modules.policy import PolicyModule
 
 
@@ -209,15 +210,11 @@ class AMFTModule(PolicyModule):
         opt.step()
 
     # ------------------------------------------------------------------ the two gradients
-    def _trainable(self) -> tuple[list[str], list[torch.Tensor]]:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        return [n for n, _ in named], [p for _, p in named]
-
     def _take_grads(self) -> list[torch.Tensor | None]:
         """A copy of this rank's (local) gradients; ``.grad`` is then zeroed in place (FSDP2 keeps its
         sharded gradient objects), so the next pass accumulates from zero."""
         grads = []
-        for p in self._trainable()[1]:
+        for p in self.policy.trainable()[1]:
             if p.grad is None:
                 grads.append(None)
                 continue
@@ -228,7 +225,7 @@ class AMFTModule(PolicyModule):
     def _global_sums(self, values: list[float]) -> list[float]:
         """Sums of per-tensor reductions over what each rank holds: shards under FSDP2 (summed over
         ranks), whole replicated gradients otherwise (already global)."""
-        return self.ranks.sums(values) if self._sharded() else [float(v) for v in values]
+        return self.ranks.sums(values) if self.policy.sharded else [float(v) for v in values]
 
     def split_gradients(self, expert: dict, rollout, advantages: torch.Tensor, mask: torch.Tensor | None = None):
         """(L_SFT, L_RL, g_SFT, g_RL, metrics): each term's value and gradient on its own, through the step
@@ -247,12 +244,12 @@ class AMFTModule(PolicyModule):
         theta - lr ((1 - mu) g_RL + mu g_SFT), or (``lookahead: optimizer``) the Adam step with its
         mu-derivative folded into the two gradients (each scaled by its param group's lr / ``lr``).
         Over this rank's parameters (local shards under FSDP2), like the gradients."""
-        params = [_local(p).detach() for p in self._trainable()[1]]
+        params = [_local(p).detach() for p in self.policy.trainable()[1]]
         if self.hparams.lookahead == "sgd":
             return lookahead(params, g_sft, g_rl, mu, lr), g_sft, g_rl
         opt = self.optimizers()[0].optimizer
         theta_prime, eff_sft, eff_rl = [None] * len(params), [None] * len(params), [None] * len(params)
-        index = {id(p): i for i, p in enumerate(self._trainable()[1])}
+        index = {id(p): i for i, p in enumerate(self.policy.trainable()[1])}
         for group in opt.param_groups:
             members = [(index[id(p)], p) for p in group["params"] if id(p) in index]
             ids = [i for i, _ in members]
@@ -304,19 +301,8 @@ class AMFTModule(PolicyModule):
         """V as a :class:`Term`: the held-out NLL (plain, no token weights), or minus the
         advantage-weighted log-likelihood of the held-out samples (the policy-gradient surrogate)."""
         if "expert" in held:
-            return self.sft_term(held["expert"], 1.0, name="val", token_weights=False)
-        r, adv, T = held["rollout"], held["advantages"], self.hparams.temperature
-        P = r.prompt_ids.shape[1]
-
-        def forward(rows: torch.Tensor) -> TermOutput:
-            width = max(int(r.completion_mask[rows].sum(-1).max()), 1)
-            ids = torch.cat([r.prompt_ids[rows], r.completion_ids[rows, :width]], 1)
-            att = torch.cat([r.prompt_mask[rows], r.completion_mask[rows, :width]], 1)
-            logits = self._forward_logits(ids, att, start=P - 1)
-            logp = losses.token_logprobs(logits, r.completion_ids[rows, :width], T, consume=True)
-            return TermOutput(-adv[rows].unsqueeze(-1).to(logp.dtype) * logp, r.completion_mask[rows, :width])
-
-        return Term("val", 1.0, r.completion_mask, forward)
+            return self.sft_term(held["expert"], 1.0, name="val")
+        return pg_term(self.policy, held["rollout"], held["advantages"], self.hparams.temperature)
 
     @torch.no_grad()
     def val_objective(self, held: dict) -> float:
@@ -328,13 +314,13 @@ class AMFTModule(PolicyModule):
         rank's shards), grad V is back-propagated through the step engine (reduced over ranks like a
         training gradient), dV/dmu = -lr <grad V(theta'), g_SFT - g_RL> over the global gradients (shards
         summed over ranks under FSDP2), and the weights are put back."""
-        params = self._trainable()[1]
+        params = self.policy.trainable()[1]
         with torch.no_grad():
             saved = [_local(p).detach().clone() for p in params]
             for p, t in zip(params, theta_prime):
                 _local(p).copy_(t)
         try:
-            self.zero_policy_grad()
+            self.policy.zero_grad()
             V, _ = self.run_terms([self.val_term(held)])
             g_val = [None if p.grad is None else _local(p.grad) for p in params]
             local = -hypergradient(g_val, g_sft, g_rl, 1.0)  # <grad V, g_SFT - g_RL> over what this rank holds
@@ -342,7 +328,7 @@ class AMFTModule(PolicyModule):
             with torch.no_grad():
                 for p, t in zip(params, saved):
                     _local(p).copy_(t)
-            self.zero_policy_grad()
+            self.policy.zero_grad()
         dot = self._global_sums([local])[0]
         return -lr * dot, float(V)
 
@@ -368,35 +354,30 @@ class AMFTModule(PolicyModule):
         return extra
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """One policy update, in the order of the algorithm box (module docstring)."""
         hp, t = self.hparams, self.global_step
-        self.zero_policy_grad()
-        if t < hp.warmup_sft_steps:  # warm-up: pure imitation, no rollouts
-            loss, metrics = self.mixed_loss(batch, mu=1.0)
-            self.policy_step(loss, metrics)
+        self.policy.zero_grad()
+        u = self.begin_update(batch)
+        if t < hp.warmup_sft_steps:  # t < W: a step on L_SFT (mu = 1, no rollouts)
+            u.metrics["mu"] = 1.0
+            self.policy_step(*self.run_loss(u.sft(), u))
             return
         is_meta = hp.meta_interval > 0 and (t - hp.warmup_sft_steps + 1) % hp.meta_interval == 0
         for key, field in (("expert", "expert_data"), ("prompts", "prompt_data"), ("meta", "meta_data")):
             if key not in batch and (key != "meta" or is_meta):
                 raise ValueError(f"AMFTModule needs batch key {key!r}: set data.{field}")
-        position = self.cycle_position(batch)
-        if position == 0:
-            self._cycle = None
-        cycle = self.rollouts_for(batch["prompts"], position)
-        rollout, adv, mask = self._rl_rows(cycle, position)
-        expert = self._expert_rows(batch["expert"], position)
-        metrics = dict(cycle["metrics"])
-        H_star = float(self.target_entropy)
-        extra = self._entropy_term(rollout, mask, H_star)
-        split = is_meta or self.controller.uses_stats
-        if split:  # each term's gradient on its own: the meta-gradient (or the controller's inputs) need them
+        rows = u.rollouts()  # sample G completions per prompt and score them
+        rollout, adv, mask, expert = rows["rollout"], rows["advantages"], rows["mask"], u.expert
+        extra = self._entropy_term(rollout, mask, float(self.target_entropy))  # entropy_coef max(0, H* - H)
+        if is_meta or self.controller.uses_stats:  # g_SFT and g_RL on their own: the meta step needs them
             l_sft, l_rl, g_sft, g_rl, m = self.split_gradients(expert, rollout, adv, mask)
             stats = self._controller_inputs(l_sft, l_rl, m)
-            mu = self.controller_mu(self._stats)
+            mu = self.controller_mu(self._stats)  # mu = controller(sft loss, rl loss, H, grad norm)
             extra_value = 0.0
             if extra is not None:  # its own pass: .grad holds only the regulariser's gradient
                 extra_value = float(self.run_terms([self.rl_term(rollout, adv, 0.0, mask, extra=extra)])[0])
-            with torch.no_grad():
-                for p, gs, gr in zip(self._trainable()[1], g_sft, g_rl):
+            with torch.no_grad():  # .grad += mu g_SFT + (1 - mu) g_RL
+                for p, gs, gr in zip(self.policy.trainable()[1], g_sft, g_rl):
                     if p.grad is not None:
                         if gs is not None:
                             _local(p.grad).add_(gs, alpha=mu)
@@ -405,29 +386,27 @@ class AMFTModule(PolicyModule):
             loss = torch.tensor((1.0 - mu) * float(l_rl) + mu * float(l_sft) + extra_value)
         else:  # mu does not depend on this update's statistics: one pass over both terms
             mu = self.controller_mu(self._stats)
-            loss, m = self.run_terms(
-                [self.rl_term(rollout, adv, 1.0 - mu, mask, extra=extra), self.sft_term(expert, mu)]
-            )
+            loss, m = self.run_loss((1.0 - mu) * u.grpo(extra=extra) + mu * u.sft(), u)
             stats = self._controller_inputs(m["sft_loss"], m["rl_loss"], m)
-        metrics.update(m)
+        metrics = {**u.metrics, **m}
         H = stats["entropy"]
         if not torch.isfinite(self.target_entropy):
             self.target_entropy.fill_(H)  # H*: the usual-token entropy at the first RL step
         H_star = float(self.target_entropy)
         look = None
-        if is_meta:
+        if is_meta:  # theta' = theta - lr ((1 - mu) g_RL + mu g_SFT), before the step: Adam's state as it sees it
             lr = self.optimizers()[0].param_groups[0]["lr"]
-            look = self.look_ahead(g_sft, g_rl, mu, lr)  # before the step: Adam's state as the step sees it
+            look = self.look_ahead(g_sft, g_rl, mu, lr)
         metrics.update(mu=torch.tensor(mu), entropy=torch.tensor(H), target_entropy=torch.tensor(H_star))
-        applied = self.policy_step(loss, metrics)
-        if look is not None and applied:
+        applied = self.policy_step(loss, metrics)  # theta <- step on (1 - mu) L_RL + mu L_SFT [+ entropy term]
+        if look is not None and applied:  # dV/dmu = -lr <grad V(theta'), g_SFT - g_RL>; SGD on the controller
             held = self.held_out_batch(batch["meta"])
             dV_dmu, V = self.meta_gradient(*look, lr, held)
             self.controller_step(dV_dmu, self._stats)
             reward = {"meta_reward": held["reward"]} if "reward" in held else {}
             self.log_metrics({"meta_grad": dV_dmu, "val_objective": V, **reward, **self.gradient_pair()})
         nudge = self.controller.eta_entropy * (H_star - H)
-        if math.isfinite(nudge):  # entropy below H* raises mu (more imitation)
+        if math.isfinite(nudge):  # mu <- clip(mu + eta_H (H* - H)): entropy below H* raises mu
             self.controller.entropy_nudge(nudge)
         self.controller.after_step()
 

@@ -1,7 +1,10 @@
-"""GRPOModule (exploration only, mu = 0) and SFTThenGRPOModule (the two-stage baseline)."""
+"""GRPOModule (exploration only, L = L_GRPO) and SFTThenGRPOModule (the two-stage baseline)."""
 
 from __future__ import annotations
 
+from lit_align.core import settings as S
+from lit_align.core.terms import Loss
+from lit_align.core.update import Update
 from lit_align.modules.policy import PolicyModule
 
 
@@ -22,6 +25,11 @@ class GRPOModule(PolicyModule):
     def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
         return 0.0
 
+    def loss(self, u: Update) -> Loss:
+        mu = self.mixing_weight(u.step)
+        u.metrics["mu"] = mu
+        return (1.0 - mu) * u.grpo() + mu * u.sft()
+
 
 class SFTThenGRPOModule(GRPOModule):
     """The classic recipe in one run: pure SFT for ``sft_steps`` policy updates, then pure GRPO.
@@ -31,9 +39,8 @@ class SFTThenGRPOModule(GRPOModule):
     """
 
     def __init__(self, *args, sft_steps: int = 1000, **kwargs):
+        S.check(SFTThenGRPOModule.__init__, locals(), {"sft_steps": S.integer(0)})
         super().__init__(*args, **kwargs)
-        if sft_steps < 0:
-            raise ValueError(f"model.sft_steps={sft_steps} must be >= 0")
         self.sft_steps = sft_steps
         self.hparams["sft_steps"] = sft_steps
 

@@ -1,45 +1,96 @@
-"""PolicyModule: what every method shares (loading, rollouts, the SFT and RL terms, the step).
+"""PolicyModule: the one LightningModule of every method, over composed parts.
 
-A method only says how it mixes the two terms: ``mixing_weight`` returns mu in
-L = (1 - mu) * L_RL + mu * L_SFT, and ``token_weights`` may reweight expert tokens.
-Each term is normalised over its own tokens, so mu is a true convex weight.
+Per training step (one policy update)::
+
+    u = Update(step, this update's expert rows, its rollout rows on demand)  # core/update.py
+    loss = method.loss(u)              # the method's terms, e.g. (1 - mu) * u.grpo() + mu * u.sft(phi)
+    engine.run(loss.terms())           # micro-batches, exact global normalisation, one gradient sync
+    clip, optimizer step, lr step      # all ranks step, or none (non-finite updates are skipped)
+    method.after_update(u, applied)    # e.g. AMFT's controller
+
+The parts (``lit_align.core``): :class:`Policy` (model, reference, tokenizer, the one log-probs forward),
+:class:`Sampler` (HF loop or vLLM engine), :class:`RolloutBuffer` (a rollout batch over several updates,
+exact resume), the step engine, :class:`HeldOut` (validation). Each is handed what it needs; none calls
+back into this module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Callable
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics import MeanMetric
 
 from lit_align import losses
+from lit_align.core import settings as S
+from lit_align.core import terms
+from lit_align.core.buffer import RolloutBuffer
+from lit_align.core.engine import Ranks, Term, accumulate, fsdp_no_sync
+from lit_align.core.heldout import HeldOut
+from lit_align.core.policy import Policy
+from lit_align.core.sampler import Sampler, SamplerSettings, vllm_importable
+from lit_align.core.terms import Loss, RLSettings
+from lit_align.core.update import Update
+from lit_align.core.world import World
 from lit_align.hf import apply_lora, disable_dropout_in_model, load_model, load_tokenizer
-from lit_align.modules.cycles import RolloutCycles
-from lit_align.modules.engine import Ranks, Term, TermOutput, accumulate, fsdp_no_sync
-from lit_align.modules.heldout import HeldOut
-from lit_align.modules.knobs import check_knobs
-from lit_align.modules.logits import PolicyLogits
-from lit_align.modules.resume import NonFiniteError, ResumeState
-from lit_align.modules.rollout_engine import RolloutEngine
 from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
-from lit_align.rollout import (
-    Rollout,
-    _eos_ids,
-    completion_id_lists,
-    generate,
-)
+from lit_align.rollout import Rollout, completion_id_lists
 from lit_align.weighting import lr_factor
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
 
 
-class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeState, L.LightningModule):
-    """Shared base of SFT, GRPO, CHORD and AMFT (manual optimization, one policy update per step).
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite loss or gradient."""
+
+
+# the ranges of PolicyModule's settings (choices come from the Literal annotations)
+RULES = {
+    "num_generations": S.integer(1),
+    "max_new_tokens": S.integer(1),
+    "temperature": S.number(0, low_open=True),
+    "top_p": S.number(0, 1, low_open=True),
+    "top_k": S.Rule(S.integer(0).holds, "an integer >= 0 (0: off)"),
+    "epsilon_low": S.number(0, 1, high_open=True),
+    "epsilon_high": S.number(0),
+    "beta": S.number(0),
+    "warmup_steps": S.integer(0),
+    "gradient_clip": S.number(0, words="a finite number >= 0 (0: off)"),
+    "min_lr_ratio": S.number(0, 1),
+    "max_consecutive_skips": S.integer(1),
+    "reward_timeout_s": S.Rule(
+        lambda v: v is None or S.number(0, low_open=True).holds(v), "null or a finite number > 0"
+    ),
+    "length_buckets": S.integer(1),
+    "micro_batch_size": S.integer(1, optional="the whole batch"),
+    "generation_batch_size": S.integer(1, optional="every row at once"),
+    "steps_per_generation": S.integer(1),
+    "num_iterations": S.integer(1),
+    "repetition_penalty": S.number(0, low_open=True, words="a finite number > 0 (1: off)"),
+    "min_p": S.number(0, 1, high_open=True, words="in [0, 1) (0: off)"),
+    "vllm_gpu_memory_utilization": S.number(0, 1, low_open=True),
+    "vllm_kv_cache_memory_bytes": S.integer(1 << 20, optional="1 GiB on the CPU", unit=" (bytes)"),
+    "vllm_max_model_length": S.integer(1, optional="the checkpoint's"),
+    "vllm_tensor_parallel_size": S.Rule(lambda v: v == 1, "1 (one colocated engine per training process)"),
+    "vllm_importance_sampling_cap": S.number(1),
+    "skip_special_tokens": S.Rule(lambda v: isinstance(v, bool), "true or false"),
+    "reward": S.Rule(
+        lambda v: all(f is None or callable(f) for f in (v if isinstance(v, (list, tuple)) else [v])),
+        "a lit_align.rewards.RewardFunction, a TRL-style reward function, or a list of them",
+    ),
+}
+
+
+class PolicyModule(L.LightningModule):
+    """The one LightningModule every method subclasses (manual optimization, one policy update per step).
+
+    A method implements :meth:`loss` (its terms for one update, from an :class:`~lit_align.core.update.Update`)
+    and, if it needs one, :meth:`after_update`; everything else is here, in composed parts.
 
     Args:
         model_name_or_path: Hugging Face checkpoint directory, hub id, ``"embedded"`` (the tiny model, freshly
@@ -150,9 +201,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         beta: float = 0.0,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
-        loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean",
-        advantage_norm: Literal["std", "none", "batch-std"] = "std",
+        kl_estimator: losses.KLEstimator = "k3",
+        loss_aggregation: losses.Aggregation = "token-mean",
+        advantage_norm: losses.AdvantageNorm = "std",
         reward: RewardFunction | list[Callable] | Callable | None = None,  # this order serializes in config.yaml
         reward_weights: list[float] | None = None,
         skip_special_tokens: bool = True,
@@ -160,7 +211,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         reward_timeout_s: float | None = None,
         max_consecutive_skips: int = 10,
         trust_remote_code: bool = False,
-        model_dtype: str | None = None,
+        model_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,
         lora: dict | None = None,
         length_buckets: int = 4,
         micro_batch_size: int | None = None,
@@ -181,7 +232,11 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         vllm_importance_sampling_cap: float = 3.0,
     ):
         super().__init__()
-        check_knobs(locals())
+        S.check(PolicyModule.__init__, locals(), RULES)
+        if rollout_engine == "vllm" and not vllm_importable():
+            from lit_align.vllm_engine import INSTALL
+
+            raise ImportError(f"model.rollout_engine=vllm needs vLLM, which is not installed: {INSTALL}")
         self.save_hyperparameters(ignore=["optimizer", "reward", "controller", "mu_schedule"])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
@@ -194,39 +249,69 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             disable_dropout_in_model(self.model)
         self.tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
         # The reference model is not a registered submodule: it is frozen and never checkpointed.
-        # Under LoRA it is the policy with its adapters disabled (see _ref_logits): nothing to load.
+        # Under LoRA it is the policy with its adapters disabled: nothing to load.
         ref = load_model(model_name_or_path, trust_remote_code, model_dtype).eval() if beta > 0 and not lora else None
         if ref is not None:
             ref.requires_grad_(False)
             if disable_dropout:
                 disable_dropout_in_model(ref)
         object.__setattr__(self, "ref_model", ref)
-        self.val_accuracy, self.val_reward = MeanMetric(), MeanMetric()
-        self.val_expert_nll, self.val_expert_token_acc = MeanMetric(), MeanMetric()
-        # val/expert_nll over the demonstrations the reward's correctness check accepts / rejects
-        self.val_expert_nll_split = torch.nn.ModuleDict({"correct": MeanMetric(), "incorrect": MeanMetric()})
-        self._demo_verdicts: dict[tuple[str, str, str], bool] = {}  # (prompt, demonstration, answer) -> correct
-        self.last_samples: dict | None = None  # read by the sample-text callback
-        self.last_token_weights: torch.Tensor | None = None  # read by the token-weight callback
+        # the parts
+        self.policy = Policy(self.model, self.tokenizer, ref)
+        self.sampler = Sampler(self.policy, SamplerSettings.from_hparams(self.hparams))
+        self.rollout_buffer = RolloutBuffer(steps_per_generation, num_iterations)
+        self.heldout = HeldOut(
+            self.policy, self.sampler, self.rewards, reward_errors, reward_timeout_s, micro_batch_size
+        )
+        self.rl_settings = RLSettings.from_hparams(self.hparams)
+        # read by the callbacks: the last rollouts' texts and rewards, the last SFT token weights
+        self.last_samples: dict | None = None
+        self.last_token_weights: torch.Tensor | None = None
         self.skipped_steps = 0
         self.reward_errors = 0
         self._consecutive_skips = 0
+        self._warned_all_truncated = False
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
-        self._cycle: dict | None = None  # the rollout batch of the current cycle (steps_per_generation ...)
 
-    # ------------------------------------------------------------------ what a method decides
-    def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
-        """mu, the SFT weight of this step (1: pure imitation, 0: pure RL)."""
+    # ------------------------------------------------------------------ what a method states
+    def loss(self, u: Update) -> Loss:
+        """This update's loss as a weighted sum of terms built from ``u`` (see :mod:`lit_align.core.update`)."""
         raise NotImplementedError
 
-    def token_weights(self, logp: torch.Tensor, logits: torch.Tensor, reward_mean: float | None) -> torch.Tensor | None:
-        """Per-token weights of the SFT term (detached), or None for plain SFT."""
-        return None
+    def after_update(self, u: Update, applied: bool) -> None:
+        """Called after each policy update (``applied``: the optimizer stepped)."""
+
+    # ------------------------------------------------------------------ the parts' view of the run
+    @property
+    def ranks(self) -> Ranks:
+        """Reductions over the run's ranks (one process: the values themselves)."""
+        import torch.distributed as dist
+
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and not (dist.is_available() and dist.is_initialized()):
+            world = 1
+        return Ranks(world, self.device)
 
     @property
-    def mu_needs_reward(self) -> bool:
-        """True when mu depends on this step's rewards (then rollouts are always sampled)."""
-        return False
+    def world(self) -> World:
+        """What the parts need from the run: ranks, sharding, backward and the no-sync context."""
+        return World(self.ranks, self.policy.sharded, self._backward, self._no_grad_sync)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """``manual_backward`` under a trainer (precision plugins, the strategy's hooks); plain autograd
+        outside one (a module driven by hand)."""
+        if self._trainer is None:
+            loss.backward()
+        else:
+            self.manual_backward(loss)
+
+    def _no_grad_sync(self):
+        """The context of a backward whose gradients must not be reduced over ranks yet."""
+        if self.policy.sharded:
+            return fsdp_no_sync(self.model)
+        if self._trainer is not None and self.ranks.world > 1:
+            return self.trainer.strategy.block_backward_sync()
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ set-up
     def configure_optimizers(self):
@@ -239,246 +324,53 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
         return lr_factor(step, hp.warmup_steps, total, hp.lr_decay, hp.min_lr_ratio)
 
+    def setup(self, stage: str) -> None:
+        from lit_align.strategies import check_strategy
+
+        check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
+        k = self.rollout_buffer.updates_per_batch
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
+            datamodule.check_demonstrations(self.heldout.judge_demonstrations)  # data/demo_reward_rate
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
+            datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
+        elif stage == "fit" and k > 1:
+            raise ValueError(
+                f"model.steps_per_generation x model.num_iterations = {k} updates per rollout batch need a data "
+                f"module that repeats each batch (lit_align.MixedDataModule); got {type(datamodule).__name__}"
+            )
+
+    def configure_model(self) -> None:
+        """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2
+        over the data-parallel mesh (one unit per decoder layer, then the root). A no-op otherwise."""
+        if self.device_mesh is None or self.policy.sharded:
+            return
+        from lit_align.strategies import shard_model
+
+        mesh = self.device_mesh["data_parallel"]
+        shard_model(self.model, mesh, **getattr(self.trainer.strategy, "sharding_options", {}))
+        if self.ref_model is not None:
+            shard_model(self.ref_model.eval(), mesh)
+
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        self.start_rollout_engine()
+        trainer = self._trainer  # None: a module driven by hand, one process
+        rank = (trainer.global_rank, trainer.local_rank) if trainer is not None and trainer.world_size > 1 else None
+        self.sampler.start(self.world, rank)
 
     def on_fit_end(self) -> None:
-        self.stop_rollout_engine()
+        self.sampler.stop()
 
-    @property
-    def updates_per_rollout_batch(self) -> int:
-        """Optimizer steps per rollout batch: steps_per_generation x num_iterations."""
-        return self.hparams.steps_per_generation * self.hparams.num_iterations
-
-    # ------------------------------------------------------------------ the loss terms
-    @staticmethod
-    def _expert_positions(expert: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(input_ids, attention_mask, start) of expert rows cut to their longest row, with ``start`` the
-        position before the first response token of any row: logits are needed from there on only."""
-        mask = expert["attention_mask"]
-        width = max(int(((mask != 0).cumsum(-1) * (mask != 0)).amax()), 2)  # right padding: longest row
-        width = int(max(width, int((mask != 0).sum(-1).max())))
-        labels = expert["labels"][:, 1:width]
-        has = labels != -100
-        first = int(torch.where(has.any(0))[0].min()) if bool(has.any()) else 0  # first label column (of labels[:, 1:])
-        return expert["input_ids"][:, :width], mask[:, :width], first
-
-    def _expert_logprobs(self, expert: dict, rows: torch.Tensor):
-        """(logits, labels, tokens, logp) of expert rows ``rows``, at response positions only: logits
-        (b, T, V) predicting ``labels`` (b, T), ``tokens`` the labels that count, ``logp`` their log-probs."""
-        part = {k: v[rows] for k, v in expert.items() if torch.is_tensor(v)}
-        ids, mask, start = self._expert_positions(part)
-        logits = self._forward_logits(ids, mask, start=start)
-        labels = part["labels"][:, start + 1 : ids.shape[1]]
-        # the backward writes the logits' gradient over them (consume): metrics read them in the forward only
-        return logits, labels, labels != -100, losses.token_logprobs(logits, labels.clamp(min=0), consume=True)
-
-    def sft_term(
-        self,
-        expert: dict,
-        weight: float,
-        reward_mean: float | None = None,
-        name: str = "sft",
-        token_weights: bool = True,
-    ) -> Term:
-        """The (weighted) NLL of the demonstrations over expert tokens, as a :class:`Term`: per token
-        w_t * (-log p_t), with w = :meth:`token_weights` (CHORD) or 1. Logged per token: expert_nll
-        (unweighted), entropy_expert (at the sampling temperature, like entropy_usual) and
-        token_weight_mean."""
-        labels_all = expert["labels"][:, 1:]
-        self.last_token_weights = None
-        kept: list[torch.Tensor] = []
-
-        def forward(rows: torch.Tensor) -> TermOutput:
-            logits, labels, tokens, logp = self._expert_logprobs(expert, rows)
-            weights = self.token_weights(logp.detach(), logits.detach(), reward_mean) if token_weights else None
-            metrics = {
-                "expert_nll": -logp.detach(),
-                "entropy_expert": losses.entropy_from_logits(logits.detach(), self.hparams.temperature),
-            }
-            if weights is not None:
-                metrics["token_weight_mean"] = weights
-                kept.append(weights[tokens].detach())
-                self.last_token_weights = torch.cat(kept)
-            values = -logp if weights is None else -(weights * logp)
-            return TermOutput(values, tokens, metrics)
-
-        return Term(name, weight, labels_all != -100, forward)
-
-    def rl_term(
-        self,
-        rollout: Rollout,
-        advantages: torch.Tensor,
-        weight: float,
-        mask: torch.Tensor | None = None,
-        name: str = "rl",
-        extra=None,
-    ) -> Term:
-        """The clipped GRPO surrogate over the rollout's (usual) tokens, as a :class:`Term` (per token
-        -min(rho A, clip(rho) A) [+ beta KL]); logged per token: clip_ratio, kl (beta > 0), entropy_usual.
-        ``mask`` (B, T): the tokens that count (default: the completion mask). ``extra(logits, mask)``:
-        a scalar added to each micro-batch's loss, from its completion logits (AMFT's entropy term)."""
-        hp = self.hparams
-        mask = rollout.completion_mask if mask is None else mask
-        P = rollout.prompt_ids.shape[1]
-
-        def forward(rows: torch.Tensor) -> TermOutput:
-            m = mask[rows]
-            width = max(int((rollout.completion_mask[rows].sum(-1)).max()), 1)
-            ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows, :width]], 1)
-            att = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows, :width]], 1)
-            completion = rollout.completion_ids[rows, :width]
-            # logits at the completion positions only: the LM head skips the prompt (logits_to_keep)
-            logits = self._forward_logits(ids, att, start=P - 1)
-            # the backward writes the logits' gradient over them, unless extra's graph reads them too
-            logp = losses.token_logprobs(logits, completion, hp.temperature, consume=extra is None)
-            ref_logp = None
-            if hp.beta > 0:
-                with torch.no_grad():
-                    ref_logp = losses.token_logprobs(
-                        self._ref_logits(ids, att, start=P - 1), completion, hp.temperature
-                    )
-            is_weights = self.importance_weights(rollout, rows, width)
-            values, metrics = losses.surrogate_per_token(
-                logp,
-                rollout.old_logp[rows, :width],
-                advantages[rows],
-                hp.epsilon_low,
-                hp.epsilon_high,
-                ref_logp,
-                hp.beta,
-                hp.kl_estimator,
-                is_weights,
-            )
-            if is_weights is not None:
-                metrics["importance_sampling_ratio"] = is_weights
-            metrics["entropy_usual"] = losses.entropy_from_logits(logits.detach(), hp.temperature)
-            more = None if extra is None else extra(logits, m[:, :width])
-            return TermOutput(values, m[:, :width], metrics, more)
-
-        return Term(name, weight, mask, forward)
-
-    def rl_terms(self, rollout: Rollout, rewards: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-        """The RL term alone over ``rollout`` scored ``rewards`` (advantages within each group),
-        weighted ``weight``: its gradient accumulated in ``.grad``, its value (detached) and metrics."""
-        hp = self.hparams
-        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
-        loss, more = self.run_terms([self.rl_term(rollout, adv, weight)])
-        return loss, {**metrics, **more}
-
-    def sft_terms(
-        self, expert: dict, reward_mean: float | None = None, weight: float = 1.0
-    ) -> tuple[torch.Tensor, dict]:
-        """The SFT term alone over ``expert`` rows, weighted ``weight``: gradient in ``.grad``, value, metrics."""
-        return self.run_terms([self.sft_term(expert, weight, reward_mean)])
-
-    def run_terms(self, terms: list[Term], grad: bool = True) -> tuple[torch.Tensor, dict]:
-        """Accumulate one update's gradients over its ``terms`` (:func:`lit_align.modules.engine.accumulate`:
-        micro-batches of ``micro_batch_size`` rows, global normalisation, one gradient sync)."""
-        return accumulate(
-            terms,
-            self.hparams.micro_batch_size,
-            self.hparams.loss_aggregation,
-            self._backward,
-            self._no_grad_sync,
-            self.ranks,
-            grad=grad,
-            length_buckets=self._length_buckets(),
-        )
-
-    def _length_buckets(self) -> int:
-        """Forward passes per micro-batch by row length (``length_buckets``); 1 under FSDP2, whose
-        forwards all-gather and so must be the same on every rank."""
-        return 1 if self._sharded() else self.hparams.length_buckets
-
-    def _backward(self, loss: torch.Tensor) -> None:
-        """``manual_backward`` under a trainer (precision plugins, the strategy's hooks); plain
-        autograd outside one (a module driven by hand)."""
-        if self._trainer is None:
-            loss.backward()
-        else:
-            self.manual_backward(loss)
-
-    def _no_grad_sync(self):
-        """The context of a backward whose gradients must not be reduced over ranks yet."""
-        if self._sharded():
-            return fsdp_no_sync(self.model)
-        if self._trainer is not None and self.ranks.world > 1:
-            return self.trainer.strategy.block_backward_sync()
-        return contextlib.nullcontext()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged (a
+        collective under sharding; only rank 0 gets the weights). HFExport and ``lit_align.export`` use it."""
+        return self.policy.full_state_dict()
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: dict, greedy: bool = False, num_generations: int | None = None) -> Rollout:
-        """G completions per prompt with the module's sampling settings only (never the checkpoint's
-        generation config), ``generation_batch_size`` rows at a time, synced over ranks under FSDP2; with
-        ``rollout_engine=vllm`` while fit runs, by this rank's vLLM engine (:meth:`engine_sample`).
-        The first call logs which sampler runs and which checkpoint fields were overridden."""
-        hp = self.hparams
-        sampling = dict(
-            max_new_tokens=hp.max_new_tokens,
-            temperature=hp.temperature,
-            top_p=hp.top_p,
-            top_k=hp.top_k,
-            min_p=hp.min_p,
-            repetition_penalty=hp.repetition_penalty,
-        )
-        if self.engine_can_sample(prompts):  # model.rollout_engine=vllm, while fit runs
-            return self._logged(
-                self.engine_sample(prompts, greedy, num_generations or hp.num_generations, sampling), sampling
-            )
-        return self._logged(
-            generate(
-                self.model,
-                self.tokenizer,
-                prompts["prompt_ids"],
-                prompts["prompt_mask"],
-                num_generations=num_generations or hp.num_generations,
-                greedy=greedy,
-                synced_gpus=self._sync_generation(),
-                generation_batch_size=hp.generation_batch_size,
-                skip_special_tokens=hp.skip_special_tokens,
-                **sampling,
-            ),
-            sampling,
-        )
-
-    def _logged(self, rollout: Rollout, sampling: dict) -> Rollout:
-        if not getattr(self, "_sampling_logged", False):  # once, at start-up
-            self._sampling_logged = True
-            from lightning.pytorch.utilities import rank_zero_info
-
-            from lit_align.rollout import sampling_overrides, sampling_settings
-
-            overridden = sampling_overrides(self.model, sampling_settings(self.model, self.tokenizer, **sampling))
-            rank_zero_info(
-                f"lit_align sampling: {rollout.sampler} sampler; "
-                + (
-                    "the checkpoint's generation config sets "
-                    + ", ".join(f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())
-                    + ": overridden by model.* settings"
-                    if overridden
-                    else "no checkpoint sampling field overridden"
-                )
-            )
-        return rollout
-
-    def _sync_generation(self) -> bool:
-        return self._trainer is not None and self.trainer.world_size > 1 and self._sharded()
-
-    def _sharded(self) -> bool:
-        """True once configure_model has sharded the policy with FSDP2 (``--trainer.strategy=fsdp2``)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        return isinstance(self.model, FSDPModule)
-
-    def score(
-        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """The weighted total reward (N,) of ``rollout``'s completions and the number of failed items."""
-        scores = self.score_all(prompts, rollout, answers, columns)
-        return scores.total, scores.n_errors
+        """G completions per prompt (see :meth:`lit_align.core.sampler.Sampler.sample`)."""
+        return self.sampler.sample(prompts, self.world, greedy, num_generations)
 
     def score_all(
         self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
@@ -486,14 +378,9 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         """Every reward function's scores of ``rollout``'s completions (see :class:`RewardSet`);
         ``columns``: the data set's other columns, one value per completion."""
         hp = self.hparams
+        ids = completion_id_lists(rollout)
         return self.rewards.score(
-            prompts,
-            rollout.completions,
-            answers,
-            completion_id_lists(rollout),
-            columns,
-            hp.reward_errors,
-            hp.reward_timeout_s,
+            prompts, rollout.completions, answers, ids, columns, hp.reward_errors, hp.reward_timeout_s
         )
 
     def reward_metrics(self, scores: RewardScores) -> dict:
@@ -506,16 +393,6 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             out[f"rewards/{name}/mean"] = values.mean() if values.numel() else torch.tensor(math.nan)
             out[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else torch.tensor(math.nan)
         return out
-
-    def truncated(self, rollout: Rollout) -> torch.Tensor:
-        """(B,) True for completions that reached max_new_tokens without an end token."""
-        lengths = rollout.completion_mask.sum(-1)
-        full = lengths >= self.hparams.max_new_tokens
-        eos = _eos_ids(self.model, self.tokenizer)
-        if not eos or rollout.completion_ids.shape[1] == 0:
-            return full
-        last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-        return full & ~torch.isin(last, torch.as_tensor(eos, device=last.device))
 
     def rollout_and_score(self, batch: dict) -> tuple[Rollout, torch.Tensor, dict]:
         """Sample G completions per prompt and score them (no gradient)."""
@@ -531,7 +408,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         metrics = {
             "reward_errors": torch.tensor(float(self.reward_errors)),  # cumulative, like skipped_steps
             "completion_length": rollout.completion_mask.sum(-1).float().mean(),
-            **self.sampler_metrics(rollout),
+            **self.sampler.metrics(rollout),
             **self.reward_metrics(scores),
         }
         return rollout, rewards, metrics
@@ -544,12 +421,12 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         rollout, rewards, metrics = self.rollout_and_score(prompts)
         adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
         metrics.update(more)
-        truncated = self.truncated(rollout)
+        truncated = self.sampler.truncated(rollout)
         metrics["clipped_ratio"] = truncated.float().mean()
         mask = rollout.completion_mask
         if hp.mask_truncated_completions:
             mask = mask * (~truncated).long().unsqueeze(-1)
-            if len(truncated) and bool(truncated.all()) and not getattr(self, "_warned_all_truncated", False):
+            if len(truncated) and bool(truncated.all()) and not self._warned_all_truncated:
                 self._warned_all_truncated = True
                 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -570,35 +447,107 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             "metrics": metrics,
         }
 
-    # ------------------------------------------------------------------ rollout batches and their updates
-    def mixed_loss(self, batch: dict, mu: float | None = None) -> tuple[torch.Tensor, dict]:
-        """One update's gradients of L = (1 - mu) * L_RL + mu * L_SFT (accumulated in ``.grad``), and its
-        loss and metrics; a term whose weight is 0 is not computed. With steps_per_generation > 1 the
-        rollouts and expert rows are this update's mini-batch of the rollout batch."""
-        position = self.cycle_position(batch)
-        if position == 0:
-            self._cycle = None
-        metrics: dict = {}
-        if mu is None and not self.mu_needs_reward:
-            mu = self.mixing_weight(self.global_step)
-        cycle = None
-        if "prompts" in batch and (mu is None or mu < 1.0):
-            cycle = self.rollouts_for(batch["prompts"], position)
-            metrics.update(cycle["metrics"])
-        reward_mean = cycle["reward_mean"] if cycle is not None else None
-        if mu is None:
-            mu = self.mixing_weight(self.global_step, reward_mean)
-        terms = []
-        if cycle is not None and mu < 1.0:
-            rollout, adv, mask = self._rl_rows(cycle, position)
-            terms.append(self.rl_term(rollout, adv, 1.0 - mu, mask))
-        if "expert" in batch and mu > 0.0:
-            terms.append(self.sft_term(self._expert_rows(batch["expert"], position), mu, reward_mean))
-        loss, m = self.run_terms(terms)
+    # ------------------------------------------------------------------ one update
+    def begin_update(self, batch: dict) -> Update:
+        """The :class:`Update` of this training batch: its position in the rollout batch's cycle, this
+        update's mini-batch of expert rows, and its rollout rows on demand (through the buffer)."""
+        position = self.rollout_buffer.position(batch)
+        rollouts = None
+        if "prompts" in batch:
+
+            def rollouts() -> dict:
+                cycle = self.rollout_buffer.get(position, lambda: self.rollout_batch(batch["prompts"]))
+                return self.rollout_buffer.rollout_rows(cycle, position)
+
+        expert = self.rollout_buffer.expert_rows(batch["expert"], position) if "expert" in batch else None
+        self.last_token_weights = None
+        kept: list[torch.Tensor] = []
+
+        def on_token_weights(w: torch.Tensor) -> None:
+            kept.append(w)
+            self.last_token_weights = torch.cat(kept)
+
+        return Update(
+            self.global_step,
+            batch,
+            expert,
+            rollouts,
+            self.policy,
+            self.rl_settings,
+            self.sampler.importance_weights,
+            on_token_weights,
+        )
+
+    def accumulate_update(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One update's gradients of the method's loss (accumulated in ``.grad``), its value and metrics."""
+        u = self.begin_update(batch)
+        return self.run_loss(self.loss(u), u)
+
+    def run_loss(self, loss: Loss, u: Update) -> tuple[torch.Tensor, dict]:
+        """Run ``loss``'s terms through the step engine; metrics: the rollout rows' (when sampled), the
+        engine's, the method's (``u.metrics``), and ``entropy`` (usual tokens', else expert tokens')."""
+        terms = loss.terms()
+        value, m = self.run_terms(terms)
+        metrics = {k: v if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in u.metrics.items()}
         metrics.update(m)
-        metrics["mu"] = torch.tensor(float(mu))
-        metrics["entropy"] = metrics.get("entropy_usual", metrics.get("entropy_expert", torch.tensor(float("nan"))))
-        return loss, metrics
+        metrics["entropy"] = m.get("entropy_usual", m.get("entropy_expert", torch.tensor(float("nan"))))
+        return value, metrics
+
+    def run_terms(self, terms: list[Term], grad: bool = True) -> tuple[torch.Tensor, dict]:
+        """Accumulate one update's gradients over its ``terms`` (:func:`lit_align.core.engine.accumulate`:
+        micro-batches of ``micro_batch_size`` rows, global normalisation, one gradient sync)."""
+        w, hp = self.world, self.hparams
+        buckets = 1 if w.sharded else hp.length_buckets  # FSDP2's forwards are collectives: one per micro-batch
+        return accumulate(
+            terms,
+            hp.micro_batch_size,
+            hp.loss_aggregation,
+            w.backward,
+            w.no_sync,
+            w.ranks,
+            grad=grad,
+            length_buckets=buckets,
+        )
+
+    def rl_term(
+        self,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        weight: float = 1.0,
+        mask: torch.Tensor | None = None,
+        name: str = "rl",
+        extra: Callable | None = None,
+    ) -> Term:
+        """The clipped GRPO surrogate over ``rollout`` with this module's settings and the sampler's
+        importance weights (:func:`lit_align.core.terms.rl_term`)."""
+
+        def is_weights(rows: torch.Tensor, width: int):
+            return self.sampler.importance_weights(rollout, rows, width)
+
+        return terms.rl_term(self.policy, rollout, advantages, self.rl_settings, weight, mask, name, extra, is_weights)
+
+    def sft_term(self, expert: dict, weight: float = 1.0, token_weights=None, name: str = "sft") -> Term:
+        """The (weighted) NLL of ``expert`` rows (:func:`lit_align.core.terms.sft_term`)."""
+        return terms.sft_term(self.policy, expert, weight, token_weights, self.hparams.temperature, name)
+
+    def rl_terms(self, rollout: Rollout, rewards: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """The RL term alone over ``rollout`` scored ``rewards`` (advantages within each group),
+        weighted ``weight``: its gradient accumulated in ``.grad``, its value (detached) and metrics."""
+        hp = self.hparams
+        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+        loss, more = self.run_terms([self.rl_term(rollout, adv, weight)])
+        return loss, {**metrics, **more}
+
+    def sft_terms(self, expert: dict, weight: float = 1.0, token_weights=None) -> tuple[torch.Tensor, dict]:
+        """The SFT term alone over ``expert`` rows, weighted ``weight``: gradient in ``.grad``, value, metrics."""
+        return self.run_terms([self.sft_term(expert, weight, token_weights)])
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.policy.zero_grad()
+        u = self.begin_update(batch)
+        loss, metrics = self.run_loss(self.loss(u), u)
+        applied = self.policy_step(loss, metrics)
+        self.after_update(u, applied)
 
     # ------------------------------------------------------------------ the step
     def policy_step(self, loss: torch.Tensor, metrics: dict) -> bool:
@@ -615,7 +564,7 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
         finite = self.ranks.averages(float(finite))[0] == 1.0  # all ranks step, or none does
         if finite:
             opt.step()
-            self.weights_changed()
+            self.sampler.weights_changed()
             self.lr_schedulers().step()
             self._consecutive_skips = 0
         else:
@@ -635,83 +584,11 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             )
         return finite
 
-    def zero_policy_grad(self) -> None:
-        for p in self.model.parameters():
-            p.grad = None
-
-    def log_metrics(self, metrics: dict) -> None:
-        shown = {"loss", "reward_mean"}
-        metrics = self._reduce_metrics(metrics)
-        for name, value in metrics.items():
-            value = value.detach().float().cpu() if torch.is_tensor(value) else float(value)
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in shown, batch_size=1)
-
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        self.zero_policy_grad()
-        loss, metrics = self.mixed_loss(batch)
-        self.policy_step(loss, metrics)
-
-    # ------------------------------------------------------------------ scale-out: sharding, checkpoints, export
-    def setup(self, stage: str) -> None:
-        from lit_align.strategies import check_strategy
-
-        check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
-        k = self.updates_per_rollout_batch
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
-            datamodule.check_demonstrations(self.judge_demonstrations)  # data/demo_reward_rate, a loud warning if low
-        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
-            datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
-        elif stage == "fit" and k > 1:
-            raise ValueError(
-                f"model.steps_per_generation x model.num_iterations = {k} updates per rollout batch need a data "
-                f"module that repeats each batch (lit_align.MixedDataModule); got {type(datamodule).__name__}"
-            )
-
-    def configure_model(self) -> None:
-        """Under ``--trainer.strategy=fsdp2``: shard the policy, then the frozen reference, with FSDP2
-        over the data-parallel mesh (one unit per decoder layer, then the root). A no-op otherwise."""
-        if self.device_mesh is None or self._sharded():
-            return
-        from lit_align.strategies import shard_model
-
-        mesh = self.device_mesh["data_parallel"]
-        shard_model(self.model, mesh, **getattr(self.trainer.strategy, "sharding_options", {}))
-        if self.ref_model is not None:
-            shard_model(self.ref_model.eval(), mesh)
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.
-
-        Under sharding this is a collective (every rank must call it) and only rank 0 gets the
-        weights (the other ranks get an empty dict). HFExport and ``lit_align.export`` use it.
-        """
-        if self._sharded():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if state and hasattr(self.model, "peft_config"):
-            from lit_align.export import merge_lora
-
-            state = merge_lora(self.model, state)
-        return state
-
-    @property
-    def ranks(self) -> Ranks:
-        """Reductions over the run's ranks (one process: the values themselves)."""
-        import torch.distributed as dist
-
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1 and not (dist.is_available() and dist.is_initialized()):
-            world = 1
-        return Ranks(world, self.device)
-
     SUMMED_METRICS = ("reward_errors",)  # counts: summed over ranks; every other scalar is averaged
 
-    def _reduce_metrics(self, metrics: dict) -> dict:
-        """One all-reduce for all of a step's scalars, so rank 0's logs describe the global batch."""
+    def reduce_metrics(self, metrics: dict) -> dict:
+        """One all-reduce for all of a step's scalars, so rank 0's logs describe the global batch: counts
+        (``SUMMED_METRICS``) summed over ranks, the rest averaged."""
         ranks = self.ranks
         if ranks.world == 1:
             return metrics
@@ -721,3 +598,125 @@ class PolicyModule(PolicyLogits, RolloutCycles, RolloutEngine, HeldOut, ResumeSt
             n: torch.tensor(v if n in self.SUMMED_METRICS else v / ranks.world, dtype=torch.float32)
             for n, v in zip(names, sums)
         }
+
+    def log_metrics(self, metrics: dict) -> None:
+        """Log ``train/<name>`` for each scalar of the step, reduced over ranks (:meth:`reduce_metrics`)."""
+        metrics = self.reduce_metrics(metrics)
+        shown = {"loss", "reward_mean"}
+        for name, value in metrics.items():
+            value = value.detach().float().cpu() if torch.is_tensor(value) else float(value)
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in shown, batch_size=1)
+
+    # ------------------------------------------------------------------ held-out evaluation
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0, prefix: str = "val") -> None:
+        """Greedy answers on held-out prompts (accuracy, reward), NLL of held-out demonstrations, or a
+        retention set's accuracy (:class:`lit_align.core.heldout.HeldOut`)."""
+        for name, value, options in self.heldout.step(batch, prefix, self.world, self.device):
+            self.log(name, value, on_epoch=True, add_dataloader_idx=False, **options)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx, prefix="test")
+
+    # ------------------------------------------------------------------ checkpoints: exact resume, finite weights
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_align_state"] = self._resume_state()  # collective under DDP/FSDP: first
+        check_finite_checkpoint(self, checkpoint)
+
+    def _resume_state(self) -> dict:
+        """What a checkpoint needs beyond weights, optimizers and schedules for an exact resume: the
+        counters and every rank's RNG states (torch, CUDA, Python, NumPy) and buffered rollout batch,
+        gathered to rank 0."""
+        rng = rng_state()
+        rng["rollout_batch"] = self.rollout_buffer.state_dict()  # this rank's rollouts, inside a cycle
+        states = [rng]
+        if self.ranks.world > 1:
+            import torch.distributed as dist
+
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng)
+        return {
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+            "reward_errors": self.reward_errors,
+            "rng": states,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("lit_align_state")
+        if not state:
+            return
+        self.skipped_steps = state["skipped_steps"]
+        self._consecutive_skips = state["consecutive_skips"]
+        self.reward_errors = state.get("reward_errors", 0)
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        states = state["rng"]
+        self._rng_to_restore = states[rank] if rank < len(states) else None  # another world size: fresh RNG
+        self.rollout_buffer.load_state_dict(self._rng_to_restore.get("rollout_batch") if self._rng_to_restore else None)
+
+    def on_train_start(self) -> None:
+        """Put back the RNG states of the checkpoint, as late as possible: after the sanity check and the
+        data-loader set-up, right before the first resumed step, as in the uninterrupted run."""
+        rng, self._rng_to_restore = self._rng_to_restore, None
+        if rng is not None:
+            set_rng_state(rng)
+
+
+def rng_state() -> dict:
+    """This process's RNG states: torch, CUDA (where initialised), Python, NumPy."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    """Put back states from :func:`rng_state`."""
+    import numpy as np
+
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def check_finite_checkpoint(module: torch.nn.Module, checkpoint: dict) -> None:
+    """Raise NonFiniteError, so nothing is written, if a weight or optimizer state is NaN/inf.
+
+    Buffers are not checked: they may hold NaN on purpose (e.g. a "not yet set" marker).
+    """
+    buffers = {name for name, _ in module.named_buffers()}
+
+    def bad(tree, where: str):
+        if torch.is_tensor(tree):
+            local = tree.to_local() if hasattr(tree, "to_local") else tree
+            if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
+                yield where
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                yield from bad(v, f"{where}.{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                yield from bad(v, f"{where}[{i}]")
+
+    weights = {k: v for k, v in checkpoint.get("state_dict", {}).items() if k not in buffers}
+    found = [*bad(weights, "state_dict"), *bad(checkpoint.get("optimizer_states", []), "optimizer_states")]
+    if found:
+        raise NonFiniteError(
+            f"refusing to save a checkpoint at step {module.global_step}: {len(found)} tensors hold NaN or inf "
+            f"(first: {', '.join(found[:3])}); the last checkpoint written is the last good one"
+        )

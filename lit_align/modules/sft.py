@@ -1,7 +1,9 @@
-"""SFTModule: imitation only, mu = 1 (no rollouts are sampled)."""
+"""SFTModule: imitation only, L = L_SFT (no rollouts are sampled)."""
 
 from __future__ import annotations
 
+from lit_align.core.terms import Loss
+from lit_align.core.update import Update
 from lit_align.modules.policy import PolicyModule
 
 
@@ -14,3 +16,7 @@ class SFTModule(PolicyModule):
 
     def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
         return 1.0
+
+    def loss(self, u: Update) -> Loss:
+        u.metrics["mu"] = 1.0
+        return u.sft()

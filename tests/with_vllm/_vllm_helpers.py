@@ -18,7 +18,7 @@ class EngineReport(L.Callback):
         self.samplers: list[bool] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.samplers.append(pl_module._engine is not None)
+        self.samplers.append(pl_module.sampler.engine is not None)
 
     def teardown(self, trainer, pl_module, stage) -> None:
         """After on_fit_end closed the engines: the trainer's process group must still work."""
@@ -32,7 +32,7 @@ class EngineReport(L.Callback):
             "world": trainer.world_size,
             "step": trainer.global_step,
             "engine_during_steps": self.samplers,
-            "engine_after_fit": pl_module._engine is not None,
+            "engine_after_fit": pl_module.sampler.engine is not None,
             "all_reduce_after_fit": reduced,
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

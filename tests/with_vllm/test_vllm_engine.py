@@ -75,10 +75,10 @@ def policy(request, ckpt, tmp_path_factory):
     )
     tied = module.model.config.tie_word_embeddings
     assert tied == (request.param != "qwen2-untied")
-    module.start_rollout_engine()
-    assert module._engine is not None and module._engine.tied == tied
+    module.sampler.start(module.world, None)
+    assert module.sampler.engine is not None and module.sampler.engine.tied == tied
     yield module
-    module.stop_rollout_engine()
+    module.sampler.stop()
 
 
 def _prompts(module) -> dict:
@@ -145,7 +145,7 @@ def test_a_greedy_equals_the_hf_path(policy):
 def test_b_sampled_logprobs_equal_the_trainer_log_softmax_at_the_temperature(policy):
     diff, r = _check_sampled(policy, _prompts(policy))
     assert diff < 1e-4, f"max |vLLM - HF| log-prob {diff}"
-    metrics = policy.sampler_metrics(r)
+    metrics = policy.sampler.metrics(r)
     assert float(metrics["sampler_logp_diff_max"]) < 1e-4 and float(metrics["sampler_logp_diff"]) <= diff + 1e-6
 
 
@@ -169,7 +169,7 @@ def test_c_after_an_optimizer_step_and_a_sync(policy):
     stale, _ = _check_sampled(policy, prompts)  # no sync yet: the engine still holds the old weights
     assert stale > 1e-2, f"the step moved the log-probs by only {stale}: this test would not see a missed sync"
 
-    policy.weights_changed()  # what each applied optimizer step does (PolicyModule.policy_step)
+    policy.sampler.weights_changed()  # what each applied optimizer step does (PolicyModule.policy_step)
     diff, _ = _check_sampled(policy, prompts)
     assert diff < 1e-4, f"after the sync, max |vLLM - HF| log-prob {diff}"
     _check_greedy(policy, prompts)
@@ -177,7 +177,7 @@ def test_c_after_an_optimizer_step_and_a_sync(policy):
 
 def test_prompts_the_engine_cannot_serve_go_to_the_hf_sampler_with_one_warning(policy, monkeypatch):
     prompts = _prompts(policy)
-    monkeypatch.setattr(policy._engine, "max_model_length", 8)  # the longest prompt (6) + T (8) do not fit
+    monkeypatch.setattr(policy.sampler.engine, "max_model_length", 8)  # the longest prompt (6) + T (8) do not fit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first, second = policy.sample(prompts), policy.sample(prompts)
@@ -226,7 +226,7 @@ def test_lora_adapters_are_merged_into_the_engine(ckpt):
         for name, p in module.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
-    module.start_rollout_engine()
+    module.sampler.start(module.world, None)
     try:
         diff, r = _check_sampled(module, _prompts(module))
         assert diff < 1e-4, diff
@@ -234,7 +234,7 @@ def test_lora_adapters_are_merged_into_the_engine(ckpt):
             base = _fresh_logp(module.model, r, TEMPERATURE)
         assert float((base - r.sampler_logp).abs().max()) > 1e-2
     finally:
-        module.stop_rollout_engine()
+        module.sampler.stop()
 
 
 def test_an_architecture_vllm_does_not_implement_samples_with_the_hf_path(ckpt):
@@ -246,8 +246,8 @@ def test_an_architecture_vllm_does_not_implement_samples_with_the_hf_path(ckpt):
     with pytest.warns(
         UserWarning, match=r"model.rollout_engine=vllm: vLLM has no implementation .*NoSuchModelForCausalLM"
     ):
-        module.start_rollout_engine()
-    assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
+        module.sampler.start(module.world, None)
+    assert module.sampler.engine is None and module.sample(_prompts(module)).sampler == "decode"
 
 
 def test_a_checkpoint_the_engine_builds_but_cannot_run_samples_with_the_hf_path(ckpt, tmp_path):
@@ -280,5 +280,5 @@ def test_a_checkpoint_the_engine_builds_but_cannot_run_samples_with_the_hf_path(
         max_new_tokens=3,
     )
     with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: the vLLM engine cannot run this checkpoint"):
-        module.start_rollout_engine()
-    assert module._engine is None and module.sample(_prompts(module)).sampler == "decode"
+        module.sampler.start(module.world, None)
+    assert module.sampler.engine is None and module.sample(_prompts(module)).sampler == "decode"

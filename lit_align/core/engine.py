@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 
 from lit_align import losses
-from lit_align.rollout import length_groups
 
 
 @dataclass
@@ -98,6 +97,67 @@ class Ranks:
         return [v / self.world for v in self.sums(list(values))]
 
 
+def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
+    """Split a batch's rows into at most ``max_groups`` groups of similar length, each to be run
+    only up to its own longest row: ``[(row indices, width), ...]``, or None when one pass over the
+    whole batch computes no fewer token positions.
+
+    A row's length is its last attended position + 1 (left padding counts, right padding does not).
+    In a causal model the logits at positions below ``width`` do not depend on the columns cut off,
+    so running each group on ``[:, :width]`` gives the same logits at every attended position.
+    The groups are contiguous in length order and minimise the number of computed positions
+    (sum of rows x width), preferring fewer groups on ties.
+    """
+    B, S = attention_mask.shape
+    if max_groups <= 1 or B <= 1:
+        return None
+    positions = torch.arange(1, S + 1, device=attention_mask.device)
+    ends = (attention_mask.ne(0) * positions).amax(-1).clamp(min=1).cpu()
+    values, counts = torch.unique(ends, sorted=True, return_counts=True)
+    if len(values) == 1 and int(values[0]) == S:
+        return None
+    cuts = _best_cuts(values.long(), counts.long(), max_groups)
+    order = torch.argsort(ends, stable=True).to(attention_mask.device)
+    bounds = torch.cumsum(counts, 0).tolist()
+    groups, start = [], 0
+    for cut in cuts:
+        groups.append((order[start : bounds[cut]], int(values[cut])))
+        start = bounds[cut]
+    return groups
+
+
+def _best_cuts(values: torch.Tensor, counts: torch.Tensor, max_groups: int) -> list[int]:
+    """Indices j of ``values`` (ascending) that close each group, for the partition of the sorted
+    values into at most ``max_groups`` contiguous runs minimising sum(count of run) x (last value of run).
+    Exact dynamic programme, vectorised over the run's first and last index: O(max_groups) tensor ops."""
+    D = len(values)
+    C = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # C[j] = rows with value index < j
+    j = torch.arange(D)
+    # cost[i, j]: one run over value indices i..j (i <= j) = (C[j+1] - C[i]) * values[j]
+    cost = (C[1:].unsqueeze(0) - C[:-1].unsqueeze(1)) * values.unsqueeze(0)
+    invalid = j.unsqueeze(1) > j.unsqueeze(0)  # i > j
+    best = cost[0].clone()  # one run over 0..j
+    choices = []  # per extra run: where its last run starts for each j, -1 = keep fewer runs
+    big = torch.iinfo(torch.long).max // 4
+    for _ in range(1, max_groups):
+        prev = torch.cat([best.new_full((1,), big), best[:-1]])  # best for 0..i-1, per i (i = 0: impossible)
+        total = (prev.unsqueeze(1) + cost).masked_fill(invalid, big)
+        total[0] = big
+        split, start = total.min(dim=0)
+        better = split < best
+        choices.append(torch.where(better, start, torch.full_like(start, -1)))
+        best = torch.where(better, split, best)
+    cuts, last, runs = [], D - 1, max_groups
+    while last >= 0:
+        start = int(choices[runs - 2][last]) if runs >= 2 else -1
+        if runs >= 2 and start == -1:
+            runs -= 1
+            continue
+        cuts.append(last)
+        last, runs = (start - 1, runs - 1) if runs >= 2 else (-1, runs)
+    return cuts[::-1]
+
+
 def micro_batches(mask: torch.Tensor, size: int | None) -> list[torch.Tensor]:
     """Row indices of each micro-batch of at most ``size`` rows (None: one micro-batch of every row),
     rows taken in order of their last attended token, so each micro-batch's rows are of similar length
@@ -114,7 +174,7 @@ def micro_batches(mask: torch.Tensor, size: int | None) -> list[torch.Tensor]:
 
 def forward_groups(mask: torch.Tensor, size: int | None, buckets: int = 1) -> list[torch.Tensor]:
     """Row indices of each forward pass: the :func:`micro_batches` of at most ``size`` rows, each
-    split into at most ``buckets`` groups of similar length (:func:`lit_align.rollout.length_groups`,
+    split into at most ``buckets`` groups of similar length (:func:`length_groups`,
     the split that computes the fewest positions, or none) so a forward cut to its longest row
     computes little padding. Each group is its own forward and backward: no pass ever holds logits
     for more rows than its group, and none assembles groups into one padded tensor."""

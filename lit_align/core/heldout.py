@@ -1,0 +1,190 @@
+"""The held-out part: greedy answers on held-out prompts (accuracy, reward), retention sets, the NLL of
+held-out demonstrations (split by whether the reward accepts them), and the demonstrations' self-check.
+
+:meth:`HeldOut.step` returns what to log as ``(name, value or metric, options)``; the module logs it (a
+part never logs through the module that drives it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from lit_align import losses
+from lit_align.core.engine import micro_batches
+from lit_align.core.policy import Labelled, Policy
+from lit_align.core.sampler import Sampler
+from lit_align.core.world import World
+from lit_align.rewards import RewardSet
+
+
+class HeldOut(torch.nn.Module):
+    """Validation and test metrics (an ``nn.Module`` so Lightning moves and syncs its torchmetrics).
+
+    Args:
+        policy, sampler, rewards: the parts it evaluates with.
+        reward_errors, reward_timeout_s: how a failing reward call is handled (as in training).
+        micro_batch_size: rows per forward of the held-out NLL (None: all).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        sampler: Sampler,
+        rewards: RewardSet,
+        reward_errors: str = "raise",
+        reward_timeout_s: float | None = None,
+        micro_batch_size: int | None = None,
+    ):
+        super().__init__()
+        object.__setattr__(self, "parts", (policy, sampler, rewards))  # not submodules: owned by the module
+        self.reward_errors, self.reward_timeout_s, self.micro_batch_size = (
+            reward_errors,
+            reward_timeout_s,
+            micro_batch_size,
+        )
+        self.val_accuracy, self.val_reward = MeanMetric(), MeanMetric()
+        self.val_expert_nll, self.val_expert_token_acc = MeanMetric(), MeanMetric()
+        # val/expert_nll over the demonstrations the reward's correctness check accepts / rejects
+        self.val_expert_nll_split = torch.nn.ModuleDict({"correct": MeanMetric(), "incorrect": MeanMetric()})
+        self._demo_verdicts: dict[tuple[str, str, str], bool] = {}  # (prompt, demonstration, answer) -> correct
+
+    def step(self, batch: dict, prefix: str, world: World, device) -> list[tuple[str, object, dict]]:
+        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations; on a
+        batch of a retention set (``batch["retention"]``, the skill), only ``<prefix>/retention/<skill>``.
+        Returns the entries to log."""
+        if "retention" in batch:
+            _, correct = self.greedy_verdicts(batch, world)
+            value = correct.float().mean().to(device)
+            return [
+                (
+                    f"{prefix}/retention/{batch['retention']}",
+                    value,
+                    dict(batch_size=len(batch["prompts"]), sync_dist=True),
+                )
+            ]
+        scores, correct = self.greedy_verdicts(batch, world)
+        self.val_reward.update(scores.total.to(device))
+        self.val_accuracy.update(correct.float().to(device))
+        out = []
+        if "expert" in batch:
+            nll, hits, tokens = self.expert_nll_rows(batch["expert"])
+            n = tokens.sum()
+            self.val_expert_nll.update(nll.sum() / n.clamp(min=1), weight=n)
+            self.val_expert_token_acc.update(hits.sum() / n.clamp(min=1), weight=n)
+            out.append((f"{prefix}/expert_nll", self.val_expert_nll, dict(batch_size=int(n))))
+            out.append((f"{prefix}/expert_token_acc", self.val_expert_token_acc, dict(batch_size=int(n))))
+            if "responses" in batch:
+                out += self._split_expert_nll(batch, nll, tokens, prefix, device)
+        bs = len(batch["prompts"])
+        out.append((f"{prefix}/accuracy", self.val_accuracy, dict(prog_bar=True, batch_size=bs)))
+        out.append((f"{prefix}/reward", self.val_reward, dict(batch_size=bs)))
+        return out
+
+    def greedy_verdicts(self, batch: dict, world: World):
+        """Greedy answers to the batch's prompts: their reward scores (:class:`RewardScores`) and the
+        correctness verdict per prompt (bool, (N,))."""
+        _, sampler, rewards = self.parts
+        rollout = sampler.sample(batch, world, greedy=True, num_generations=1)
+        scores = rewards.score(
+            batch["prompts"],
+            rollout.completions,
+            batch["answers"],
+            _completion_ids(rollout),
+            batch.get("columns"),
+            self.reward_errors,
+            self.reward_timeout_s,
+        )
+        # a failing check counts as wrong (reward_errors=zero) or stops (raise); the judge's default
+        # verdict is read from scores: no second pass
+        correct, _ = rewards.correct(
+            batch["prompts"],
+            rollout.completions,
+            batch["answers"],
+            scores,
+            on_error=self.reward_errors,
+            timeout_s=self.reward_timeout_s,
+        )
+        return scores, correct
+
+    @torch.no_grad()
+    def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row of ``expert``: (summed NLL of its response tokens, greedy hits among them, their count),
+        each (B,), from forwards of ``micro_batch_size`` rows with logits at response positions only."""
+        policy = self.parts[0]
+        rows_of = Labelled.of(expert)
+        target_mask = rows_of.target_mask
+        out = torch.zeros(3, target_mask.shape[0], dtype=torch.float64, device=target_mask.device)
+        for rows in micro_batches(target_mask, self.micro_batch_size):
+            s = policy.logprobs(rows_of, rows, consume=True)
+            hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), s.logits, s.targets)
+            tokens = s.mask
+            out[:, rows.to(out.device)] = torch.stack(
+                [-(s.logp * tokens).sum(1), (hit * tokens).sum(1), tokens.sum(1)]
+            ).double()
+            del s
+        return out[0], out[1], out[2]
+
+    def _split_expert_nll(self, batch: dict, nll, tokens, prefix: str, device) -> list:
+        """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
+        demonstrations the reward's correctness check accepts and over those it rejects. Each
+        demonstration is checked once per run, on first sight. Every rank updates both metrics every
+        batch (weight 0 when it has no such rows), so the cross-rank sync cannot hang; a class absent from
+        the whole validation set reads NaN."""
+        rewards = self.parts[2]
+        keys = list(zip(batch["prompts"], batch["responses"], batch["answers"]))
+        new = [i for i, key in enumerate(keys) if key not in self._demo_verdicts]
+        if new:  # a demonstration's verdict never changes: each one is checked once per run
+            prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
+            cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
+            verdicts, _ = rewards.correct(
+                prompts, demos, answers, columns=cols, on_error=self.reward_errors, timeout_s=self.reward_timeout_s
+            )
+            self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
+        ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=device)
+        out = []
+        for name, rows in (("correct", ok), ("incorrect", ~ok)):
+            k = tokens[rows].sum()
+            value = nll[rows].sum() / k if k > 0 else nll.new_zeros(())
+            metric = self.val_expert_nll_split[name]
+            metric.update(value, weight=k)
+            out.append((f"{prefix}/expert_nll_{name}", metric, dict(batch_size=max(int(k), 1))))
+        return out
+
+    def judge_demonstrations(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        answers: list[str],
+        completion_ids: list[list[int]] | None = None,
+        columns: dict | None = None,
+    ) -> torch.Tensor:
+        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check).
+        Where a reward function failed on some of them (an exception, the time limit, NaN; scored 0 under
+        ``reward_errors=zero``), a warning says so: the cause is then the function, not the data."""
+        rewards = self.parts[2]
+        verdicts, n_errors = rewards.correct(
+            prompts,
+            completions,
+            answers,
+            completion_ids=completion_ids,
+            columns=columns,
+            on_error=self.reward_errors,
+            timeout_s=self.reward_timeout_s,
+        )
+        if n_errors:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"self-check: the reward failed on {int(n_errors)} of {len(completions)} demonstrations (an exception, "
+                f"model.reward_timeout_s={self.reward_timeout_s}, or a non-finite value; model.reward_errors="
+                f"{self.reward_errors!r} scores them 0): check the reward functions and the columns they take; "
+                f"--model.init_args.reward_errors raise shows the error"
+            )
+        return verdicts
+
+
+def _completion_ids(rollout):
+    from lit_align.rollout import completion_id_lists
+
+    return completion_id_lists(rollout)

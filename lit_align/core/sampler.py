@@ -1,0 +1,294 @@
+"""The sampler part: completions of prompts from lit-align's HF sampler or a colocated vLLM engine.
+
+One interface, :meth:`Sampler.sample`: prompts (B, P) -> a :class:`~lit_align.rollout.Rollout` of B x G
+rows, sampled with the module's settings only (never the checkpoint's generation config). With
+``rollout_engine: vllm``, each rank builds one colocated :class:`lit_align.vllm_engine.VLLMEngine` at fit
+start, pushes the policy's full weights into it before sampling whenever an optimizer step changed them
+(gathered from FSDP2 shards, LoRA merged), and keeps it until fit ends. The engine's token ids become the
+same Rollout the HF path returns: ``old_logp`` and ``entropy`` from the trainer's own forward (so the
+first update of a rollout batch has ratio 1 whatever the engine's numerics), the engine's log-probs kept
+as ``sampler_logp``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lit_align import losses
+from lit_align.core.engine import forward_groups
+from lit_align.core.policy import Completions, Policy
+from lit_align.core.world import World
+from lit_align.rollout import Rollout, generate, sampling_overrides, sampling_settings
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class SamplerSettings:
+    """The sampling settings (TRL's names; see :class:`lit_align.modules.policy.PolicyModule`)."""
+
+    num_generations: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    generation_batch_size: int | None = None
+    skip_special_tokens: bool = True
+    rollout_engine: str = "hf"
+    model_name_or_path: str = "embedded"
+    micro_batch_size: int | None = None  # rows per trainer-side forward (the engine's old_logp)
+    length_buckets: int = 4
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_kv_cache_memory_bytes: int | None = None
+    vllm_max_model_length: int | None = None
+    vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False
+    vllm_importance_sampling_correction: bool = False
+    vllm_importance_sampling_cap: float = 3.0
+
+    @classmethod
+    def from_hparams(cls, hp) -> SamplerSettings:
+        return cls(**{name: hp[name] for name in cls.__dataclass_fields__})
+
+    def decoding(self) -> dict:
+        """The decoding knobs :func:`lit_align.rollout.generate` and the engine take."""
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+
+class Sampler:
+    """G completions per prompt from the HF sampler or this rank's vLLM engine.
+
+    Args:
+        policy: the :class:`~lit_align.core.policy.Policy` it samples (and, for the engine, scores).
+        settings: :class:`SamplerSettings`.
+    """
+
+    def __init__(self, policy: Policy, settings: SamplerSettings):
+        self.policy, self.settings = policy, settings
+        self.engine = None  # the VLLMEngine while fit runs with rollout_engine=vllm
+        self._stale = True  # the policy's weights changed since the engine last got them
+        self._logged = False
+        self._fallbacks_said: set[str] = set()
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, prompts: dict, world: World, greedy: bool = False, num_generations: int | None = None) -> Rollout:
+        """``num_generations`` (default G) completions per prompt (``prompts["prompt_ids"]`` /
+        ``["prompt_mask"]`` (B, P), left-padded), or one greedy one; ``generation_batch_size`` rows at a
+        time, synced over ranks under FSDP2; by the vLLM engine when it runs and the prompts fit it.
+        The first call logs which sampler runs and which checkpoint fields were overridden."""
+        s, model = self.settings, self.policy.model
+        G = num_generations or s.num_generations
+        if self._engine_serves(prompts, world):
+            rollout = self._engine_sample(prompts, greedy, G, world)
+        else:
+            rollout = generate(
+                model,
+                self.policy.tokenizer,
+                prompts["prompt_ids"],
+                prompts["prompt_mask"],
+                num_generations=G,
+                greedy=greedy,
+                synced_gpus=world.synced_generation,
+                generation_batch_size=s.generation_batch_size,
+                skip_special_tokens=s.skip_special_tokens,
+                **s.decoding(),
+            )
+        self._say_once(rollout)
+        return rollout
+
+    def _say_once(self, rollout: Rollout) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        from lightning.pytorch.utilities import rank_zero_info
+
+        model, tok = self.policy.model, self.policy.tokenizer
+        overridden = sampling_overrides(model, sampling_settings(model, tok, **self.settings.decoding()))
+        rank_zero_info(
+            f"lit_align sampling: {rollout.sampler} sampler; "
+            + (
+                "the checkpoint's generation config sets "
+                + ", ".join(f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())
+                + ": overridden by model.* settings"
+                if overridden
+                else "no checkpoint sampling field overridden"
+            )
+        )
+
+    def truncated(self, rollout: Rollout) -> torch.Tensor:
+        """(B,) True for completions that reached max_new_tokens without an end token."""
+        lengths = rollout.completion_mask.sum(-1)
+        full = lengths >= self.settings.max_new_tokens
+        eos = self.policy.eos_ids
+        if not eos or rollout.completion_ids.shape[1] == 0:
+            return full
+        last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        return full & ~torch.isin(last, torch.as_tensor(eos, device=last.device))
+
+    # ------------------------------------------------------------------ the vLLM engine's life cycle
+    def start(self, world: World, rank: tuple[int, int] | None) -> None:
+        """Build this rank's engine from the policy's checkpoint (fit start; every rank at once).
+        ``rank``: (global, local) rank under several processes, None in one."""
+        s = self.settings
+        if s.rollout_engine != "vllm" or self.engine is not None:
+            return
+        from lit_align.hf import _resolve
+        from lit_align.vllm_engine import VLLMEngine
+
+        model = self.policy.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        reason = VLLMEngine.unsupported(base.config) if vllm_importable() else None
+        if reason:
+            self._fallback(reason)
+            return
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.engine = VLLMEngine(
+            _resolve(s.model_name_or_path),
+            dtype=dtype,
+            gpu_memory_utilization=s.vllm_gpu_memory_utilization,
+            kv_cache_memory_bytes=s.vllm_kv_cache_memory_bytes,
+            max_model_length=s.vllm_max_model_length,
+            tensor_parallel_size=s.vllm_tensor_parallel_size,
+            enable_sleep_mode=s.vllm_enable_sleep_mode,
+            max_num_seqs=s.generation_batch_size,
+            seed=int(torch.initial_seed() % (2**31)),
+            rank=rank,
+        )
+        try:
+            self.engine.probe()
+        except Exception as e:  # noqa: BLE001  (whatever the engine cannot run: the HF sampler samples)
+            engine, self.engine = self.engine, None
+            engine.close()
+            self._fallback(f"the vLLM engine cannot run this checkpoint ({type(e).__name__}: {str(e)[:200]})")
+            return
+        self._stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
+        if s.vllm_enable_sleep_mode and self.engine.on_cpu:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("model.vllm_enable_sleep_mode: vLLM's CPU engine has no sleep mode; it stays loaded")
+
+    def stop(self) -> None:
+        """Shut this rank's engine down (fit end), leaving the trainer's process group intact."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+
+    def weights_changed(self) -> None:
+        """An optimizer step changed the policy: the engine gets the new weights before it samples again."""
+        self._stale = True
+
+    def _fallback(self, reason: str) -> None:
+        """Say once, on rank 0, that the HF sampler samples instead of the engine, and why."""
+        if reason not in self._fallbacks_said:
+            self._fallbacks_said.add(reason)
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"model.rollout_engine=vllm: {reason}; sampling with lit-align's HF sampler instead")
+
+    def _engine_serves(self, prompts: dict, world: World) -> bool:
+        """True when this rank's engine serves ``prompts``; otherwise the HF sampler does (said once).
+        Under FSDP2 every rank takes the same path (the HF sampler's forwards are collectives there)."""
+        if self.engine is None:
+            return False
+        reason = self.engine.cannot_sample(prompts["prompt_mask"], self.settings.max_new_tokens)
+        if world.sharded and world.ranks.world > 1:
+            if world.ranks.maxes([float(reason is not None)])[0] > 0:
+                reason = reason or "another rank's prompts do not fit the vLLM engine"
+        if reason:
+            self._fallback(reason)
+        return reason is None
+
+    @torch.no_grad()
+    def _engine_sample(self, prompts: dict, greedy: bool, num_generations: int, world: World) -> Rollout:
+        """G completions per prompt from the vLLM engine: token ids and ``sampler_logp`` from the engine;
+        ``old_logp`` and ``entropy`` (B*G, T) from the trainer's forward at the sampling temperature (1 when
+        greedy)."""
+        engine, s = self.engine, self.settings
+        if self._stale:
+            engine.load_weights(self.policy.streamed_weights())
+            self._stale = False
+        settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **s.decoding())
+        G = 1 if greedy else num_generations
+        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global stream: seed_everything reproduces it
+        ids, mask, sampler_logp = engine.generate(prompts["prompt_ids"], prompts["prompt_mask"], settings, G, seed)
+        engine.sleep()
+        prompt_ids = prompts["prompt_ids"].repeat_interleave(G, dim=0)
+        prompt_mask = prompts["prompt_mask"].repeat_interleave(G, dim=0)
+        T = 1.0 if greedy else s.temperature
+        old_logp, entropy = self.trainer_logprobs(Completions(prompt_ids, prompt_mask, ids, mask), T, world)
+        pad = settings["pad_token_id"]
+        tok = self.policy.tokenizer
+        texts = tok.batch_decode(ids * mask + (1 - mask) * pad, skip_special_tokens=True) if len(ids) else []
+        return Rollout(prompt_ids, prompt_mask, ids, mask, old_logp, entropy, texts, "vllm", sampler_logp)
+
+    @torch.no_grad()
+    def trainer_logprobs(self, rows: Completions, temperature: float, world: World):
+        """Log-probs of the completion tokens and entropies (N, T), float32, 0 on padding, from the
+        training forward (:meth:`Policy.logprobs`, the policy in its training mode, dropout off) over the
+        step engine's forward passes (micro-batches split by length). Under FSDP2 every rank runs as many
+        forwards as the rank with the most micro-batches."""
+        ids, mask = rows.completion_ids, rows.completion_mask
+        logp = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        entropy = torch.zeros_like(logp)
+        buckets = 1 if world.sharded else self.settings.length_buckets
+        batches = forward_groups(mask, self.settings.micro_batch_size, buckets) if ids.shape[1] else []
+        rounds = len(batches)
+        if world.sharded and world.ranks.world > 1:
+            rounds = int(world.ranks.maxes([float(len(batches))])[0])
+        for k in range(rounds):
+            stand_in = k >= len(batches)  # a rank with fewer micro-batches joins the others' forwards
+            if not batches:  # no rows at all on this rank: a one-token stand-in
+                p = rows.prompt_ids
+                self.policy.logits(p.new_zeros(1, 2), rows.prompt_mask.new_ones(1, 2), start=0)
+                continue
+            part = batches[0 if stand_in else k].to(ids.device)
+            scored = self.policy.logprobs(rows, part, temperature)
+            if stand_in:
+                continue
+            width = scored.targets.shape[1]
+            m = mask[part, :width].float()
+            logp[part, :width] = scored.logp.float() * m
+            entropy[part, :width] = losses.entropy_from_logits(scored.logits, temperature).float() * m
+        return logp, entropy
+
+    # ------------------------------------------------------------------ what the losses and logs read
+    @staticmethod
+    def metrics(rollout: Rollout) -> dict:
+        """``sampler_logp_diff`` and ``sampler_logp_diff_max``: mean and max over completion tokens of
+        |sampler log-prob - trainer log-prob| (nats) of a vLLM rollout; {} for the HF sampler."""
+        if rollout.sampler_logp is None:
+            return {}
+        m = rollout.completion_mask.bool()
+        diff = (rollout.sampler_logp - rollout.old_logp).abs()[m]
+        if diff.numel() == 0:
+            return {"sampler_logp_diff": torch.tensor(0.0), "sampler_logp_diff_max": torch.tensor(0.0)}
+        return {"sampler_logp_diff": diff.mean(), "sampler_logp_diff_max": diff.max()}
+
+    def importance_weights(self, rollout: Rollout, rows: torch.Tensor, width: int) -> torch.Tensor | None:
+        """TRL's truncated importance-sampling weights min(exp(old_logp - sampler_logp), cap) of rows
+        ``rows``, (b, width), when ``vllm_importance_sampling_correction`` is on and the rollout came from
+        the engine; None otherwise."""
+        s = self.settings
+        if not s.vllm_importance_sampling_correction or rollout.sampler_logp is None:
+            return None
+        diff = rollout.old_logp[rows, :width] - rollout.sampler_logp[rows, :width]
+        return torch.exp(diff).clamp(max=s.vllm_importance_sampling_cap)
+
+
+def vllm_importable() -> bool:
+    """vLLM can be imported (without it, building the engine raises an ImportError with the install line)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None  # not a bare folder named vllm on sys.path

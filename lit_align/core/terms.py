@@ -1,0 +1,188 @@
+"""The loss terms a method states, and their weighted sums.
+
+A method returns a :class:`Loss`, e.g. CHORD's ``(1 - mu) * u.grpo() + mu * u.sft(phi)``: a weighted sum
+of lazily built terms. A term of weight 0 is never built (its rows are never forwarded, a rollout batch
+only it reads is never sampled). :meth:`Loss.terms` builds the rest, in the order written, as
+:class:`~lit_align.core.engine.Term` objects the step engine runs with exact global normalisation.
+
+The per-token objectives are pure functions of :mod:`lit_align.losses`; the builders here only say
+which rows a term forwards (through :meth:`lit_align.core.policy.Policy.logprobs`) and which objective
+each row's tokens get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lit_align import losses
+from lit_align.core.engine import Term, TermOutput
+from lit_align.core.policy import Completions, Labelled, Policy
+from lit_align.rollout import Rollout
+
+
+@dataclass
+class RLSettings:
+    """The RL term's settings (TRL's names; see :class:`lit_align.modules.policy.PolicyModule`)."""
+
+    temperature: float = 1.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+
+    @classmethod
+    def from_hparams(cls, hp) -> RLSettings:
+        return cls(**{name: hp[name] for name in cls.__dataclass_fields__})
+
+
+class Lazy:
+    """A term not built yet: ``build(weight)`` -> :class:`Term`, called only for a non-zero weight (None:
+    the batch has no rows for it, e.g. no prompt rows for an RL term)."""
+
+    def __init__(self, build: Callable[[float], Term]):
+        self.build = build
+
+    def __mul__(self, weight: float) -> Loss:
+        return Loss([(float(weight), self)])
+
+    __rmul__ = __mul__
+
+    def __add__(self, other) -> Loss:
+        return Loss([(1.0, self)]) + other
+
+    def terms(self) -> list[Term]:
+        """This term alone, with weight 1 (a loss of one term)."""
+        return Loss([(1.0, self)]).terms()
+
+
+class Loss:
+    """A weighted sum of terms, sum_k w_k L_k, in the order written."""
+
+    def __init__(self, parts: list[tuple[float, Lazy]] | None = None):
+        self.parts = list(parts or [])
+
+    def __add__(self, other) -> Loss:
+        other = other if isinstance(other, Loss) else Loss([(1.0, other)])
+        return Loss(self.parts + other.parts)
+
+    __radd__ = __add__
+
+    def __mul__(self, weight: float) -> Loss:
+        return Loss([(w * float(weight), t) for w, t in self.parts])
+
+    __rmul__ = __mul__
+
+    def terms(self) -> list[Term]:
+        """The terms of non-zero weight, built now, in order (those without rows left out)."""
+        built = [t.build(w) for w, t in self.parts if w != 0.0]
+        return [t for t in built if t is not None]
+
+
+# ---------------------------------------------------------------------------------------------- RL
+def rl_term(
+    policy: Policy,
+    rollout: Rollout,
+    advantages: torch.Tensor,
+    settings: RLSettings,
+    weight: float = 1.0,
+    mask: torch.Tensor | None = None,
+    name: str = "rl",
+    extra: Callable | None = None,
+    is_weights: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
+) -> Term:
+    """The clipped GRPO surrogate over ``rollout``'s tokens, per token -min(rho A, clip(rho) A) [+ beta KL]
+    (:func:`lit_align.losses.surrogate_per_token`), as a :class:`Term` weighted ``weight``.
+
+    Shapes: ``advantages`` (N,); ``mask`` (N, T) the tokens that count (default: the completion mask).
+    ``extra(logits, mask)``: a scalar added to each micro-batch's loss from its completion logits (AMFT's
+    entropy term). ``is_weights(rows, width)``: per-token importance weights (b, width) or None (TRL's
+    vLLM correction). Logged per token: clip_ratio, kl (beta > 0), entropy_usual.
+    """
+    s = settings
+    mask = rollout.completion_mask if mask is None else mask
+    rows_of = Completions.of(rollout)
+
+    def forward(rows: torch.Tensor) -> TermOutput:
+        # the backward writes the logits' gradient over them, unless extra's graph reads them too
+        scored = policy.logprobs(rows_of, rows, s.temperature, consume=extra is None)
+        width = scored.targets.shape[1]
+        m = mask[rows][:, :width]
+        ref_logp = policy.logprobs(rows_of, rows, s.temperature, reference=True).logp if s.beta > 0 else None
+        w = is_weights(rows, width) if is_weights is not None else None
+        values, metrics = losses.surrogate_per_token(
+            scored.logp,
+            rollout.old_logp[rows, :width],
+            advantages[rows],
+            s.epsilon_low,
+            s.epsilon_high,
+            ref_logp,
+            s.beta,
+            s.kl_estimator,
+            w,
+        )
+        if w is not None:
+            metrics["importance_sampling_ratio"] = w
+        metrics["entropy_usual"] = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
+        more = None if extra is None else extra(scored.logits, m)
+        return TermOutput(values, m, metrics, more)
+
+    return Term(name, weight, mask, forward)
+
+
+def pg_term(
+    policy: Policy, rollout: Rollout, advantages: torch.Tensor, temperature: float = 1.0, name: str = "val"
+) -> Term:
+    """Minus the advantage-weighted log-likelihood of ``rollout``'s completions, -A log p per token (the
+    policy-gradient surrogate of expected reward; AMFT's held-out reward objective)."""
+    rows_of = Completions.of(rollout)
+
+    def forward(rows: torch.Tensor) -> TermOutput:
+        scored = policy.logprobs(rows_of, rows, temperature, consume=True)
+        return TermOutput(-advantages[rows].unsqueeze(-1).to(scored.logp.dtype) * scored.logp, scored.mask)
+
+    return Term(name, 1.0, rollout.completion_mask, forward)
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+TokenWeights = Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+def sft_term(
+    policy: Policy,
+    expert: dict,
+    weight: float = 1.0,
+    token_weights: TokenWeights | None = None,
+    temperature: float = 1.0,
+    name: str = "sft",
+    on_weights: Callable[[torch.Tensor], None] | None = None,
+) -> Term:
+    """The (weighted) NLL of the demonstrations over their response tokens, per token w_t * (-log p_t)
+    as a :class:`Term` weighted ``weight``.
+
+    ``token_weights(logp, logits)`` -> detached (b, T) weights w (CHORD's phi, ...) or None (plain NLL);
+    ``on_weights(w)`` receives the weights of the counted tokens as they are computed (a histogram's
+    source). Logged per token: expert_nll (unweighted), entropy_expert (at ``temperature``, like
+    entropy_usual) and token_weight_mean where weighted.
+    """
+    rows_of = Labelled.of(expert)
+
+    def forward(rows: torch.Tensor) -> TermOutput:
+        # the backward writes the logits' gradient over them (consume): metrics read them in the forward only
+        scored = policy.logprobs(rows_of, rows, consume=True)
+        logp, logits = scored.logp, scored.logits
+        weights = token_weights(logp.detach(), logits.detach()) if token_weights is not None else None
+        metrics = {
+            "expert_nll": -logp.detach(),
+            "entropy_expert": losses.entropy_from_logits(logits.detach(), temperature),
+        }
+        if weights is not None:
+            metrics["token_weight_mean"] = weights
+            if on_weights is not None:
+                on_weights(weights[scored.mask].detach())
+        values = -logp if weights is None else -(weights * logp)
+        return TermOutput(values, scored.mask, metrics)
+
+    return Term(name, weight, rows_of.target_mask, forward)
