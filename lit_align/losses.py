@@ -1,11 +1,13 @@
 """Pure tensor math for SFT and GRPO-style RL. No Lightning, no transformers.
 
 Shapes: B rows, T token positions. ``mask`` is 1 where a token counts, 0 elsewhere.
-Each loss returns ``(loss, metrics)``; ``metrics`` holds detached scalars ready to log.
+Each loss returns ``(loss, metrics)``; ``metrics`` holds detached scalars ready to log. The ``*_per_token``
+building blocks return (B, T) values (and detached (B, T) metrics) for the caller to aggregate.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
@@ -14,8 +16,10 @@ import torch.nn.functional as F
 # each option list is written once, as the Literal the modules' signatures use
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AdvantageNorm = Literal["std", "none", "batch-std"]
+AdvantageStats = Literal["all", "on_policy"]
 KLEstimator = Literal["k1", "k2", "k3"]
-AGGREGATIONS, ADVANTAGE_NORMS, KL_ESTIMATORS = get_args(Aggregation), get_args(AdvantageNorm), get_args(KLEstimator)
+AGGREGATIONS, ADVANTAGE_NORMS = get_args(Aggregation), get_args(AdvantageNorm)
+ADVANTAGE_STATS, KL_ESTIMATORS = get_args(AdvantageStats), get_args(KLEstimator)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -203,10 +207,20 @@ def masked_nll(
     ``weights`` (B, T), when given, multiplies each token's NLL (CHORD's phi); it is used as is,
     so detach it first if it must not carry gradient. Metrics report the unweighted NLL.
     """
-    nll = -logp
-    loss = aggregate(nll if weights is None else weights * nll, mask, aggregation)
-    plain = aggregate(nll.detach(), mask, "token-mean")
+    loss = aggregate(weighted_nll_per_token(logp, weights), mask, aggregation)
+    plain = aggregate(-logp.detach(), mask, "token-mean")
     return loss, {"expert_nll": plain}
+
+
+def weighted_nll_per_token(logp: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token (weighted) negative log-likelihood -w_t log p_t: ``logp`` (B, T) -> (B, T), nats.
+
+    ``weights`` (B, T) (or anything broadcasting to it) multiplies each token's NLL: CHORD's phi_t, SRFT's
+    w_SFT, an SFT coefficient. It is used as is, so the caller detaches it when it must not carry gradient
+    (the gradient is then -w_t d log p_t). None: the plain NLL -log p_t.
+    """
+    nll = -logp
+    return nll if weights is None else weights * nll
 
 
 def group_advantages(
@@ -241,6 +255,113 @@ def group_advantages(
         "frac_reward_zero_std": zero_std.float().mean(),
     }
     return adv.reshape(-1), metrics
+
+
+def _group_stats(
+    values: torch.Tensor, group: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group (mean, unbiased std, count) of ``values`` (N,) whose group index is ``group`` (N,) long in
+    [0, n_groups): each (n_groups,). A group with no value has mean 0 and std 0; one value, std 0 (the
+    unbiased std of fewer than 2 values is undefined: no spread to normalise by)."""
+    count = torch.bincount(group, minlength=n_groups)
+    mean = values.new_zeros(n_groups)
+    std = values.new_zeros(n_groups)
+    # each group's members side by side, in batch order (stable sort), then one (groups, k) block per
+    # distinct size k: contiguous equal groups give exactly group_advantages' view(-1, G) rows, so the same
+    # mean / std kernels run on the same numbers (bit-identical advantages), and unequal sizes stay vectorised
+    order = torch.argsort(group, stable=True)
+    start = torch.cumsum(count, 0) - count
+    for k in torch.unique(count).tolist():
+        if k == 0:
+            continue
+        rows = torch.nonzero(count == k).squeeze(-1)
+        block = values[order[start[rows].unsqueeze(-1) + torch.arange(k, device=values.device)]]
+        mean[rows] = block.mean(-1)
+        if k > 1:
+            std[rows] = block.std(-1)
+    return mean, std, count
+
+
+def group_advantages_by_id(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    on_policy: torch.Tensor | None = None,
+    norm: str = "std",
+    stats: str = "all",
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Group-relative advantages for groups named by ``group_ids``: rows of one prompt in any order, groups of
+    any size (G samples plus one or more off-policy members: LUFFY / SRFT demonstrations, HPT).
+
+    ``rewards`` (B,), ``group_ids`` (B,) integer, ``on_policy`` (B,) bool (None: every row on-policy).
+    Returns advantages (B,) in float32 (float64 for float64 rewards) and scalar metrics.
+
+    A_i = (r_i - mean_g) / (std_g + eps), std_g the unbiased std, taken over the group's members in the
+    statistics: ``stats="all"`` every member (the mixed group of the LUFFY paper); ``stats="on_policy"`` the
+    on-policy members only (LUFFY's official "split" estimator, HPT), and EVERY member, off-policy ones too,
+    gets its advantage against those statistics. ``norm``: "std" as above, "none" r_i - mean_g (Dr.GRPO),
+    "batch-std" (r_i - mean_g) / (std over the rewards in the statistics, whole batch, + eps).
+
+    With contiguous ids (arange(B) // G) and every row on-policy this equals :func:`group_advantages`
+    bit for bit, metrics included, for every ``norm``.
+
+    Degenerate statistics (zero std, or fewer than 2 members in the statistics, whose unbiased std is
+    undefined and counts as 0): the members in the statistics get advantage 0 (identical rewards: no
+    signal, as in :func:`group_advantages`); a member outside them (``stats="on_policy"``: the
+    demonstration) gets r_i - mean_g, not divided by a zero std, so a demonstration that succeeds where
+    every rollout failed keeps its signal (LUFFY's point). A group with no member in the statistics has no
+    baseline: all its advantages are 0. Under "batch-std" a batch std below 1e-8 (or of fewer than 2
+    rewards) divides by 1.
+
+    LUFFY's official compute_grpo_outcome_advantage_split (ElliottYan/LUFFY, luffy/verl/verl/mix_src/
+    mix_core_alg.py) differs in those corners only: a zero on-policy std is replaced by 1 (so
+    (r - mean) / (1 + eps) for every member; identical on-policy rewards give 0 there too); a group with
+    ONE on-policy member takes mean 0 and std 1 (every member's advantage is its raw reward, here
+    r_i - r_on and 0 for the on-policy member); a group with none fails (KeyError). LUFFY's released
+    training script (exp_scripts/train.sh) uses neither the split nor the std: adv_estimator=grpo (the
+    mixed group, ``stats="all"``) with grpo_use_std=False (``norm="none"``).
+
+    Metrics (scalars, over the groups): ``reward_mean`` the mean reward over the rows in the statistics
+    (0 when there are none); ``reward_std`` the mean over groups of std_g (0 where undefined);
+    ``frac_reward_zero_std`` the share of groups whose statistics have zero or undefined std.
+
+    Errors: ValueError for an unknown ``norm`` / ``stats``, shapes that are not all (B,), non-integer ids.
+    """
+    _check_choice("advantage_norm", norm, ADVANTAGE_NORMS)
+    _check_choice("advantage_stats", stats, ADVANTAGE_STATS)
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)")
+    if group_ids.dtype.is_floating_point or group_ids.dtype.is_complex or group_ids.dtype == torch.bool:
+        raise ValueError(f"group_ids must be integers, got {group_ids.dtype}")
+    if on_policy is not None and on_policy.shape != rewards.shape:
+        raise ValueError(f"on_policy {tuple(on_policy.shape)} must be (B,) like rewards {tuple(rewards.shape)}")
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    ids, group = torch.unique(group_ids, return_inverse=True)
+    if stats == "all" or on_policy is None:
+        in_stats = torch.ones_like(group, dtype=torch.bool)
+    else:
+        in_stats = on_policy.to(torch.bool)
+    members = torch.nonzero(in_stats).squeeze(-1)
+    population = r[members]
+    mean, std, count = _group_stats(population, group[members], ids.numel())
+    zero_std = std < 1e-8
+    centred = r - mean[group]
+    one = torch.ones((), dtype=r.dtype, device=r.device)
+    if norm == "std":
+        adv = centred / torch.where(zero_std, one, std + eps)[group]
+    elif norm == "batch-std":
+        batch_std = population.std() if population.numel() > 1 else torch.zeros_like(one)
+        adv = centred / torch.where(batch_std < 1e-8, one, batch_std + eps)
+    else:
+        adv = centred
+    # members of degenerate statistics sit exactly at the mean: 0, not a rounding residue of r - mean
+    adv = adv.masked_fill((zero_std[group] & in_stats) | (count == 0)[group], 0.0)
+    metrics = {
+        "reward_mean": population.mean() if population.numel() else torch.zeros_like(one),
+        "reward_std": std.mean(),
+        "frac_reward_zero_std": zero_std.to(r.dtype).mean(),
+    }
+    return adv, metrics
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
@@ -292,6 +413,48 @@ def surrogate_per_token(
         metrics["kl"] = kl.detach()
     metrics["clip_ratio"] = (clipped < unclipped).to(logp.dtype).detach()
     return per_token, metrics
+
+
+def shaped_off_policy_per_token(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    gamma: float = 0.1,
+    behaviour_logp: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """LUFFY's policy-shaped off-policy objective (arXiv 2504.14945) on demonstration tokens, per token (B, T):
+
+    loss_t = -A * f(r_t),  f(r) = r / (r + gamma),  r_t = p_t / pi_beta(t),  p_t = exp(logp_t),
+
+    with the behaviour probability pi_beta = 1 when ``behaviour_logp`` is None (a human or closed-model trace
+    has no log-probs: the "ratio" is p_t itself) and exp(``behaviour_logp``) otherwise (detached). NO
+    clipping. f carries the gradient (d f / d p = gamma / (p + gamma)^2, so d loss / d logp_t =
+    -A gamma r_t / (r_t + gamma)^2): low-probability expert tokens, which a plain ratio p_t would barely
+    move, get most of the push; tokens the policy already predicts get little.
+
+    ``logp`` (B, T) with graph, log-probs of the demonstration's tokens at the temperature the caller chose
+    (the sampling one, as for the rollouts); ``advantages`` (B,) per sequence, broadcast over tokens;
+    ``gamma`` > 0 (0.1 in the paper). Metrics, per token (B, T), detached: ``off_policy_weight`` = f(r_t)
+    (what train/off_policy_weight_mean reports, in (0, 1)).
+
+    LUFFY's official code (ElliottYan/LUFFY, luffy/verl/verl/mix_src/mix_core_alg.py,
+    compute_token_on_off_policy_loss, off_policy_reshape="p_div_p_0.1") computes exp(log_prob), then
+    off_ratio / (off_ratio + 0.1) without a detach: the same f, gradient included, as here. It differs when
+    target probabilities are given: the ratio is then exp(log_prob) / (target_probs + 1e-6) and is NOT
+    reshaped (the reshape applies only without target_probs); here f shapes the ratio in both cases. Its
+    off_max_clip / off_min_clip clamps are off by default and absent here.
+
+    Errors: ValueError for gamma <= 0 (f would be constant or singular) or advantages that are not (B,).
+    """
+    if not gamma > 0.0:
+        raise ValueError(f"gamma={gamma} must be > 0 for the shaping p / (p + gamma)")
+    if advantages.dim() != 1 or advantages.shape[0] != logp.shape[0]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) for logp {tuple(logp.shape)}")
+    log_ratio = logp if behaviour_logp is None else logp - behaviour_logp.detach().to(logp.dtype)
+    # r / (r + gamma) = sigmoid(log r - log gamma): the same value and gradient, but no inf / inf when a
+    # tiny behaviour probability makes r overflow
+    weight = torch.sigmoid(log_ratio - math.log(gamma))
+    per_token = -advantages.unsqueeze(-1).to(logp.dtype) * weight
+    return per_token, {"off_policy_weight": weight.detach()}
 
 
 def clipped_surrogate(
