@@ -41,6 +41,11 @@ def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
     return out
 
 
+def _abbreviate(text: str, width: int = 60) -> str:
+    """``repr`` of ``text``, cut to its first ``width`` characters with an ellipsis."""
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
 class MixedDataModule(L.LightningDataModule):
     """Expert demonstrations (for SFT) and prompts with reference answers (for RL) in one batch.
 
@@ -48,6 +53,14 @@ class MixedDataModule(L.LightningDataModule):
     is switched off with ``null``), drawn through Lightning's CombinedLoader with independent batch
     sizes; the shorter stream cycles. Validation rows carry a prompt, the reference answer and,
     when present, the expert's demonstration.
+
+    Paired demonstrations: methods that use a prompt's own demonstration (LUFFY, HPT, Prefix-RFT)
+    ask for k of them per prompt with :meth:`pair_demonstrations` (or by setting
+    ``demonstrations_per_prompt``, which the module reads when the training loader is built). Each
+    training prompt row is then paired once, at set-up, with its demonstrations (``pair_by``) and
+    ``batch["prompts"]`` also carries ``demo_ids`` (B, k, D), ``demo_mask`` (B, k, D) and
+    ``demonstrations`` (B lists of k texts); see :meth:`collate_prompts`. At k = 0 (the default)
+    nothing is paired and the batches are those of an unpaired run.
 
     Args:
         model_name_or_path: checkpoint whose tokenizer is used (linked to the model's by the CLI).
@@ -58,6 +71,15 @@ class MixedDataModule(L.LightningDataModule):
         meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
             reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
         prompt_column, response_column, answer_column: column names in your files.
+        pair_by: how a prompt row finds its demonstrations when a method asks for them (see
+            :meth:`pair_demonstrations`; unused otherwise). ``"prompt"`` (default): the expert rows
+            (``expert_data``) whose prompt text is identical to the prompt row's (the text as read,
+            no normalisation: the module applies none to prompts). Any other value names an id
+            column present in both ``prompt_data`` and ``expert_data``: the expert rows with the
+            prompt row's id (ids compare as text, numbers as ``str()`` writes them; one prompt row
+            per id, an expert file may hold several rows per id). Either way a prompt row's own
+            ``response_column``, when its file has one (prompt + response + answer), is its first
+            demonstration, so one file can serve both streams and ``expert_data`` may be null.
         retention_data: held-out sets of skills the post-training data does not contain, each logged
             as ``val/retention/<skill>`` (greedy accuracy: the share of prompts whose answer the reward
             accepts, as val/accuracy). A mapping skill name -> file with prompt + answer columns, or
@@ -117,6 +139,7 @@ class MixedDataModule(L.LightningDataModule):
         response_column: str = "response",
         answer_column: str = "answer",
         meta_response_column: str | None = None,
+        pair_by: str = "prompt",
         expert_batch_size: int = 32,
         prompt_batch_size: int = 16,
         val_batch_size: int = 100,
@@ -164,6 +187,8 @@ class MixedDataModule(L.LightningDataModule):
                 continue  # None: the response column
             if not isinstance(args[name], str) or not args[name]:
                 raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
+        if not isinstance(pair_by, str) or not pair_by:
+            raise ValueError(f"data.pair_by={pair_by!r} must be 'prompt' (identical prompt text) or an id column name")
         answer_pattern, system_prompt = answer_pattern or None, system_prompt or None
         if answer_pattern is not None:
             try:
@@ -210,6 +235,11 @@ class MixedDataModule(L.LightningDataModule):
         # each training batch is yielded this many times, with a "repeat" index: the policy module sets
         # it to its updates per rollout batch (steps_per_generation x num_iterations) at set-up
         self.batch_repeats = 1
+        # demonstrations each training prompt row carries (batch keys demo_ids, demo_mask, demonstrations); a
+        # method that needs them sets it at fit set-up, through pair_demonstrations(k) or directly. 0: none
+        self.demonstrations_per_prompt = 0
+        self.row_numbers: dict[str, list[int]] = {}  # stream -> row number in its file (from 1) of each kept row
+        self._paired: tuple[int, list[dict]] | None = None  # (k, the prompt rows with their k demonstrations)
 
     # ------------------------------------------------------------------ set-up
     def retention_sources(self) -> dict[str, str]:
@@ -312,7 +342,7 @@ class MixedDataModule(L.LightningDataModule):
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
         valid, answers, unmatched = self._answers(valid, label, hp.answer_column)
         eos = self.tokenizer.eos_token_id
-        out, dropped, cut = [], 0, 0
+        out, numbers, dropped, cut = [], [], 0, 0
         for i, row in valid:
             item = {"prompt": row[need["prompt"]]}
             ids = self._encode_prompt(item["prompt"])
@@ -352,11 +382,13 @@ class MixedDataModule(L.LightningDataModule):
             # the data set's other columns, passed to TRL-style reward functions as keyword arguments
             item["columns"] = {k: v for k, v in row.items() if k != need["prompt"]}
             out.append(item)
+            numbers.append(i)
         if dropped or cut:
             rank_zero_warn(f"{label}: {dropped} rows skipped and {cut} rows truncated as longer than the token limits")
         if not out:
             raise DataError(f"{label}: no usable rows left after applying data.overlong={hp.overlong!r}")
         self.labels[stream] = label
+        self.row_numbers[stream] = numbers
         invalid = len(rows) - len(valid)
         for key, n in (
             ("rows", len(out)),
@@ -427,6 +459,9 @@ class MixedDataModule(L.LightningDataModule):
                 raise DataError(f"data.retention_data[{skill!r}]: {e}") from e
         self._check_heldout_overlap()
         self._log_stats()
+        self._paired = None
+        if self.demonstrations_per_prompt:  # asked for before set-up: pair now that the rows are encoded
+            self.pair_demonstrations()
 
     def _world_size(self) -> int:
         trainer = self.trainer
@@ -469,6 +504,145 @@ class MixedDataModule(L.LightningDataModule):
                     f"also appears in the training data ({sources}); held-out scores on them are not held out"
                 )
         self.stats["data/heldout_duplicates"] = total
+
+    # ------------------------------------------------------------------ paired demonstrations
+    def pair_demonstrations(self, k: int | None = None) -> None:
+        """Pair every training prompt row with ``k`` demonstrations of that very prompt (``pair_by``).
+
+        Sets ``demonstrations_per_prompt`` to ``k`` (None: keep its value). A method that needs paired
+        data (LUFFY, HPT, Prefix-RFT) calls ``datamodule.pair_demonstrations(k)`` in its ``setup``
+        (which Lightning runs after this module's), so a data problem stops the run there; setting
+        ``datamodule.demonstrations_per_prompt = k`` instead pairs when :meth:`train_dataloader` is
+        first called, still before any training step. Called before :meth:`setup`, the pairing waits
+        for the rows to be encoded. The pairing is done once per k (not per batch); k = 0 undoes it.
+
+        A prompt row's demonstrations, in this order, identical ones (same tokens) counted once: its
+        own ``response_column`` (when its file has one and it is not blank), then the rows of
+        ``expert_data`` with the same prompt text (``pair_by="prompt"``) or the same id (``pair_by``
+        an id column) in file order. With more than k the first k are kept. A demonstration's tokens
+        are what an expert row of that prompt and response trains on: its response tokens + EOS (the
+        ``labels != -100`` of :meth:`collate_expert`'s row); a prompt row's own response longer than
+        ``max_response_length`` counts only with ``overlong=truncate`` (cut, as the expert stream cuts
+        it), as error / skip keep no such demonstration. The prompt rows and their order are unchanged, so the data
+        position (``ResumableLoader``) is that of an unpaired run.
+
+        Raises:
+            ValueError: k is not an integer >= 0; k > 0 with ``data.prompt_data`` null.
+            DataError (a ValueError), naming the file, row (counted from 1, as every data error) and
+            column: a prompt row with fewer than k demonstrations (with ``data.pair_by`` and the
+            prompt's text, abbreviated); an id column (``data.pair_by``) absent from the prompt or the
+            expert file, or missing / not a string or number on a row; an id repeated in the prompt file.
+        """
+        if k is not None:
+            self.demonstrations_per_prompt = k
+        k = self.demonstrations_per_prompt
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"demonstrations_per_prompt={k!r} must be an integer >= 0 (0: no paired demonstrations)")
+        if k == 0:
+            self._paired = None
+            return
+        if self.tokenizer is None or (self._paired is not None and self._paired[0] == k):
+            return  # not set up yet (setup() pairs), or already paired for this k
+        if not self.prompt_rows:
+            raise ValueError(
+                f"the method pairs each prompt with {k} demonstration(s), but data.prompt_data is null: no prompt rows"
+            )
+        hp = self.hparams
+        by_text = hp.pair_by == "prompt"
+        expert = self.expert_rows or []
+        if by_text:
+            prompt_keys, expert_keys = [r["prompt"] for r in self.prompt_rows], [r["prompt"] for r in expert]
+        else:
+            prompt_keys = self._pair_ids("prompts")
+            expert_keys = self._pair_ids("expert") if expert else []
+            self._check_unique_ids(prompt_keys)
+        by_key: dict = {}
+        for row, key in zip(expert, expert_keys):
+            by_key.setdefault(key, []).append(row)
+        eos, paired, short = self.tokenizer.eos_token_id, [], []
+        for row, key, number in zip(self.prompt_rows, prompt_keys, self.row_numbers["prompts"]):
+            own = [row] if "response_ids" in row and row.get("response", "").strip() else []
+            # a prompt row's own response is cut at max_response_length (it loses its EOS): a demonstration only
+            # where overlong=truncate keeps cut demonstrations (error / skip keep none in the expert stream)
+            too_long = bool(own) and row["response_ids"][-1] != eos and hp.overlong != "truncate"
+            demos = {}  # response tokens -> text, first occurrence first
+            for source in ([] if too_long else own) + by_key.get(key, []):
+                demos.setdefault(tuple(source["response_ids"]), source["response"])
+                if len(demos) == k:
+                    break
+            if len(demos) < k:
+                column = f"column {hp.prompt_column!r}" if by_text else f"column {hp.pair_by!r} (id {key!r})"
+                why = (
+                    f" (its own {hp.response_column!r} is longer than max_response_length={hp.max_response_length}, "
+                    f"kept only with data.overlong=truncate)"
+                    if too_long
+                    else ""
+                )
+                short.append(f"row {number}, {column}, prompt {_abbreviate(row['prompt'])}: {len(demos)} found{why}")
+                continue
+            paired.append({**row, "demo_ids": [list(ids) for ids in demos], "demonstrations": list(demos.values())})
+        if short:
+            match = "identical prompt text" if by_text else f"the same {hp.pair_by!r}"
+            where = (
+                f"the rows of {self.labels['expert']} (expert_data) with {match}"
+                if expert
+                else "no expert rows (data.expert_data is null)"
+            )
+            raise DataError(
+                report(
+                    self.labels["prompts"],
+                    short,
+                    f"prompt rows with fewer than {k} demonstration(s), which the method needs for every prompt",
+                )
+                + f"\ndata.pair_by={hp.pair_by!r}: a prompt's demonstrations are its own {hp.response_column!r} "
+                f"column (data.response_column) and {where}. Add demonstrations for these prompts, drop the "
+                f"prompts from data.prompt_data, or set data.pair_by to the column that pairs them."
+            )
+        self._paired = (k, paired)
+
+    def _pair_ids(self, stream: str) -> list:
+        """The ``pair_by`` id of every row of a stream (numbers as text); DataError naming file, rows and column
+        when the column is absent from the file or missing / not a string or number on a row."""
+        hp = self.hparams
+        column, label, numbers = hp.pair_by, self.labels[stream], self.row_numbers[stream]
+        rows = self.prompt_rows if stream == "prompts" else self.expert_rows
+        flag = "prompt_data" if stream == "prompts" else "expert_data"
+        values = [r["prompt"] if column == hp.prompt_column else r["columns"].get(column) for r in rows]
+        if all(v is None for v in values):
+            found = sorted({hp.prompt_column}.union(*(r["columns"] for r in rows)))
+            raise DataError(
+                f"{label}: rows {numbers[0]}-{numbers[-1]}: missing column {column!r} ({flag}); data.pair_by="
+                f"{column!r} names the id column that pairs prompts with demonstrations and must be in both "
+                f"data.prompt_data and data.expert_data. Columns found: {found}. Set data.pair_by to the id "
+                f"column, or to 'prompt' to pair by identical prompt text."
+            )
+        keys, problems = [], []
+        for value, number in zip(values, numbers):
+            if value is None:
+                problems.append(f"row {number}, column {column!r} is missing")
+            elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                problems.append(
+                    f"row {number}, column {column!r}: expected a string or number, got {type(value).__name__}"
+                )
+            keys.append(str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value)
+        if problems:
+            raise DataError(report(label, problems, f"rows without a usable id (data.pair_by={column!r}, {flag})"))
+        return keys
+
+    def _check_unique_ids(self, keys: list) -> None:
+        """DataError naming file, rows and column when an id (``pair_by``) repeats in the prompt file."""
+        column, first, problems = self.hparams.pair_by, {}, []
+        for key, number in zip(keys, self.row_numbers["prompts"]):
+            if key in first:
+                problems.append(f"row {number}, column {column!r}: id {key!r} is also on row {first[key]}")
+            else:
+                first[key] = number
+        if problems:
+            raise DataError(
+                report(self.labels["prompts"], problems, "prompt rows whose id repeats an earlier row's")
+                + f"\ndata.pair_by={column!r} pairs each prompt row by its id: give every prompt row its own id (the "
+                f"expert file may hold several rows per id, several demonstrations)."
+            )
 
     def check_demonstrations(self, judge: Callable[..., torch.Tensor]) -> float | None:
         """The set-up self-check: score up to ``demo_check_rows`` demonstrations (a seeded sample of the
@@ -534,6 +708,13 @@ class MixedDataModule(L.LightningDataModule):
         }
 
     def collate_prompts(self, rows: list[dict]) -> dict:
+        """A batch of prompt rows: ``prompt_ids`` / ``prompt_mask`` (B, P) left-padded with the pad id (mask 1
+        on real tokens), ``prompts`` and ``answers`` (B texts), ``columns`` (the data set's other columns, B
+        values each). Rows paired by :meth:`pair_demonstrations` (k > 0) add ``demo_ids`` (B, k, D) long, each
+        demonstration's response tokens + EOS right-padded with the pad id to the batch's longest D,
+        ``demo_mask`` (B, k, D) long, 1 on real tokens, and ``demonstrations`` (B lists of k texts), in
+        the pairing's order; ``prompt_ids[b]``'s real tokens followed by ``demo_ids[b, j]``'s are the
+        sequence an expert row of that prompt and demonstration trains on (:meth:`collate_expert`)."""
         pad = self.tokenizer.pad_token_id
         batch = {
             "prompt_ids": _pad([r["prompt_ids"] for r in rows], pad, left=True),
@@ -546,6 +727,12 @@ class MixedDataModule(L.LightningDataModule):
                 for k in dict.fromkeys(k for r in rows for k in r.get("columns", {}))
             },
         }
+        if rows and all("demo_ids" in r for r in rows):  # paired rows (pair_demonstrations): their k demonstrations
+            demos = [ids for r in rows for ids in r["demo_ids"]]
+            shape = (len(rows), len(rows[0]["demo_ids"]), -1)
+            batch["demo_ids"] = _pad(demos, pad, left=False).view(shape)
+            batch["demo_mask"] = _pad([[1] * len(ids) for ids in demos], 0, left=False).view(shape)
+            batch["demonstrations"] = [list(r["demonstrations"]) for r in rows]
         return batch
 
     def collate_val(self, rows: list[dict]) -> dict:
@@ -590,7 +777,11 @@ class MixedDataModule(L.LightningDataModule):
         if self.expert_rows:
             loaders["expert"] = self._loader(self.expert_rows, bs["expert"], self.collate_expert, True)
         if self.prompt_rows:
-            loaders["prompts"] = self._loader(self.prompt_rows, bs["prompt"], self.collate_prompts, True)
+            rows = self.prompt_rows
+            if self.demonstrations_per_prompt:  # set by the method after setup(): pair now (once per k)
+                self.pair_demonstrations()
+                rows = self._paired[1]
+            loaders["prompts"] = self._loader(rows, bs["prompt"], self.collate_prompts, True)
         if self.meta_rows:
             loaders["meta"] = self._loader(self.meta_rows, bs["meta"], self.collate_val, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
