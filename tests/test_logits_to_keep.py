@@ -6,7 +6,7 @@ import torch
 from _rollouts import PROMPT_LENS, mixed_length_rollout
 
 from lit_align import losses
-from lit_align.modules import logits as logits_module  # where the policy looks up logits_to_keep support
+from lit_align.core import policy as logits_module  # where the policy looks up logits_to_keep support
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.rollout import accepts_logits_to_keep

@@ -429,7 +429,7 @@ def test_synced_decode_over_two_ranks_stopping_at_different_lengths(synced_resul
 def test_the_module_samples_with_its_settings_and_logs_what_it_overrode_once(ckpt, monkeypatch, caplog):
     import logging
 
-    from lit_align.modules import policy as policy_module
+    from lit_align.core import sampler as policy_module
     from lit_align.modules.grpo import GRPOModule
 
     module = GRPOModule(

@@ -32,10 +32,11 @@ class RLSettings:
     epsilon_high: float = 0.2
     beta: float = 0.0
     kl_estimator: str = "k3"
+    off_policy_gamma: float = 0.1  # LUFFY's shaping f(r) = r / (r + gamma) on off-policy tokens
 
     @classmethod
     def from_hparams(cls, hp) -> RLSettings:
-        return cls(**{name: hp[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: hp[name] for name in cls.__dataclass_fields__ if name in hp})
 
 
 class Lazy:
@@ -92,18 +93,28 @@ def rl_term(
     name: str = "rl",
     extra: Callable | None = None,
     is_weights: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
+    off_tokens: torch.Tensor | None = None,
 ) -> Term:
-    """The clipped GRPO surrogate over ``rollout``'s tokens, per token -min(rho A, clip(rho) A) [+ beta KL]
-    (:func:`lit_align.losses.surrogate_per_token`), as a :class:`Term` weighted ``weight``.
+    """The policy-gradient term over ``rollout``'s tokens, as a :class:`Term` weighted ``weight``: on-policy
+    tokens the clipped GRPO surrogate -min(rho A, clip(rho) A) [+ beta KL]
+    (:func:`lit_align.losses.surrogate_per_token`); off-policy tokens (``off_tokens`` (N, T) bool, default:
+    every token of the rows the policy did not sample, ``rollout.off_policy``) LUFFY's shaped objective
+    -A f(r), r = p / pi_behaviour with pi_behaviour = exp(old_logp) (1 for a demonstration),
+    f(r) = r / (r + gamma), no clip (:func:`lit_align.losses.shaped_off_policy_per_token`). Both kinds are
+    normalised together (one term), as LUFFY does.
 
     Shapes: ``advantages`` (N,); ``mask`` (N, T) the tokens that count (default: the completion mask).
     ``extra(logits, mask)``: a scalar added to each micro-batch's loss from its completion logits (AMFT's
     entropy term). ``is_weights(rows, width)``: per-token importance weights (b, width) or None (TRL's
-    vLLM correction). Logged per token: clip_ratio, kl (beta > 0), entropy_usual.
+    vLLM correction). Logged per token: clip_ratio, kl (beta > 0), entropy_usual; with off-policy tokens
+    also off_policy_token_share and off_policy_weight_mean (mean f over off-policy tokens), and clip_ratio /
+    entropy_usual over the on-policy tokens only.
     """
     s = settings
     mask = rollout.completion_mask if mask is None else mask
     rows_of = Completions.of(rollout)
+    if off_tokens is None and rollout.off_policy is not None and bool(rollout.off_policy.any()):
+        off_tokens = rollout.off_policy.unsqueeze(-1).expand_as(rollout.completion_mask)
 
     def forward(rows: torch.Tensor) -> TermOutput:
         # the backward writes the logits' gradient over them, unless extra's graph reads them too
@@ -126,6 +137,16 @@ def rl_term(
         if w is not None:
             metrics["importance_sampling_ratio"] = w
         metrics["entropy_usual"] = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
+        if off_tokens is not None:
+            off = off_tokens[rows][:, :width].to(torch.bool)
+            shaped, more_metrics = losses.shaped_off_policy_per_token(
+                scored.logp, advantages[rows], s.off_policy_gamma, rollout.old_logp[rows, :width]
+            )
+            values = torch.where(off, shaped, values)
+            on = ~off
+            metrics = {k: (v, on) for k, v in metrics.items()}  # on-policy metrics over on-policy tokens
+            metrics["off_policy_token_share"] = off.to(scored.logp.dtype)
+            metrics["off_policy_weight_mean"] = (more_metrics["off_policy_weight"], off)
         more = None if extra is None else extra(scored.logits, m)
         return TermOutput(values, m, metrics, more)
 
@@ -160,7 +181,7 @@ def sft_term(
     on_weights: Callable[[torch.Tensor], None] | None = None,
 ) -> Term:
     """The (weighted) NLL of the demonstrations over their response tokens, per token w_t * (-log p_t)
-    as a :class:`Term` weighted ``weight``.
+    (:func:`lit_align.losses.weighted_nll_per_token`), as a :class:`Term` weighted ``weight``.
 
     ``token_weights(logp, logits)`` -> detached (b, T) weights w (CHORD's phi, ...) or None (plain NLL);
     ``on_weights(w)`` receives the weights of the counted tokens as they are computed (a histogram's
@@ -182,7 +203,6 @@ def sft_term(
             metrics["token_weight_mean"] = weights
             if on_weights is not None:
                 on_weights(weights[scored.mask].detach())
-        values = -logp if weights is None else -(weights * logp)
-        return TermOutput(values, scored.mask, metrics)
+        return TermOutput(losses.weighted_nll_per_token(logp, weights), scored.mask, metrics)
 
     return Term(name, weight, rows_of.target_mask, forward)
