@@ -32,6 +32,11 @@ class Rollout:
         "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
     )
     sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
+    # mixed groups (a demonstration beside the samples of its prompt): the prompt index of each row, (N,) long
+    # (None: row // G, groups of G consecutive rows), and which rows the policy did not sample, (N,) bool
+    # (None: none); an off-policy row's old_logp is its behaviour log-prob (0: probability 1, a demonstration)
+    group_ids: torch.Tensor | None = None
+    off_policy: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:

@@ -33,7 +33,8 @@ from lit_align import losses
 @dataclass
 class TermOutput:
     """What one micro-batch's forward gives: ``values`` (b, T) per-token loss with its graph, ``mask``
-    (b, T) the tokens that count, ``metrics`` {name: (b, T) detached per-token values} to be reported
+    (b, T) the tokens that count, ``metrics`` {name: (b, T) detached per-token values, or (values, mask)
+    for a mean over the term's tokens where ``mask`` is set} to be reported
     as token-means over the term's tokens, and ``extra`` a scalar added as is to the micro-batch's loss
     (already normalised by the caller; AMFT's entropy regulariser)."""
 
@@ -236,6 +237,12 @@ def accumulate(
             loss_sums[k] += float(term_value.detach())
             maskf = out.mask.to(torch.float64)
             for name, v in out.metrics.items():
+                if isinstance(v, tuple):  # (values, mask): a token-mean over its own tokens (global count)
+                    v, own = v
+                    own = own.to(torch.float64) * maskf
+                    sums[name + "#"] = sums.get(name + "#", 0.0) + float(own.sum())
+                    sums[name] = sums.get(name, 0.0) + float((v.detach().double() * own).sum())
+                    continue
                 sums[name] = sums.get(name, 0.0) + float((v.detach().double() * maskf).sum())
                 tokens[name] = ntok
             if out.extra is not None:
@@ -249,11 +256,15 @@ def accumulate(
     for t, v in zip(terms, term_values):
         metrics[f"{t.name}_loss"] = torch.tensor(v, dtype=torch.float64)
         total += t.weight * v
-    for n, v in zip(names, metric_totals):
+    by_name = dict(zip(names, metric_totals))
+    for n, v in by_name.items():
         if n == "_extra":
             total += v
             continue
-        metrics[n] = torch.tensor(v / tokens[n], dtype=torch.float64)
+        if n.endswith("#"):
+            continue
+        count = tokens[n] if n in tokens else by_name[n + "#"]  # NaN over no tokens of its own
+        metrics[n] = torch.tensor(v / count if count else float("nan"), dtype=torch.float64)
     return torch.tensor(total, dtype=torch.float64), metrics
 
 

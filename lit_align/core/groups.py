@@ -1,0 +1,106 @@
+"""Mixed groups: a prompt's demonstration(s) as members of its GRPO group, beside the policy's samples.
+
+A prompt batch paired with its demonstrations (``data`` pairing: ``prompts["demo_ids"]`` (B, k, D),
+``prompts["demo_mask"]``, ``prompts["demonstrations"]``) gives :func:`demonstration_rows`, a
+:class:`~lit_align.rollout.Rollout` of B x k off-policy rows; :func:`mix` joins them with the sampled rows
+so that each prompt's group is contiguous (its samples, then its demonstrations) and every row carries
+its prompt index (``group_ids``) and whether the policy sampled it (``off_policy``). Advantages over such
+groups come from :func:`lit_align.losses.group_advantages_by_id`; the RL term gives off-policy tokens the
+shaped objective (:func:`lit_align.core.terms.rl_term`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_align.rollout import Rollout
+
+
+def demonstration_rows(prompts: dict, k: int | None = None) -> Rollout:
+    """The first ``k`` (default all) demonstrations of each prompt as off-policy Rollout rows (B * k, in
+    prompt order), behaviour log-prob 0 (probability 1: no log-probs exist for a human or closed-model trace)
+    and entropy 0 (nothing was sampled).
+
+    Raises:
+        ValueError: the batch carries no demonstrations (the data module pairs them when the method asks:
+            ``MixedDataModule.pair_demonstrations``), or fewer than ``k`` per prompt.
+    """
+    if "demo_ids" not in prompts:
+        raise ValueError(
+            "this method needs each prompt's demonstration: the prompt batch carries none (lit_align.MixedDataModule "
+            "pairs them with data.pair_by when the module asks at set-up; give data.expert_data or a prompt file "
+            "with a response column)"
+        )
+    ids, mask = prompts["demo_ids"], prompts["demo_mask"]  # (B, K, D)
+    B, K, D = ids.shape
+    k = K if k is None else k
+    if k > K:
+        raise ValueError(f"{k} demonstrations per prompt asked, the batch carries {K}")
+    ids, mask = ids[:, :k].reshape(B * k, D), mask[:, :k].reshape(B * k, D)
+    width = int(mask.sum(-1).max()) if mask.numel() else 0
+    ids, mask = ids[:, :width], mask[:, :width]
+    texts = [t for row in prompts["demonstrations"] for t in row[:k]]
+    zeros = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    return Rollout(
+        prompts["prompt_ids"].repeat_interleave(k, dim=0),
+        prompts["prompt_mask"].repeat_interleave(k, dim=0),
+        ids,
+        mask,
+        zeros,
+        zeros.clone(),
+        texts,
+        "demonstration",
+        group_ids=torch.arange(B, device=ids.device).repeat_interleave(k),
+        off_policy=torch.ones(B * k, dtype=torch.bool, device=ids.device),
+    )
+
+
+def group_ids(rollout: Rollout, group_size: int) -> torch.Tensor:
+    """(N,) the prompt index of each row: the rollout's own, or row // group_size."""
+    if rollout.group_ids is not None:
+        return rollout.group_ids
+    return torch.arange(len(rollout.completions), device=rollout.completion_ids.device) // group_size
+
+
+def off_policy(rollout: Rollout) -> torch.Tensor:
+    """(N,) True where the policy did not sample the row."""
+    if rollout.off_policy is not None:
+        return rollout.off_policy
+    return torch.zeros(len(rollout.completions), dtype=torch.bool, device=rollout.completion_ids.device)
+
+
+def mix(sampled: Rollout, group_size: int, members: Rollout) -> Rollout:
+    """``sampled`` (groups of ``group_size`` consecutive rows, prompt i's at i * group_size ...) and
+    ``members`` (rows with ``group_ids``) as one Rollout whose groups are contiguous: prompt i's samples,
+    then its members. Completion widths are padded to the wider (pad id 0 under mask 0)."""
+    g_sampled = group_ids(sampled, group_size)
+    g_members = group_ids(members, 1)
+    order_ids = torch.cat([g_sampled, g_members])
+    # a stable sort by prompt keeps the samples first, then the members, within each group
+    order = torch.argsort(order_ids.cpu(), stable=True).to(order_ids.device)
+    width = max(sampled.completion_ids.shape[1], members.completion_ids.shape[1])
+
+    def cat(a: torch.Tensor, b: torch.Tensor, value=0) -> torch.Tensor:
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+        return torch.cat([pad(a), pad(b.to(a.dtype))])[order]
+
+    P = max(sampled.prompt_ids.shape[1], members.prompt_ids.shape[1])
+
+    def left(t: torch.Tensor, value=0) -> torch.Tensor:  # prompts are left-padded
+        return torch.nn.functional.pad(t, (P - t.shape[1], 0), value=value)
+
+    texts = sampled.completions + members.completions
+    logp_of = lambda r: r.sampler_logp if r.sampler_logp is not None else torch.zeros_like(r.old_logp)  # noqa: E731
+    return Rollout(
+        torch.cat([left(sampled.prompt_ids), left(members.prompt_ids)])[order],
+        torch.cat([left(sampled.prompt_mask), left(members.prompt_mask)])[order],
+        cat(sampled.completion_ids, members.completion_ids),
+        cat(sampled.completion_mask, members.completion_mask),
+        cat(sampled.old_logp, members.old_logp),
+        cat(sampled.entropy, members.entropy),
+        [texts[i] for i in order.tolist()],
+        sampled.sampler,
+        None if sampled.sampler_logp is None else cat(logp_of(sampled), logp_of(members)),
+        order_ids[order],
+        torch.cat([off_policy(sampled), off_policy(members)])[order],
+    )
