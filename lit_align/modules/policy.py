@@ -27,8 +27,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lit_align import losses
+from lit_align.core import groups, terms
 from lit_align.core import settings as S
-from lit_align.core import terms
 from lit_align.core.buffer import RolloutBuffer
 from lit_align.core.engine import Ranks, Term, accumulate, fsdp_no_sync
 from lit_align.core.heldout import HeldOut
@@ -274,6 +274,14 @@ class PolicyModule(L.LightningModule):
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
 
     # ------------------------------------------------------------------ what a method states
+    demonstrations_per_prompt = 0  # > 0: each prompt row carries this many of its demonstrations (LUFFY, HPT, ...)
+    advantage_stats: losses.AdvantageStats = "all"  # a mixed group's statistics: all members, or on-policy ones
+
+    def group_rollouts(self, prompts: dict) -> Rollout:
+        """The rows of a rollout batch: G samples per prompt. A method may add members to the groups (a
+        demonstration beside the samples: :func:`lit_align.core.groups.mix`) or sample from a prefix."""
+        return self.sample(prompts)
+
     def loss(self, u: Update) -> Loss:
         """This update's loss as a weighted sum of terms built from ``u`` (see :mod:`lit_align.core.update`)."""
         raise NotImplementedError
@@ -332,6 +340,13 @@ class PolicyModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
             datamodule.check_demonstrations(self.heldout.judge_demonstrations)  # data/demo_reward_rate
+        if stage == "fit" and self.demonstrations_per_prompt:
+            if not hasattr(datamodule, "pair_demonstrations"):
+                raise ValueError(
+                    f"{type(self).__name__} reads each prompt's demonstration: it needs lit_align.MixedDataModule "
+                    f"(data.pair_by pairs prompts with demonstrations); got {type(datamodule).__name__}"
+                )
+            datamodule.pair_demonstrations(self.demonstrations_per_prompt)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
             datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
         elif stage == "fit" and k > 1:
@@ -395,12 +410,13 @@ class PolicyModule(L.LightningModule):
         return out
 
     def rollout_and_score(self, batch: dict) -> tuple[Rollout, torch.Tensor, dict]:
-        """Sample G completions per prompt and score them (no gradient)."""
-        G = self.hparams.num_generations
-        rollout = self.sample(batch)
-        prompts = [p for p in batch["prompts"] for _ in range(G)]
-        answers = [a for a in batch["answers"] for _ in range(G)]
-        columns = {k: [x for x in v for _ in range(G)] for k, v in batch.get("columns", {}).items()}
+        """The rollout batch's rows (:meth:`group_rollouts`: G samples per prompt) and their scores (no
+        gradient); each row is scored against its own prompt's answer and columns."""
+        rollout = self.group_rollouts(batch)
+        of = groups.group_ids(rollout, self.hparams.num_generations).tolist()  # each row's prompt
+        prompts = [batch["prompts"][i] for i in of]
+        answers = [batch["answers"][i] for i in of]
+        columns = {k: [v[i] for i in of] for k, v in batch.get("columns", {}).items()}
         scores = self.score_all(prompts, rollout, answers, columns)
         rewards = scores.total.to(self.device)
         self.reward_errors += scores.n_errors
@@ -419,7 +435,13 @@ class PolicyModule(L.LightningModule):
         (``mask_truncated_completions`` drops truncated completions from it)."""
         hp = self.hparams
         rollout, rewards, metrics = self.rollout_and_score(prompts)
-        adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+        if rollout.group_ids is None and rollout.off_policy is None:  # groups of G samples
+            adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+        else:  # mixed groups: statistics over every member, or over the on-policy ones
+            on = ~groups.off_policy(rollout)
+            adv, more = losses.group_advantages_by_id(
+                rewards, rollout.group_ids, on, hp.advantage_norm, self.advantage_stats
+            )
         metrics.update(more)
         truncated = self.sampler.truncated(rollout)
         metrics["clipped_ratio"] = truncated.float().mean()
