@@ -32,6 +32,9 @@ class Rollout:
         "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
     )
     sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
+    # (B*G, T) 1 at completion positions whose token was given (a prefix, see generate's prefix_ids) rather
+    # than sampled, 0 elsewhere (after the first EOS too); None when no row has a prefix
+    prefix_mask: torch.Tensor | None = None
     # mixed groups (a demonstration beside the samples of its prompt): the prompt index of each row, (N,) long
     # (None: row // G, groups of G consecutive rows), and which rows the policy did not sample, (N,) bool
     # (None: none); an off-policy row's old_logp is its behaviour log-prob (0: probability 1, a demonstration)
