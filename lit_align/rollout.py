@@ -61,6 +61,47 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int] | int
     return (before == 0).long()
 
 
+def check_prefix(
+    prefix_ids: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given completion prefixes, one per output row: ``prefix_ids`` (rows, L), right-padded, ``prefix_mask``
+    (rows, L) 1 on each row's prefix tokens (None: every column is). Returns (prefix ids (rows, L), long,
+    0 on padding, whatever it held, e.g. -100; prefix lengths (rows,), long). Raises ValueError for a shape that does not fit or a mask that is not
+    right-padded (a 0 before a 1)."""
+    if prefix_ids.dim() != 2 or prefix_ids.shape[0] != rows:
+        raise ValueError(f"prefix_ids: one row per output row, (rows={rows}, L), got {tuple(prefix_ids.shape)}")
+    if prefix_mask is None:
+        prefix_mask = torch.ones_like(prefix_ids)
+    if prefix_mask.shape != prefix_ids.shape:
+        raise ValueError(
+            f"prefix_mask {tuple(prefix_mask.shape)} must have prefix_ids' shape {tuple(prefix_ids.shape)}"
+        )
+    given = prefix_mask.ne(0)
+    lengths = given.sum(-1)
+    columns = torch.arange(given.shape[1], device=given.device)
+    if not torch.equal(given, columns.unsqueeze(0) < lengths.unsqueeze(1)):
+        raise ValueError("prefix_mask must be right-padded: each row's prefix tokens first, then 0s")
+    return prefix_ids.long() * given, lengths.long()
+
+
+def prefix_positions(prefix_mask: torch.Tensor | None, completion_mask: torch.Tensor) -> torch.Tensor | None:
+    """:attr:`Rollout.prefix_mask` of completions (``completion_mask``: (N, T)) that start with the given
+    prefixes (``prefix_mask``: (N, L), right-padded, as :func:`generate` takes it): 1 (long) at completion
+    position t < the row's prefix length where ``completion_mask`` is 1, so a prefix cut by
+    ``max_new_tokens`` or ended by its own EOS is marked only where the completion has it. None when
+    ``prefix_mask`` is None or no row has a prefix."""
+    return None if prefix_mask is None else _given_positions(prefix_mask.ne(0).sum(-1), completion_mask)
+
+
+def _given_positions(lengths: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor | None:
+    """:func:`prefix_positions` from the prefix lengths (N,)."""
+    lengths = lengths.to(completion_mask.device)
+    if not bool((lengths > 0).any()):
+        return None
+    columns = torch.arange(completion_mask.shape[1], device=completion_mask.device)
+    return ((columns.unsqueeze(0) < lengths.unsqueeze(1)) & completion_mask.ne(0)).long()
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as ``generate`` uses them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -335,6 +376,8 @@ def generate(
     repetition_penalty: float = 1.0,
     min_new_tokens: int = 0,
     skip_special_tokens: bool = True,
+    prefix_ids: torch.Tensor | None = None,
+    prefix_mask: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` (G) completions for each of the B left-padded prompts (``prompt_ids``,
     ``prompt_mask``: (B, P)), or one greedy one (argmax of the raw logits; the sampling arguments unused).
@@ -374,6 +417,21 @@ def generate(
 
     ``skip_special_tokens``: how the completion texts are decoded (see :func:`completion_texts`).
 
+    ``prefix_ids``, ``prefix_mask`` (B*G, L), right-padded, one row per OUTPUT row (row ``i * G + g``:
+    prompt i's g-th sample; B rows when greedy): completions that start with GIVEN tokens (Prefix-RFT's
+    demonstration prefixes, UFT's hints). Row r's completion is its prefix tokens (``prefix_mask`` 1),
+    then the policy's samples; a row whose mask is all 0 samples freely. ``max_new_tokens`` bounds the
+    whole completion, so a longer prefix is cut to it; an EOS inside the prefix ends the completion there
+    (``completion_mask`` as usual). The prefix is fed to the model token by token at the completion
+    positions it occupies, in the same forwards that sample the other rows (:func:`decode`; on the HF
+    path a logits processor forces it in ``generate``): each step's draw is made for every row and, in a
+    row whose prefix covers that position, replaced by the given token. So the loop runs no more steps
+    than the longest completion, as without prefixes, and ``old_logp`` / ``entropy`` at prefix positions
+    are the policy's log-prob of the given token and the entropy there at the sampling temperature, from
+    the logits of that same forward (decode) or of the scoring forward (HF generate), as at sampled
+    positions. ``Rollout.prefix_mask`` marks the given positions (:func:`prefix_positions`); None when
+    no row has a prefix. Without ``prefix_ids`` nothing changes, random draws included.
+
     Returns one :class:`Rollout` with B x G rows (row ``i * G + g``: prompt i's g-th sample); its
     completion width T is the longest chunk's, shorter completions padded with the pad id, mask 0,
     log-prob 0 and entropy 0 (all float32, nats). The model's train/eval mode is restored afterwards.
@@ -391,6 +449,11 @@ def generate(
     sampler = "decode" if drop_finished and decode_supports(model) else "hf-generate"
     pad, t = settings["pad_token_id"], 1.0 if greedy else temperature
     rows = prompt_ids.shape[0] * G
+    given = None  # (prefix ids, lengths) per output row, cut to max_new_tokens
+    if prefix_ids is not None:
+        given_ids, lengths = check_prefix(prefix_ids, prefix_mask, rows)
+        if bool((lengths > 0).any()):
+            given = given_ids[:, :max_new_tokens].to(prompt_ids.device), lengths.clamp(max=max_new_tokens)
     chunks = (
         _chunks(rows, G, rows if generation_batch_size is None else min(generation_batch_size, rows)) if rows else []
     )
@@ -398,12 +461,15 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        pieces = []
+        pieces, lo = [], 0
         for c in range(n_chunks):
             if c < len(chunks):
                 first, counts = chunks[c]
                 ids, mask = prompt_ids[first : first + len(counts)], prompt_mask[first : first + len(counts)]
-                pieces.append(_sample_chunk(sampler, model, ids, mask, counts, settings, t, synced_gpus))
+                hi = lo + sum(counts)
+                prefix = None if given is None else (given[0][lo:hi], given[1][lo:hi])
+                pieces.append(_sample_chunk(sampler, model, ids, mask, counts, settings, t, synced_gpus, prefix=prefix))
+                lo = hi
             else:  # this rank's stand-in for a chunk other ranks still run: the same collectives, no output
                 if rows:
                     ids, mask = prompt_ids[:1], prompt_mask[:1]
@@ -434,6 +500,7 @@ def generate(
         entropy,
         texts,
         sampler,
+        prefix_mask=None if given is None else _given_positions(given[1], mask),
     )
 
 
@@ -482,17 +549,22 @@ def _sample_chunk(
     temperature: float,
     synced: bool,
     idle: bool = False,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One chunk: ``counts[i]`` samples of prompt i. (completion ids, mask, log-probs, entropies), each
-    (sum(counts), T). ``idle``: a stand-in chunk (see :func:`generate`); its output is meaningless."""
+    (sum(counts), T). ``idle``: a stand-in chunk (see :func:`generate`); its output is meaningless.
+    ``prefix``: (ids (sum(counts), L), lengths (sum(counts),)) of the rows' given prefixes, or None."""
     repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts)
     eos = settings["eos_token_id"]
+    given = {} if prefix is None else dict(prefix_ids=prefix[0], prefix_lengths=prefix[1])
     if sampler == "decode":
-        ids, logp, entropy = decode(model, prompt_ids, prompt_mask, settings, repeats=repeats, synced=synced, idle=idle)
+        ids, logp, entropy = decode(
+            model, prompt_ids, prompt_mask, settings, repeats=repeats, synced=synced, idle=idle, **given
+        )
         return ids, completion_mask(ids, eos), logp, entropy
     index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(prompt_ids.device)
     prompt_ids, prompt_mask = prompt_ids[index], prompt_mask[index]
-    ids = hf_generate(model, prompt_ids, prompt_mask, settings, synced=synced)
+    ids = hf_generate(model, prompt_ids, prompt_mask, settings, synced=synced, **given)
     mask = completion_mask(ids, eos)
     logp, entropy = score_completions(model, prompt_ids, prompt_mask, ids, mask, temperature)
     return ids, mask, logp, entropy
@@ -504,11 +576,16 @@ def hf_generate(
     prompt_mask: torch.Tensor,
     settings: dict,
     synced: bool = False,
+    prefix_ids: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """HF ``generate`` with ``settings`` (see :data:`SETTINGS`) and nothing else: the model's own
     generation config is swapped out for the call, so none of its fields (a checkpoint's top_k,
     repetition_penalty, ...) apply; no scores or logits are kept. ``synced``: HF's ``synced_gpus``.
-    Returns the completion ids (B, T), padded with ``pad_token_id`` after EOS."""
+    ``prefix_ids`` (B, L), ``prefix_lengths`` (B,): row b's first ``prefix_lengths[b]`` completion tokens
+    are given, not sampled (a logits processor, last in HF's list, leaves only the given token
+    possible; the draw is still made, as in :func:`decode`). Returns the completion ids (B, T), padded
+    with ``pad_token_id`` after EOS."""
     from transformers import GenerationConfig
 
     check_settings(settings)
@@ -518,16 +595,42 @@ def hf_generate(
             setattr(config, name, None)
     if config.min_p == 0.0:
         config.min_p = None
+    processors = {}
+    if prefix_ids is not None and bool((prefix_lengths > 0).any()):
+        processors["logits_processor"] = _given_prefix(prefix_ids, prefix_lengths, prompt_ids.shape[1])
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = inner.generation_config
     inner.generation_config = config  # what HF merges missing fields from: nothing of the checkpoint's
     try:
         out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config, synced_gpus=synced
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            synced_gpus=synced,
+            **processors,
         )
     finally:
         inner.generation_config = before
     return out[:, prompt_ids.shape[1] :]
+
+
+def _given_prefix(prefix_ids: torch.Tensor, lengths: torch.Tensor, prompt_width: int):
+    """A ``LogitsProcessorList`` whose one processor, at completion position t (the step's input width
+    minus ``prompt_width``), leaves in each row with ``lengths > t`` only its given token
+    ``prefix_ids[row, t]`` possible (score 0, every other -inf): sampling, greedy and every warper then
+    pick it. Rows without a prefix there are untouched."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class GivenPrefix(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            t = input_ids.shape[1] - prompt_width
+            if t >= prefix_ids.shape[1]:
+                return scores
+            rows = (lengths > t).to(scores.device)
+            forced = torch.full_like(scores, float("-inf")).scatter_(1, prefix_ids[:, t : t + 1].to(scores.device), 0.0)
+            return torch.where(rows.unsqueeze(1), forced, scores)
+
+    return LogitsProcessorList([GivenPrefix()])
 
 
 # explicit "off" values where HF's global defaults are not off (top_k 50) or not set
@@ -569,6 +672,8 @@ def decode(
     repeats: int | torch.Tensor = 1,
     synced: bool = False,
     idle: bool = False,
+    prefix_ids: torch.Tensor | None = None,
+    prefix_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or greedily pick) completions token by token with a KV cache, as HF ``generate`` does
     for ``settings`` (only those: :data:`SETTINGS`; anything else, or a value out of range, raises
@@ -593,6 +698,14 @@ def decode(
     step over torch.distributed's default group); a rank whose rows have all finished keeps running
     forwards on one of them, fed padding, recording nothing (and drawing no random numbers).
     ``idle`` (with ``synced``): rows start finished: a rank's stand-in that only runs the forwards.
+
+    ``prefix_ids`` (N, L) and ``prefix_lengths`` (N,), one per output row: row n's first
+    ``prefix_lengths[n]`` completion tokens are given (``prefix_ids[n, :length]``; cut to
+    ``max_new_tokens``), not sampled. At each step the draw is made for every row as without prefixes
+    (so other rows' draws do not change until rows are dropped), and a row still inside its prefix
+    takes its given token instead; the forward that feeds that token computes the next position's
+    logits as for sampled tokens, so the log-prob and entropy recorded at a given position are those
+    of the same raw logits / temperature. An EOS in the prefix finishes the row there.
 
     Returns (completion ids (N, T), log-probs and entropies of the raw logits / temperature (N, T),
     float32, nats, 0 after EOS), N = prompts x repeats (or sum(repeats)), T = steps until every row
@@ -638,6 +751,15 @@ def decode(
         B = len(index)
     else:
         B = prompt_ids.shape[0] * repeats
+    given = None  # (ids (B, L <= T), lengths (B,)) of the rows' given prefixes
+    if prefix_ids is not None and not idle:
+        if prefix_ids.dim() != 2 or prefix_ids.shape[0] != B or prefix_lengths.shape != (B,):
+            raise ValueError(
+                f"prefix_ids (rows={B}, L) and prefix_lengths ({B},), one per output row, got "
+                f"{tuple(prefix_ids.shape)} and {tuple(prefix_lengths.shape)}"
+            )
+        if bool((prefix_lengths > 0).any()):
+            given = prefix_ids[:, :T].long().to(device), prefix_lengths.long().to(device)
     ids = torch.full((B, T), pad, dtype=torch.long, device=device)
     logp = torch.zeros(B, T, dtype=torch.float32, device=device)
     entropy = torch.zeros(B, T, dtype=torch.float32, device=device)
@@ -678,6 +800,8 @@ def decode(
                 token = torch.multinomial(torch.softmax(warpers(history, scores), dim=-1), num_samples=1).squeeze(1)
             else:
                 token = scores.argmax(-1)
+            if given is not None and step < given[0].shape[1]:  # rows inside their prefix: the given token
+                token = torch.where(given[1][rows] > step, given[0][rows, step], token)
             token = torch.where(alive, token, torch.full_like(token, pad))
             live = rows[alive]
             ids[live, step] = token[alive]
