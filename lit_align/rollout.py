@@ -31,7 +31,8 @@ class Rollout:
     sampler: str = (
         "decode"  # what sampled it: "decode" (rollout.decode), "hf-generate" (HF generate + a scoring forward), "vllm"
     )
-    sampler_logp: torch.Tensor | None = None  # (B*G, T) vLLM's log-probs of the sampled tokens (None on the HF path)
+    # (B*G, T) vLLM's log-probs of the sampled tokens, 0 at given (prefix) positions; None on the HF path
+    sampler_logp: torch.Tensor | None = None
     # (B*G, T) 1 at completion positions whose token was given (a prefix, see generate's prefix_ids) rather
     # than sampled, 0 elsewhere (after the first EOS too); None when no row has a prefix
     prefix_mask: torch.Tensor | None = None

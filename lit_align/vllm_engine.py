@@ -161,6 +161,8 @@ class VLLMEngine:
         settings: dict,
         num_generations: int = 1,
         seed: int | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``num_generations`` (G) completions of each of the B left-padded prompts (``prompt_ids``,
         ``prompt_mask``: (B, P)), with ``settings`` as :func:`lit_align.rollout.sampling_settings` builds
@@ -169,6 +171,24 @@ class VLLMEngine:
         Each completion stops at the first of ``settings["eos_token_id"]`` (kept, as on the HF path) or
         after ``max_new_tokens``. ``seed``: prompt i's g-th sample draws from seed + i * G + g, so a call
         is reproducible; None: vLLM's own stream.
+
+        ``prefix_ids``, ``prefix_mask`` (B*G, L), right-padded, one row per output row (as
+        :func:`lit_align.rollout.generate` takes them; ``prefix_mask`` None: every column is given): row r's
+        completion starts with its given tokens and the engine continues from prompt + prefix (token-id
+        prompts). ``max_new_tokens`` bounds prefix + continuation (a longer prefix is cut; the engine is
+        asked for ``max_new_tokens`` - prefix length, ``min_new_tokens`` likewise); an end token inside
+        the prefix ends the completion there, and a row whose prefix ends its completion is not sent to
+        the engine. Each prompt's rows with the same prefix make one request (n = their count, seeded
+        with seed + the first one's row), so without prefixes the requests are exactly those of a call
+        without them: one per prompt, n = G, seed + i * G. Rows of one prompt with different prefixes
+        are separate requests over the same prompt (vLLM's prefix cache, where on, shares its full KV
+        blocks). The returned ids and mask cover prefix + continuation; the log-probs at prefix positions
+        are 0 (behaviour probability 1, as Prefix-RFT / LUFFY treat given tokens): vLLM's prompt
+        log-probs would be of the raw logits (temperature 1, processors skipped, whatever
+        ``logprobs_mode``) and cost a full-vocabulary log-softmax at every prompt position, and the
+        trainer recomputes old_logp over the whole completion anyway, so the prefix positions are left
+        out of any comparison with the engine's log-probs (``Rollout.prefix_mask``,
+        :func:`lit_align.rollout.prefix_positions`).
 
         Returns (completion ids (B*G, T) padded with ``pad_token_id``, completion mask (B*G, T), log-probs
         of the sampled tokens (B*G, T), float32, nats, 0 on padding), row ``i * G + g`` prompt i's g-th
@@ -204,28 +224,49 @@ class VLLMEngine:
         else:
             params["temperature"] = 0.0
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        reason = self.cannot_sample(prompt_mask, params["max_tokens"])
+        max_tokens, min_tokens = params["max_tokens"], params["min_tokens"]
+        reason = self.cannot_sample(prompt_mask, max_tokens)
         if reason:
             raise ValueError(reason)
-        requests = []
+        given = _given_prefixes(prefix_ids, prefix_mask, len(prompts) * G, max_tokens, set(eos))
+        requests, inputs, owners = [], [], []  # per request: its sampling parameters, prompt, output rows
         for i, p in enumerate(prompts):
-            one = dict(params, seed=None if seed is None else int(seed) + i * G)
-            requests.append(SamplingParams(**one))
-        self.wake_up()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], requests, use_tqdm=False)
-        rows = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+            groups: dict[tuple, list[int]] = {}
+            for r in range(i * G, (i + 1) * G):
+                groups.setdefault(given[r], []).append(r)
+            for prefix, rows in groups.items():
+                if len(prefix) == max_tokens or (prefix and prefix[-1] in eos):
+                    continue  # the prefix is the whole completion
+                one = dict(
+                    params,
+                    n=len(rows),
+                    max_tokens=max_tokens - len(prefix),
+                    min_tokens=max(min_tokens - len(prefix), 0),
+                    seed=None if seed is None else int(seed) + rows[0],
+                )
+                requests.append(SamplingParams(**one))
+                inputs.append(TokensPrompt(prompt_token_ids=p + list(prefix)))
+                owners.append(rows)
+        tokens = [list(prefix) for prefix in given]
+        logps = [[0.0] * len(prefix) for prefix in given]  # 0 at given positions: see the docstring
+        if requests:
+            self.wake_up()
+            outputs = self.llm.generate(inputs, requests, use_tqdm=False)
+            for rows, out in zip(owners, outputs):
+                for r, c in zip(rows, sorted(out.outputs, key=lambda c: c.index)):
+                    tokens[r] += list(c.token_ids)
+                    logps[r] += [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]
         pad = settings.get("pad_token_id")
         pad = pad if pad is not None else (eos[0] if eos else 0)
-        T = max((len(c.token_ids) for c in rows), default=0)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        logp = torch.zeros(len(rows), T, dtype=torch.float32)
-        for r, c in enumerate(rows):
-            tokens = list(c.token_ids)
-            n = len(tokens)
-            ids[r, :n] = torch.tensor(tokens, dtype=torch.long)
+        T = max(map(len, tokens), default=0)
+        ids = torch.full((len(tokens), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(tokens), T, dtype=torch.long)
+        logp = torch.zeros(len(tokens), T, dtype=torch.float32)
+        for r, (row, row_logp) in enumerate(zip(tokens, logps)):
+            n = len(row)
+            ids[r, :n] = torch.tensor(row, dtype=torch.long)
             mask[r, :n] = 1
-            logp[r, :n] = torch.tensor([step[t].logprob for step, t in zip(c.logprobs, tokens)], dtype=torch.float32)
+            logp[r, :n] = torch.tensor(row_logp, dtype=torch.float32)
         device = prompt_ids.device
         return ids.to(device), mask.to(device), logp.to(device)
 
@@ -295,6 +336,22 @@ class VLLMEngine:
             dist.destroy_process_group = destroy
         del llm, core
         gc.collect()
+
+
+def _given_prefixes(prefix_ids, prefix_mask, rows: int, max_tokens: int, eos: set[int]) -> list[tuple[int, ...]]:
+    """Each output row's given prefix as a tuple of token ids (empty: none), cut to ``max_tokens`` and
+    after its first end token (see :meth:`VLLMEngine.generate`)."""
+    if prefix_ids is None:
+        return [()] * rows
+    from lit_align.rollout import check_prefix
+
+    ids, lengths = check_prefix(prefix_ids.cpu(), None if prefix_mask is None else prefix_mask.cpu(), rows)
+    out = []
+    for row, n in zip(ids.tolist(), lengths.tolist()):
+        row = row[: min(n, max_tokens)]
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        out.append(tuple(row if stop is None else row[: stop + 1]))
+    return out
 
 
 def _retie_output_layer(worker) -> None:
