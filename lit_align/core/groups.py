@@ -100,7 +100,14 @@ def mix(sampled: Rollout, group_size: int, members: Rollout) -> Rollout:
         cat(sampled.entropy, members.entropy),
         [texts[i] for i in order.tolist()],
         sampled.sampler,
-        None if sampled.sampler_logp is None else cat(logp_of(sampled), logp_of(members)),
-        order_ids[order],
-        torch.cat([off_policy(sampled), off_policy(members)])[order],
+        sampler_logp=None if sampled.sampler_logp is None else cat(logp_of(sampled), logp_of(members)),
+        prefix_mask=None
+        if sampled.prefix_mask is None and members.prefix_mask is None
+        else cat(_or_zeros(sampled.prefix_mask, sampled), _or_zeros(members.prefix_mask, members)),
+        group_ids=order_ids[order],
+        off_policy=torch.cat([off_policy(sampled), off_policy(members)])[order],
     )
+
+
+def _or_zeros(mask: torch.Tensor | None, rollout: Rollout) -> torch.Tensor:
+    return mask if mask is not None else torch.zeros_like(rollout.completion_mask)

@@ -20,7 +20,7 @@ from lit_align import losses
 from lit_align.core.engine import forward_groups
 from lit_align.core.policy import Completions, Policy
 from lit_align.core.world import World
-from lit_align.rollout import Rollout, generate, sampling_overrides, sampling_settings
+from lit_align.rollout import Rollout, generate, prefix_positions, sampling_overrides, sampling_settings
 
 ENGINES = ("hf", "vllm")
 
@@ -82,15 +82,29 @@ class Sampler:
         self._fallbacks_said: set[str] = set()
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, prompts: dict, world: World, greedy: bool = False, num_generations: int | None = None) -> Rollout:
+    def sample(
+        self,
+        prompts: dict,
+        world: World,
+        greedy: bool = False,
+        num_generations: int | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+    ) -> Rollout:
         """``num_generations`` (default G) completions per prompt (``prompts["prompt_ids"]`` /
         ``["prompt_mask"]`` (B, P), left-padded), or one greedy one; ``generation_batch_size`` rows at a
         time, synced over ranks under FSDP2; by the vLLM engine when it runs and the prompts fit it.
-        The first call logs which sampler runs and which checkpoint fields were overridden."""
+
+        ``prefix_ids`` / ``prefix_mask`` (B * G, L), right-padded, one row per output row (prompt i's g-th
+        sample is row i * G + g): each completion starts with its row's given prefix and the policy continues
+        it (:func:`lit_align.rollout.generate`); ``Rollout.prefix_mask`` marks the given positions, whose
+        ``old_logp`` / ``entropy`` are the policy's, as for sampled tokens. The first call logs which sampler
+        runs and which checkpoint fields were overridden."""
         s, model = self.settings, self.policy.model
         G = num_generations or s.num_generations
+        prefix = {} if prefix_ids is None else {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask}
         if self._engine_serves(prompts, world):
-            rollout = self._engine_sample(prompts, greedy, G, world)
+            rollout = self._engine_sample(prompts, greedy, G, world, **prefix)
         else:
             rollout = generate(
                 model,
@@ -103,6 +117,7 @@ class Sampler:
                 generation_batch_size=s.generation_batch_size,
                 skip_special_tokens=s.skip_special_tokens,
                 **s.decoding(),
+                **prefix,
             )
         self._say_once(rollout)
         return rollout
@@ -210,7 +225,15 @@ class Sampler:
         return reason is None
 
     @torch.no_grad()
-    def _engine_sample(self, prompts: dict, greedy: bool, num_generations: int, world: World) -> Rollout:
+    def _engine_sample(
+        self,
+        prompts: dict,
+        greedy: bool,
+        num_generations: int,
+        world: World,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+    ) -> Rollout:
         """G completions per prompt from the vLLM engine: token ids and ``sampler_logp`` from the engine;
         ``old_logp`` and ``entropy`` (B*G, T) from the trainer's forward at the sampling temperature (1 when
         greedy)."""
@@ -221,7 +244,15 @@ class Sampler:
         settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **s.decoding())
         G = 1 if greedy else num_generations
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global stream: seed_everything reproduces it
-        ids, mask, sampler_logp = engine.generate(prompts["prompt_ids"], prompts["prompt_mask"], settings, G, seed)
+        ids, mask, sampler_logp = engine.generate(
+            prompts["prompt_ids"],
+            prompts["prompt_mask"],
+            settings,
+            G,
+            seed,
+            prefix_ids=prefix_ids,
+            prefix_mask=prefix_mask,
+        )
         engine.sleep()
         prompt_ids = prompts["prompt_ids"].repeat_interleave(G, dim=0)
         prompt_mask = prompts["prompt_mask"].repeat_interleave(G, dim=0)
@@ -230,7 +261,12 @@ class Sampler:
         pad = settings["pad_token_id"]
         tok = self.policy.tokenizer
         texts = tok.batch_decode(ids * mask + (1 - mask) * pad, skip_special_tokens=True) if len(ids) else []
-        return Rollout(prompt_ids, prompt_mask, ids, mask, old_logp, entropy, texts, "vllm", sampler_logp)
+        given = (
+            None
+            if prefix_ids is None
+            else prefix_positions(torch.ones_like(prefix_ids) if prefix_mask is None else prefix_mask, mask)
+        )
+        return Rollout(prompt_ids, prompt_mask, ids, mask, old_logp, entropy, texts, "vllm", sampler_logp, given)
 
     @torch.no_grad()
     def trainer_logprobs(self, rows: Completions, temperature: float, world: World):
@@ -270,6 +306,8 @@ class Sampler:
         if rollout.sampler_logp is None:
             return {}
         m = rollout.completion_mask.bool()
+        if rollout.prefix_mask is not None:  # given tokens were not sampled by the engine
+            m = m & ~rollout.prefix_mask.bool()
         diff = (rollout.sampler_logp - rollout.old_logp).abs()[m]
         if diff.numel() == 0:
             return {"sampler_logp_diff": torch.tensor(0.0), "sampler_logp_diff_max": torch.tensor(0.0)}
@@ -283,7 +321,10 @@ class Sampler:
         if not s.vllm_importance_sampling_correction or rollout.sampler_logp is None:
             return None
         diff = rollout.old_logp[rows, :width] - rollout.sampler_logp[rows, :width]
-        return torch.exp(diff).clamp(max=s.vllm_importance_sampling_cap)
+        weights = torch.exp(diff).clamp(max=s.vllm_importance_sampling_cap)
+        if rollout.prefix_mask is not None:  # given tokens: the engine did not sample them, no correction
+            weights = torch.where(rollout.prefix_mask[rows, :width].bool(), torch.ones_like(weights), weights)
+        return weights
 
 
 def vllm_importable() -> bool:

@@ -383,9 +383,17 @@ class PolicyModule(L.LightningModule):
         return self.policy.full_state_dict()
 
     # ------------------------------------------------------------------ rollouts
-    def sample(self, prompts: dict, greedy: bool = False, num_generations: int | None = None) -> Rollout:
-        """G completions per prompt (see :meth:`lit_align.core.sampler.Sampler.sample`)."""
-        return self.sampler.sample(prompts, self.world, greedy, num_generations)
+    def sample(
+        self,
+        prompts: dict,
+        greedy: bool = False,
+        num_generations: int | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+    ) -> Rollout:
+        """G completions per prompt, optionally continuing a given prefix per row (see
+        :meth:`lit_align.core.sampler.Sampler.sample`)."""
+        return self.sampler.sample(prompts, self.world, greedy, num_generations, prefix_ids, prefix_mask)
 
     def score_all(
         self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
