@@ -229,3 +229,27 @@ def test_prefixes_that_do_not_fit_raise(setup):
         generate(
             model, tok, enc.input_ids, enc.attention_mask, num_generations=G, prefix_ids=prefix_ids, prefix_mask=holes
         )
+
+
+def test_a_modules_prefix_rollout_is_what_the_trainer_recomputes(ckpt, setup):
+    """Through the module (Sampler.sample): the completions start with their prefixes, Rollout.prefix_mask
+    marks them, and the training forward (Policy.logprobs, what the RL term's ratio reads) gives the same
+    log-probs at prefix positions as the sampler's old_logp, as at sampled ones."""
+    from lit_align.core.policy import Completions
+    from lit_align.modules.grpo import GRPOModule
+
+    tok, _, enc, prefix_ids, prefix_mask = setup
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, max_new_tokens=T, temperature=TEMPERATURE)
+    torch.manual_seed(0)
+    r = module.sample(
+        {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask}, prefix_ids=prefix_ids, prefix_mask=prefix_mask
+    )
+    for row, n in enumerate(PREFIX_LENGTHS):
+        n = min(n or 0, T, EOS_ROWS.get(row, T) + 1)
+        assert r.completion_ids[row, :n].tolist() == prefix_ids[row, :n].tolist()
+        assert int(r.prefix_mask[row].sum()) == n
+    with torch.no_grad():
+        s = module.policy.logprobs(Completions.of(r), torch.arange(len(PREFIX_LENGTHS)), TEMPERATURE)
+    given = r.prefix_mask[:, : s.logp.shape[1]].bool()
+    assert given.any()
+    torch.testing.assert_close(s.logp[given], r.old_logp[:, : s.logp.shape[1]][given], rtol=1e-4, atol=1e-5)
