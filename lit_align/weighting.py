@@ -238,7 +238,8 @@ class AdaptiveMu(MuSchedule):
 # --------------------------------------------------------------------------- token weights
 
 # the strategies, written once: CHORD's token_weighting setting takes this Literal
-TokenWeighting = Literal["none", "phi", "sft_is", "adaptive", "entropy", "margin"]
+TokenWeighting = Literal["none", "phi", "sft_is", "adaptive", "entropy", "margin", "trapo"]
+TRAPO_ALPHA = 0.1  # TRAPO's trust-region threshold: tokens with p >= alpha keep the plain NLL gradient
 TOKEN_WEIGHT_STRATEGIES = get_args(TokenWeighting)
 
 _CHUNK_ELEMS = 1 << 24  # logits elements processed at once (float32: 64 MiB)
@@ -303,6 +304,9 @@ def token_weights(
     - ``"margin"``: ``clamp(max_v softmax(logits)_v - p, 0, 1)``, how far the model's top
       choice beats the expert token (0 when the expert token is the top choice); needs
       ``logits``.
+    - ``"trapo"``: ``min(1, p / alpha)``, alpha = :data:`TRAPO_ALPHA` (TRAPO's trust-region SFT): the
+      gradient of ``-w * log p`` is ``-grad p / max(p, alpha)`` instead of ``-grad p / p``, so an expert
+      token the policy finds unlikely (p < alpha) no longer gets an unbounded push.
 
     Args:
         strategy: one of :data:`TOKEN_WEIGHT_STRATEGIES`.
@@ -354,6 +358,8 @@ def token_weights(
             w = p * r.abs().clamp(0.0, 1.0)
         elif strategy == "entropy":
             w = _over_vocab(logits, _norm_entropy)
+        elif strategy == "trapo":
+            w = p / TRAPO_ALPHA
         else:  # margin
             w = _over_vocab(logits, _max_prob) - p
         w = w.clamp(0.0, 1.0)
