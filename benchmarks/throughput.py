@@ -230,7 +230,7 @@ def measure(
         module = CHORDModule(**common, mu_schedule=ConstantMu(0.1), token_weighting="phi")
         expert = "embedded"
     if ignore_eos:  # the sampler reads no checkpoint generation field: pass min_new_tokens to it directly
-        import lit_align.modules.policy as policy_module
+        import lit_align.core.sampler as policy_module
 
         sample_generate = policy_module.generate
         policy_module.generate = functools.partial(sample_generate, min_new_tokens=max_new_tokens)

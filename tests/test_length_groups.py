@@ -155,7 +155,7 @@ def test_grouped_sft_loss_equals_one_pass_and_fsdp_runs_one_pass(ckpt):
         module.sft_terms(expert)
         assert len(calls) == 3
         calls.clear()
-        module._sharded = lambda: True  # FSDP2: every rank must run the same number of forwards
+        module.policy.sharded = True  # FSDP2: every rank must run the same number of forwards
         module.policy.zero_grad()
         module.sft_terms(expert)
     finally:

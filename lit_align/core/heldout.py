@@ -23,26 +23,15 @@ class HeldOut(torch.nn.Module):
 
     Args:
         policy, sampler, rewards: the parts it evaluates with.
-        reward_errors, reward_timeout_s: how a failing reward call is handled (as in training).
-        micro_batch_size: rows per forward of the held-out NLL (None: all).
+        settings: ``reward_errors`` and ``reward_timeout_s`` (how a failing reward call is handled, as in
+            training) and ``micro_batch_size`` (rows per forward of the held-out NLL; None: all), as
+            attributes (the module's hparams, read at each call).
     """
 
-    def __init__(
-        self,
-        policy: Policy,
-        sampler: Sampler,
-        rewards: RewardSet,
-        reward_errors: str = "raise",
-        reward_timeout_s: float | None = None,
-        micro_batch_size: int | None = None,
-    ):
+    def __init__(self, policy: Policy, sampler: Sampler, rewards: RewardSet, settings):
         super().__init__()
         object.__setattr__(self, "parts", (policy, sampler, rewards))  # not submodules: owned by the module
-        self.reward_errors, self.reward_timeout_s, self.micro_batch_size = (
-            reward_errors,
-            reward_timeout_s,
-            micro_batch_size,
-        )
+        object.__setattr__(self, "settings", settings)
         self.val_accuracy, self.val_reward = MeanMetric(), MeanMetric()
         self.val_expert_nll, self.val_expert_token_acc = MeanMetric(), MeanMetric()
         # val/expert_nll over the demonstrations the reward's correctness check accepts / rejects
@@ -92,8 +81,8 @@ class HeldOut(torch.nn.Module):
             batch["answers"],
             _completion_ids(rollout),
             batch.get("columns"),
-            self.reward_errors,
-            self.reward_timeout_s,
+            self.settings.reward_errors,
+            self.settings.reward_timeout_s,
         )
         # a failing check counts as wrong (reward_errors=zero) or stops (raise); the judge's default
         # verdict is read from scores: no second pass
@@ -102,8 +91,8 @@ class HeldOut(torch.nn.Module):
             rollout.completions,
             batch["answers"],
             scores,
-            on_error=self.reward_errors,
-            timeout_s=self.reward_timeout_s,
+            on_error=self.settings.reward_errors,
+            timeout_s=self.settings.reward_timeout_s,
         )
         return scores, correct
 
@@ -115,7 +104,7 @@ class HeldOut(torch.nn.Module):
         rows_of = Labelled.of(expert)
         target_mask = rows_of.target_mask
         out = torch.zeros(3, target_mask.shape[0], dtype=torch.float64, device=target_mask.device)
-        for rows in micro_batches(target_mask, self.micro_batch_size):
+        for rows in micro_batches(target_mask, self.settings.micro_batch_size):
             s = policy.logprobs(rows_of, rows, consume=True)
             hit = losses.chunked(lambda x, y: (x.argmax(-1) == y).float(), s.logits, s.targets)
             tokens = s.mask
@@ -138,7 +127,12 @@ class HeldOut(torch.nn.Module):
             prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
             cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
             verdicts, _ = rewards.correct(
-                prompts, demos, answers, columns=cols, on_error=self.reward_errors, timeout_s=self.reward_timeout_s
+                prompts,
+                demos,
+                answers,
+                columns=cols,
+                on_error=self.settings.reward_errors,
+                timeout_s=self.settings.reward_timeout_s,
             )
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=device)
@@ -169,16 +163,16 @@ class HeldOut(torch.nn.Module):
             answers,
             completion_ids=completion_ids,
             columns=columns,
-            on_error=self.reward_errors,
-            timeout_s=self.reward_timeout_s,
+            on_error=self.settings.reward_errors,
+            timeout_s=self.settings.reward_timeout_s,
         )
         if n_errors:
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn(
                 f"self-check: the reward failed on {int(n_errors)} of {len(completions)} demonstrations (an exception, "
-                f"model.reward_timeout_s={self.reward_timeout_s}, or a non-finite value; model.reward_errors="
-                f"{self.reward_errors!r} scores them 0): check the reward functions and the columns they take; "
+                f"model.reward_timeout_s={self.settings.reward_timeout_s}, or a non-finite value; model.reward_errors="
+                f"{self.settings.reward_errors!r} scores them 0): check the reward functions and the columns they take; "
                 f"--model.init_args.reward_errors raise shows the error"
             )
         return verdicts

@@ -106,6 +106,7 @@ class Policy:
 
     def __init__(self, model, tokenizer, ref_model=None):
         self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
+        self._sharded: bool | None = None  # set: overrides the check (a model sharded by other means)
 
     # ------------------------------------------------------------------ the forward
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int | None = None) -> torch.Tensor:
@@ -169,9 +170,15 @@ class Policy:
     @property
     def sharded(self) -> bool:
         """True once the policy is sharded with FSDP2 (``--trainer.strategy=fsdp2``)."""
+        if self._sharded is not None:
+            return self._sharded
         from torch.distributed.fsdp import FSDPModule
 
         return isinstance(self.model, FSDPModule)
+
+    @sharded.setter
+    def sharded(self, value: bool | None) -> None:
+        self._sharded = value
 
     def trainable(self) -> tuple[list[str], list[torch.Tensor]]:
         """Names and tensors of the parameters being trained (all, or the LoRA adapters)."""

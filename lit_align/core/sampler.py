@@ -50,20 +50,11 @@ class SamplerSettings:
     vllm_importance_sampling_correction: bool = False
     vllm_importance_sampling_cap: float = 3.0
 
-    @classmethod
-    def from_hparams(cls, hp) -> SamplerSettings:
-        return cls(**{name: hp[name] for name in cls.__dataclass_fields__})
 
-    def decoding(self) -> dict:
-        """The decoding knobs :func:`lit_align.rollout.generate` and the engine take."""
-        return dict(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-        )
+def decoding(settings) -> dict:
+    """The decoding knobs :func:`lit_align.rollout.generate` and the engine take, from ``settings``."""
+    names = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {name: getattr(settings, name) for name in names}
 
 
 class Sampler:
@@ -71,7 +62,8 @@ class Sampler:
 
     Args:
         policy: the :class:`~lit_align.core.policy.Policy` it samples (and, for the engine, scores).
-        settings: :class:`SamplerSettings`.
+        settings: a :class:`SamplerSettings`, or anything with its fields as attributes (the module's
+            hparams: the sampler then reads them as they are at each call).
     """
 
     def __init__(self, policy: Policy, settings: SamplerSettings):
@@ -116,7 +108,7 @@ class Sampler:
                 synced_gpus=world.synced_generation,
                 generation_batch_size=s.generation_batch_size,
                 skip_special_tokens=s.skip_special_tokens,
-                **s.decoding(),
+                **decoding(s),
                 **prefix,
             )
         self._say_once(rollout)
@@ -129,7 +121,7 @@ class Sampler:
         from lightning.pytorch.utilities import rank_zero_info
 
         model, tok = self.policy.model, self.policy.tokenizer
-        overridden = sampling_overrides(model, sampling_settings(model, tok, **self.settings.decoding()))
+        overridden = sampling_overrides(model, sampling_settings(model, tok, **decoding(self.settings)))
         rank_zero_info(
             f"lit_align sampling: {rollout.sampler} sampler; "
             + (
@@ -241,7 +233,7 @@ class Sampler:
         if self._stale:
             engine.load_weights(self.policy.streamed_weights())
             self._stale = False
-        settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **s.decoding())
+        settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **decoding(s))
         G = 1 if greedy else num_generations
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global stream: seed_everything reproduces it
         ids, mask, sampler_logp = engine.generate(

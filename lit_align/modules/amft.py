@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from lit_align import losses
 from lit_align.controller import MetaController, ScalarMu, adam_lookahead, hypergradient, lookahead
+from lit_align.core import settings as S
 from lit_align.core.engine import Term
 from lit_align.core.terms import pg_term
 from lit_align.modules.policy import PolicyModule
@@ -62,6 +63,17 @@ def _pair_sums(g_sft: list, g_rl: list) -> list[float]:
         sums = torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
         total = sums if total is None else total + sums
     return [0.0, 0.0, 0.0] if total is None else total.tolist()
+
+
+RULES = {
+    "controller_lr": S.number(0),
+    "meta_interval": S.integer(0),
+    "warmup_sft_steps": S.integer(0),
+    "entropy_coef": S.number(0),
+    "controller": S.Rule(
+        lambda v: v is None or isinstance(v, MetaController), "a lit_align.controller.MetaController (or null)"
+    ),
+}
 
 
 class AMFTModule(PolicyModule):
@@ -109,23 +121,13 @@ class AMFTModule(PolicyModule):
         lookahead: Literal["sgd", "optimizer"] = "sgd",
         **kwargs,
     ):
+        S.check(AMFTModule.__init__, locals(), RULES)
         super().__init__(*args, **kwargs)
-        checks = {
-            "controller_lr": (controller_lr, math.isfinite(controller_lr) and controller_lr >= 0),
-            "meta_interval": (meta_interval, meta_interval >= 0),
-            "warmup_sft_steps": (warmup_sft_steps, warmup_sft_steps >= 0),
-            "entropy_coef": (entropy_coef, math.isfinite(entropy_coef) and entropy_coef >= 0),
-            "num_generations": (self.hparams.num_generations, self.hparams.num_generations >= 2),
-        }
-        for name, (value, ok) in checks.items():
-            if not ok:
-                raise ValueError(f"model.{name}={value!r} is out of range")
-        if meta_objective not in ("reward", "expert_nll"):
-            raise ValueError(f"model.meta_objective={meta_objective!r}: choose one of ['reward', 'expert_nll']")
-        if lookahead not in ("sgd", "optimizer"):
-            raise ValueError(f"model.lookahead={lookahead!r}: choose one of ['sgd', 'optimizer']")
-        if controller is not None and not isinstance(controller, MetaController):
-            raise ValueError(f"model.controller must be a lit_align.controller.MetaController, got {type(controller)}")
+        if self.hparams.num_generations < 2:
+            raise ValueError(
+                f"model.num_generations={self.hparams.num_generations}: AMFT's RL term needs at least 2 samples per "
+                "prompt"
+            )
         self.hparams.update(
             controller_lr=controller_lr,
             meta_objective=meta_objective,

@@ -33,7 +33,7 @@ from lit_align.core.buffer import RolloutBuffer
 from lit_align.core.engine import Ranks, Term, accumulate, fsdp_no_sync
 from lit_align.core.heldout import HeldOut
 from lit_align.core.policy import Policy
-from lit_align.core.sampler import Sampler, SamplerSettings, vllm_importable
+from lit_align.core.sampler import Sampler, vllm_importable
 from lit_align.core.terms import Loss, RLSettings
 from lit_align.core.update import Update
 from lit_align.core.world import World
@@ -255,15 +255,11 @@ class PolicyModule(L.LightningModule):
             ref.requires_grad_(False)
             if disable_dropout:
                 disable_dropout_in_model(ref)
-        object.__setattr__(self, "ref_model", ref)
         # the parts
         self.policy = Policy(self.model, self.tokenizer, ref)
-        self.sampler = Sampler(self.policy, SamplerSettings.from_hparams(self.hparams))
+        self.sampler = Sampler(self.policy, self.hparams)  # the parts read the module's settings as they are now
         self.rollout_buffer = RolloutBuffer(steps_per_generation, num_iterations)
-        self.heldout = HeldOut(
-            self.policy, self.sampler, self.rewards, reward_errors, reward_timeout_s, micro_batch_size
-        )
-        self.rl_settings = RLSettings.from_hparams(self.hparams)
+        self.heldout = HeldOut(self.policy, self.sampler, self.rewards, self.hparams)
         # read by the callbacks: the last rollouts' texts and rewards, the last SFT token weights
         self.last_samples: dict | None = None
         self.last_token_weights: torch.Tensor | None = None
@@ -272,6 +268,25 @@ class PolicyModule(L.LightningModule):
         self._consecutive_skips = 0
         self._warned_all_truncated = False
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("model", "tokenizer") and "policy" in self.__dict__:  # a swapped model: the parts follow
+            setattr(self.policy, name, value)
+
+    @property
+    def ref_model(self):
+        """The frozen reference (None at beta = 0 and under LoRA), the policy part's."""
+        return self.policy.ref_model
+
+    @ref_model.setter
+    def ref_model(self, model) -> None:
+        self.policy.ref_model = model
+
+    @property
+    def rl_settings(self) -> RLSettings:
+        """The RL term's settings, as the module's are now."""
+        return RLSettings.from_hparams(self.hparams)
 
     # ------------------------------------------------------------------ what a method states
     demonstrations_per_prompt = 0  # > 0: each prompt row carries this many of its demonstrations (LUFFY, HPT, ...)
@@ -394,6 +409,13 @@ class PolicyModule(L.LightningModule):
         """G completions per prompt, optionally continuing a given prefix per row (see
         :meth:`lit_align.core.sampler.Sampler.sample`)."""
         return self.sampler.sample(prompts, self.world, greedy, num_generations, prefix_ids, prefix_mask)
+
+    def score(
+        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """The weighted total reward (N,) of ``rollout``'s completions and the number of failed items."""
+        scores = self.score_all(prompts, rollout, answers, columns)
+        return scores.total, scores.n_errors
 
     def score_all(
         self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
