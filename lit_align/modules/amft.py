@@ -109,6 +109,8 @@ class AMFTModule(PolicyModule):
     ``train/meta_reward`` at meta steps (Lightning repeats the latest value until the next one).
     """
 
+    NOT_HPARAMS = (*PolicyModule.NOT_HPARAMS, "controller")  # a module: checkpointed as weights
+
     def __init__(
         self,
         *args,

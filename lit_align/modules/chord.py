@@ -38,6 +38,8 @@ class CHORDModule(PolicyModule):
         **kwargs: the shared PolicyModule arguments (model, optimizer, G, clipping, reward, ...).
     """
 
+    NOT_HPARAMS = (*PolicyModule.NOT_HPARAMS, "mu_schedule")  # logged as its repr
+
     def __init__(
         self,
         *args,

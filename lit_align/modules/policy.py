@@ -237,7 +237,7 @@ class PolicyModule(L.LightningModule):
             from lit_align.vllm_engine import INSTALL
 
             raise ImportError(f"model.rollout_engine=vllm needs vLLM, which is not installed: {INSTALL}")
-        self.save_hyperparameters(ignore=["optimizer", "reward", "controller", "mu_schedule"])
+        self.save_hyperparameters(ignore=list(self.NOT_HPARAMS))
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.reward = reward if reward is not None else ExactAnswerReward()
@@ -268,6 +268,9 @@ class PolicyModule(L.LightningModule):
         self._consecutive_skips = 0
         self._warned_all_truncated = False
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
+
+    # constructor arguments that are objects, not settings: kept out of hparams.yaml (a method adds its own)
+    NOT_HPARAMS: tuple[str, ...] = ("optimizer", "reward")
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
