@@ -22,8 +22,6 @@ from lit_align.core.policy import Completions, Policy
 from lit_align.core.world import World
 from lit_align.rollout import Rollout, generate, prefix_positions, sampling_overrides, sampling_settings
 
-ENGINES = ("hf", "vllm")
-
 
 @dataclass
 class SamplerSettings:
