@@ -67,7 +67,7 @@ class Sampler:
     def __init__(self, policy: Policy, settings: SamplerSettings):
         self.policy, self.settings = policy, settings
         self.engine = None  # the VLLMEngine while fit runs with rollout_engine=vllm
-        self._stale = True  # the policy's weights changed since the engine last got them
+        self.stale = True  # the policy's weights changed since the engine last got them
         self._logged = False
         self._fallbacks_said: set[str] = set()
 
@@ -177,7 +177,7 @@ class Sampler:
             engine.close()
             self._fallback(f"the vLLM engine cannot run this checkpoint ({type(e).__name__}: {str(e)[:200]})")
             return
-        self._stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
+        self.stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
         if s.vllm_enable_sleep_mode and self.engine.on_cpu:
             from lightning.pytorch.utilities import rank_zero_warn
 
@@ -191,7 +191,7 @@ class Sampler:
 
     def weights_changed(self) -> None:
         """An optimizer step changed the policy: the engine gets the new weights before it samples again."""
-        self._stale = True
+        self.stale = True
 
     def _fallback(self, reason: str) -> None:
         """Say once, on rank 0, that the HF sampler samples instead of the engine, and why."""
@@ -228,9 +228,9 @@ class Sampler:
         ``old_logp`` and ``entropy`` (B*G, T) from the trainer's forward at the sampling temperature (1 when
         greedy)."""
         engine, s = self.engine, self.settings
-        if self._stale:
+        if self.stale:
             engine.load_weights(self.policy.streamed_weights())
-            self._stale = False
+            self.stale = False
         settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **decoding(s))
         G = 1 if greedy else num_generations
         seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global stream: seed_everything reproduces it

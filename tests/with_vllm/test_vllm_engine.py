@@ -153,7 +153,7 @@ def test_c_after_an_optimizer_step_and_a_sync(policy):
     prompts = _prompts(policy)
     model = policy.model
     synced, _ = _check_sampled(policy, prompts)  # the engine holds the policy's current weights
-    assert synced < 1e-4 and not policy._engine_stale
+    assert synced < 1e-4 and not policy.sampler.stale
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     batch = policy.tokenizer(["12+34=46", "57+28=85", "4+4=8"], padding=True, return_tensors="pt")
