@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_align.core import settings as S
 from lit_align.losses import entropy_from_logits, token_logprobs
 
 
@@ -222,24 +223,14 @@ _OFF = {
 }
 
 
-def is_finite_number(v) -> bool:
-    """A real number (not a bool), neither NaN nor infinite: what a numeric knob must be."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def is_integer(v) -> bool:
-    """An int that is not a bool."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-_RULES = {  # name: (holds for a value that is not None, what is allowed)
-    "max_new_tokens": (lambda v: is_integer(v) and v >= 1, "an integer >= 1"),
-    "min_new_tokens": (lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "temperature": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
-    "top_k": (lambda v: is_integer(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "top_p": (lambda v: is_finite_number(v) and 0 < v <= 1, "in (0, 1] (1: off)"),
-    "min_p": (lambda v: is_finite_number(v) and 0 <= v < 1, "in [0, 1) (0: off)"),
-    "repetition_penalty": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0 (1: off)"),
+_RULES = {  # for a value that is not None
+    "max_new_tokens": S.integer(1),
+    "min_new_tokens": S.integer(0, unit=" (0: off)"),
+    "temperature": S.number(0, low_open=True),
+    "top_k": S.integer(0, unit=" (0: off)"),
+    "top_p": S.number(0, 1, low_open=True, words="in (0, 1] (1: off)"),
+    "min_p": S.number(0, 1, high_open=True, words="in [0, 1) (0: off)"),
+    "repetition_penalty": S.number(0, low_open=True, words="a finite number > 0 (1: off)"),
 }
 
 
@@ -253,10 +244,7 @@ def check_settings(settings: dict) -> None:
                 f"generation setting {name}={settings[name]!r}: lit-align's sampler does not apply it "
                 f"(it applies {', '.join(SETTINGS)}); remove it rather than sample a distribution other than asked"
             )
-    for name, (ok, allowed) in _RULES.items():
-        value = settings.get(name)
-        if value is not None and not ok(value):
-            raise ValueError(f"{name}={value!r} is out of range: it must be {allowed}")
+    S.check(check_settings, {k: v for k, v in settings.items() if v is not None}, _RULES, prefix="")
 
 
 def sampling_settings(
@@ -440,7 +428,7 @@ def generate(
     settings = sampling_settings(
         model, tokenizer, max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, greedy, min_new_tokens
     )
-    if generation_batch_size is not None and not (is_integer(generation_batch_size) and generation_batch_size >= 1):
+    if generation_batch_size is not None and not (S.is_integer(generation_batch_size) and generation_batch_size >= 1):
         raise ValueError(f"generation_batch_size={generation_batch_size!r} must be None (all rows) or an integer >= 1")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(

@@ -97,13 +97,15 @@ def check(fn: Callable, args: dict, rules: dict[str, Rule] | None = None, prefix
 
     Raises:
         ValueError: ``<prefix>.<name>=<value>: choose one of [...]`` for a value outside its Literal;
-            ``<prefix>.<name>=<value> is out of range: it must be <allowed>`` for a rule that fails.
+            ``<prefix>.<name>=<value> is out of range: it must be <allowed>`` for a rule that fails
+            (``prefix`` empty: the bare name, for a function's own arguments).
     """
+    flag = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)  # noqa: E731
     for name, choices in literal_choices(fn).items():
         if name in args and args[name] not in choices:
-            raise ValueError(f"{prefix}.{name}={args[name]!r}: choose one of {list(choices)}")
+            raise ValueError(f"{flag(name)}={args[name]!r}: choose one of {list(choices)}")
     for name, rule in (rules or {}).items():
         if name in args and not rule.holds(args[name]):
             if rule.allowed.startswith("one of "):
-                raise ValueError(f"{prefix}.{name}={args[name]!r}: choose {rule.allowed}")
-            raise ValueError(f"{prefix}.{name}={args[name]!r} is out of range: it must be {rule.allowed}")
+                raise ValueError(f"{flag(name)}={args[name]!r}: choose {rule.allowed}")
+            raise ValueError(f"{flag(name)}={args[name]!r} is out of range: it must be {rule.allowed}")
