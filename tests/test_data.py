@@ -461,3 +461,26 @@ def test_a_retention_file_is_named_by_its_skill_and_its_overlap_with_training_is
     ):
         dm = _dm(ckpt, retention_data={"dup": str(dup)})
     assert dm.stats["data/heldout_duplicates"] == 1
+
+
+def test_embedded_retention_sets_keep_their_own_columns_beside_a_users_files(ckpt, tmp_path):
+    """README's own-data command with a recipe that sets retention_data: embedded: the user's column names and
+    answer_pattern describe the user's files; the embedded retention sets (prompt, answer) are read as written."""
+    rows = [{"question": f"{a}+{a}=", "answer": f"{a}+{a} is {2 * a}\n#### {2 * a}"} for a in range(10, 20)]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = _dm(
+        ckpt,
+        expert_data=str(path),
+        prompt_data=str(path),
+        val_data=str(path),
+        retention_data="embedded",
+        prompt_column="question",
+        response_column="answer",
+        answer_column="answer",
+        answer_pattern=r"####\s*(.+)",
+    )
+    assert [r["answer"] for r in dm.prompt_rows][:2] == ["20", "22"]  # the pattern still reads the user's files
+    for skill, path in embedded.ensure_retention().items():
+        want = {r["prompt"]: r["answer"] for r in _rows(path)}
+        assert {r["prompt"]: r["answer"] for r in dm.retention_rows[skill]} == want

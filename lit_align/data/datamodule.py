@@ -294,12 +294,13 @@ class MixedDataModule(L.LightningDataModule):
         return ids[-limit:]  # pragma: no cover - a tokenizer whose edits never converge
 
     def _answers(
-        self, valid: list[tuple[int, dict]], label: str, column: str
+        self, valid: list[tuple[int, dict]], label: str, column: str, use_pattern: bool = True
     ) -> tuple[list[tuple[int, dict]], dict, list[str]]:
         """Reference answers of the rows: ``answer_pattern``'s group from ``column`` (or the column as it
-        is). Returns the rows kept, row number -> answer, and a problem line per row it did not match."""
+        is; always so without ``use_pattern``). Returns the rows kept, row number -> answer, and a problem
+        line per row it did not match."""
         hp = self.hparams
-        pattern = re.compile(hp.answer_pattern) if hp.answer_pattern else None
+        pattern = re.compile(hp.answer_pattern) if hp.answer_pattern and use_pattern else None
         kept, answers, problems = [], {}, []
         for i, row in valid:
             if column not in row or row[column] is None:
@@ -331,22 +332,32 @@ class MixedDataModule(L.LightningDataModule):
         return kept, answers, problems
 
     def _encode(
-        self, source: str, split: str, need: dict[str, str], stream: str, flags: dict[str, str] | None = None
+        self,
+        source: str,
+        split: str,
+        need: dict[str, str],
+        stream: str,
+        flags: dict[str, str] | None = None,
+        own_columns: bool = False,
     ) -> list[dict]:
         """Rows of ``source`` with the ``role -> column`` fields in ``need`` validated and tokenized;
-        ``flags``: the data module argument that names a role's column, where not ``<role>_column``."""
+        ``flags``: the data module argument that names a role's column, where not ``<role>_column``.
+        ``own_columns``: a file lit-align wrote (the embedded retention sets), read by its own column names
+        (``need``'s) with its answers as written: the user's column names and ``answer_pattern`` describe
+        the user's files, not it."""
         rows, label = load_table(self._source(source, split), split)
         hp = self.hparams
         valid, problems = validate_rows(rows, label, need, hp.invalid_rows, flags)
         if problems:
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
-        valid, answers, unmatched = self._answers(valid, label, hp.answer_column)
+        answer_column = need.get("answer", hp.answer_column) if own_columns else hp.answer_column
+        valid, answers, unmatched = self._answers(valid, label, answer_column, use_pattern=not own_columns)
         eos = self.tokenizer.eos_token_id
         out, numbers, dropped, cut = [], [], 0, 0
         for i, row in valid:
             item = {"prompt": row[need["prompt"]]}
             ids = self._encode_prompt(item["prompt"])
-            resp, column = None, need.get("response", hp.response_column)
+            resp, column = None, need.get("response", "response" if own_columns else hp.response_column)
             if "response" in need or (column in row and isinstance(row.get(column), str)):
                 text = str(row[column])
                 resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
@@ -450,11 +461,11 @@ class MixedDataModule(L.LightningDataModule):
             else None
         )
         self.retention_rows = {}
+        own = hp.retention_data == embedded.EMBEDDED_NAME  # lit-align's files: columns prompt, answer
         for skill, source in self.retention_sources().items():
+            need = {"prompt": "prompt", "answer": "answer"} if own else {**cols, "answer": hp.answer_column}
             try:
-                self.retention_rows[skill] = self._encode(
-                    source, "val", {**cols, "answer": hp.answer_column}, f"retention/{skill}"
-                )
+                self.retention_rows[skill] = self._encode(source, "val", need, f"retention/{skill}", own_columns=own)
             except DataError as e:
                 raise DataError(f"data.retention_data[{skill!r}]: {e}") from e
         self._check_heldout_overlap()
