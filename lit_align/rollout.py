@@ -64,12 +64,16 @@ def completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int] | int
 
 
 def check_prefix(
-    prefix_ids: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int
+    prefix_ids: torch.Tensor, prefix_mask: torch.Tensor | None, rows: int, vocab_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Given completion prefixes, one per output row: ``prefix_ids`` (rows, L), right-padded, ``prefix_mask``
     (rows, L) 1 on each row's prefix tokens (None: every column is). Returns (prefix ids (rows, L), long,
     0 on padding, whatever it held, e.g. -100; prefix lengths (rows,), long). Raises ValueError for a shape that does not fit or a mask that is not
-    right-padded (a 0 before a 1)."""
+    right-padded (a 0 before a 1), or, given ``vocab_size``, a given token id outside [0, vocab_size)."""
+    if not torch.is_tensor(prefix_ids) or (prefix_mask is not None and not torch.is_tensor(prefix_mask)):
+        raise ValueError(
+            f"prefix_ids / prefix_mask must be tensors, got {type(prefix_ids).__name__} / {type(prefix_mask).__name__}"
+        )
     if prefix_ids.dim() != 2 or prefix_ids.shape[0] != rows:
         raise ValueError(f"prefix_ids: one row per output row, (rows={rows}, L), got {tuple(prefix_ids.shape)}")
     if prefix_mask is None:
@@ -83,7 +87,23 @@ def check_prefix(
     columns = torch.arange(given.shape[1], device=given.device)
     if not torch.equal(given, columns.unsqueeze(0) < lengths.unsqueeze(1)):
         raise ValueError("prefix_mask must be right-padded: each row's prefix tokens first, then 0s")
+    if vocab_size is not None:
+        bad = given & ((prefix_ids < 0) | (prefix_ids >= vocab_size))
+        if bool(bad.any()):
+            r, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"prefix_ids: {int(bad.sum())} given token ids outside the vocabulary [0, {vocab_size}), e.g. row {r}, "
+                f"column {c}: {int(prefix_ids[r, c])} (padding columns need prefix_mask 0)"
+            )
     return prefix_ids.long() * given, lengths.long()
+
+
+def vocab_size_of(model) -> int | None:
+    """The number of token ids ``model`` embeds (None when it does not say)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def prefix_positions(prefix_mask: torch.Tensor | None, completion_mask: torch.Tensor) -> torch.Tensor | None:
@@ -439,8 +459,10 @@ def generate(
     pad, t = settings["pad_token_id"], 1.0 if greedy else temperature
     rows = prompt_ids.shape[0] * G
     given = None  # (prefix ids, lengths) per output row, cut to max_new_tokens
+    if prefix_ids is None and prefix_mask is not None:
+        raise ValueError("prefix_mask is given without prefix_ids: pass the prefix tokens too, or neither")
     if prefix_ids is not None:
-        given_ids, lengths = check_prefix(prefix_ids, prefix_mask, rows)
+        given_ids, lengths = check_prefix(prefix_ids, prefix_mask, rows, vocab_size_of(model))
         if bool((lengths > 0).any()):
             given = given_ids[:, :max_new_tokens].to(prompt_ids.device), lengths.clamp(max=max_new_tokens)
     chunks = (

@@ -253,3 +253,30 @@ def test_a_modules_prefix_rollout_is_what_the_trainer_recomputes(ckpt, setup):
     given = r.prefix_mask[:, : s.logp.shape[1]].bool()
     assert given.any()
     torch.testing.assert_close(s.logp[given], r.old_logp[:, : s.logp.shape[1]][given], rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_ids_outside_the_vocabulary_or_a_mask_alone_stop_before_sampling(ckpt, setup):
+    """A given token id the model cannot embed is named (row, column, value) before any forward, on the
+    module's sampler and on generate, rather than an index error deep in the decode loop (a device-side
+    assert on a GPU); a prefix_mask without prefix_ids is an error, not a silent free sample."""
+    from lit_align.modules.grpo import GRPOModule
+
+    tok, model, enc, prefix_ids, prefix_mask = setup
+    vocab = model.get_input_embeddings().num_embeddings
+    bad = prefix_ids.clone()
+    bad[3, 0] = vocab  # row 3 has a 1-token prefix
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=G, max_new_tokens=T)
+    prompts = {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask}
+    with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {vocab}\), e.g. row 3, column 0: {vocab}"):
+        module.sample(prompts, prefix_ids=bad, prefix_mask=prefix_mask)
+    bad[3, 0] = -100  # a label-style pad under mask 1
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(
+            model, tok, enc.input_ids, enc.attention_mask, num_generations=G, prefix_ids=bad, prefix_mask=prefix_mask
+        )
+    with pytest.raises(ValueError, match="prefix_mask is given without prefix_ids"):
+        module.sample(prompts, prefix_mask=prefix_mask)
+    with pytest.raises(ValueError, match="prefix_mask is given without prefix_ids"):
+        generate(model, tok, enc.input_ids, enc.attention_mask, num_generations=G, prefix_mask=prefix_mask)
+    # -100 under mask 0 (padding) stays fine
+    module.sample(prompts, prefix_ids=prefix_ids, prefix_mask=prefix_mask)

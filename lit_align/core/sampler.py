@@ -20,7 +20,15 @@ from lit_align import losses
 from lit_align.core.engine import forward_groups
 from lit_align.core.policy import Completions, Policy
 from lit_align.core.world import World
-from lit_align.rollout import Rollout, generate, prefix_positions, sampling_overrides, sampling_settings
+from lit_align.rollout import (
+    Rollout,
+    check_prefix,
+    generate,
+    prefix_positions,
+    sampling_overrides,
+    sampling_settings,
+    vocab_size_of,
+)
 
 
 @dataclass
@@ -92,6 +100,11 @@ class Sampler:
         runs and which checkpoint fields were overridden."""
         s, model = self.settings, self.policy.model
         G = num_generations or s.num_generations
+        if prefix_ids is None and prefix_mask is not None:
+            raise ValueError("prefix_mask is given without prefix_ids: pass the prefix tokens too, or neither")
+        if prefix_ids is not None:  # here, so that both samplers refuse the same prefixes before any work
+            rows = prompts["prompt_ids"].shape[0] * (1 if greedy else G)
+            check_prefix(prefix_ids, prefix_mask, rows, vocab_size_of(model))
         prefix = {} if prefix_ids is None else {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask}
         if self._engine_serves(prompts, world):
             rollout = self._engine_sample(prompts, greedy, G, world, **prefix)
