@@ -481,3 +481,18 @@ def test_hf_export_refuses_non_finite_weights(ckpt, tmp_path):
     with pytest.raises(ValueError, match="non-finite values in .*q_proj"):
         save_hf_dir(AutoConfig.from_pretrained(ckpt), None, AutoTokenizer.from_pretrained(ckpt), state, target)
     assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "cls, batch, missing", [(GRPOModule, {"expert": {}}, "prompts rows"), (SFTModule, {"prompts": {}}, "expert rows")]
+)
+def test_an_update_whose_terms_all_lack_rows_stops_instead_of_training_nothing(ckpt, cls, batch, missing):
+    """GRPO with data.prompt_data null (or SFT with expert_data null) used to run every update with loss 0
+    and no gradient, silently; the first update now names the missing data."""
+    from lit_align.core.update import Update
+
+    module = cls(model_name_or_path=ckpt, num_generations=2)
+    rollouts = (lambda: {}) if "prompts" in batch else None
+    u = Update(0, batch, batch.get("expert"), rollouts, module.policy, module.rl_settings)
+    with pytest.raises(ValueError, match=rf"nothing to train on.*{missing} \(data\.\w+_data is null\?\)"):
+        module.run_loss(module.loss(u), u)

@@ -96,6 +96,45 @@ def test_mixed_group_advantages_by_hand(ckpt, stats):
     )
 
 
+class WrongRows(GRPOModule):
+    """group_rollouts with G - 1 (or G + 1) samples per prompt and no group ids: a method author's slip."""
+
+    extra = -1
+
+    def group_rollouts(self, prompts):
+        r = _sampled(prompts)
+        keep = [i for i in range(len(r.completions)) if self.extra >= 0 or i % G != G - 1]
+        if self.extra > 0:
+            keep = keep + keep[: len(prompts["prompts"])]
+        return Rollout(
+            *(t[keep] for t in (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)),
+            r.old_logp[keep],
+            r.entropy[keep],
+            [r.completions[i] for i in keep],
+        )
+
+
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_rows_that_are_not_g_per_prompt_without_group_ids_stop_naming_the_hook(ckpt, extra):
+    """B x (G - 1) rows would be grouped (and scored) across prompts without an error when B x (G - 1)
+    happens to divide by G; B x (G + 1) rows would index past the batch's prompts."""
+    module = WrongRows(model_name_or_path=ckpt, num_generations=G, reward=exact)
+    module.extra = extra
+    with pytest.raises(ValueError, match=r"WrongRows.group_rollouts returned \d+ rows for 2 prompts.*group_ids"):
+        module.rollout_batch(_prompts())
+
+
+def test_group_ids_outside_the_batchs_prompts_stop(ckpt):
+    class BadIds(GRPOModule):
+        def group_rollouts(self, prompts):
+            r = groups.mix(_sampled(prompts), G, groups.demonstration_rows(prompts))
+            r.group_ids = r.group_ids + 1  # prompt 1's rows claim a prompt 2 the batch does not have
+            return r
+
+    with pytest.raises(ValueError, match=r"group_ids .* must be one prompt index in \[0, 2\)"):
+        BadIds(model_name_or_path=ckpt, num_generations=G, reward=exact).rollout_batch(_prompts())
+
+
 def _float64_mixed(ckpt, micro=None, off=True):
     module = GRPOModule(
         model_name_or_path=ckpt,

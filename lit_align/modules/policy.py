@@ -446,6 +446,7 @@ class PolicyModule(L.LightningModule):
         """The rollout batch's rows (:meth:`group_rollouts`: G samples per prompt) and their scores (no
         gradient); each row is scored against its own prompt's answer and columns."""
         rollout = self.group_rollouts(batch)
+        self._check_groups(rollout, len(batch["prompts"]))
         of = groups.group_ids(rollout, self.hparams.num_generations).tolist()  # each row's prompt
         prompts = [batch["prompts"][i] for i in of]
         answers = [batch["answers"][i] for i in of]
@@ -461,6 +462,29 @@ class PolicyModule(L.LightningModule):
             **self.reward_metrics(scores),
         }
         return rollout, rewards, metrics
+
+    def _check_groups(self, rollout: Rollout, num_prompts: int) -> None:
+        """Each row of ``group_rollouts``' result must belong to one of the batch's prompts: without
+        ``group_ids`` the rows are G consecutive samples per prompt (B x G rows); with them, every id is a
+        prompt index. Otherwise rows would be scored against another prompt's answer and grouped with
+        another prompt's samples."""
+        n, G, name = len(rollout.completions), self.hparams.num_generations, type(self).__name__
+        if rollout.group_ids is None:
+            if n != num_prompts * G:
+                raise ValueError(
+                    f"{name}.group_rollouts returned {n} rows for {num_prompts} prompts: without group_ids they must "
+                    f"be model.num_generations={G} consecutive samples per prompt ({num_prompts * G} rows). A method "
+                    "that samples another number per prompt or adds members gives each row its prompt index "
+                    "(Rollout.group_ids, e.g. through lit_align.core.groups.mix)"
+                )
+            return
+        ids = rollout.group_ids
+        if ids.numel() != n or (n and (int(ids.min()) < 0 or int(ids.max()) >= num_prompts)):
+            raise ValueError(
+                f"{name}.group_rollouts returned {n} rows whose group_ids ({ids.numel()} of them, in "
+                f"[{int(ids.min()) if ids.numel() else 0}, {int(ids.max()) if ids.numel() else 0}]) must be one prompt "
+                f"index in [0, {num_prompts}) per row"
+            )
 
     def rollout_batch(self, prompts: dict) -> dict:
         """Sample and score a rollout batch: the rollout, its rewards and group advantages, the reward
@@ -533,6 +557,8 @@ class PolicyModule(L.LightningModule):
             on_token_weights,
         )
 
+    DATA_STREAMS = (("prompts", "prompt_data"), ("expert", "expert_data"))  # training batch key -> its data flag
+
     def accumulate_update(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """One update's gradients of the method's loss (accumulated in ``.grad``), its value and metrics."""
         u = self.begin_update(batch)
@@ -542,6 +568,14 @@ class PolicyModule(L.LightningModule):
         """Run ``loss``'s terms through the step engine; metrics: the rollout rows' (when sampled), the
         engine's, the method's (``u.metrics``), and ``entropy`` (usual tokens', else expert tokens')."""
         terms = loss.terms()
+        if not terms and any(w != 0.0 for w, _ in (loss.parts if isinstance(loss, Loss) else [(1.0, loss)])):
+            # every term the method weighted lacks its rows: the update would train nothing, silently
+            absent = [f"{key} rows (data.{field} is null?)" for key, field in self.DATA_STREAMS if key not in u.batch]
+            raise ValueError(
+                f"{type(self).__name__}: update {u.step} has nothing to train on: each term of its loss needs rows "
+                f"that the training batch lacks ({', '.join(absent) or 'keys: ' + ', '.join(sorted(u.batch))}). "
+                "An RL term reads data.prompt_data, an SFT term data.expert_data."
+            )
         value, m = self.run_terms(terms)
         metrics = {k: v if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in u.metrics.items()}
         metrics.update(m)
