@@ -417,3 +417,20 @@ def test_cli_run_logs_the_controller(tmp_path, ckpt):
     assert [step for step, _ in scalars["train/meta_grad"]] == [3]
     assert all(math.isfinite(v) for _, v in scalars["train/loss"])
     assert len(scalars["train/mu"]) == 4
+
+
+def test_missing_meta_data_stops_at_set_up_not_at_the_first_meta_step(ckpt):
+    """Without data.meta_data the first meta step (update warmup_sft_steps + meta_interval - 1) would stop the
+    run after the whole SFT warm-up; set-up says it instead. meta_interval 0 needs no meta data."""
+    module = make(ckpt, warmup_sft_steps=3, meta_interval=2)
+    dm = MixedDataModule(model_name_or_path=ckpt, expert_batch_size=4, prompt_batch_size=2, meta_data=None)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"AMFTModule needs data.meta_data .*meta_interval=2"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 0
+    module = make(ckpt, warmup_sft_steps=3, meta_interval=0)
+    dm = MixedDataModule(model_name_or_path=ckpt, expert_batch_size=4, prompt_batch_size=2, prompt_data=None)
+    with pytest.raises(ValueError, match=r"AMFTModule needs data.prompt_data "):
+        L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False).fit(
+            module, datamodule=dm
+        )

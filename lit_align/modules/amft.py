@@ -161,6 +161,24 @@ class AMFTModule(PolicyModule):
         meta = torch.optim.SGD(self.controller.parameters(), lr=self.hparams.controller_lr)
         return [policy["optimizer"], meta], [policy["lr_scheduler"]]
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # the data AMFT reads after its SFT warm-up: missing, it would stop only at the first RL / meta
+        # step (update warmup_sft_steps + meta_interval - 1), after the warm-up's work; say it now
+        hp, dm = self.hparams, getattr(self.trainer, "datamodule", None)
+        data = getattr(dm, "hparams", None)
+        if stage != "fit" or data is None or "meta_data" not in data:
+            return
+        needed = [("expert_data", True), ("prompt_data", True), ("meta_data", hp.meta_interval > 0)]
+        missing = [f"data.{field}" for field, needs in needed if needs and not data.get(field)]
+        if missing:
+            raise ValueError(
+                f"AMFTModule needs {' and '.join(missing)} (null here): after its {hp.warmup_sft_steps} SFT warm-up "
+                f"updates it trains on demonstrations (expert_data) and prompts (prompt_data), and every "
+                f"model.meta_interval={hp.meta_interval} RL updates its meta-gradient reads held-out rows (meta_data; "
+                "meta_interval 0 switches it off)"
+            )
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if self.ranks.world > 1:
