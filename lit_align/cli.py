@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -19,6 +21,10 @@ class AlignCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.model_name_or_path")
         parser.link_arguments("model.init_args.trust_remote_code", "data.init_args.trust_remote_code")
+
+    def parse_arguments(self, parser, args) -> None:
+        check_hash_values(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
         """Resuming with ``--ckpt_path`` keeps the settings given on the command line / ``--config``
@@ -56,6 +62,35 @@ class AlignCLI(LightningCLI):
 
 
 FLAG_PREFIXES = ("model.", "data.", "trainer.")
+
+
+def check_hash_values(args) -> None:
+    """A command-line value that starts with ``#`` reaches jsonargparse's YAML reading as a comment, i.e.
+    null, whatever the flag's type and however it is quoted in the shell: ``--data.init_args.answer_pattern
+    '####\\s*(.+)'`` would silently become no pattern (every GSM8K reward 0). Say so before parsing.
+
+    Raises:
+        ValueError: naming the flag and a form that is read as written.
+    """
+    if not isinstance(args, (list, tuple)):
+        return  # a dict / Namespace given in code: no YAML reading of strings
+    args = [str(a) for a in args]
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        if "=" in arg:
+            flag, value = arg.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            flag, value = arg, args[i + 1]
+        else:
+            continue
+        if value.lstrip().startswith("#"):
+            example = " (for this pattern: '[#]{4}\\s*(.+)')" if flag.endswith("answer_pattern") else ""
+            raise ValueError(
+                f"{flag.lstrip('-')}={value!r}: on the command line a value that starts with '#' is read as a YAML "
+                f"comment, i.e. null, however the shell quotes it: write it so that it does not start with '#'"
+                f"{example}, or set it, quoted, in a YAML config file"
+            )
 
 
 def trainer_defaults() -> dict:

@@ -336,3 +336,22 @@ def test_enable_checkpointing_false_writes_no_checkpoint(checkpointing, tmp_path
         assert checkpoints == 2
         assert (log_dir / "checkpoints" / "last.ckpt").is_file()
         assert sorted(p.name for p in mine.glob("*.ckpt")) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
+
+
+@pytest.mark.parametrize("form", ["separate", "equals"])
+def test_a_command_line_value_starting_with_hash_stops_instead_of_becoming_null(form, tmp_path):
+    """jsonargparse reads a command-line value that starts with '#' as a YAML comment: GSM8K's
+    answer_pattern '####\\s*(.+)' silently became null (every reward 0); the documented form is read as
+    written."""
+    from lit_align.cli import check_hash_values
+
+    pattern = r"####\s*(.+)"
+    flag = "--data.init_args.answer_pattern"
+    args = [flag, pattern] if form == "separate" else [f"{flag}={pattern}"]
+    with pytest.raises(ValueError, match=r"answer_pattern=.*YAML comment.*'\[#\]\{4\}\\s\*\(\.\+\)'"):
+        main(["fit", "--config", "configs/grpo.yaml", *args, "--print_config"])
+    with pytest.raises(ValueError, match="system_prompt"):
+        check_hash_values(["fit", "--data.init_args.system_prompt", " # Rules"])
+    check_hash_values(["fit", "--data.init_args.system_prompt", "Answer after ####.", "--print_config"])
+    cli = main(["--config", "configs/grpo.yaml", flag, r"[#]{4}\s*(.+)"], run=False)
+    assert cli.datamodule.hparams.answer_pattern == r"[#]{4}\s*(.+)"
