@@ -496,3 +496,18 @@ def test_an_instruct_checkpoints_first_on_policy_update_has_ratio_one(instruct_c
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 0
     assert (torch.exp(logp - rollout.old_logp) - 1).abs()[mask].max().item() < 1e-6
+
+
+def test_num_generations_below_one_is_an_error_not_the_default(ckpt):
+    """sample(num_generations=0) (e.g. a LUFFY-style G - 1 samples at G = 1) used to sample the default G
+    per prompt, silently; a negative count failed deep in the sampler."""
+    from lit_align.modules.grpo import GRPOModule
+
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=4, max_new_tokens=2)
+    enc = module.tokenizer(["12+34=", "1+2="], padding=True, return_tensors="pt")
+    prompts = {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask}
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"sample\(num_generations={bad}\): at least 1 completion per prompt"):
+            module.sample(prompts, num_generations=bad)
+    assert len(module.sample(prompts, num_generations=3).completions) == 6
+    assert len(module.sample(prompts).completions) == 8

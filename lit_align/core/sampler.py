@@ -12,6 +12,7 @@ as ``sampler_logp``.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,12 @@ class Sampler:
         ``old_logp`` / ``entropy`` are the policy's, as for sampled tokens. The first call logs which sampler
         runs and which checkpoint fields were overridden."""
         s, model = self.settings, self.policy.model
-        G = num_generations or s.num_generations
+        G = s.num_generations if num_generations is None else num_generations
+        if isinstance(G, bool) or not isinstance(G, numbers.Integral) or G < 1:  # 0 used to mean the default
+            raise ValueError(
+                f"sample(num_generations={num_generations!r}): at least 1 completion per prompt "
+                f"(None: model.num_generations={s.num_generations})"
+            )
         if prefix_ids is None and prefix_mask is not None:
             raise ValueError("prefix_mask is given without prefix_ids: pass the prefix tokens too, or neither")
         if prefix_ids is not None:  # here, so that both samplers refuse the same prefixes before any work
