@@ -4,12 +4,14 @@ from lit_align.data.datamodule import MixedDataModule
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule, SFTThenGRPOModule
+from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.policy import PolicyModule
 from lit_align.modules.sft import SFTModule
 
 __all__ = [
     "AMFTModule",
     "CHORDModule",
+    "LUFFYModule",
     "MixedDataModule",
     "PolicyModule",
     "SFTModule",

@@ -2,11 +2,11 @@
 
 - numerical equivalence: one update on 2 ranks with unequal token counts, in micro-batches of one
   row, equals one process on the same global batch in one forward, for the SFT term, the GRPO term
-  with rollouts held fixed and AMFT's meta step (guards the gloo AVG bug and the global normalisation);
+  with rollouts held fixed, LUFFY's mixed groups and AMFT's meta step (guards the gloo AVG bug and the global normalisation);
 - generation under FSDP2 does not deadlock when ranks stop at different lengths;
 - AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
 - end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
-  resume), ``fsdp`` fails naming ``fsdp2``.
+  resume), LUFFY under both, ``fsdp`` fails naming ``fsdp2``.
 """
 
 import json
@@ -26,6 +26,7 @@ from lit_align.controller import ScalarMu
 from lit_align.events import read_scalars
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
+from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
 from lit_align.rollout import Rollout
 
@@ -55,6 +56,28 @@ class FixedRolloutGRPO(GRPOModule):
             [""] * len(r["prompt_ids"]),
         )
         return rollout, batch["rewards"], {}
+
+
+class _FixedGroups:
+    """A mixed-group method whose groups come with the batch: each prompt's rows are a sample, then its
+    demonstration (G = 2, k = 1; behaviour log-prob 0), with the samples' sampling-time entropy."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.demonstrations_per_prompt = 0  # the groups come with the batch: no data module pairs them
+
+    def rollout_and_score(self, batch):
+        rollout, rewards, metrics = FixedRolloutGRPO.rollout_and_score(self, batch)
+        n = len(rewards)
+        rollout.group_ids = torch.arange(n) // 2
+        rollout.off_policy = torch.arange(n) % 2 == 1
+        rollout.old_logp = rollout.old_logp.masked_fill(rollout.off_policy.unsqueeze(-1), 0.0)
+        rollout.entropy = batch["rollout"]["entropy"]
+        return rollout, rewards, metrics
+
+
+class FixedGroupsLUFFY(_FixedGroups, LUFFYModule):
+    pass
 
 
 class FixedRolloutAMFT(AMFTModule):
@@ -93,6 +116,8 @@ def _batches(ckpt: str) -> dict:
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
         "old_logp": (old_logp - 0.05) * completion_mask,
+        # sampling-time entropy, higher on rank 0's rows: a per-rank mean H would differ from the global one
+        "entropy": torch.tensor([[2.0], [0.0], [0.5], [0.0]]) * completion_mask,
     }
     meta_ids = torch.randint(3, 16, (4, 10), generator=g)
     meta_labels = meta_ids.clone()
@@ -110,7 +135,7 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     }
     if method == "sft":
         return expert
-    if method == "grpo":
+    if method in ("grpo", "luffy"):
         return prompts
     return {**expert, **prompts, "meta": {"expert": {k: take(v) for k, v in batches["meta"].items()}}}
 
@@ -127,13 +152,14 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
-METHODS = ("sft", "grpo", "amft", "amft_adam")
+METHODS = ("sft", "grpo", "luffy", "amft", "amft_adam")
 
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
     cls, extra, steps = {
         "sft": (SFTModule, {}, 1),
         "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
+        "luffy": (FixedGroupsLUFFY, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
     }[method]
@@ -229,7 +255,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 # (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
 # near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
-@pytest.mark.parametrize("method", ["sft", "grpo", "amft"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -500,6 +526,30 @@ def test_amft_under_fsdp2_shards_meta_steps_and_resumes_exactly(tmp_path):
         assert r["param_sum"] == pytest.approx(full["param_sum"], rel=1e-6)
         assert r["controller"]["mu"] == pytest.approx(full["controller"]["mu"], rel=1e-6)
         assert r["target_entropy"] == full["target_entropy"], "H* comes back from the checkpoint"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("config", ["luffy"])
+def test_mixed_group_methods_under_ddp_and_fsdp2(config, strategy, tmp_path):
+    """configs/<method>.yaml on 2 processes: each rank samples G - 1 = 1 completion per
+    prompt and mixes in each prompt's demonstration; the replicas stay equal (DDP) or sharded (FSDP2)."""
+    preset = "configs/trainer_ddp.yaml" if strategy == "ddp" else "configs/trainer_fsdp.yaml"
+    proc, path = train(config, preset, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = _reports(path)
+    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [3, 3]
+    for r in reports:  # 2 prompts x (1 sample + 1 demonstration) per rank and step
+        assert r["rollouts"] == [2 * 2] * 3
+    assert not set(reports[0]["prompts"]) & set(reports[1]["prompts"]), "ranks must see different prompts"
+    if strategy == "ddp":
+        assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
+    else:
+        assert all(r["sharded"] and r["local_numel"] <= 0.55 * r["numel"] for r in reports)
+    log_dir = next(path.rglob("hf_model")).parent
+    scalars = read_scalars(log_dir)
+    want = {"train/loss", "train/off_policy_token_share", "train/off_policy_weight_mean", "train/expert_advantage_mean"}
+    assert want | {"val/accuracy"} <= set(scalars), sorted(scalars)
+    assert all(0 < v < 1 for _, v in scalars["train/off_policy_token_share"])
 
 
 def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):

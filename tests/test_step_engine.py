@@ -1,7 +1,7 @@
 """The step engine: one update's loss and gradients do not depend on the micro-batch size.
 
 In float64 on the embedded model with rollouts held fixed, for SFT, GRPO, CHORD (phi and entropy token
-weights) and AMFT's meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
+weights), LUFFY (mixed groups: a sample and a demonstration per prompt) and AMFT's meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
 give the same loss and the same gradient of every parameter as a direct whole-batch computation
 (logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
 per-micro-batch mean would differ.
@@ -14,6 +14,7 @@ from lit_align import losses
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule
+from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
 from lit_align.rollout import Rollout, position_ids_from_mask
 from lit_align.weighting import ConstantMu
@@ -46,9 +47,25 @@ def _batch() -> dict:
         torch.zeros_like(old_logp),
         [""] * 4,
     )
+    # the same rows as mixed groups (LUFFY): each prompt's sample, then its demonstration (behaviour
+    # log-prob 0), with the samples' sampling-time entropy
+    demo = torch.tensor([False, True, False, True])
+    entropy = torch.rand(4, 6, generator=g, dtype=torch.float64) * 2 * completion_mask * (~demo).unsqueeze(-1)
+    mixed = Rollout(
+        prompt_ids,
+        torch.ones_like(prompt_ids),
+        completion_ids,
+        completion_mask,
+        old_logp.masked_fill(demo.unsqueeze(-1), 0.0),
+        entropy,
+        [""] * 4,
+        group_ids=torch.tensor([0, 0, 1, 1]),
+        off_policy=demo,
+    )
     return {
         "expert": {"input_ids": ids, "attention_mask": mask, "labels": labels},
         "rollout": rollout,
+        "mixed": mixed,
         "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9], dtype=torch.float64),
         "prompts": {"prompts": ["a", "b"], "answers": ["1", "2"]},
     }
@@ -57,7 +74,8 @@ def _batch() -> dict:
 def _fixed(cls):
     class Fixed(cls):
         def rollout_and_score(self, prompts):
-            return self._fixed["rollout"], self._fixed["rewards"], {}
+            rows = self._fixed["mixed" if isinstance(self, LUFFYModule) else "rollout"]
+            return rows, self._fixed["rewards"], {}
 
     return Fixed
 
@@ -81,8 +99,29 @@ def _logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
 
 
+def _mixed_reference(module, batch) -> torch.Tensor:
+    """LUFFY's update in one piece: advantages over each mixed group, the samples' clipped surrogate, the
+    demonstrations' -A p / (p + gamma), aggregated together."""
+    agg, hp = module.hparams.loss_aggregation, module.hparams
+    r = batch["mixed"]
+    demo = r.off_policy
+    adv, _ = losses.group_advantages_by_id(batch["rewards"], r.group_ids, ~demo, hp.advantage_norm, "all")
+    m = r.completion_mask
+    P = r.prompt_ids.shape[1]
+    logits = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
+    logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+    A = adv.unsqueeze(-1)
+    ratio = torch.exp(logp - r.old_logp)
+    surrogate = -torch.minimum(ratio * A, ratio.clamp(1 - hp.epsilon_low, 1 + hp.epsilon_high) * A)
+    p = logp.exp()
+    shaped = -A * p / (p + hp.off_policy_gamma)
+    return losses.aggregate(torch.where(demo.unsqueeze(-1), shaped, surrogate), m, agg)
+
+
 def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
     """The update's loss, computed in one piece: every position's logits, whole-batch aggregation."""
+    if weighting == "luffy":
+        return _mixed_reference(module, batch)
     agg, hp = module.hparams.loss_aggregation, module.hparams
     total = torch.zeros((), dtype=torch.float64)
     if mu < 1:
@@ -121,6 +160,7 @@ CASES = {
     "grpo": (GRPOModule, {}, 0.0, None),
     "chord_phi": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "phi"}, MU, "phi"),
     "chord_entropy": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "entropy"}, MU, "entropy"),
+    "luffy": (LUFFYModule, {"off_policy_gamma": 0.3}, None, "luffy"),
 }
 
 
