@@ -7,6 +7,7 @@ from lit_align.modules.grpo import GRPOModule, SFTThenGRPOModule
 from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.policy import PolicyModule
 from lit_align.modules.sft import SFTModule
+from lit_align.modules.srft import SRFTModule
 
 __all__ = [
     "AMFTModule",
@@ -15,6 +16,7 @@ __all__ = [
     "MixedDataModule",
     "PolicyModule",
     "SFTModule",
+    "SRFTModule",
     "GRPOModule",
     "SFTThenGRPOModule",
 ]

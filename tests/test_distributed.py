@@ -2,11 +2,12 @@
 
 - numerical equivalence: one update on 2 ranks with unequal token counts, in micro-batches of one
   row, equals one process on the same global batch in one forward, for the SFT term, the GRPO term
-  with rollouts held fixed, LUFFY's mixed groups and AMFT's meta step (guards the gloo AVG bug and the global normalisation);
+  with rollouts held fixed, LUFFY's and SRFT's mixed groups (SRFT's entropy H over all ranks) and
+  AMFT's meta step (guards the gloo AVG bug and the global normalisation);
 - generation under FSDP2 does not deadlock when ranks stop at different lengths;
 - AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
 - end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
-  resume), LUFFY under both, ``fsdp`` fails naming ``fsdp2``.
+  resume), LUFFY and SRFT under both, ``fsdp`` fails naming ``fsdp2``.
 """
 
 import json
@@ -28,6 +29,7 @@ from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
+from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +62,7 @@ class FixedRolloutGRPO(GRPOModule):
 
 class _FixedGroups:
     """A mixed-group method whose groups come with the batch: each prompt's rows are a sample, then its
-    demonstration (G = 2, k = 1; behaviour log-prob 0), with the samples' sampling-time entropy."""
+    demonstration (G = 2, k = 1; behaviour log-prob 0), with the samples' sampling-time entropy (SRFT's H)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -77,6 +79,10 @@ class _FixedGroups:
 
 
 class FixedGroupsLUFFY(_FixedGroups, LUFFYModule):
+    pass
+
+
+class FixedGroupsSRFT(_FixedGroups, SRFTModule):
     pass
 
 
@@ -135,7 +141,7 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     }
     if method == "sft":
         return expert
-    if method in ("grpo", "luffy"):
+    if method in ("grpo", "luffy", "srft"):
         return prompts
     return {**expert, **prompts, "meta": {"expert": {k: take(v) for k, v in batches["meta"].items()}}}
 
@@ -152,7 +158,7 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
-METHODS = ("sft", "grpo", "luffy", "amft", "amft_adam")
+METHODS = ("sft", "grpo", "luffy", "srft", "amft", "amft_adam")
 
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
@@ -160,6 +166,7 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
         "sft": (SFTModule, {}, 1),
         "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
         "luffy": (FixedGroupsLUFFY, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
+        "srft": (FixedGroupsSRFT, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
     }[method]
@@ -255,7 +262,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 # (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
 # near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
-@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "amft"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "srft", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -529,7 +536,7 @@ def test_amft_under_fsdp2_shards_meta_steps_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-@pytest.mark.parametrize("config", ["luffy"])
+@pytest.mark.parametrize("config", ["luffy", "srft"])
 def test_mixed_group_methods_under_ddp_and_fsdp2(config, strategy, tmp_path):
     """configs/<method>.yaml on 2 processes: each rank samples G - 1 = 1 completion per
     prompt and mixes in each prompt's demonstration; the replicas stay equal (DDP) or sharded (FSDP2)."""
@@ -548,6 +555,8 @@ def test_mixed_group_methods_under_ddp_and_fsdp2(config, strategy, tmp_path):
     log_dir = next(path.rglob("hf_model")).parent
     scalars = read_scalars(log_dir)
     want = {"train/loss", "train/off_policy_token_share", "train/off_policy_weight_mean", "train/expert_advantage_mean"}
+    if config == "srft":
+        want |= {"train/srft_w_sft", "train/srft_w_rl", "train/sft_loss"}
     assert want | {"val/accuracy"} <= set(scalars), sorted(scalars)
     assert all(0 < v < 1 for _, v in scalars["train/off_policy_token_share"])
 

@@ -1,11 +1,14 @@
 """The step engine: one update's loss and gradients do not depend on the micro-batch size.
 
 In float64 on the embedded model with rollouts held fixed, for SFT, GRPO, CHORD (phi and entropy token
-weights), LUFFY (mixed groups: a sample and a demonstration per prompt) and AMFT's meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
+weights), LUFFY and SRFT (mixed groups: a sample and a demonstration per prompt) and AMFT's
+meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
 give the same loss and the same gradient of every parameter as a direct whole-batch computation
 (logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
 per-micro-batch mean would differ.
 """
+
+import math
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
+from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout, position_ids_from_mask
 from lit_align.weighting import ConstantMu
 
@@ -47,8 +51,8 @@ def _batch() -> dict:
         torch.zeros_like(old_logp),
         [""] * 4,
     )
-    # the same rows as mixed groups (LUFFY): each prompt's sample, then its demonstration (behaviour
-    # log-prob 0), with the samples' sampling-time entropy
+    # the same rows as mixed groups (LUFFY, SRFT): each prompt's sample, then its demonstration (behaviour
+    # log-prob 0), with the samples' sampling-time entropy (what SRFT's weights read)
     demo = torch.tensor([False, True, False, True])
     entropy = torch.rand(4, 6, generator=g, dtype=torch.float64) * 2 * completion_mask * (~demo).unsqueeze(-1)
     mixed = Rollout(
@@ -99,14 +103,20 @@ def _logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
 
 
-def _mixed_reference(module, batch) -> torch.Tensor:
-    """LUFFY's update in one piece: advantages over each mixed group, the samples' clipped surrogate, the
-    demonstrations' -A p / (p + gamma), aggregated together."""
+def _mixed_reference(module, batch, srft: bool) -> torch.Tensor:
+    """LUFFY's (SRFT's) update in one piece: advantages over each mixed group, the samples' clipped surrogate
+    (SRFT: a positive sample's weighted w_RL), the demonstrations' -A p / (p + gamma), aggregated together
+    [+ w_SFT x the demonstrations' NLL, aggregated over their own tokens]."""
     agg, hp = module.hparams.loss_aggregation, module.hparams
     r = batch["mixed"]
     demo = r.off_policy
     adv, _ = losses.group_advantages_by_id(batch["rewards"], r.group_ids, ~demo, hp.advantage_norm, "all")
     m = r.completion_mask
+    if srft:
+        on_tokens = m.bool() & ~demo.unsqueeze(-1)
+        H = float((r.entropy * on_tokens).sum() / on_tokens.sum())
+        w_sft, w_rl = hp.sft_coef * math.exp(-H), hp.rl_coef * math.exp(H)
+        adv = torch.where(~demo & (adv > 0), adv * w_rl, adv)
     P = r.prompt_ids.shape[1]
     logits = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
     logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -115,13 +125,20 @@ def _mixed_reference(module, batch) -> torch.Tensor:
     surrogate = -torch.minimum(ratio * A, ratio.clamp(1 - hp.epsilon_low, 1 + hp.epsilon_high) * A)
     p = logp.exp()
     shaped = -A * p / (p + hp.off_policy_gamma)
-    return losses.aggregate(torch.where(demo.unsqueeze(-1), shaped, surrogate), m, agg)
+    total = losses.aggregate(torch.where(demo.unsqueeze(-1), shaped, surrogate), m, agg)
+    if srft:  # the demonstrations' NLL at temperature 1 (the SFT term's), over their own tokens
+        # from a forward of their own, as the module runs the term (one backward through a forward shared with
+        # the RL part differs from two in about the 7th digit of some gradients on this model)
+        logits = _logits(module.model, r.input_ids[demo], r.attention_mask[demo])[:, P - 1 : -1]
+        nll = -torch.log_softmax(logits, -1).gather(-1, r.completion_ids[demo].unsqueeze(-1)).squeeze(-1)
+        total = total + w_sft * losses.aggregate(nll, m[demo], agg)
+    return total
 
 
 def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
     """The update's loss, computed in one piece: every position's logits, whole-batch aggregation."""
-    if weighting == "luffy":
-        return _mixed_reference(module, batch)
+    if weighting in ("luffy", "srft"):
+        return _mixed_reference(module, batch, weighting == "srft")
     agg, hp = module.hparams.loss_aggregation, module.hparams
     total = torch.zeros((), dtype=torch.float64)
     if mu < 1:
@@ -161,6 +178,7 @@ CASES = {
     "chord_phi": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "phi"}, MU, "phi"),
     "chord_entropy": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "entropy"}, MU, "entropy"),
     "luffy": (LUFFYModule, {"off_policy_gamma": 0.3}, None, "luffy"),
+    "srft": (SRFTModule, {"off_policy_gamma": 0.3, "sft_coef": 0.7, "rl_coef": 0.4}, None, "srft"),
 }
 
 
