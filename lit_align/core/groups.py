@@ -6,7 +6,8 @@ A prompt batch paired with its demonstrations (``data`` pairing: ``prompts["demo
 so that each prompt's group is contiguous (its samples, then its demonstrations) and every row carries
 its prompt index (``group_ids``) and whether the policy sampled it (``off_policy``). Advantages over such
 groups come from :func:`lit_align.losses.group_advantages_by_id`; the RL term gives off-policy tokens the
-shaped objective (:func:`lit_align.core.terms.rl_term`).
+shaped objective (:func:`lit_align.core.terms.rl_term`). :func:`demonstration_labelled` gives the same
+demonstrations as labelled rows (prompt + demonstration, labels on the demonstration) for the SFT term.
 """
 
 from __future__ import annotations
@@ -53,6 +54,39 @@ def demonstration_rows(prompts: dict, k: int | None = None) -> Rollout:
         group_ids=torch.arange(B, device=ids.device).repeat_interleave(k),
         off_policy=torch.ones(B * k, dtype=torch.bool, device=ids.device),
     )
+
+
+def demonstration_labelled(prompts: dict, k: int | None = None, pad_id: int = 0) -> dict:
+    """The first ``k`` (default all) demonstrations of each prompt as labelled rows for the SFT term (B * k, in
+    prompt order): ``input_ids`` the prompt's real tokens then the demonstration's, right-padded with
+    ``pad_id``; ``attention_mask`` 1 on real tokens; ``labels`` the demonstration's tokens, -100 on the prompt
+    and the padding. For a pad id equal to the data module's, these are the rows
+    :meth:`lit_align.MixedDataModule.collate_expert` builds for the same prompt and response (a method that
+    trains a prompt's own demonstration with SFT: HPT).
+
+    Raises:
+        ValueError: as :func:`demonstration_rows` (no demonstrations, or fewer than ``k`` per prompt).
+    """
+    demos = demonstration_rows(prompts, k)
+    seqs, labels = [], []
+    for p, pm, d, dm in zip(demos.prompt_ids, demos.prompt_mask, demos.completion_ids, demos.completion_mask):
+        prompt, demo = p[pm.bool()], d[dm.bool()]
+        seqs.append(torch.cat([prompt, demo]))
+        labels.append(torch.cat([torch.full_like(prompt, -100), demo]))
+    width = max((len(s) for s in seqs), default=0)
+    device = demos.completion_ids.device
+
+    def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        out = torch.full((len(rows), width), value, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        return out
+
+    return {
+        "input_ids": pad(seqs, pad_id),
+        "attention_mask": pad([torch.ones_like(s) for s in seqs], 0),
+        "labels": pad(labels, -100),
+    }
 
 
 def group_ids(rollout: Rollout, group_size: int) -> torch.Tensor:
