@@ -8,11 +8,14 @@ GRPO on its samples otherwise.
   for every micro-batch size;
 - degenerate gates: below 0 is GRPO, G or above is SFT on the prompts' demonstrations, bit for bit;
 - through a Trainer: the gate is decided once per rollout batch (steps_per_generation), each routed
-  demonstration trains once per pass, a resume between two updates of one rollout batch is exact, LoRA.
+  demonstration trains once per pass, a resume between two updates of one rollout batch is exact, LoRA;
+- configs/hpt.yaml trains from the command line and logs train/gate_sft_share.
 """
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +24,11 @@ import torch
 
 from lit_align import GRPOModule, HPTModule, MixedDataModule, SFTModule
 from lit_align.core import groups
+from lit_align.events import read_scalars
 from lit_align.modules.hpt import SOFT_TABLES
 from lit_align.rollout import Rollout, position_ids_from_mask
 
+ROOT = Path(__file__).resolve().parents[1]
 G = 3
 EPS = 1e-6  # the advantage's std epsilon
 
@@ -427,3 +432,30 @@ def test_lora_trains_the_adapters(ckpt):
     _trainer(2).fit(module, datamodule=_data(ckpt))
     after = dict(module.model.named_parameters())
     assert any(not torch.equal(after[n], before[n]) for n in before), "the adapters did not move"
+
+
+def test_the_config_trains_and_logs_the_routed_share(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/hpt.yaml", "--trainer.max_steps", "3",
+         "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--data.init_args.retention_data",
+         "null", "--trainer.logger.init_args.save_dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = {e.parent for e in tmp_path.rglob("events.out.tfevents.*")}
+    scalars = read_scalars(run)
+    shares = [v for _, v in scalars["train/gate_sft_share"]]
+    # the freshly initialised model answers nothing right: every prompt is routed to its demonstration
+    assert shares == [1.0, 1.0, 1.0]
+    assert len(scalars["train/sft_loss"]) == 3 and "train/rl_loss" not in scalars
+    assert "val/accuracy" in scalars
+
+
+def test_the_chat_checkpoint_config_parses(capsys):
+    from lit_align.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", "configs/math_hpt.yaml", "--print_config"])
+    assert e.value.code == 0
+    printed = capsys.readouterr().out
+    assert "lit_align.HPTModule" in printed and "strategy: switch" in printed
