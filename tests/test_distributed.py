@@ -8,6 +8,12 @@
 - AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
 - end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
   resume), LUFFY and SRFT under both, ``fsdp`` fails naming ``fsdp2``.
+  with rollouts held fixed, HPT (rank 0's prompt routed to SFT, rank 1's to GRPO: each rank holds rows
+  of one term only) and AMFT's meta step (guards the gloo AVG bug and the global normalisation);
+- generation under FSDP2 does not deadlock when ranks stop at different lengths;
+- AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
+- end to end through ``train.py``: CHORD, AMFT and HPT under ``ddp`` and ``fsdp2`` (with export and a
+  resume), ``fsdp`` fails naming ``fsdp2``.
 """
 
 import json
@@ -28,6 +34,7 @@ from lit_align.events import read_scalars
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.luffy import LUFFYModule
+from lit_align.modules.hpt import HPTModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout
@@ -93,6 +100,13 @@ class FixedRolloutAMFT(AMFTModule):
     rollout_and_score = FixedRolloutGRPO.rollout_and_score
 
 
+class FixedRolloutHPT(HPTModule):
+    """HPT with the batch's fixed rollouts: the gate and the update are a pure function of the batch."""
+
+    rollout_and_score = FixedRolloutGRPO.rollout_and_score
+    demonstrations_per_prompt = 0  # the batches carry their demonstrations: no data module to pair them
+
+
 def _batches(ckpt: str) -> dict:
     """Global batches: 4 expert rows, and 2 prompts x G=2 rollouts, rank 1's rows (2-3) holding fewer
     tokens than rank 0's: the loss is normalised over the global batch, so unequal counts per rank must
@@ -130,7 +144,19 @@ def _batches(ckpt: str) -> dict:
     meta_labels[:, :3] = -100
     meta_labels[3, :6] = -100
     meta = {"input_ids": meta_ids, "attention_mask": torch.ones_like(meta_ids), "labels": meta_labels}
-    return {"expert": expert, "rollout": rollout, "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9]), "meta": meta}
+    demo_ids = torch.randint(3, 16, (2, 1, 6), generator=g)
+    demo_mask = torch.tensor([[[1, 1, 1, 1, 1, 1]], [[1, 1, 1, 0, 0, 0]]])
+    prompts = {  # per prompt (HPT): its text, answer and demonstration
+        "prompt_ids": prompt_ids[::2],
+        "prompt_mask": torch.ones_like(prompt_ids[::2]),
+        "demo_ids": demo_ids * demo_mask,
+        "demo_mask": demo_mask,
+        "demonstrations": [["d0"], ["d1"]],
+        "prompts": ["p0", "p1"],
+        "answers": ["a0", "a1"],
+    }
+    rewards = torch.tensor([1.0, 0.0, 0.2, 0.9])
+    return {"expert": expert, "rollout": rollout, "rewards": rewards, "meta": meta, "prompt_rows": prompts}
 
 
 def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
@@ -142,6 +168,10 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     if method == "sft":
         return expert
     if method in ("grpo", "luffy", "srft"):
+        return prompts
+    if method == "hpt":
+        part = lambda v: v[rank::world] if world > 1 else v  # noqa: E731  (one prompt per rank)
+        prompts["prompts"].update({k: part(v) for k, v in batches["prompt_rows"].items()})
         return prompts
     return {**expert, **prompts, "meta": {"expert": {k: take(v) for k, v in batches["meta"].items()}}}
 
@@ -159,6 +189,10 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
 METHODS = ("sft", "grpo", "luffy", "srft", "amft", "amft_adam")
+METHODS = ("sft", "grpo", "amft", "amft_adam")
+# HPT at gate 1 counting rewards > 0: rank 0's prompt (rewards 1.0, 0.0) trains its demonstration with SFT,
+# rank 1's (0.2, 0.9) its samples with GRPO, so each rank holds rows of one term only
+HPT = {"num_generations": 2, "gate": 1, "correct_by": "reward", "sft_loss_coef": 0.7}
 
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
@@ -169,6 +203,7 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
         "srft": (FixedGroupsSRFT, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
+        "hpt": (FixedRolloutHPT, HPT, 1),
     }[method]
     if method == "amft_adam":
         optimizer = lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)  # noqa: E731
@@ -196,7 +231,7 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
     return module, trainer
 
 
-def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
+def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str, methods=METHODS) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2"
     )
@@ -204,7 +239,7 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str) -> None:
 
     results = {}
     for strategy in ("ddp", "fsdp2"):
-        for method in METHODS:
+        for method in methods:
             module, trainer = _one_step(ckpt, method, _slice(batches, method, rank, 2), strategy, 2)
             state = module.full_state_dict()  # collective under fsdp2; every rank gets it under ddp
             if rank == 0 or strategy == "ddp":
@@ -273,6 +308,34 @@ def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, met
     if strategy == "ddp":  # both replicas hold the same weights
         for k, v in results[f"ddp-{method}-rank0"].items():
             assert torch.equal(v, results[f"ddp-{method}-rank1"][k]), k
+
+
+@pytest.fixture(scope="module")
+def two_rank_hpt(ckpt, tmp_path_factory):
+    """HPT's one step on 2 ranks (ddp, fsdp2) and in one process, the same global batch."""
+    out = tmp_path_factory.mktemp("two_ranks_hpt")
+    batches = _batches(ckpt)
+    args = (free_port(), ckpt, batches, str(out), ("hpt",))
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
+    results = {}
+    for rank in range(2):
+        results.update(torch.load(out / f"rank{rank}.pt", weights_only=False))
+    return results, _one_step(ckpt, "hpt", _slice(batches, "hpt", 0, 1), "auto", 1)[0].full_state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_hpt_two_ranks_take_the_same_step_as_one_process(two_rank_hpt, ckpt, strategy):
+    """Rank 0 holds only SFT rows, rank 1 only RL rows: each runs the term it lacks on one row at zero
+    weight (FSDP2's forwards are collectives), and the step is one process's on the global batch."""
+    from safetensors.torch import load_file
+
+    results, single = two_rank_hpt
+    start = load_file(str(Path(ckpt) / "model.safetensors"))
+    start.setdefault("lm_head.weight", start["model.embed_tokens.weight"])  # tied
+    _assert_same_update(results[f"{strategy}-hpt-rank0"], single, start)
+    if strategy == "ddp":
+        for k, v in results["ddp-hpt-rank0"].items():
+            assert torch.equal(v, results["ddp-hpt-rank1"][k]), k
 
 
 @pytest.mark.parametrize("method", ["amft", "amft_adam"])  # SGD formula; AdamW's own step (sharded moments)
@@ -559,6 +622,51 @@ def test_mixed_group_methods_under_ddp_and_fsdp2(config, strategy, tmp_path):
         want |= {"train/srft_w_sft", "train/srft_w_rl", "train/sft_loss"}
     assert want | {"val/accuracy"} <= set(scalars), sorted(scalars)
     assert all(0 < v < 1 for _, v in scalars["train/off_policy_token_share"])
+# HPT end to end: 2 prompts x G 2 per rank, a length-match verdict a fresh policy earns sometimes (so some
+# prompts train with GRPO, the others their demonstrations), two updates per rollout batch
+HPT_RUN = ["--model.init_args.steps_per_generation=2", "--trainer.max_steps=4"]
+
+
+def _check_hpt_run(proc, path: Path, steps: int = 4) -> tuple[list[dict], Path]:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = _reports(path)
+    assert [r["world"] for r in reports] == [2, 2] and [r["step"] for r in reports] == [steps, steps]
+    for r in reports:  # rollouts sampled on each rank from its own prompts (the last batch's, after each update)
+        assert r["rollouts"] == [2 * 2] * steps
+    assert not set(reports[0]["prompts"]) & set(reports[1]["prompts"]), "ranks must see different prompts"
+    log_dir = next(path.rglob("hf_model")).parent
+    scalars = read_scalars(log_dir)
+    assert {"train/gate_sft_share", "train/loss", "train/reward_mean", "val/accuracy"} <= set(scalars)
+    shares = [v for _, v in scalars["train/gate_sft_share"]]
+    assert len(shares) == steps and all(0.0 <= v <= 1.0 for v in shares)
+    assert shares[0] == shares[1] and shares[2] == shares[3], "the gate holds for its rollout batch"
+    return reports, log_dir
+
+
+def test_hpt_under_ddp(tmp_path):
+    proc, path = train("hpt", "ddp", tmp_path, *HPT_RUN)
+    reports, _ = _check_hpt_run(proc, path)
+    assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
+
+
+def test_hpt_under_fsdp2_shards_and_resumes_exactly(tmp_path):
+    """Sharded, the export, then a resume from the step-3 checkpoint (between the two updates of the
+    second rollout batch: each rank's buffered rollouts and gate come back) ends where the uninterrupted
+    run did, on every rank's shard."""
+    proc, path = train("hpt", "configs/trainer_fsdp.yaml", tmp_path / "a", *HPT_RUN)
+    reports, log_dir = _check_hpt_run(proc, path)
+    for r in reports:
+        assert r["sharded"] and r["local_numel"] <= 0.55 * r["numel"]
+    _check_export(log_dir)
+    last = log_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    proc, path = train("hpt", "configs/trainer_fsdp.yaml", tmp_path / "b", *HPT_RUN, f"--ckpt_path={last}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = _reports(path)
+    # update 4 trains on the checkpoint's rollout batch: nothing sampled after the resume
+    assert [r["step"] for r in resumed] == [4, 4] and [r["rollouts"] for r in resumed] == [[], []]
+    for r, full in zip(resumed, reports):
+        assert r["param_sum"] == pytest.approx(full["param_sum"], rel=1e-6)
 
 
 def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):

@@ -1,8 +1,9 @@
 """The step engine: one update's loss and gradients do not depend on the micro-batch size.
 
 In float64 on the embedded model with rollouts held fixed, for SFT, GRPO, CHORD (phi and entropy token
-weights), LUFFY and SRFT (mixed groups: a sample and a demonstration per prompt) and AMFT's
-meta-gradient, every loss aggregation: micro_batch_size 1, 2 and the whole batch
+weights), LUFFY and SRFT (mixed groups: a sample and a demonstration per prompt), HPT (one prompt routed
+to its demonstration, one trained with GRPO) and AMFT's meta-gradient, every loss aggregation:
+micro_batch_size 1, 2 and the whole batch
 give the same loss and the same gradient of every parameter as a direct whole-batch computation
 (logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
 per-micro-batch mean would differ.
@@ -14,10 +15,12 @@ import pytest
 import torch
 
 from lit_align import losses
+from lit_align.core import groups
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.luffy import LUFFYModule
+from lit_align.modules.hpt import HPTModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout, position_ids_from_mask
@@ -25,6 +28,7 @@ from lit_align.weighting import ConstantMu
 
 G = 2
 MU = 0.3
+HPT_SFT_COEF = 0.7
 
 
 def _batch() -> dict:
@@ -66,12 +70,24 @@ def _batch() -> dict:
         group_ids=torch.tensor([0, 0, 1, 1]),
         off_policy=demo,
     )
+    # each prompt's demonstration (HPT trains a routed prompt's own demonstration with SFT)
+    demo_ids = torch.randint(3, 16, (2, 1, 5), generator=g)
+    demo_mask = torch.tensor([[[1, 1, 1, 1, 1]], [[1, 1, 0, 0, 0]]])
+    prompts = {
+        "prompts": ["a", "b"],
+        "answers": ["1", "2"],
+        "prompt_ids": prompt_ids[::G],
+        "prompt_mask": torch.ones_like(prompt_ids[::G]),
+        "demo_ids": demo_ids * demo_mask,
+        "demo_mask": demo_mask,
+        "demonstrations": [["a"], ["b"]],
+    }
     return {
         "expert": {"input_ids": ids, "attention_mask": mask, "labels": labels},
         "rollout": rollout,
         "mixed": mixed,
         "rewards": torch.tensor([1.0, 0.0, 0.2, 0.9], dtype=torch.float64),
-        "prompts": {"prompts": ["a", "b"], "answers": ["1", "2"]},
+        "prompts": prompts,
     }
 
 
@@ -140,6 +156,8 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
     if weighting in ("luffy", "srft"):
         return _mixed_reference(module, batch, weighting == "srft")
     agg, hp = module.hparams.loss_aggregation, module.hparams
+    if isinstance(module, HPTModule):
+        return _hpt_reference(module, batch)
     total = torch.zeros((), dtype=torch.float64)
     if mu < 1:
         r = batch["rollout"]
@@ -168,6 +186,26 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
     return total
 
 
+def _hpt_reference(module, batch) -> torch.Tensor:
+    """HPT at gate 1, P counting rewards > 0: prompt 0 (rewards 1.0, 0.0: P = 1) trains its demonstration
+    with SFT, prompt 1 (0.2, 0.9: P = 2) its samples with GRPO; L = L_RL(rows 2-3) + HPT_SFT_COEF * L_SFT."""
+    agg, hp = module.hparams.loss_aggregation, module.hparams
+    r = batch["rollout"]
+    adv, _ = losses.group_advantages(batch["rewards"], G, hp.advantage_norm)
+    P = r.prompt_ids.shape[1]
+    logits = _logits(module.model, r.input_ids, r.attention_mask)[2:, P - 1 : -1]
+    logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids[2:].unsqueeze(-1)).squeeze(-1)
+    rl, _ = losses.clipped_surrogate(
+        logp, r.old_logp[2:], adv[2:], r.completion_mask[2:], hp.epsilon_low, hp.epsilon_high, agg
+    )
+    e = {k: v[:1] for k, v in groups.demonstration_labelled(batch["prompts"], 1, 0).items()}
+    logits = _logits(module.model, e["input_ids"], e["attention_mask"])[:, :-1]
+    labels = e["labels"][:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sft, _ = losses.masked_nll(logp, labels != -100, None, agg)
+    return rl + HPT_SFT_COEF * sft
+
+
 def _grads(module) -> dict:
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
 
@@ -179,6 +217,7 @@ CASES = {
     "chord_entropy": (CHORDModule, {"mu_schedule": ConstantMu(MU), "token_weighting": "entropy"}, MU, "entropy"),
     "luffy": (LUFFYModule, {"off_policy_gamma": 0.3}, None, "luffy"),
     "srft": (SRFTModule, {"off_policy_gamma": 0.3, "sft_coef": 0.7, "rl_coef": 0.4}, None, "srft"),
+    "hpt": (HPTModule, {"gate": 1, "correct_by": "reward", "sft_loss_coef": HPT_SFT_COEF}, None, None),
 }
 
 
