@@ -424,6 +424,21 @@ def test_a_resume_between_two_updates_of_one_rollout_batch_is_exact(ckpt, tmp_pa
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.parametrize("stats", ["on_policy", "all"])
+def test_soft_trains_through_a_trainer(ckpt, stats):
+    """soft: each group holds G samples and its demonstration (scored, an off-policy member), every update
+    logs the share of prompts with an SFT coefficient and the RL term's off-policy tokens."""
+    torch.manual_seed(0)
+    module = _hpt(ckpt, strategy="soft", soft_type=1, advantage_stats=stats)
+    logged, log = [], module.log_metrics
+    module.log_metrics = lambda m: logged.append({k: float(v) for k, v in m.items()}) or log(m)
+    _trainer(2).fit(module, datamodule=_data(ckpt))
+    assert len(logged) == 2 and len(module.last_samples["completions"]) == 4 * (2 + 1)
+    for m in logged:
+        assert 0.0 <= m["gate_sft_share"] <= 1.0 and math.isfinite(m["loss"])
+        assert m["off_policy_token_share"] > 0  # soft_type 1 trains every demonstration off-policy too
+
+
 def test_lora_trains_the_adapters(ckpt):
     module = _hpt(ckpt, lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     names, _ = module.policy.trainable()
