@@ -33,8 +33,8 @@ from lit_align.controller import ScalarMu
 from lit_align.events import read_scalars
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
-from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.hpt import HPTModule
+from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout
@@ -622,6 +622,8 @@ def test_mixed_group_methods_under_ddp_and_fsdp2(config, strategy, tmp_path):
         want |= {"train/srft_w_sft", "train/srft_w_rl", "train/sft_loss"}
     assert want | {"val/accuracy"} <= set(scalars), sorted(scalars)
     assert all(0 < v < 1 for _, v in scalars["train/off_policy_token_share"])
+
+
 # HPT end to end: 2 prompts x G 2 per rank, a length-match verdict a fresh policy earns sometimes (so some
 # prompts train with GRPO, the others their demonstrations), two updates per rollout batch
 HPT_RUN = ["--model.init_args.steps_per_generation=2", "--trainer.max_steps=4"]

@@ -19,8 +19,8 @@ from lit_align.core import groups
 from lit_align.modules.amft import AMFTModule
 from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule
-from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.hpt import HPTModule
+from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout, position_ids_from_mask
