@@ -230,3 +230,33 @@ def test_group_ids_without_off_policy_rows_are_plain_grpo(ckpt):
     assert float(loss) == float(want) and "off_policy_token_share" not in metrics
     for n, p in module.model.named_parameters():
         assert torch.equal(got[n], p.grad)
+
+
+def test_off_advantages_give_each_off_policy_token_its_own(ckpt):
+    """rl_term's off_advantages (N, T): each off-policy token's -A_t f(p) with its own A_t (0: no gradient
+    there, the token still counted in the token-mean); on-policy tokens keep their row's advantage."""
+    module, mixed, adv = _float64_mixed(ckpt)
+    off_adv = torch.zeros(mixed.completion_mask.shape, dtype=torch.float64)
+    off_adv[3, 0], off_adv[7, 1] = 2.0, -0.5  # one token of each demonstration; the other 3 get 0
+    from lit_align.core import terms
+
+    term = terms.rl_term(module.policy, mixed, adv, module.rl_settings, off_advantages=off_adv)
+    loss, metrics = module.run_terms([term])
+    got = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+    module.policy.zero_grad()
+    P = mixed.prompt_ids.shape[1]
+    ids, att = mixed.input_ids, mixed.attention_mask
+    logits = module.model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)).logits
+    logp = torch.log_softmax(logits[:, P - 1 : -1], -1).gather(-1, mixed.completion_ids.unsqueeze(-1)).squeeze(-1)
+    A = adv.unsqueeze(-1)
+    ratio = torch.exp(logp - mixed.old_logp)
+    on = -torch.minimum(ratio * A, ratio.clamp(0.9, 1.1) * A)
+    p = logp.exp()
+    off = mixed.off_policy.unsqueeze(-1).expand_as(logp)
+    m = mixed.completion_mask.double()
+    want = (torch.where(off, -off_adv * p / (p + 0.1), on) * m).sum() / m.sum()
+    want.backward()
+    assert float(loss) == pytest.approx(float(want.detach()), rel=1e-9)
+    for n, param in module.model.named_parameters():
+        torch.testing.assert_close(got[n], param.grad, rtol=1e-7, atol=1e-10)
+    assert float(metrics["off_policy_token_share"]) == pytest.approx(5 / 21)  # the demonstrations: 5 of 21 tokens

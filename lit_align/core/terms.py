@@ -94,6 +94,7 @@ def rl_term(
     extra: Callable | None = None,
     is_weights: Callable[[torch.Tensor, int], torch.Tensor | None] | None = None,
     off_tokens: torch.Tensor | None = None,
+    off_advantages: torch.Tensor | None = None,
 ) -> Term:
     """The policy-gradient term over ``rollout``'s tokens, as a :class:`Term` weighted ``weight``: on-policy
     tokens the clipped GRPO surrogate -min(rho A, clip(rho) A) [+ beta KL]
@@ -106,7 +107,10 @@ def rl_term(
     Shapes: ``advantages`` (N,); ``mask`` (N, T) the tokens that count (default: the completion mask).
     ``extra(logits, mask)``: a scalar added to each micro-batch's loss from its completion logits (AMFT's
     entropy term). ``is_weights(rows, width)``: per-token importance weights (b, width) or None (TRL's
-    vLLM correction). Logged per token: clip_ratio, kl (beta > 0), entropy_usual; with off-policy tokens
+    vLLM correction). ``off_advantages`` (N, T): the advantage of each off-policy token, in place of its
+    row's ``advantages`` (None: the row's), e.g. a different advantage for the given prefix of a row than
+    for its sampled continuation, or 0 for given tokens that keep no gradient while still counting in the
+    term's normaliser (Prefix-RFT). Logged per token: clip_ratio, kl (beta > 0), entropy_usual; with off-policy tokens
     also off_policy_token_share and off_policy_weight_mean (mean f over off-policy tokens), and clip_ratio /
     entropy_usual over the on-policy tokens only.
     """
@@ -139,9 +143,12 @@ def rl_term(
         metrics["entropy_usual"] = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
         if off_tokens is not None:
             off = off_tokens[rows][:, :width].to(torch.bool)
+            adv = advantages[rows] if off_advantages is None else torch.ones_like(advantages[rows])
             shaped, more_metrics = losses.shaped_off_policy_per_token(
-                scored.logp, advantages[rows], s.off_policy_gamma, rollout.old_logp[rows, :width]
+                scored.logp, adv, s.off_policy_gamma, rollout.old_logp[rows, :width]
             )
+            if off_advantages is not None:  # -f(r) per token, times each token's own advantage
+                shaped = shaped * off_advantages[rows][:, :width].to(shaped.dtype)
             values = torch.where(off, shaped, values)
             on = ~off
             metrics = {k: (v, on) for k, v in metrics.items()}  # on-policy metrics over on-policy tokens
