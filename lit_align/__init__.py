@@ -7,6 +7,7 @@ from lit_align.modules.grpo import GRPOModule, SFTThenGRPOModule
 from lit_align.modules.hpt import HPTModule
 from lit_align.modules.luffy import LUFFYModule
 from lit_align.modules.policy import PolicyModule
+from lit_align.modules.prefix_rft import PrefixRFTModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 
@@ -17,6 +18,7 @@ __all__ = [
     "LUFFYModule",
     "MixedDataModule",
     "PolicyModule",
+    "PrefixRFTModule",
     "SFTModule",
     "SRFTModule",
     "GRPOModule",

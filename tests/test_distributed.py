@@ -2,18 +2,15 @@
 
 - numerical equivalence: one update on 2 ranks with unequal token counts, in micro-batches of one
   row, equals one process on the same global batch in one forward, for the SFT term, the GRPO term
-  with rollouts held fixed, LUFFY's and SRFT's mixed groups (SRFT's entropy H over all ranks) and
-  AMFT's meta step (guards the gloo AVG bug and the global normalisation);
-- generation under FSDP2 does not deadlock when ranks stop at different lengths;
+  with rollouts held fixed, LUFFY's and SRFT's mixed groups (SRFT's entropy H over all ranks),
+  Prefix-RFT's (its top-entropy prefix tokens chosen over both ranks), HPT (rank 0's prompt routed to
+  SFT, rank 1's to GRPO: each rank holds rows of one term only) and AMFT's meta step (guards the gloo
+  AVG bug and the global normalisation);
+- generation under FSDP2 does not deadlock when ranks stop at different lengths, nor when one rank's
+  rows continue prefixes and the other's do not;
 - AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
-- end to end through ``train.py``: CHORD and AMFT under ``ddp`` and ``fsdp2`` (with export and a
-  resume), LUFFY and SRFT under both, ``fsdp`` fails naming ``fsdp2``.
-  with rollouts held fixed, HPT (rank 0's prompt routed to SFT, rank 1's to GRPO: each rank holds rows
-  of one term only) and AMFT's meta step (guards the gloo AVG bug and the global normalisation);
-- generation under FSDP2 does not deadlock when ranks stop at different lengths;
-- AMFT's meta step on 2 ranks: one controller everywhere; under FSDP2 the same mu as one process;
-- end to end through ``train.py``: CHORD, AMFT and HPT under ``ddp`` and ``fsdp2`` (with export and a
-  resume), ``fsdp`` fails naming ``fsdp2``.
+- end to end through ``train.py``: CHORD, AMFT, LUFFY, SRFT, HPT and Prefix-RFT under ``ddp`` and
+  ``fsdp2`` (with export and a resume where the method has one), ``fsdp`` fails naming ``fsdp2``.
 """
 
 import json
@@ -35,6 +32,7 @@ from lit_align.modules.amft import AMFTModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.hpt import HPTModule
 from lit_align.modules.luffy import LUFFYModule
+from lit_align.modules.prefix_rft import PrefixRFTModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout
@@ -93,6 +91,22 @@ class FixedGroupsSRFT(_FixedGroups, SRFTModule):
     pass
 
 
+class FixedRolloutPrefixRFT(PrefixRFTModule):
+    """Prefix-RFT on the batch's fixed rollouts: rows 1 and 3 (one per prompt, one per rank) continue
+    prefixes of 3 and 2 tokens whose sampling-time entropies are given with the batch (no demonstration
+    is read: the batch holds none)."""
+
+    demonstrations_per_prompt = 0
+
+    def rollout_and_score(self, batch):
+        rollout, rewards, metrics = FixedRolloutGRPO.rollout_and_score(self, batch)
+        r = batch["rollout"]
+        rollout.entropy, rollout.prefix_mask = r["prefix_entropy"], r["prefix_mask"]
+        rollout.group_ids = torch.arange(len(rewards), device=rewards.device) // 2
+        rollout.off_policy = r["prefix_mask"].bool().any(-1)
+        return rollout, rewards, metrics
+
+
 class FixedRolloutAMFT(AMFTModule):
     """AMFT with the batch's fixed rollouts and a held-out expert-NLL objective: one meta step is a
     pure function of the batch, so 2 ranks can be compared with 1 process."""
@@ -130,6 +144,14 @@ def _batches(ckpt: str) -> dict:
         old_logp = torch.log_softmax(logits.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     completion_mask = torch.ones_like(completion_ids)
     completion_mask[2, 2:] = 0  # rank 1's completions are shorter: 3 and 6 tokens against 6 and 6
+    # Prefix-RFT: rows 1 and 3 continue prefixes of 3 and 2 tokens; of the 5 given tokens (entropies 0.1,
+    # 0.9, 0.3 on rank 0; 0.8, 0.2 on rank 1) the top 40% over both ranks keep a gradient (0.9 and 0.8),
+    # where each rank on its own would keep 0.9 and 0.3 (rank 0), 0.8 (rank 1)
+    prefix_mask = torch.zeros_like(completion_ids)
+    prefix_mask[1, :3] = prefix_mask[3, :2] = 1
+    entropy = torch.rand(completion_ids.shape, generator=g)
+    entropy[1, :3] = torch.tensor([0.1, 0.9, 0.3])
+    entropy[3, :2] = torch.tensor([0.8, 0.2])
     rollout = {
         "prompt_ids": prompt_ids,
         "prompt_mask": torch.ones_like(prompt_ids),
@@ -138,6 +160,8 @@ def _batches(ckpt: str) -> dict:
         "old_logp": (old_logp - 0.05) * completion_mask,
         # sampling-time entropy, higher on rank 0's rows: a per-rank mean H would differ from the global one
         "entropy": torch.tensor([[2.0], [0.0], [0.5], [0.0]]) * completion_mask,
+        "prefix_mask": prefix_mask,
+        "prefix_entropy": entropy,  # Prefix-RFT's sampling-time entropy of the given tokens
     }
     meta_ids = torch.randint(3, 16, (4, 10), generator=g)
     meta_labels = meta_ids.clone()
@@ -167,7 +191,7 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     }
     if method == "sft":
         return expert
-    if method in ("grpo", "luffy", "srft"):
+    if method in ("grpo", "luffy", "srft", "prefix_rft"):
         return prompts
     if method == "hpt":
         part = lambda v: v[rank::world] if world > 1 else v  # noqa: E731  (one prompt per rank)
@@ -188,11 +212,11 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
-METHODS = ("sft", "grpo", "luffy", "srft", "amft", "amft_adam")
-METHODS = ("sft", "grpo", "amft", "amft_adam")
+METHODS = ("sft", "grpo", "luffy", "srft", "prefix_rft", "amft", "amft_adam")
 # HPT at gate 1 counting rewards > 0: rank 0's prompt (rewards 1.0, 0.0) trains its demonstration with SFT,
 # rank 1's (0.2, 0.9) its samples with GRPO, so each rank holds rows of one term only
 HPT = {"num_generations": 2, "gate": 1, "correct_by": "reward", "sft_loss_coef": 0.7}
+PREFIX_RFT = {"num_generations": 2, "prefix_rollouts": 1, "entropy_share": 0.4}
 
 
 def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
@@ -201,6 +225,7 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
         "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
         "luffy": (FixedGroupsLUFFY, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "srft": (FixedGroupsSRFT, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
+        "prefix_rft": (FixedRolloutPrefixRFT, PREFIX_RFT, 1),
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
         "hpt": (FixedRolloutHPT, HPT, 1),
@@ -251,6 +276,8 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str, methods=ME
                     {"x": torch.tensor(float(rank)), "reward_errors": 1.0}
                 )
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
+            if method == "prefix_rft":
+                results[f"{strategy}-prefix-generate-rank{rank}"] = _prefix_on_one_rank(module, rank)
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
@@ -265,6 +292,19 @@ def _uneven_generation(module, rank: int) -> int:
     module.model.generation_config.eos_token_id = tokens[0] if rank == 1 else unused
     again = module.sample(prompts, greedy=True, num_generations=1)
     return int(again.completion_mask.sum())
+
+
+def _prefix_on_one_rank(module, rank: int) -> list[int]:
+    """Sampling where rank 0's first row continues an 8-token prefix and rank 1's rows none (under FSDP2
+    every forward is a collective: the given tokens must not make the ranks run different forwards)."""
+    prompts = {"prompt_ids": torch.tensor([[5, 6, 7]]), "prompt_mask": torch.ones(1, 3, dtype=torch.long)}
+    prefix_ids = torch.tensor([[4, 5, 6, 7, 8, 9, 10, 11], [0] * 8])
+    prefix_mask = torch.zeros_like(prefix_ids)
+    if rank == 0:
+        prefix_mask[0] = 1
+    torch.manual_seed(rank)
+    r = module.sample(prompts, num_generations=2, prefix_ids=prefix_ids, prefix_mask=prefix_mask)
+    return r.completion_ids[0, : int(r.completion_mask[0].sum())].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +337,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 # (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
 # near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
-@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "srft", "amft"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "srft", "prefix_rft", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -361,6 +401,13 @@ def test_metrics_are_reduced_over_ranks(two_rank_results):
         reduced = results[f"reduce-rank{rank}"]
         assert float(reduced["x"]) == 0.5  # a mean over ranks 0 and 1
         assert float(reduced["reward_errors"]) == 2.0  # counts are summed
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_prefixes_on_one_rank_only_sample_everywhere(two_rank_results, strategy):
+    results, _ = two_rank_results
+    assert results[f"{strategy}-prefix-generate-rank0"][:8] == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert results[f"{strategy}-prefix-generate-rank1"][:8] != [4, 5, 6, 7, 8, 9, 10, 11]
 
 
 def test_sharded_generation_survives_ranks_stopping_at_different_lengths(two_rank_results):
@@ -669,6 +716,31 @@ def test_hpt_under_fsdp2_shards_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in resumed] == [4, 4] and [r["rollouts"] for r in resumed] == [[], []]
     for r, full in zip(resumed, reports):
         assert r["param_sum"] == pytest.approx(full["param_sum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "configs/trainer_fsdp.yaml"], ids=["ddp", "fsdp2"])
+def test_prefix_rft_under(strategy, tmp_path):
+    """configs/prefix_rft.yaml on 2 ranks, micro-batches of one row: each rank's rows continue prefixes of its
+    own prompts' demonstrations (the sampler's and the step engine's forwards stay in step under FSDP2), the
+    replicas stay identical under DDP, the prefix metrics are logged."""
+    proc, path = train(
+        "prefix_rft",
+        strategy,
+        tmp_path,
+        "--model.init_args.model_name_or_path=embedded",
+        "--model.init_args.micro_batch_size=1",
+        "--data.init_args.retention_data=null",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    reports = _reports(path)
+    assert [r["step"] for r in reports] == [3, 3] and all(r["rollouts"] == [4] * 3 for r in reports)
+    if strategy == "ddp":
+        assert reports[0]["param_sum"] == reports[1]["param_sum"], "DDP replicas drifted apart"
+    else:
+        assert all(r["sharded"] for r in reports)
+    scalars = read_scalars(next(path.rglob("hf_model")).parent)
+    for name in ("train/prefix_ratio_mean", "train/prefix_token_share", "train/off_policy_token_share"):
+        assert name in scalars and all(v > 0 for _, v in scalars[name]), name
 
 
 def test_fsdp1_flag_fails_at_start_naming_fsdp2(tmp_path):

@@ -2,8 +2,9 @@
 
 In float64 on the embedded model with rollouts held fixed, for SFT, GRPO, CHORD (phi and entropy token
 weights), LUFFY and SRFT (mixed groups: a sample and a demonstration per prompt), HPT (one prompt routed
-to its demonstration, one trained with GRPO) and AMFT's meta-gradient, every loss aggregation:
-micro_batch_size 1, 2 and the whole batch
+to its demonstration, one trained with GRPO), Prefix-RFT (the paper's and the official code's prefix
+advantages, UFT's NLL form) and AMFT's meta-gradient, every loss aggregation: micro_batch_size 1, 2 and
+the whole batch
 give the same loss and the same gradient of every parameter as a direct whole-batch computation
 (logits of every position, plain autograd), to 1e-6 relative. Rows have unequal token counts, so a
 per-micro-batch mean would differ.
@@ -21,6 +22,7 @@ from lit_align.modules.chord import CHORDModule
 from lit_align.modules.grpo import GRPOModule
 from lit_align.modules.hpt import HPTModule
 from lit_align.modules.luffy import LUFFYModule
+from lit_align.modules.prefix_rft import PrefixRFTModule
 from lit_align.modules.sft import SFTModule
 from lit_align.modules.srft import SRFTModule
 from lit_align.rollout import Rollout, position_ids_from_mask
@@ -91,6 +93,22 @@ def _batch() -> dict:
     }
 
 
+def _prefixed(r: Rollout, objective: str) -> Rollout:
+    """``r`` with the last row of each prompt's pair continuing a 1-token prefix (rows 1 and 3; row 1 then
+    samples one more token): sampling-time entropies 0.3 and 0.8 at the given tokens, so with entropy_share
+    0.5 row 3's alone keeps a gradient. The off-policy objective marks the hybrid rows off-policy."""
+    prefix = torch.zeros_like(r.completion_mask)
+    prefix[1, 0] = prefix[3, 0] = 1
+    entropy = torch.rand(r.entropy.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    entropy[1, 0], entropy[3, 0] = 0.3, 0.8
+    out = Rollout(r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, r.old_logp, entropy, r.completions)
+    out.prefix_mask = prefix
+    if objective == "off_policy":
+        out.group_ids = torch.arange(4) // G
+        out.off_policy = prefix.bool().any(-1)
+    return out
+
+
 def _fixed(cls):
     class Fixed(cls):
         def rollout_and_score(self, prompts):
@@ -159,6 +177,8 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
     if isinstance(module, HPTModule):
         return _hpt_reference(module, batch)
     total = torch.zeros((), dtype=torch.float64)
+    if weighting in ("prefix", "prefix_code", "uft"):
+        return _prefix_reference(module, batch, weighting)
     if mu < 1:
         r = batch["rollout"]
         adv, _ = losses.group_advantages(batch["rewards"], G, hp.advantage_norm)
@@ -206,6 +226,42 @@ def _hpt_reference(module, batch) -> torch.Tensor:
     return rl + HPT_SFT_COEF * sft
 
 
+def _prefix_reference(module, batch, form: str) -> torch.Tensor:
+    """Prefix-RFT's update in one piece: advantages over the on-policy rows (the paper) or the official
+    code's, sampled tokens the clipped surrogate, the kept given token (row 3's) -A_prefix p / (p + 0.1), row
+    1's given token 0 (counted); UFT: the surrogate over the sampled tokens + 0.5 x the NLL of the given ones."""
+    agg, hp = module.hparams.loss_aggregation, module.hparams
+    r, rewards = module._fixed["rollout"], batch["rewards"]
+    P = r.prompt_ids.shape[1]
+    logits = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
+    logp = torch.log_softmax(logits, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+    given = r.prefix_mask.bool()
+    if form == "uft":
+        adv, _ = losses.group_advantages(rewards, G, hp.advantage_norm)
+        sampled = r.completion_mask.bool() & ~given
+        rl, _ = losses.clipped_surrogate(logp, r.old_logp, adv, sampled, hp.epsilon_low, hp.epsilon_high, agg)
+        # the NLL from a forward of its own, as the module's second term (the embedded Llama's RMSNorm runs
+        # in float32: one backward of a sum and two summed backward passes differ in float32 rounding)
+        again = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
+        logp = torch.log_softmax(again, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+        return rl + 0.5 * losses.masked_nll(logp, given, None, agg)[0]
+    hybrid = given.any(-1)
+    adv, _ = losses.group_advantages_by_id(rewards, r.group_ids, ~hybrid, hp.advantage_norm, "on_policy")
+    prefix_adv = adv
+    if form == "prefix_code":  # hybrid rows: continuation r / (1 + eps), prefix that minus the on-policy mean
+        on_mean = rewards.view(-1, G)[:, 0].repeat_interleave(G)
+        adv = torch.where(hybrid, rewards / (1 + 1e-6), adv)
+        prefix_adv = adv - on_mean
+    ratio = torch.exp(logp - r.old_logp)
+    A = adv.unsqueeze(-1)
+    per_token = -torch.minimum(ratio * A, ratio.clamp(1 - hp.epsilon_low, 1 + hp.epsilon_high) * A)
+    p = logp.exp()
+    kept = torch.zeros_like(given)
+    kept[3, 0] = True
+    shaped = -(prefix_adv.unsqueeze(-1) * kept) * p / (p + 0.1)
+    return losses.aggregate(torch.where(given, shaped, per_token), r.completion_mask, agg)
+
+
 def _grads(module) -> dict:
     return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
 
@@ -218,6 +274,14 @@ CASES = {
     "luffy": (LUFFYModule, {"off_policy_gamma": 0.3}, None, "luffy"),
     "srft": (SRFTModule, {"off_policy_gamma": 0.3, "sft_coef": 0.7, "rl_coef": 0.4}, None, "srft"),
     "hpt": (HPTModule, {"gate": 1, "correct_by": "reward", "sft_loss_coef": HPT_SFT_COEF}, None, None),
+    "prefix_rft": (PrefixRFTModule, {"prefix_rollouts": 1, "entropy_share": 0.5}, 0.0, "prefix"),
+    "prefix_rft_code": (
+        PrefixRFTModule,
+        {"prefix_rollouts": 1, "entropy_share": 0.5, "prefix_advantage": "code"},
+        0.0,
+        "prefix_code",
+    ),
+    "uft": (PrefixRFTModule, {"prefix_rollouts": 2, "prefix_objective": "nll", "sft_loss_coef": 0.5}, 0.0, "uft"),
 }
 
 
@@ -234,6 +298,8 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(case, aggregation
     for micro in (1, 2, None):
         module = _module(cls, aggregation, micro, **kwargs)
         batch = module._fixed
+        if cls is PrefixRFTModule:
+            batch["rollout"] = _prefixed(batch["rollout"], kwargs.get("prefix_objective", "off_policy"))
         loss, metrics = module.accumulate_update({"expert": batch["expert"], "prompts": batch["prompts"]})
         results.append((float(loss), _grads(module)))
     module.policy.zero_grad()
