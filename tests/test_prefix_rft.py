@@ -472,3 +472,42 @@ def test_prefix_length_zero_trains_as_grpo(ckpt, kwargs):
     assert any(not torch.equal(grpo[n], moved[n]) for n in grpo), "the updates moved the weights"
     for n in grpo:
         assert torch.equal(grpo[n], prefix[n]), n
+
+
+def test_math_recipe_runs_offline_on_gsm8k_format_files(chat_ckpt, tmp_path):
+    """configs/math_prefix_rft.yaml offline: a GSM8K-format JSONL whose worked solutions are the
+    demonstrations and a small random Qwen2 chat checkpoint; 2 updates at tiny lengths."""
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    from lit_align.cli import main
+
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(12))
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/math_prefix_rft.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--model.init_args.model_name_or_path={chat_ckpt}",
+            "--model.init_args.max_new_tokens=24",
+            "--model.init_args.num_generations=4",
+            "--model.init_args.micro_batch_size=2",
+            f"--data.init_args.prompt_data={data}",
+            f"--data.init_args.val_data={data}",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.val_batch_size=4",
+            "--data.init_args.max_response_length=48",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    s = read_scalars(cli.trainer.log_dir)
+    assert s["data/demo_reward_rate"] == [(0, 1.0)]
+    assert all(v > 0 for _, v in s["train/prefix_token_share"]) and "train/off_policy_weight_mean" in s
+    sample = cli.model.last_samples["completions"]
+    assert len(sample) == 8
