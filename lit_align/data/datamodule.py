@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_align.core import settings as S
 from lit_align.data import embedded
 from lit_align.data.loading import DataError, load_table, report, validate_rows
 from lit_align.hf import load_tokenizer
@@ -175,13 +176,7 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
         if not 0.0 <= expert_error_rate <= 0.45:
             raise ValueError(f"data.expert_error_rate={expert_error_rate!r} must lie in [0, 0.45]")
-        for name, allowed in (
-            ("overlong", ("error", "truncate", "skip")),
-            ("invalid_rows", ("error", "skip")),
-            ("batch_scope", ("per_device", "global")),
-        ):
-            if args[name] not in allowed:
-                raise ValueError(f"data.{name}={args[name]!r}: choose one of {list(allowed)}")
+        S.check(MixedDataModule.__init__, args, prefix="data")  # the Literal settings' choices
         for name in ("prompt_column", "response_column", "answer_column", "meta_response_column"):
             if name == "meta_response_column" and args[name] is None:
                 continue  # None: the response column
