@@ -15,7 +15,8 @@ from lit_align.core.engine import micro_batches
 from lit_align.core.policy import Labelled, Policy
 from lit_align.core.sampler import Sampler
 from lit_align.core.world import World
-from lit_align.rewards import RewardSet
+from lit_align.rewards import RewardScores, RewardSet
+from lit_align.rollout import completion_id_lists
 
 
 class HeldOut(torch.nn.Module):
@@ -75,15 +76,7 @@ class HeldOut(torch.nn.Module):
         correctness verdict per prompt (bool, (N,))."""
         _, sampler, rewards = self.parts
         rollout = sampler.sample(batch, world, greedy=True, num_generations=1)
-        scores = rewards.score(
-            batch["prompts"],
-            rollout.completions,
-            batch["answers"],
-            _completion_ids(rollout),
-            batch.get("columns"),
-            self.settings.reward_errors,
-            self.settings.reward_timeout_s,
-        )
+        scores = self.score(batch["prompts"], rollout, batch["answers"], batch.get("columns"))
         # a failing check counts as wrong (reward_errors=zero) or stops (raise); the judge's default
         # verdict is read from scores: no second pass
         correct, _ = rewards.correct(
@@ -95,6 +88,14 @@ class HeldOut(torch.nn.Module):
             timeout_s=self.settings.reward_timeout_s,
         )
         return scores, correct
+
+    def score(self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None) -> RewardScores:
+        """Every reward function's scores of ``rollout``'s completions (:meth:`RewardSet.score`, with the
+        run's ``reward_errors`` and ``reward_timeout_s``); ``columns``: the data set's other columns, one
+        value per completion."""
+        s, rewards = self.settings, self.parts[2]
+        ids = completion_id_lists(rollout)
+        return rewards.score(prompts, rollout.completions, answers, ids, columns, s.reward_errors, s.reward_timeout_s)
 
     @torch.no_grad()
     def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,9 +177,3 @@ class HeldOut(torch.nn.Module):
                 f"--model.init_args.reward_errors raise shows the error"
             )
         return verdicts
-
-
-def _completion_ids(rollout):
-    from lit_align.rollout import completion_id_lists
-
-    return completion_id_lists(rollout)

@@ -39,7 +39,7 @@ from lit_align.core.update import Update
 from lit_align.core.world import World
 from lit_align.hf import apply_lora, disable_dropout_in_model, load_model, load_tokenizer
 from lit_align.rewards import ExactAnswerReward, RewardFunction, RewardScores, RewardSet
-from lit_align.rollout import Rollout, completion_id_lists
+from lit_align.rollout import Rollout
 from lit_align.weighting import lr_factor
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
@@ -423,13 +423,9 @@ class PolicyModule(L.LightningModule):
     def score_all(
         self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
     ) -> RewardScores:
-        """Every reward function's scores of ``rollout``'s completions (see :class:`RewardSet`);
-        ``columns``: the data set's other columns, one value per completion."""
-        hp = self.hparams
-        ids = completion_id_lists(rollout)
-        return self.rewards.score(
-            prompts, rollout.completions, answers, ids, columns, hp.reward_errors, hp.reward_timeout_s
-        )
+        """Every reward function's scores of ``rollout``'s completions (:meth:`HeldOut.score`, the one place
+        rewards are called with the run's error policy and time limit)."""
+        return self.heldout.score(prompts, rollout, answers, columns)
 
     def reward_metrics(self, scores: RewardScores) -> dict:
         """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to (TRL's
