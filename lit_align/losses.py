@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 
 # each option list is written once, as the Literal the modules' signatures use
-Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AdvantageNorm = Literal["std", "none", "batch-std"]
 AdvantageStats = Literal["all", "on_policy"]
 KLEstimator = Literal["k1", "k2", "k3"]
+PolicyLoss = Literal["clip", "cispo", "sapo"]
+ImportanceSamplingLevel = Literal["token", "sequence", "sequence_token"]
 AGGREGATIONS, ADVANTAGE_NORMS = get_args(Aggregation), get_args(AdvantageNorm)
 ADVANTAGE_STATS, KL_ESTIMATORS = get_args(AdvantageStats), get_args(KLEstimator)
+POLICY_LOSSES, IMPORTANCE_SAMPLING_LEVELS = get_args(PolicyLoss), get_args(ImportanceSamplingLevel)
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -28,14 +31,16 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def aggregate_parts(
-    values: torch.Tensor | None, mask: torch.Tensor, mode: str = "token-mean"
+    values: torch.Tensor | None, mask: torch.Tensor, mode: str = "token-mean", norm: float | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(numerator, denominator) of :func:`aggregate`, so a batch split into parts (micro-batches,
     ranks) can be normalised by the denominator of the whole: the numerators add up over parts.
 
     token-mean: (sum of masked values, number of tokens); seq-mean-token-mean: (sum over rows of each
     row's token-mean, rows holding a token); seq-mean-token-sum: (sum of masked values, rows holding a
-    token). ``values`` None: the numerator is None (counting only)."""
+    token); seq-mean-token-sum-norm: (sum of masked values, rows holding a token x ``norm``), Dr.GRPO's
+    constant normaliser (``norm`` None: the mask's width T). ``values`` None: the numerator is None
+    (counting only)."""
     _check_choice("loss_aggregation", mode, AGGREGATIONS)
     dtype = values.dtype if values is not None else torch.float32
     maskf = mask.to(dtype)
@@ -45,6 +50,8 @@ def aggregate_parts(
     tokens = maskf.sum(-1)
     rows = (tokens > 0).to(dtype)
     den = rows.sum()
+    if mode == "seq-mean-token-sum-norm":
+        den = den * float(mask.shape[-1] if norm is None else norm)
     if values is None:
         return None, den
     per_row = (values * maskf).sum(-1)
@@ -53,15 +60,20 @@ def aggregate_parts(
     return (per_row * rows).sum(), den
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def aggregate(
+    values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", norm: float | None = None
+) -> torch.Tensor:
     """Reduce per-token ``values`` (B, T) over the tokens where ``mask`` is set.
 
-    token-mean: sum over all tokens / number of tokens (every token counts once).
-    seq-mean-token-mean: mean over each row's tokens, then mean over rows.
+    token-mean: sum over all tokens / number of tokens (every token counts once; DAPO, TRL's "dapo").
+    seq-mean-token-mean: mean over each row's tokens, then mean over rows (GRPO, TRL's "grpo").
     seq-mean-token-sum: sum over each row's tokens, then mean over rows.
+    seq-mean-token-sum-norm: sum over each row's tokens divided by the constant ``norm`` (None: T), then
+    mean over rows (Dr.GRPO, arXiv 2503.20783: no length normaliser; TRL's "dr_grpo" with ``norm`` =
+    max_completion_length; verl's mode of this name divides by the constant without the mean over rows).
     Rows without tokens are ignored by the seq-mean modes; an all-empty mask gives 0.
     """
-    num, den = aggregate_parts(values, mask, mode)
+    num, den = aggregate_parts(values, mask, mode, norm)
     return num / den.clamp(min=1.0)
 
 
@@ -201,13 +213,15 @@ def masked_nll(
     mask: torch.Tensor,
     weights: torch.Tensor | None = None,
     aggregation: str = "token-mean",
+    norm: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(Weighted) negative log-likelihood of the target tokens: -sum w_t log p_t, aggregated.
+    """(Weighted) negative log-likelihood of the target tokens: -sum w_t log p_t, aggregated (``norm``:
+    seq-mean-token-sum-norm's constant).
 
     ``weights`` (B, T), when given, multiplies each token's NLL (CHORD's phi); it is used as is,
     so detach it first if it must not carry gradient. Metrics report the unweighted NLL.
     """
-    loss = aggregate(weighted_nll_per_token(logp, weights), mask, aggregation)
+    loss = aggregate(weighted_nll_per_token(logp, weights), mask, aggregation, norm)
     plain = aggregate(-logp.detach(), mask, "token-mean")
     return loss, {"expert_nll": plain}
 
@@ -378,6 +392,32 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3"
     return torch.exp(log_ratio) - 1.0 - log_ratio
 
 
+def importance_log_weights(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None, level: str = "token"
+) -> torch.Tensor:
+    """log rho per token (B, T) from ``logp`` (with graph) and ``old_logp`` (B, T) (the sampling policy's).
+
+    token: log rho_t = logp_t - old_logp_t (PPO, GRPO).
+    sequence: every token of a row gets the row's log s = mean over its ``mask`` tokens of (logp_t -
+    old_logp_t), the length-normalised sequence ratio of GSPO (arXiv 2507.18071, eq. 7); TRL's
+    ``importance_sampling_level="sequence"``. The gradient flows through the mean.
+    sequence_token: GSPO-token (eq. 13), log s_t = sg[log s] + logp_t - sg[logp_t]: the value of the
+    sequence ratio, the gradient of each token's own log-prob (ms-swift's ``sequence_token``).
+    ``mask`` (B, T) is required for the sequence levels (rows without tokens get log s = 0).
+    """
+    _check_choice("importance_sampling_level", level, IMPORTANCE_SAMPLING_LEVELS)
+    log_ratio = logp - old_logp
+    if level == "token":
+        return log_ratio
+    if mask is None:
+        raise ValueError(f"importance_sampling_level={level!r} needs the token mask of each sequence")
+    m = mask.to(log_ratio.dtype)
+    seq = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+    if level == "sequence":
+        return seq.expand_as(log_ratio)
+    return seq.detach() + logp - logp.detach()
+
+
 def surrogate_per_token(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -388,31 +428,89 @@ def surrogate_per_token(
     beta: float = 0.0,
     kl_estimator: str = "k3",
     is_weights: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    policy_loss: str = "clip",
+    delta: float | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token PPO-clipped policy-gradient loss (B, T) with per-sequence ``advantages`` (B,):
+    """Per-token policy-gradient loss (B, T) with per-sequence ``advantages`` (B,), rho the importance
+    weight of :func:`importance_log_weights` at ``importance_sampling_level`` (``mask`` (B, T): each row's
+    tokens, needed by the sequence levels):
 
-    loss_t = -w_t min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) [+ beta * KL_t],
-    rho_t = exp(logp_t - old_logp_t), w_t the detached ``is_weights`` (B, T) (1 when None: the truncated
-    importance-sampling correction of a sampler whose numerics differ from the trainer's, as TRL applies
-    it before the KL term). Metrics, per token (detached): ``clip_ratio`` 1 where the clipped branch is the
-    one taken, ``kl`` the KL estimate (beta > 0).
+    clip (PPO / GRPO): loss_t = -min(rho'_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A), rho' = rho, or
+        min(rho, ``delta``) with two-sided clipping (INTELLECT-2, arXiv 2505.07291; TRL's ``delta``).
+    cispo (MiniMax-M1, arXiv 2506.13585): loss_t = -sg[min(rho_t, eps_high)] A logp_t: the importance
+        weight is capped at ``epsilon_high`` itself (TRL's convention, 5.0 in ScaleRL) and detached, so
+        every token keeps a gradient.
+    sapo (arXiv 2511.20347): loss_t = -(4 / tau) sigmoid(tau (rho_t - 1)) A, tau = ``sapo_temperature_pos``
+        for A > 0, ``sapo_temperature_neg`` otherwise: a soft gate in place of the hard clip (TRL's form).
+
+    Then times ``token_mask`` (B, T) (0 / 1: the tokens that keep the policy loss, e.g. the top-entropy
+    ones; the others still count in the normaliser, as TRL does), times the detached ``is_weights`` (B, T)
+    (the truncated importance-sampling correction of a sampler whose numerics differ from the trainer's,
+    as TRL applies it before the KL term), plus beta * KL_t (:func:`kl_penalty`).
+
+    Metrics, per token (detached): ``clip_ratio`` 1 where the clipped branch is the one taken (clip) or the
+    weight was capped (cispo); ``kl`` the KL estimate (beta > 0).
     """
-    ratio = torch.exp(logp - old_logp)
+    _check_choice("policy_loss", policy_loss, POLICY_LOSSES)
+    ratio = torch.exp(importance_log_weights(logp, old_logp, mask, importance_sampling_level))
     adv = advantages.unsqueeze(-1).to(logp.dtype)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
+    metrics: dict[str, torch.Tensor] = {}
+    if policy_loss == "clip":
+        unclipped = (ratio if delta is None else ratio.clamp(max=delta)) * adv
+        clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+        per_token = -torch.minimum(unclipped, clipped)
+        metrics["clip_ratio"] = (clipped < unclipped).to(logp.dtype).detach()
+    elif policy_loss == "cispo":
+        capped = ratio.clamp(max=epsilon_high).detach()
+        per_token = -capped * adv * logp
+        metrics["clip_ratio"] = (ratio > epsilon_high).to(logp.dtype).detach()
+    else:
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg).to(logp.dtype)
+        per_token = -(torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau) * adv
+    if token_mask is not None:
+        per_token = per_token * token_mask.detach().to(per_token.dtype)
     if is_weights is not None:
         per_token = per_token * is_weights.detach().to(per_token.dtype)
-    metrics: dict[str, torch.Tensor] = {}
     if beta > 0.0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp from the reference model")
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_token = per_token + beta * kl
         metrics["kl"] = kl.detach()
-    metrics["clip_ratio"] = (clipped < unclipped).to(logp.dtype).detach()
     return per_token, metrics
+
+
+def top_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(B, T) bool: the tokens of each row (where ``mask`` is set) whose ``entropy`` is at or above the row's
+    (1 - ``quantile``) quantile (linear interpolation, as torch.quantile), i.e. roughly the highest-entropy
+    ``quantile`` share of each completion's tokens ("Beyond the 80/20 Rule", arXiv 2506.01939: 0.2).
+    ``quantile`` 1 keeps every token; 0 keeps each row's highest-entropy token(s).
+
+    Per completion, so the tokens kept do not depend on how rows fall into micro-batches or ranks. TRL's
+    ``top_entropy_quantile`` takes the quantile over all tokens of a micro-batch on all processes instead:
+    the two agree for a micro-batch of one completion.
+    """
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile={quantile} must be in [0, 1]")
+    m = mask.to(torch.bool)
+    if quantile >= 1.0:
+        return m
+    e = entropy.detach().to(torch.float64)
+    n = m.sum(-1)  # (B,)
+    s = torch.where(m, e, torch.full_like(e, math.inf)).sort(-1).values  # each row's values, ascending
+    pos = (1.0 - quantile) * (n - 1).clamp(min=0).to(torch.float64)
+    lo = pos.floor().long().clamp(max=max(e.shape[-1] - 1, 0))
+    hi = pos.ceil().long().clamp(max=max(e.shape[-1] - 1, 0))
+    a, b = s.gather(-1, lo.unsqueeze(-1)), s.gather(-1, hi.unsqueeze(-1))
+    threshold = torch.lerp(a, b, (pos - lo).unsqueeze(-1)).squeeze(-1)
+    threshold = torch.where(hi == lo, a.squeeze(-1), threshold)  # no inf * 0 in rows without tokens
+    return m & (e >= threshold.unsqueeze(-1))
 
 
 def shaped_off_policy_per_token(
@@ -468,11 +566,14 @@ def clipped_surrogate(
     ref_logp: torch.Tensor | None = None,
     beta: float = 0.0,
     kl_estimator: str = "k3",
+    norm: float | None = None,
+    **objective,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`surrogate_per_token` aggregated over ``mask`` (B, T); metrics as token-means
-    (``clip_ratio``: the share of tokens where the clipped branch is the one taken)."""
+    """:func:`surrogate_per_token` aggregated over ``mask`` (B, T) (``norm``: seq-mean-token-sum-norm's
+    constant); ``objective``: its keyword settings (policy_loss, importance_sampling_level, delta, ...).
+    Metrics as token-means (``clip_ratio``: the share of tokens where the clipped branch is the one taken)."""
     per_token, per = surrogate_per_token(
-        logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp, beta, kl_estimator
+        logp, old_logp, advantages, epsilon_low, epsilon_high, ref_logp, beta, kl_estimator, mask=mask, **objective
     )
-    loss = aggregate(per_token, mask, aggregation)
+    loss = aggregate(per_token, mask, aggregation, norm)
     return loss, {k: aggregate(v, mask, "token-mean") for k, v in per.items()}

@@ -3,12 +3,11 @@
 import json
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from _trl import trl_loss
 
 from lit_align import losses
 
@@ -28,61 +27,19 @@ def _fixed_batch(seed: int = 0, rows: int = 6, tokens: int = 7) -> dict:
 
 
 def _trl_loss(b: dict, loss_type: str, eps_low: float, eps_high: float, beta: float) -> tuple:
-    """TRL's own GRPOTrainer._compute_loss on the batch, with a minimal stand-in for the trainer.
-
-    The stand-in's forward returns the fixed log-probs, so TRL's code computes ratios, clipping,
-    the KL term and the aggregation exactly as it does in training.
-    """
-    from trl import GRPOConfig, GRPOTrainer
-
-    extra = {}
-    if "use_bias_correction_kl" in GRPOConfig.__dataclass_fields__:
-        extra["use_bias_correction_kl"] = False  # TRL 1.x weights the KL by the ratio by default; ours is plain k3
-    args = GRPOConfig(
-        output_dir="/tmp/unused",
+    """TRL's own GRPOTrainer._compute_loss on the batch (tests/_trl.py) and its gradient."""
+    logp = b["logp"].clone().requires_grad_(True)
+    loss = trl_loss(
+        logp,
+        b["old_logp"],
+        b["mask"],
+        b["adv"],
+        ref_logp=b["ref_logp"],
         loss_type=loss_type,
         epsilon=eps_low,
         epsilon_high=eps_high,
         beta=beta,
-        max_completion_length=b["mask"].shape[1],
-        use_cpu=True,
-        bf16=False,
-        report_to="none",
-        **extra,
     )
-    logp = b["logp"].clone().requires_grad_(True)
-    ident = lambda t, *a, **k: t  # noqa: E731  (one process: gather / reduce are the identity)
-    stub = SimpleNamespace(
-        args=args,
-        loss_type=args.loss_type,
-        beta=args.beta,
-        epsilon_low=args.epsilon,
-        epsilon_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
-        importance_sampling_level=args.importance_sampling_level,
-        top_entropy_quantile=args.top_entropy_quantile,
-        off_policy_mask_threshold=args.off_policy_mask_threshold,
-        use_vllm=False,
-        aux_loss_enabled=False,
-        _entropy_bonus_enabled=False,
-        max_completion_length=args.max_completion_length,
-        current_gradient_accumulation_steps=1,
-        model=SimpleNamespace(training=True),
-        accelerator=SimpleNamespace(num_processes=1, gather=ident, reduce=ident, gather_for_metrics=ident),
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
-    )
-    rows, T = b["mask"].shape
-    inputs = {
-        "prompt_ids": torch.zeros(rows, 3, dtype=torch.long),
-        "prompt_mask": torch.ones(rows, 3, dtype=torch.long),
-        "completion_ids": torch.zeros(rows, T, dtype=torch.long),
-        "completion_mask": b["mask"],
-        "advantages": b["adv"],
-        "old_per_token_logps": b["old_logp"],
-        "ref_per_token_logps": b["ref_logp"],
-        "num_items_in_batch": b["mask"].sum(),
-    }
-    loss = GRPOTrainer._compute_loss(stub, None, inputs)
     (grad,) = torch.autograd.grad(loss, logp)
     return loss.detach(), grad
 

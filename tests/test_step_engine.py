@@ -159,13 +159,13 @@ def _mixed_reference(module, batch, srft: bool) -> torch.Tensor:
     surrogate = -torch.minimum(ratio * A, ratio.clamp(1 - hp.epsilon_low, 1 + hp.epsilon_high) * A)
     p = logp.exp()
     shaped = -A * p / (p + hp.off_policy_gamma)
-    total = losses.aggregate(torch.where(demo.unsqueeze(-1), shaped, surrogate), m, agg)
+    total = losses.aggregate(torch.where(demo.unsqueeze(-1), shaped, surrogate), m, agg, module.aggregation_norm)
     if srft:  # the demonstrations' NLL at temperature 1 (the SFT term's), over their own tokens
         # from a forward of their own, as the module runs the term (one backward through a forward shared with
         # the RL part differs from two in about the 7th digit of some gradients on this model)
         logits = _logits(module.model, r.input_ids[demo], r.attention_mask[demo])[:, P - 1 : -1]
         nll = -torch.log_softmax(logits, -1).gather(-1, r.completion_ids[demo].unsqueeze(-1)).squeeze(-1)
-        total = total + w_sft * losses.aggregate(nll, m[demo], agg)
+        total = total + w_sft * losses.aggregate(nll, m[demo], agg, module.aggregation_norm)
     return total
 
 
@@ -185,7 +185,9 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
         P = r.prompt_ids.shape[1]
         logits = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
         logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
-        rl, _ = losses.clipped_surrogate(logp, r.old_logp, adv, r.completion_mask, hp.epsilon_low, hp.epsilon_high, agg)
+        rl, _ = losses.clipped_surrogate(
+            logp, r.old_logp, adv, r.completion_mask, hp.epsilon_low, hp.epsilon_high, agg, norm=module.aggregation_norm
+        )
         total = total + (1 - mu) * rl
     if mu > 0:
         e = batch["expert"]
@@ -201,7 +203,7 @@ def _reference(module, batch, mu: float, weighting: str | None) -> torch.Tensor:
             weights = (-(lp.exp() * lp).sum(-1) / torch.log(torch.tensor(logits.shape[-1], dtype=torch.float64))).clamp(
                 0, 1
             )
-        sft, _ = losses.masked_nll(logp, labels != -100, weights, agg)
+        sft, _ = losses.masked_nll(logp, labels != -100, weights, agg, module.aggregation_norm)
         total = total + mu * sft
     return total
 
@@ -216,13 +218,20 @@ def _hpt_reference(module, batch) -> torch.Tensor:
     logits = _logits(module.model, r.input_ids, r.attention_mask)[2:, P - 1 : -1]
     logp = torch.log_softmax(logits / hp.temperature, -1).gather(-1, r.completion_ids[2:].unsqueeze(-1)).squeeze(-1)
     rl, _ = losses.clipped_surrogate(
-        logp, r.old_logp[2:], adv[2:], r.completion_mask[2:], hp.epsilon_low, hp.epsilon_high, agg
+        logp,
+        r.old_logp[2:],
+        adv[2:],
+        r.completion_mask[2:],
+        hp.epsilon_low,
+        hp.epsilon_high,
+        agg,
+        norm=module.aggregation_norm,
     )
     e = {k: v[:1] for k, v in groups.demonstration_labelled(batch["prompts"], 1, 0).items()}
     logits = _logits(module.model, e["input_ids"], e["attention_mask"])[:, :-1]
     labels = e["labels"][:, 1:]
     logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    sft, _ = losses.masked_nll(logp, labels != -100, None, agg)
+    sft, _ = losses.masked_nll(logp, labels != -100, None, agg, module.aggregation_norm)
     return rl + HPT_SFT_COEF * sft
 
 
@@ -239,12 +248,14 @@ def _prefix_reference(module, batch, form: str) -> torch.Tensor:
     if form == "uft":
         adv, _ = losses.group_advantages(rewards, G, hp.advantage_norm)
         sampled = r.completion_mask.bool() & ~given
-        rl, _ = losses.clipped_surrogate(logp, r.old_logp, adv, sampled, hp.epsilon_low, hp.epsilon_high, agg)
+        rl, _ = losses.clipped_surrogate(
+            logp, r.old_logp, adv, sampled, hp.epsilon_low, hp.epsilon_high, agg, norm=module.aggregation_norm
+        )
         # the NLL from a forward of its own, as the module's second term (the embedded Llama's RMSNorm runs
         # in float32: one backward of a sum and two summed backward passes differ in float32 rounding)
         again = _logits(module.model, r.input_ids, r.attention_mask)[:, P - 1 : -1]
         logp = torch.log_softmax(again, -1).gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
-        return rl + 0.5 * losses.masked_nll(logp, given, None, agg)[0]
+        return rl + 0.5 * losses.masked_nll(logp, given, None, agg, module.aggregation_norm)[0]
     hybrid = given.any(-1)
     adv, _ = losses.group_advantages_by_id(rewards, r.group_ids, ~hybrid, hp.advantage_norm, "on_policy")
     prefix_adv = adv
@@ -259,7 +270,7 @@ def _prefix_reference(module, batch, form: str) -> torch.Tensor:
     kept = torch.zeros_like(given)
     kept[3, 0] = True
     shaped = -(prefix_adv.unsqueeze(-1) * kept) * p / (p + 0.1)
-    return losses.aggregate(torch.where(given, shaped, per_token), r.completion_mask, agg)
+    return losses.aggregate(torch.where(given, shaped, per_token), r.completion_mask, agg, module.aggregation_norm)
 
 
 def _grads(module) -> dict:

@@ -35,13 +35,16 @@ class TermOutput:
     """What one micro-batch's forward gives: ``values`` (b, T) per-token loss with its graph, ``mask``
     (b, T) the tokens that count, ``metrics`` {name: (b, T) detached per-token values, or (values, mask)
     for a mean over the term's tokens where ``mask`` is set} to be reported
-    as token-means over the term's tokens, and ``extra`` a scalar added as is to the micro-batch's loss
-    (already normalised by the caller; AMFT's entropy regulariser)."""
+    as token-means over the term's tokens, ``extra`` a scalar added as is to the micro-batch's loss
+    (already normalised by the caller; AMFT's entropy regulariser), and ``token_mean`` (b, T) per-token
+    values with their graph added to the term's loss as a token-mean over the term's tokens of the whole
+    update, whatever the aggregation, times the term's weight (an entropy bonus, as TRL normalises it)."""
 
     values: torch.Tensor
     mask: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: torch.Tensor | None = None
+    token_mean: torch.Tensor | None = None
 
 
 @dataclass
@@ -195,6 +198,7 @@ def accumulate(
     ranks: Ranks,
     grad: bool = True,
     length_buckets: int = 1,
+    aggregation_norm: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run one update's ``terms`` (see the module docstring): gradients accumulate in the parameters'
     ``.grad`` (``backward(loss)`` per micro-batch, the last one outside ``no_sync()``); returns the
@@ -202,10 +206,11 @@ def accumulate(
     metrics: ``<name>_loss`` per term and each term's per-token metrics as global token-means.
     ``grad=False``: forwards only (no backward, no graph), for evaluation. ``length_buckets``: each
     micro-batch runs as up to that many forwards over rows of similar length (:func:`forward_groups`);
-    1 under FSDP2, whose forwards are collectives every rank must run alike."""
+    1 under FSDP2, whose forwards are collectives every rank must run alike. ``aggregation_norm``: the
+    constant of ``seq-mean-token-sum-norm`` (None: each term's mask width)."""
     local = []
     for t in terms:
-        local += [float(losses.aggregate_parts(None, t.mask, aggregation)[1]), float(t.mask.sum())]
+        local += [float(losses.aggregate_parts(None, t.mask, aggregation, aggregation_norm)[1]), float(t.mask.sum())]
     counts = ranks.sums(local)
     plans = [forward_groups(t.mask, micro_batch_size, length_buckets) for t in terms]
     steps = ranks.maxes([len(p) for p in plans]) if ranks.world > 1 else [len(p) for p in plans]
@@ -224,8 +229,10 @@ def accumulate(
         den, ntok = max(counts[2 * k], 1.0), max(counts[2 * k + 1], 1.0)
         with torch.set_grad_enabled(grad):
             out = t.forward(rows)
-            num, _ = losses.aggregate_parts(out.values, out.mask, aggregation)
+            num, _ = losses.aggregate_parts(out.values, out.mask, aggregation, aggregation_norm)
             term_value = num / den
+            if out.token_mean is not None:
+                term_value = term_value + (out.token_mean * out.mask.to(out.token_mean.dtype)).sum() / ntok
             loss = (t.weight * ranks.world * scale) * term_value
             if out.extra is not None:
                 loss = loss + ranks.world * scale * out.extra

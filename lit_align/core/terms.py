@@ -33,6 +33,18 @@ class RLSettings:
     beta: float = 0.0
     kl_estimator: str = "k3"
     off_policy_gamma: float = 0.1  # LUFFY's shaping f(r) = r / (r + gamma) on off-policy tokens
+    policy_loss: str = "clip"  # clip | cispo | sapo (lit_align.losses.surrogate_per_token)
+    importance_sampling_level: str = "token"  # token | sequence (GSPO) | sequence_token (GSPO-token)
+    delta: float | None = None  # two-sided clipping: rho capped at delta for A < 0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    top_entropy_quantile: float = 1.0  # the highest-entropy share of each completion's tokens keeps the loss
+    entropy_coef: float = 0.0  # entropy bonus: - entropy_coef * token-mean entropy of the rollout tokens
+
+    def objective(self) -> dict:
+        """The keyword settings of :func:`lit_align.losses.surrogate_per_token`."""
+        names = ("policy_loss", "importance_sampling_level", "delta", "sapo_temperature_pos", "sapo_temperature_neg")
+        return {n: getattr(self, n) for n in names}
 
     @classmethod
     def from_hparams(cls, hp) -> RLSettings:
@@ -121,12 +133,18 @@ def rl_term(
         off_tokens = rollout.off_policy.unsqueeze(-1).expand_as(rollout.completion_mask)
 
     def forward(rows: torch.Tensor) -> TermOutput:
-        # the backward writes the logits' gradient over them, unless extra's graph reads them too
-        scored = policy.logprobs(rows_of, rows, s.temperature, consume=extra is None)
+        # the backward writes the logits' gradient over them, unless another graph (extra's, the entropy
+        # bonus's) reads them too
+        bonus = s.entropy_coef != 0.0
+        scored = policy.logprobs(rows_of, rows, s.temperature, consume=extra is None and not bonus)
         width = scored.targets.shape[1]
         m = mask[rows][:, :width]
+        off = off_tokens[rows][:, :width].to(torch.bool) if off_tokens is not None else None
+        on = m.to(torch.bool) if off is None else m.to(torch.bool) & ~off  # the sampled tokens that count
         ref_logp = policy.logprobs(rows_of, rows, s.temperature, reference=True).logp if s.beta > 0 else None
         w = is_weights(rows, width) if is_weights is not None else None
+        entropy = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
+        keep = losses.top_entropy_mask(entropy, on, s.top_entropy_quantile) if s.top_entropy_quantile < 1 else None
         values, metrics = losses.surrogate_per_token(
             scored.logp,
             rollout.old_logp[rows, :width],
@@ -137,12 +155,16 @@ def rl_term(
             s.beta,
             s.kl_estimator,
             w,
+            mask=on,
+            token_mask=keep,
+            **s.objective(),
         )
         if w is not None:
             metrics["importance_sampling_ratio"] = w
-        metrics["entropy_usual"] = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
-        if off_tokens is not None:
-            off = off_tokens[rows][:, :width].to(torch.bool)
+        metrics["entropy_usual"] = entropy
+        if keep is not None:
+            metrics["top_entropy_token_share"] = keep.to(entropy.dtype)
+        if off is not None:
             adv = advantages[rows] if off_advantages is None else torch.ones_like(advantages[rows])
             shaped, more_metrics = losses.shaped_off_policy_per_token(
                 scored.logp, adv, s.off_policy_gamma, rollout.old_logp[rows, :width]
@@ -150,12 +172,14 @@ def rl_term(
             if off_advantages is not None:  # -f(r) per token, times each token's own advantage
                 shaped = shaped * off_advantages[rows][:, :width].to(shaped.dtype)
             values = torch.where(off, shaped, values)
-            on = ~off
             metrics = {k: (v, on) for k, v in metrics.items()}  # on-policy metrics over on-policy tokens
             metrics["off_policy_token_share"] = off.to(scored.logp.dtype)
             metrics["off_policy_weight_mean"] = (more_metrics["off_policy_weight"], off)
+        token_mean = None
+        if bonus:  # TRL's entropy bonus: - coef x the token-mean entropy, here over the term's tokens, sampled ones
+            token_mean = -s.entropy_coef * losses.entropy_from_logits(scored.logits, s.temperature) * on
         more = None if extra is None else extra(scored.logits, m)
-        return TermOutput(values, m, metrics, more)
+        return TermOutput(values, m, metrics, more, token_mean)
 
     return Term(name, weight, mask, forward)
 

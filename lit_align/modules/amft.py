@@ -32,6 +32,7 @@ the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -353,6 +354,12 @@ class AMFTModule(PolicyModule):
             self.policy.zero_grad()
         dot = self._global_sums([local])[0]
         return -lr * dot, float(V)
+
+    @property
+    def rl_settings(self):
+        """The RL term's settings, without the constant entropy bonus: AMFT's ``entropy_coef`` is the paper's
+        target-gated regulariser entropy_coef * max(0, H* - H) (:meth:`_entropy_term`), applied on its own."""
+        return dataclasses.replace(super().rl_settings, entropy_coef=0.0)
 
     # ------------------------------------------------------------------ the step
     def _entropy_term(self, rollout, mask: torch.Tensor, H_star: float):

@@ -246,7 +246,11 @@ class HPTModule(PolicyModule):
         keep = r["rl_coef"] > 0
         demo = r["demo_of_row"]
         on = ~groups.off_policy(r["rollout"])
-        den = losses.aggregate_parts(None, r["mask"][keep], hp.loss_aggregation)[1] if bool(keep.any()) else 0.0
+        den = (
+            losses.aggregate_parts(None, r["mask"][keep], hp.loss_aggregation, self.aggregation_norm)[1]
+            if bool(keep.any())
+            else 0.0
+        )
         n_keep, n_demo, den, rows = self.ranks.sums(
             [float(keep.sum()), float((demo >= 0).sum()), float(den), float(on.sum())]
         )

@@ -59,6 +59,14 @@ RULES = {
     "epsilon_low": S.number(0, 1, high_open=True),
     "epsilon_high": S.number(0),
     "beta": S.number(0),
+    "delta": S.Rule(lambda v: v is None or S.number(1, low_open=True).holds(v), "null or a finite number > 1"),
+    "sapo_temperature_pos": S.number(0, low_open=True),
+    "sapo_temperature_neg": S.number(0, low_open=True),
+    "top_entropy_quantile": S.number(0, 1),
+    "entropy_coef": S.number(),
+    "loss_scale_factor": S.Rule(
+        lambda v: v is None or S.number(0, low_open=True).holds(v), "null (max_new_tokens) or a finite number > 0"
+    ),
     "warmup_steps": S.integer(0),
     "gradient_clip": S.number(0, words="a finite number >= 0 (0: off)"),
     "min_lr_ratio": S.number(0, 1),
@@ -101,10 +109,25 @@ class PolicyModule(L.LightningModule):
         gradient_clip: max global gradient norm (0 disables clipping; the norm is still logged).
         num_generations: G, completions sampled per prompt.
         max_new_tokens, temperature, top_p, top_k: sampling settings (top_k=0: off).
-        epsilon_low, epsilon_high: PPO clip range [1 - eps_low, 1 + eps_high].
+        epsilon_low, epsilon_high: PPO clip range [1 - eps_low, 1 + eps_high] (with ``policy_loss: cispo``,
+            epsilon_high is the cap of the importance weight itself, TRL's convention: 5.0 in ScaleRL).
         beta: KL coefficient to a frozen reference (0: no reference model is loaded).
         kl_estimator: k1, k2 or k3.
-        loss_aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum (both terms).
+        policy_loss: the on-policy objective: ``clip`` (PPO / GRPO's clipped surrogate), ``cispo``
+            (MiniMax-M1: capped, detached importance weight times log-prob) or ``sapo`` (a soft gate,
+            ``sapo_temperature_pos`` / ``_neg``); TRL's ``loss_type`` cispo / sapo.
+        importance_sampling_level: ``token`` (default), ``sequence`` (GSPO: one length-normalised ratio
+            per completion, clipped as a whole) or ``sequence_token`` (GSPO-token); TRL's name.
+        delta: two-sided clipping (TRL's name, INTELLECT-2): the ratio is also capped at delta where the
+            advantage is negative; null (default) off; must exceed 1 + epsilon_high.
+        top_entropy_quantile: only this highest-entropy share of each completion's tokens gets the policy
+            loss ("Beyond the 80/20 Rule": 0.2; TRL's name); 1 (default) every token.
+        entropy_coef: entropy bonus (TRL's name): the RL term gets - entropy_coef x the token-mean entropy
+            (at the sampling temperature) of its sampled tokens; 0 (default) off.
+        loss_aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm
+            (Dr.GRPO: each row's token sum divided by the constant ``loss_scale_factor``, then the mean
+            over rows; TRL's dr_grpo) (both terms).
+        loss_scale_factor: seq-mean-token-sum-norm's constant (verl's name); null: max_new_tokens.
         advantage_norm: std (GRPO), none (Dr.GRPO) or batch-std.
         reward: a reward function or a list of them (class paths, or ``package.module.function`` paths
             in YAML); exact final-answer match by default. A lit-align ``RewardFunction`` (or a callable
@@ -202,7 +225,15 @@ class PolicyModule(L.LightningModule):
         epsilon_high: float = 0.2,
         beta: float = 0.0,
         kl_estimator: losses.KLEstimator = "k3",
+        policy_loss: losses.PolicyLoss = "clip",
+        importance_sampling_level: losses.ImportanceSamplingLevel = "token",
+        delta: float | None = None,
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        top_entropy_quantile: float = 1.0,
+        entropy_coef: float = 0.0,
         loss_aggregation: losses.Aggregation = "token-mean",
+        loss_scale_factor: float | None = None,
         advantage_norm: losses.AdvantageNorm = "std",
         reward: RewardFunction | list[Callable] | Callable | None = None,  # this order serializes in config.yaml
         reward_weights: list[float] | None = None,
@@ -233,6 +264,17 @@ class PolicyModule(L.LightningModule):
     ):
         super().__init__()
         S.check(PolicyModule.__init__, locals(), RULES)
+        if delta is not None and delta <= 1.0 + epsilon_high:
+            raise ValueError(
+                f"model.delta={delta} must exceed 1 + model.epsilon_high={1.0 + epsilon_high:g}: two-sided clipping "
+                "caps the ratio above the clip range (TRL: delta > 1 + epsilon), else it cuts positive updates too"
+            )
+        if policy_loss == "cispo" and epsilon_high < 1.0:
+            raise ValueError(
+                f"model.policy_loss=cispo caps the importance weight at model.epsilon_high itself (TRL's convention), "
+                f"and epsilon_high={epsilon_high:g} < 1 would scale every token's gradient down: set it to the cap, "
+                "e.g. 5.0 (ScaleRL)"
+            )
         if rollout_engine == "vllm" and not vllm_importable():
             from lit_align.vllm_engine import INSTALL
 
@@ -592,7 +634,15 @@ class PolicyModule(L.LightningModule):
             w.ranks,
             grad=grad,
             length_buckets=buckets,
+            aggregation_norm=self.aggregation_norm,
         )
+
+    @property
+    def aggregation_norm(self) -> float:
+        """seq-mean-token-sum-norm's constant: ``loss_scale_factor``, else ``max_new_tokens``."""
+        hp = self.hparams
+        factor = hp.get("loss_scale_factor")
+        return float(hp.max_new_tokens if factor is None else factor)
 
     def rl_term(
         self,
