@@ -208,7 +208,7 @@ class VLLMEngine:
             max_tokens=int(settings["max_new_tokens"]),
             min_tokens=int(settings.get("min_new_tokens") or 0),
             logprobs=0,
-            detokenize=False,
+            detokenize=False,  # texts come from the ids (Sampler: rollout.completion_texts), as on the HF path
             stop_token_ids=eos,
             ignore_eos=True,  # only lit-align's end tokens stop
             seed=None if seed is None else int(seed),

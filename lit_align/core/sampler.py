@@ -24,6 +24,7 @@ from lit_align.core.world import World
 from lit_align.rollout import (
     Rollout,
     check_prefix,
+    completion_texts,
     generate,
     prefix_positions,
     sampling_overrides,
@@ -245,7 +246,7 @@ class Sampler:
     ) -> Rollout:
         """G completions per prompt from the vLLM engine: token ids and ``sampler_logp`` from the engine;
         ``old_logp`` and ``entropy`` (B*G, T) from the trainer's forward at the sampling temperature (1 when
-        greedy)."""
+        greedy); the texts from the ids by :func:`lit_align.rollout.completion_texts`, as on the HF path."""
         engine, s = self.engine, self.settings
         if self.stale:
             engine.load_weights(self.policy.streamed_weights())
@@ -267,9 +268,10 @@ class Sampler:
         prompt_mask = prompts["prompt_mask"].repeat_interleave(G, dim=0)
         T = 1.0 if greedy else s.temperature
         old_logp, entropy = self.trainer_logprobs(Completions(prompt_ids, prompt_mask, ids, mask), T, world)
-        pad = settings["pad_token_id"]
-        tok = self.policy.tokenizer
-        texts = tok.batch_decode(ids * mask + (1 - mask) * pad, skip_special_tokens=True) if len(ids) else []
+        # the HF path's decode of the same ids (vLLM detokenizes nothing: detokenize=False), so rewards see the
+        # same text for the same tokens whichever sampler drew them, skip_special_tokens included
+        tok, eos, pad = self.policy.tokenizer, settings["eos_token_id"], settings["pad_token_id"]
+        texts = completion_texts(tok, ids, mask, eos, s.skip_special_tokens, pad) if len(ids) else []
         given = (
             None
             if prefix_ids is None

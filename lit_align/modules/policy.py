@@ -141,6 +141,7 @@ class PolicyModule(L.LightningModule):
         skip_special_tokens: drop special tokens from the completion text the rewards see (TRL's
             behaviour, default). False keeps the special tokens the model sampled (an added
             ``<answer>`` token, ...) in the text; only the end token that stopped a completion is cut.
+            Both rollout engines decode the text from the token ids with the same function.
         reward_errors: ``raise`` stops at a failing reward call, naming prompt and completion;
             ``zero`` scores it 0 and counts it in ``train/reward_errors``.
             ``train/reward_errors`` is the run's cumulative count of failed reward items.
