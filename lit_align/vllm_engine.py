@@ -28,6 +28,61 @@ INSTALL = (
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
+# the module setting behind each SamplingParams field lit-align sets from one: what a refusal names
+SETTING_OF = {
+    "n": "num_generations",
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+}
+
+
+def request_params(settings: dict, num_generations: int, seed: int | None = None) -> dict:
+    """The keyword arguments of vLLM's ``SamplingParams`` for ``num_generations`` completions of one prompt
+    with ``settings`` (as :func:`lit_align.rollout.sampling_settings` builds them; greedy when
+    ``do_sample`` is False: n is then 1): the one place the rollouts' requests and the start-up checks
+    build them. Only ``settings["eos_token_id"]`` ends a completion; no text is detokenized."""
+    sample = bool(settings.get("do_sample"))
+    eos = settings.get("eos_token_id")
+    params = dict(
+        n=int(num_generations) if sample else 1,
+        max_tokens=int(settings["max_new_tokens"]),
+        min_tokens=int(settings.get("min_new_tokens") or 0),
+        logprobs=0,
+        detokenize=False,  # texts come from the ids (Sampler: rollout.completion_texts), as on the HF path
+        stop_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        ignore_eos=True,  # only lit-align's end tokens stop
+        seed=None if seed is None else int(seed),
+    )
+    if sample:
+        params.update(
+            temperature=float(settings.get("temperature") or 1.0),
+            top_p=float(settings.get("top_p") or 1.0),
+            top_k=int(settings.get("top_k") or 0),
+            min_p=float(settings.get("min_p") or 0.0),
+            repetition_penalty=float(settings.get("repetition_penalty") or 1.0),
+        )
+    else:
+        params["temperature"] = 0.0
+    return params
+
+
+def _flags(params: dict, keys) -> str:
+    """``model.<setting>=<value>`` for the SamplingParams fields ``keys`` in ``params``, comma-separated."""
+    return ", ".join(f"model.{SETTING_OF[k]}={params[k]!r}" for k in keys if k in params)
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"model.rollout_engine=vllm needs vLLM: {INSTALL} ({e})") from e
+    return vllm
+
+
 class VLLMEngine:
     """An in-process vLLM ``LLM`` over the checkpoint at ``model_path``.
 
@@ -78,10 +133,7 @@ class VLLMEngine:
                 "training process on that process's device; only 1 is supported"
             )
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process, not a child
-        try:
-            import vllm
-        except ImportError as e:
-            raise ImportError(f"model.rollout_engine=vllm needs vLLM: {INSTALL} ({e})") from e
+        vllm = _import_vllm()
         import torch.distributed as dist
         from vllm.platforms import current_platform
 
@@ -199,30 +251,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sample = bool(settings.get("do_sample"))
-        G = int(num_generations) if sample else 1
-        eos = settings.get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        params = dict(
-            n=G,
-            max_tokens=int(settings["max_new_tokens"]),
-            min_tokens=int(settings.get("min_new_tokens") or 0),
-            logprobs=0,
-            detokenize=False,  # texts come from the ids (Sampler: rollout.completion_texts), as on the HF path
-            stop_token_ids=eos,
-            ignore_eos=True,  # only lit-align's end tokens stop
-            seed=None if seed is None else int(seed),
-        )
-        if sample:
-            params.update(
-                temperature=float(settings.get("temperature") or 1.0),
-                top_p=float(settings.get("top_p") or 1.0),
-                top_k=int(settings.get("top_k") or 0),
-                min_p=float(settings.get("min_p") or 0.0),
-                repetition_penalty=float(settings.get("repetition_penalty") or 1.0),
-            )
-        else:
-            params["temperature"] = 0.0
+        params = request_params(settings, num_generations, seed)
+        G, eos = params["n"], params["stop_token_ids"]
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
         max_tokens, min_tokens = params["max_tokens"], params["min_tokens"]
         reason = self.cannot_sample(prompt_mask, max_tokens)
@@ -275,6 +305,65 @@ class VLLMEngine:
         but cannot run (e.g. a head size vLLM's CPU attention has no kernel for)."""
         ids = torch.zeros(1, 1, dtype=torch.long)
         self.generate(ids, torch.ones_like(ids), {"do_sample": False, "max_new_tokens": 1, "eos_token_id": None})
+
+    @staticmethod
+    def check_settings(settings: dict, num_generations: int) -> None:
+        """Raise a ValueError naming the setting vLLM's own ``SamplingParams`` checks refuse in the
+        rollouts' requests (:func:`request_params` of ``settings``, ``num_generations`` completions each),
+        where lit-align's HF sampler may take it: ``temperature`` above 2, ``num_generations`` above
+        ``VLLM_MAX_N_SEQUENCES`` (16384), ... Each setting is tried alone over otherwise neutral
+        parameters, so the error names the one refused; then all of them together. Needs no engine: the
+        sampler runs it at fit start before building one (EasyR1 #399: a temperature vLLM refuses used to
+        pass the start-up probe and stop the run at its first rollout, after the SFT warm-up)."""
+        sampling_params = _import_vllm().SamplingParams
+        params = request_params(settings, num_generations)
+        neutral = dict(request_params({"do_sample": True, "max_new_tokens": 1}, 1), max_tokens=None)
+        for key in [k for k in SETTING_OF if k in params]:
+            try:
+                sampling_params(**dict(neutral, **{key: params[key]}))
+            except Exception as e:  # noqa: BLE001  (vLLM raises its own error types, not ValueError)
+                raise ValueError(
+                    f"{_flags(params, [key])}: the vLLM engine refuses it ({e}); change it, or sample with "
+                    "model.rollout_engine=hf"
+                ) from e
+        try:
+            sampling_params(**params)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{_flags(params, SETTING_OF)}: the vLLM engine refuses them together ({e})") from e
+
+    def check_request(self, settings: dict, num_generations: int) -> None:
+        """Raise a ValueError naming the settings this engine refuses: a ``max_new_tokens`` that leaves no
+        room for a prompt in :attr:`max_model_length` (every rollout would go to the HF sampler), or a
+        request it rejects or cannot sample: ``num_generations`` completions of one token of a one-token
+        prompt, with the rollouts' sampling parameters otherwise (vLLM's checks against the model, e.g. end
+        tokens inside its vocabulary, and its sampling kernels with these filters). Seeded, with the
+        process's random state put back: the training run's random streams are left as they were."""
+        max_new_tokens = int(settings["max_new_tokens"])
+        if max_new_tokens >= self.max_model_length:
+            raise ValueError(
+                f"model.max_new_tokens={max_new_tokens} leaves no room for a prompt in the vLLM engine's maximum "
+                f"length {self.max_model_length} (model.vllm_max_model_length; null: the checkpoint's "
+                "max_position_embeddings): lower the one or raise the other"
+            )
+        ids, rng = torch.zeros(1, 1, dtype=torch.long), _rng_state()
+        one_token = dict(settings, max_new_tokens=1, min_new_tokens=0)
+        try:
+            self.generate(ids, torch.ones_like(ids), one_token, num_generations, seed=0)
+        except Exception as e:  # noqa: BLE001
+            params, parameter = request_params(settings, num_generations), getattr(e, "parameter", None)
+            if parameter == "stop_token_ids":  # not a flag: the checkpoint's
+                raise ValueError(
+                    f"the checkpoint's end tokens {params['stop_token_ids']} (its generation config's eos_token_id, "
+                    f"else the tokenizer's): the vLLM engine refuses them ({e})"
+                ) from e
+            named = [parameter] if parameter in SETTING_OF else list(SETTING_OF)
+            them = "it" if len(named) == 1 else "them"
+            raise ValueError(
+                f"{_flags(params, named)}: the vLLM engine refuses or cannot sample with {them} "
+                f"({type(e).__name__}: {e}); change {them}, or sample with model.rollout_engine=hf"
+            ) from e
+        finally:
+            _set_rng_state(rng)
 
     def cannot_sample(self, prompt_mask: torch.Tensor, max_new_tokens: int) -> str | None:
         """Why the engine cannot serve these prompts ((B, P) mask) with ``max_new_tokens``, or None."""

@@ -164,7 +164,13 @@ class Sampler:
     # ------------------------------------------------------------------ the vLLM engine's life cycle
     def start(self, world: World, rank: tuple[int, int] | None) -> None:
         """Build this rank's engine from the policy's checkpoint (fit start; every rank at once).
-        ``rank``: (global, local) rank under several processes, None in one."""
+        ``rank``: (global, local) rank under several processes, None in one.
+
+        A checkpoint vLLM does not implement, or one whose engine cannot run a one-token greedy probe,
+        samples with the HF sampler (said once). Sampling settings the engine refuses raise a ValueError
+        naming the flag here, before any update, rather than at the first rollout
+        (:meth:`VLLMEngine.check_settings` before the engine is built, :meth:`VLLMEngine.check_request`
+        after; the engine is closed first)."""
         s = self.settings
         if s.rollout_engine != "vllm" or self.engine is not None:
             return
@@ -177,6 +183,8 @@ class Sampler:
         if reason:
             self._fallback(reason)
             return
+        settings = sampling_settings(model, self.policy.tokenizer, **decoding(s))  # what every rollout asks for
+        VLLMEngine.check_settings(settings, s.num_generations)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.engine = VLLMEngine(
             _resolve(s.model_name_or_path),
@@ -197,6 +205,11 @@ class Sampler:
             engine.close()
             self._fallback(f"the vLLM engine cannot run this checkpoint ({type(e).__name__}: {str(e)[:200]})")
             return
+        try:
+            self.engine.check_request(settings, s.num_generations)
+        except ValueError:
+            self.stop()
+            raise
         self.stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
         if s.vllm_enable_sleep_mode and self.engine.on_cpu:
             from lightning.pytorch.utilities import rank_zero_warn
