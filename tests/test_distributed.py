@@ -2,7 +2,8 @@
 
 - numerical equivalence: one update on 2 ranks with unequal token counts, in micro-batches of one
   row, equals one process on the same global batch in one forward, for the SFT term, the GRPO term
-  with rollouts held fixed, LUFFY's and SRFT's mixed groups (SRFT's entropy H over all ranks),
+  with rollouts held fixed (also with GSPO's sequence ratio and an entropy bonus, and with Dr.GRPO's
+  constant normaliser), LUFFY's and SRFT's mixed groups (SRFT's entropy H over all ranks),
   Prefix-RFT's (its top-entropy prefix tokens chosen over both ranks), HPT (rank 0's prompt routed to
   SFT, rank 1's to GRPO: each rank holds rows of one term only) and AMFT's meta step (guards the gloo
   AVG bug and the global normalisation);
@@ -191,7 +192,7 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     }
     if method == "sft":
         return expert
-    if method in ("grpo", "luffy", "srft", "prefix_rft"):
+    if method in ("grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft"):
         return prompts
     if method == "hpt":
         part = lambda v: v[rank::world] if world > 1 else v  # noqa: E731  (one prompt per rank)
@@ -212,7 +213,11 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
-METHODS = ("sft", "grpo", "luffy", "srft", "prefix_rft", "amft", "amft_adam")
+METHODS = ("sft", "grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft", "amft", "amft_adam")
+# GRPO on two objectives of the RL-objective settings: GSPO's sequence ratio (a per-row mean over tokens,
+# two rows per rank, one per micro-batch) and Dr.GRPO's constant normaliser (rows x loss_scale_factor)
+GSPO = {"num_generations": 2, "importance_sampling_level": "sequence", "entropy_coef": 0.05}
+DR_GRPO = {"num_generations": 2, "loss_aggregation": "seq-mean-token-sum-norm", "loss_scale_factor": 4.0}
 # HPT at gate 1 counting rewards > 0: rank 0's prompt (rewards 1.0, 0.0) trains its demonstration with SFT,
 # rank 1's (0.2, 0.9) its samples with GRPO, so each rank holds rows of one term only
 HPT = {"num_generations": 2, "gate": 1, "correct_by": "reward", "sft_loss_coef": 0.7}
@@ -223,6 +228,8 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
     cls, extra, steps = {
         "sft": (SFTModule, {}, 1),
         "grpo": (FixedRolloutGRPO, {"num_generations": 2}, 1),
+        "grpo_gspo": (FixedRolloutGRPO, GSPO, 1),
+        "grpo_dr": (FixedRolloutGRPO, DR_GRPO, 1),
         "luffy": (FixedGroupsLUFFY, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "srft": (FixedGroupsSRFT, {"num_generations": 2, "demonstrations_per_prompt": 1}, 1),
         "prefix_rft": (FixedRolloutPrefixRFT, PREFIX_RFT, 1),
@@ -337,7 +344,7 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 # (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
 # near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
-@pytest.mark.parametrize("method", ["sft", "grpo", "luffy", "srft", "prefix_rft", "amft"])
+@pytest.mark.parametrize("method", ["sft", "grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft", "amft"])
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
