@@ -92,7 +92,32 @@ def weights(path) -> dict:
             SFT_NAMES | RL_NAMES | {"train/token_weight_mean"},
             ["--model.init_args.num_generations=2", "--model.init_args.sft_warmup_steps=0"],
         ),
+        # CHORD on other RL objectives (docs/guides/rl_objectives.md): GSPO's sequence ratio with the top-entropy
+        # token mask and an entropy bonus; CISPO with Dr.GRPO's constant normaliser
+        (
+            "chord_phi",
+            SFT_NAMES | RL_NAMES | {"train/top_entropy_token_share"},
+            [
+                "--model.init_args.num_generations=2",
+                "--model.init_args.sft_warmup_steps=0",
+                "--model.init_args.importance_sampling_level=sequence",
+                "--model.init_args.top_entropy_quantile=0.5",
+                "--model.init_args.entropy_coef=0.01",
+            ],
+        ),
+        (
+            "chord_phi",
+            SFT_NAMES | RL_NAMES,
+            [
+                "--model.init_args.num_generations=2",
+                "--model.init_args.sft_warmup_steps=0",
+                "--model.init_args.policy_loss=cispo",
+                "--model.init_args.epsilon_high=5.0",
+                "--model.init_args.loss_aggregation=seq-mean-token-sum-norm",
+            ],
+        ),
     ],
+    ids=["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "chord_phi-gspo", "chord_phi-cispo-dr"],
 )
 def test_config_trains_logs_and_checkpoints(config, names, extra, tmp_path, ckpt):
     cli = fit(config, tmp_path, *extra)
