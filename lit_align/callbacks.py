@@ -22,7 +22,12 @@ def _tensorboard(trainer: L.Trainer):
 
 
 class AlignmentMonitor(L.Callback):
-    """Every ``every_n_steps`` policy updates, write to TensorBoard (rank zero only):
+    """Write to TensorBoard (rank zero only), at fit start:
+
+    - ``data``: the data module's set-up counts as a table (``datamodule.summary()``, where it has one:
+      rows kept, invalid, skipped and truncated per stream, held-out duplicates, the self-check's share);
+
+    and every ``every_n_steps`` policy updates:
 
     - ``samples``: a table of a few prompts with their sampled completions and rewards;
     - ``train/token_weights``: a histogram of the SFT token weights over expert tokens
@@ -39,6 +44,15 @@ class AlignmentMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self._last_written = -1
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # after every setup hook (the policy module's runs the data self-check), before the first step
+        summary = getattr(trainer.datamodule, "summary", None)
+        writer = _tensorboard(trainer)
+        text = summary() if callable(summary) else ""
+        if writer is not None and text:
+            writer.add_text("data", text, 0)  # step 0, as the data/* scalars
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

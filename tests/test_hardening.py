@@ -181,9 +181,14 @@ def dirty_run(tmp_path_factory):
 def test_skipped_and_duplicate_rows_are_warned_and_logged(dirty_run):
     s, warned = dirty_run.scalars, "\n".join(dirty_run.warnings)
     assert _last(s, "data/invalid_rows") == 2 and _last(s, "data/prompts_invalid_rows") == 2
-    assert _last(s, "data/skipped_rows") == 1 and _last(s, "data/truncated_rows") == 0
-    assert _last(s, "data/prompts_rows") == 4 and _last(s, "data/val_rows") == 3
-    assert _last(s, "data/heldout_duplicates") == 1
+    assert _last(s, "data/skipped_rows") == 1 and _last(s, "data/heldout_duplicates") == 1
+    # a count of 0 and the rows kept are no chart (issue 22): they are in the hyper-parameters and the text table
+    assert "data/truncated_rows" not in s and "data/prompts_rows" not in s
+    hparams = dirty_run.cli.trainer.logger.hparams
+    assert hparams["data/truncated_rows"] == 0 and hparams["data/skipped_rows"] == 1
+    assert hparams["data/prompts_rows"] == 4 and hparams["data/val_rows"] == 3
+    (row,) = [line for line in dirty_run.cli.datamodule.summary().splitlines() if line.startswith("| prompts |")]
+    assert row.endswith("/prompts.jsonl | 4 | 2 | 1 | 0 |"), row
     assert "prompts.jsonl: 2 invalid fields; 2 rows skipped" in warned
     assert "row 6, column 'prompt' is empty" in warned and "row 7, column 'answer' is missing" in warned
     assert "prompts.jsonl: 1 rows skipped and 0 rows truncated" in warned

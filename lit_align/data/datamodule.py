@@ -122,8 +122,9 @@ class MixedDataModule(L.LightningDataModule):
             ``skip`` (drop them, with the same report as a warning). A file with no usable row
             is always an error.
             Every count (``data/invalid_rows``, ``data/skipped_rows``, ``data/truncated_rows``,
-            ``data/heldout_duplicates``, and ``data/<stream>_rows`` kept) is logged once at set-up
-            to the trainer's loggers and kept in ``self.stats``.
+            ``data/heldout_duplicates``, and ``data/<stream>_rows`` kept) is kept in ``self.stats``,
+            added to the logged hyper-parameters and shown in a text table (:meth:`summary`); the
+            problem counts that are not 0 are also logged as scalars at step 0.
         expert_error_rate: share of embedded problems the embedded expert gets wrong.
         seed: shuffling seed; None (default) follows the run's ``seed_everything``.
     """
@@ -225,6 +226,7 @@ class MixedDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.stats: dict[str, int] = {}  # data/... counts, see ``invalid_rows``
         self.labels: dict[str, str] = {}  # stream -> file or data set it came from
+        self.demo_checked = 0  # demonstrations the set-up self-check scored (check_demonstrations)
         self.batch_sizes: dict[str, int] = {}  # per-device batch size of each stream
         self.retention_rows: dict[str, list[dict]] = {}  # skill -> its held-out rows (retention_data)
         # each training batch is yielded this many times, with a "repeat" index: the policy module sets
@@ -678,6 +680,7 @@ class MixedDataModule(L.LightningDataModule):
         verdicts = [bool(v) for v in verdicts.tolist()]
         rate = sum(verdicts) / len(verdicts)
         self.stats["data/demo_reward_rate"] = rate
+        self.demo_checked = len(verdicts)
         trainer = self.trainer
         for logger in trainer.loggers if trainer is not None else []:
             logger.log_metrics({"data/demo_reward_rate": rate}, step=0)
@@ -696,11 +699,51 @@ class MixedDataModule(L.LightningDataModule):
             )
         return rate
 
+    PROBLEM_COUNTS = ("invalid_rows", "skipped_rows", "truncated_rows", "heldout_duplicates")
+
     def _log_stats(self) -> None:
-        """Write the data counts once, at step 0, to every logger of the trainer (if any)."""
+        """Log the problem counts that are not 0 (``data/*invalid_rows``, ``*skipped_rows``, ``*truncated_rows``,
+        ``heldout_duplicates``) once, at step 0, to every logger of the trainer (if any): a chart a user
+        should look at. The row counts and the zeros are set-up facts, read once: they go to the
+        hyper-parameters (:attr:`hparams_initial`) and the text table (:meth:`summary`), not to charts
+        (issue 22: a clean run opened TensorBoard on a page of single-point charts, most of them 0)."""
+        problems = {k: float(v) for k, v in self.stats.items() if v and k.endswith(self.PROBLEM_COUNTS)}
         trainer = self.trainer
-        for logger in trainer.loggers if trainer is not None else []:
-            logger.log_metrics({k: float(v) for k, v in self.stats.items()}, step=0)
+        for logger in trainer.loggers if trainer is not None and problems else []:
+            logger.log_metrics(problems, step=0)
+
+    @property
+    def hparams_initial(self):
+        """The constructor's arguments, and after :meth:`setup` the data counts (``stats``, ``data/*``), which
+        Lightning logs as the run's hyper-parameters (hparams.yaml, TensorBoard's HPARAMS tab) at fit start,
+        after every ``setup``: runs can be compared on them. ``hparams`` (what a checkpoint stores) is unchanged."""
+        initial = super().hparams_initial
+        initial.update(self.stats)
+        return initial
+
+    def summary(self) -> str:
+        """The data counts as Markdown, for TensorBoard's text tab (``AlignmentMonitor`` writes it at fit start):
+        one table row per stream (source, rows kept, invalid, skipped and truncated rows), then the held-out
+        prompts also found in the training data and the set-up self-check's share (``data/demo_reward_rate``).
+        Empty before :meth:`setup`."""
+        if not self.labels:
+            return ""
+        get = self.stats.get
+        lines = ["| stream | source | rows | invalid | skipped | truncated |", "|---|---|---|---|---|---|"]
+        for stream, label in self.labels.items():
+            counts = (
+                get(f"data/{stream}_{key}", 0) for key in ("rows", "invalid_rows", "skipped_rows", "truncated_rows")
+            )
+            source = label.replace("|", r"\|")  # a "|" in a file name would end the cell
+            lines.append(f"| {stream} | {source} | " + " | ".join(str(n) for n in counts) + " |")
+        lines += ["", f"held-out prompts also in the training data: {get('data/heldout_duplicates', 0)}"]
+        rate = get("data/demo_reward_rate")
+        if rate is not None:
+            lines.append(
+                f"demonstrations the reward accepts against their own answers (self-check): {rate:.0%} of "
+                f"{self.demo_checked}"
+            )
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ batches
     def collate_expert(self, rows: list[dict]) -> dict:
