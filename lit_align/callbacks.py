@@ -1,4 +1,5 @@
-"""Callbacks: alignment monitors for TensorBoard and the Hugging Face export at the end of fit.
+"""Callbacks: alignment monitors for TensorBoard and the Hugging Face export at the end of fit; the
+lines a run ends with (:func:`fit_report`).
 
 The scalars themselves (train/mu, train/token_weight_mean, train/entropy_usual, ...) are logged
 by the modules from values they already computed, so monitoring costs no extra forward pass.
@@ -7,6 +8,7 @@ These callbacks add what ``self.log`` cannot: text samples and token-weight hist
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import lightning as L
@@ -111,3 +113,42 @@ def export(pl_module, target: str | Path, is_global_zero: bool = True) -> Path:
         pl_module.model.save_pretrained(target, state_dict=state)
         pl_module.tokenizer.save_pretrained(target)
     return target
+
+
+def fit_report(trainer: L.Trainer) -> list[str]:
+    """The lines a run ends with (``AlignCLI`` prints them once, on rank zero, after the export; issue 22):
+
+    - ``val/accuracy 0.942 at step 1500 (val/retention/<skill> ..., ...; last update: train/mu 0.1, ...)``: the
+      latest validation's accuracy and the step it was measured at, the retention scores of that validation
+      (shares, 3 decimals), and the module's ``HEADLINE_METRICS`` of the last update (3 significant digits); or,
+      when no validation ran after the sanity check, ``val/accuracy: not measured (...)`` naming
+      ``trainer.val_check_interval``;
+    - ``TensorBoard: tensorboard --logdir <this run's version directory>``, per TensorBoardLogger;
+    - ``Exported model: <dir>``, per :class:`HFExport` that saved (absolute paths, shell-quoted where needed).
+    """
+    module, metrics = trainer.lightning_module, trainer.callback_metrics
+
+    def values(names, fmt: str = ".3g") -> str:
+        return ", ".join(f"{n} {float(metrics[n]):{fmt}}" for n in names if n in metrics)
+
+    last = values(getattr(module, "HEADLINE_METRICS", ()))
+    last = f"last update: {last}" if last else ""
+    step = getattr(module, "validated_at_step", None)
+    if "val/accuracy" in metrics and step is not None:
+        heldout = values(sorted(n for n in metrics if n.startswith("val/retention/")), ".3f")
+        inside = "; ".join(part for part in (heldout, last) if part)
+        lines = [
+            f"val/accuracy {float(metrics['val/accuracy']):.3f} at step {step}" + (f" ({inside})" if inside else "")
+        ]
+    else:
+        lines = [
+            f"val/accuracy: not measured (no validation ran in the {trainer.global_step} updates; "
+            f"trainer.val_check_interval={trainer.val_check_interval})" + (f"; {last}" if last else "")
+        ]
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            lines.append(f"TensorBoard: tensorboard --logdir {shlex.quote(str(Path(logger.log_dir).resolve()))}")
+    for callback in trainer.callbacks:
+        if isinstance(callback, HFExport) and callback.saved_to:
+            lines.append(f"Exported model: {shlex.quote(str(Path(callback.saved_to).resolve()))}")
+    return lines

@@ -7,7 +7,7 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from lit_align.callbacks import AlignmentMonitor, HFExport
+from lit_align.callbacks import AlignmentMonitor, HFExport, fit_report
 from lit_align.data.datamodule import MixedDataModule
 from lit_align.modules.policy import PolicyModule
 from lit_align.strategies import check_strategy  # importing lit_align.strategies registers "fsdp2"
@@ -59,6 +59,13 @@ class AlignCLI(LightningCLI):
             if isinstance(cause, ValueError) and str(cause).startswith(FLAG_PREFIXES):
                 raise cause.with_traceback(None) from None
             raise cause from None
+
+    def after_fit(self) -> None:
+        """End the run's output with its score, the TensorBoard command for it and the exported model's
+        directory (:func:`lit_align.callbacks.fit_report`), once, on rank zero: Lightning's last line is its
+        progress bar."""
+        if self.trainer.is_global_zero:
+            print("\n".join(fit_report(self.trainer)), flush=True)
 
 
 FLAG_PREFIXES = ("model.", "data.", "trainer.")

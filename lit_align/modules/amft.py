@@ -111,6 +111,7 @@ class AMFTModule(PolicyModule):
     """
 
     NOT_HPARAMS = (*PolicyModule.NOT_HPARAMS, "controller")  # a module: checkpointed as weights
+    HEADLINE_METRICS = ("train/mu", "train/reward_mean", "train/entropy")  # H: the controller's input
 
     def __init__(
         self,

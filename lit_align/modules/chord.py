@@ -39,6 +39,7 @@ class CHORDModule(PolicyModule):
     """
 
     NOT_HPARAMS = (*PolicyModule.NOT_HPARAMS, "mu_schedule")  # logged as its repr
+    HEADLINE_METRICS = ("train/mu", "train/reward_mean", "train/token_weight_mean")
 
     def __init__(
         self,

@@ -15,6 +15,8 @@ class GRPOModule(PolicyModule):
     advantages compare the samples of one prompt with each other.
     """
 
+    HEADLINE_METRICS = ("train/reward_mean", "train/kl")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.hparams.num_generations < 2:
@@ -37,6 +39,8 @@ class SFTThenGRPOModule(GRPOModule):
     Args:
         sft_steps: number of imitation updates before switching to RL (same optimizer state).
     """
+
+    HEADLINE_METRICS = ("train/mu", "train/reward_mean", "train/expert_nll")
 
     def __init__(self, *args, sft_steps: int = 1000, **kwargs):
         S.check(SFTThenGRPOModule.__init__, locals(), {"sft_steps": S.integer(0)})

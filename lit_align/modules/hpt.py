@@ -112,6 +112,7 @@ class HPTModule(PolicyModule):
     """
 
     demonstrations_per_prompt = 1
+    HEADLINE_METRICS = ("train/reward_mean", "train/gate_sft_share")
 
     def __init__(
         self,

@@ -56,6 +56,8 @@ class LUFFYModule(PolicyModule):
     ``train/expert_reward_mean`` (over this update's demonstration rows, all ranks).
     """
 
+    HEADLINE_METRICS = ("train/reward_mean", "train/off_policy_token_share", "train/expert_reward_mean")
+
     def __init__(
         self,
         *args,

@@ -311,9 +311,13 @@ class PolicyModule(L.LightningModule):
         self._consecutive_skips = 0
         self._warned_all_truncated = False
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
+        self.validated_at_step: int | None = None  # the policy update the latest val/* metrics were measured at
 
     # constructor arguments that are objects, not settings: kept out of hparams.yaml (a method adds its own)
     NOT_HPARAMS: tuple[str, ...] = ("optimizer", "reward")
+    # the method's own train/* metrics (docs/reference/metrics.md) the end of a run prints beside val/accuracy
+    # (lit_align.callbacks.fit_report); a name not logged in the run is left out
+    HEADLINE_METRICS: tuple[str, ...] = ("train/reward_mean",)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -752,6 +756,10 @@ class PolicyModule(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx, prefix="test")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the sanity check's metrics are discarded
+            self.validated_at_step = self.global_step
 
     # ------------------------------------------------------------------ checkpoints: exact resume, finite weights
     def on_save_checkpoint(self, checkpoint: dict) -> None:

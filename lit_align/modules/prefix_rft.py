@@ -79,6 +79,7 @@ class PrefixRFTModule(PolicyModule):
     """
 
     demonstrations_per_prompt = 1  # each prompt row carries its demonstration (demo_ids (B, 1, D))
+    HEADLINE_METRICS = ("train/reward_mean", "train/prefix_ratio_mean")
 
     def __init__(
         self,

@@ -14,6 +14,8 @@ class SFTModule(PolicyModule):
     greedy answers, so val/accuracy is comparable with every other method.
     """
 
+    HEADLINE_METRICS = ("train/expert_nll",)
+
     def mixing_weight(self, step: int, mean_reward: float | None = None) -> float:
         return 1.0
 

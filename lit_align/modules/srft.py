@@ -54,6 +54,8 @@ class SRFTModule(LUFFYModule):
     ``train/srft_w_rl`` and ``train/srft_entropy`` (H), besides LUFFY's.
     """
 
+    HEADLINE_METRICS = ("train/reward_mean", "train/srft_w_sft", "train/srft_w_rl")
+
     def __init__(
         self,
         *args,
