@@ -10,7 +10,9 @@ Extraction is lit-align's own and bounded (linear-time regular expressions, one 
 Digit groups separated by a space, a thin space, ``\\,`` or ``{,}`` ("1 000", "1\\,000") are one
 number. Equivalence is Hugging Face's Math-Verify (``math_verify.parse`` with LaTeX extraction only,
 ``math_verify.verify``): LaTeX and plain answers, sympy equivalence, sets, intervals, percentages,
-units and ``\\text{}`` words, multiple-choice letters.
+units and ``\\text{}`` words, multiple-choice letters; numbers it calls equal must also agree to a
+relative :data:`REL_TOL` (:func:`numbers_close`: its six decimal places let any two values under 5e-7
+match). A number may start at its decimal point (".5", "-.25", "$.75").
 
 Security: completions are untrusted model output. They are never passed to ``eval``: Math-Verify's
 expression extractor (sympy's ``parse_expr``, which evaluates Python) is never used, only its LaTeX
@@ -31,10 +33,13 @@ import re
 __all__ = [
     "MAX_ANSWER_DIGITS",
     "MAX_BRACE_DEPTH",
+    "REL_TOL",
+    "ZERO_TOL",
     "answers_equivalent",
     "extract_answer_statement",
     "extract_boxed",
     "extract_final_answer",
+    "numbers_close",
     "too_costly",
 ]
 
@@ -42,6 +47,12 @@ MAX_BRACE_DEPTH = 64
 """Brace nesting deeper than this makes :func:`extract_boxed` give up."""
 MAX_ANSWER_DIGITS = 100
 """An answer holding a number with more digits than this is never checked (it scores wrong)."""
+REL_TOL = 5e-6
+"""Numbers Math-Verify calls equal must also agree to this relative difference, ``|a - b| <= REL_TOL *
+max(|a|, |b|)``: six significant digits (a six-decimal rounding of a number in [0.1, 1) is within it, as
+0.333333 of 1/3 at 1e-6), where Math-Verify's six decimal places alone let any two values under 5e-7 match."""
+ZERO_TOL = 1e-12
+"""Where one number is exactly zero a relative tolerance cannot hold: the other must be within this of it."""
 MAX_RESULT_DIGITS = 100_000
 """Bound on the digits a power in an answer may produce: (digits in the answer) x (product of exponents)."""
 
@@ -50,9 +61,13 @@ _BOXED_TOKEN_RE = re.compile(r"\\boxed\s*\{|[{}]")
 # groups of three separated by a comma, a space, a thin space, "\," or "{,}", or plain digits; decimals; "/b"
 _GROUP_SEP = r"(?:\{,\}|\\,|\\ |[ \u2009\u202f])"
 _SEP = rf"(?:,|{_GROUP_SEP})"
+# a number may start at its decimal point (".5", "-.25", "$.75"), where no digit, letter or point precedes it
 _NUMBER_RE = re.compile(
-    rf"(?:(?<![\w)\]}}])-)?(?:[0-9]{{1,3}}(?:{_SEP}[0-9]{{3}})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?(?:/[0-9]+)?"
+    rf"(?:(?<![\w)\]}}])-)?"
+    rf"(?:(?:[0-9]{{1,3}}(?:{_SEP}[0-9]{{3}})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|(?<![\w.])\.[0-9]+)(?:/[0-9]+)?"
 )
+# the decimal point of a number written without its leading zero: ".5" -> "0.5", "-.25" -> "-0.25", "\$.75"
+_LEADING_POINT_RE = re.compile(r"(?<![\w.)\]}])\.(?=[0-9])")
 _GROUP_SEP_RE = re.compile(rf"(?<=[0-9]){_GROUP_SEP}(?=[0-9]{{3}}(?![0-9]))")
 # "answer is", "final answer:", "answer =", GSM8K's "####"
 _STATEMENT_RE = re.compile(r"(?i:\banswer\b\s*(?:is\b|was\b|:|=)\s*:?)|####")
@@ -243,14 +258,102 @@ def reference_answer(reference: str) -> str:
     return (reference if boxed is None else boxed).strip()
 
 
-def answers_equivalent(prediction: str, reference: str, max_chars: int = 200) -> bool:
-    """Whether ``prediction`` (an extracted answer) equals ``reference`` by Math-Verify.
+def _normalise(answer: str) -> str:
+    """Digit groups joined ("1 000" -> "1000") and a leading zero put before a bare decimal point
+    (".5" -> "0.5", "-.25" -> "-0.25"); a full stop after a number ("5.") is left alone."""
+    return _LEADING_POINT_RE.sub("0.", _join_digit_groups(answer.strip()))
 
-    Both sides have digit groups joined ("1 000" -> "1000"); either side longer than ``max_chars``
-    characters, empty, or :func:`too_costly` is never equivalent. No time limit of its own: run it
-    under one (``MathAnswerReward`` does).
+
+def _stated_numbers(expr) -> list | None:
+    """The numbers a parsed answer states, in order: a number (a percentage included), an assignment's
+    value (``x = 0.5``), an interval's ends, a tuple's or a set's members (a set's sorted by value). None
+    for anything else (an expression with symbols, an equation, a matrix): no numeric check then."""
+    import sympy
+
+    if isinstance(expr, sympy.Eq) and isinstance(expr.lhs, sympy.Symbol):
+        return _stated_numbers(expr.rhs)
+    if isinstance(expr, sympy.Interval):
+        parts = [expr.start, expr.end]
+    elif isinstance(expr, (sympy.Tuple, sympy.FiniteSet)):
+        parts = list(expr.args)
+    elif isinstance(expr, sympy.Basic) and expr.is_number:
+        return [expr]
+    else:
+        return None
+    numbers = []
+    for part in parts:
+        found = _stated_numbers(part)
+        if found is None:
+            return None
+        numbers += found
+    if isinstance(expr, sympy.FiniteSet):
+        try:
+            numbers.sort(key=lambda x: complex(_value(x)).real)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return numbers
+
+
+def _value(x):
+    """A number's value to 30 significant digits (a percentage's ``UnevaluatedExpr(1/100)`` evaluated)."""
+    return x.doit().evalf(30)
+
+
+def _close(a, b) -> bool:
+    """Whether two numbers that Math-Verify calls equal are also within :data:`REL_TOL` of each other,
+    relatively (within :data:`ZERO_TOL` where one is exactly zero). A percentage may stand for its number
+    or its value (Math-Verify's ``50\\% = 50`` and ``50\\% = 0.5``). Anything that does not evaluate to two
+    finite numbers passes (Math-Verify's verdict stands)."""
+    from math_verify.grader import get_pct_val
+
+    if a == b:
+        return True
+    for x in (a, get_pct_val(a)):
+        for y in (b, get_pct_val(b)):
+            if x is None or y is None:
+                continue
+            try:
+                u, v = _value(x), _value(y)
+                if not (u.is_finite and v.is_finite):
+                    return True
+                diff, small, large = abs(u - v), min(abs(u), abs(v)), max(abs(u), abs(v))
+                if bool(diff <= (ZERO_TOL if small == 0 else REL_TOL * large)):
+                    return True
+            except (TypeError, ValueError, ArithmeticError):
+                return True
+    return False
+
+
+def numbers_close(gold, pred) -> bool:
+    """False where two parsed answers state numbers (:func:`_stated_numbers`) of which some pair differs by
+    more than the relative tolerance (:func:`_close`); True otherwise, Math-Verify's verdict then standing.
+
+    Math-Verify compares numbers rounded to six decimal places (``float_rounding=6``) or by a difference
+    that sympy chops to zero below its precision, so any two values under 5e-7 compare equal:
+    1/2^99 = 1/2^98, 0.0000001 = 0.0000002, 0.0000004 = -0.0000004 (Math-Verify issue 14). A relative
+    tolerance holds at every size."""
+    import sympy
+
+    if not (isinstance(gold, sympy.Basic) and isinstance(pred, sympy.Basic)):
+        return True
+    if isinstance(pred, sympy.Eq) and not isinstance(gold, sympy.Eq):  # Math-Verify reads "x = 5" as 5 then
+        pred = pred.rhs
+    ours, theirs = _stated_numbers(gold), _stated_numbers(pred)
+    if ours is None or theirs is None or len(ours) != len(theirs):
+        return True
+    return all(_close(a, b) for a, b in zip(ours, theirs))
+
+
+def answers_equivalent(prediction: str, reference: str, max_chars: int = 200) -> bool:
+    """Whether ``prediction`` (an extracted answer) equals ``reference`` by Math-Verify, numbers agreeing
+    to a relative :data:`REL_TOL` besides (:func:`numbers_close`).
+
+    Both sides are normalised first (digit groups joined, "1 000" -> "1000"; a bare decimal point given
+    its zero, ".5" -> "0.5"); either side longer than ``max_chars`` characters, empty, or
+    :func:`too_costly` is never equivalent. No time limit of its own: run it under one
+    (``MathAnswerReward`` does).
     """
-    prediction, reference = _join_digit_groups(prediction.strip()), _join_digit_groups(reference.strip())
+    prediction, reference = _normalise(prediction), _normalise(reference)
     for side in (prediction, reference):
         if not side or len(side) > max_chars or too_costly(side):
             return False
@@ -258,4 +361,4 @@ def answers_equivalent(prediction: str, reference: str, max_chars: int = 200) ->
     gold, pred = _parse_reference(reference), _parse(prediction)
     if not gold or not pred:
         return False
-    return bool(math_verify.verify(gold, pred, timeout_seconds=None))
+    return bool(math_verify.verify(gold, pred, timeout_seconds=None)) and numbers_close(gold[0], pred[0])

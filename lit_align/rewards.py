@@ -165,7 +165,9 @@ class MathAnswerReward(BinaryReward):
     of the answer column if it has one (MATH solutions), else the whole answer (GSM8K: set
     ``data.answer_pattern`` to take the number after ``####``). The two are compared by
     ``math_verify.verify``: ``\\$18.00`` = 18, ``1{,}000`` = ``1 000`` = 1000, ``5 \\text{ cm}`` = 5,
-    ``28 percent`` = ``28\\%``, ``\\textbf{(B)}`` = B, ``\\frac{1}{2}`` = 0.5, intervals, sets.
+    ``28 percent`` = ``28\\%``, ``\\textbf{(B)}`` = B, ``\\frac{1}{2}`` = 0.5, intervals, sets; numbers it
+    calls equal must also agree to a relative 5e-6 (its six decimal places let 1e-7 = 2e-7 match, Math-Verify
+    issue 14; see :func:`lit_align.math_answers.numbers_close`), and ".5" reads as 0.5.
 
     Model output is never evaluated (Math-Verify's LaTeX parser only, no ``parse_expr``), and
     answers whose sympy evaluation could explode (power towers, huge factorials, numbers over

@@ -623,3 +623,68 @@ def test_plain_three_argument_callables_keep_lit_aligns_interface():
 )
 def test_unboxed_math_spans_and_the_unicode_minus(completion, answer, expected):
     assert math_reward(completion, answer) == expected
+
+
+# Issue 22, item 10. Math-Verify rounds numbers to six decimal places before comparing them, so any two
+# values below 5e-7 compared equal (Math-Verify issue 14); numbers that Math-Verify calls equal must also
+# agree to a relative 5e-6 (six significant digits). Each listed example, more of its kind, and equal
+# values that must stay equal.
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        (r"\boxed{\frac{1}{2^{99}}}", r"\frac{1}{2^{98}}", 0.0),  # Math-Verify 14
+        (r"\boxed{0.0000001}", "0.0000002", 0.0),
+        (r"\boxed{0.0000004}", "-0.0000004", 0.0),
+        (r"\boxed{0.0000123}", "0.0000124", 0.0),  # more: small values that round alike
+        (r"\boxed{0.0000003\%}", r"0.0000001\%", 0.0),  # a percentage
+        (r"\boxed{x = 0.0000001}", "0.0000002", 0.0),  # an assignment's value
+        (r"\boxed{(0.0000001, 1)}", "(0.0000002, 1)", 0.0),  # an interval's end
+        (r"\boxed{\{0.0000001, 2\}}", r"\{0.0000002, 2\}", 0.0),  # a set's member
+        # equal values stay equal at every size; six-place roundings of ordinary numbers stay right
+        (r"\boxed{0.0000001}", r"\frac{1}{10^{7}}", 1.0),
+        (r"\boxed{2^{-99}}", r"\frac{1}{2^{99}}", 1.0),
+        (r"\boxed{1.5 \times 10^{-9}}", "0.0000000015", 1.0),
+        (r"\boxed{x = 0.0000002}", "0.0000002", 1.0),
+        (r"\boxed{(0.0000001, \infty)}", r"(10^{-7}, \infty)", 1.0),
+        (r"\boxed{0.333333}", r"\frac{1}{3}", 1.0),  # relative difference 1e-6
+        (r"\boxed{0.142857}", r"\frac{1}{7}", 1.0),
+        (r"\boxed{1.414214}", r"\sqrt{2}", 1.0),
+        (r"\boxed{0}", "0", 1.0),
+        (r"\boxed{0.33333}", r"\frac{1}{3}", 0.0),  # still too coarse, as before
+    ],
+)
+def test_tiny_numbers_are_compared_relatively(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+
+
+# Answers written without a leading zero (".5", "-.25", "$.75"): the last-number and answer-statement
+# extraction read ".5" as 5, so "The probability is .5" scored 0 against 0.5 and 1 against 5.
+@pytest.mark.parametrize(
+    "completion, answer, expected",
+    [
+        ("The probability is .5", "0.5", 1.0),
+        ("The probability is .5", "5", 0.0),
+        ("so x = -.25", "-0.25", 1.0),
+        ("so x = -.25", "25", 0.0),
+        ("It costs $.75 in all", "0.75", 1.0),
+        ("The answer is .125 of the total", r"\frac{1}{8}", 1.0),
+        (r"\boxed{.5\%}", "0.005", 1.0),
+        (r"\boxed{-.25}", r"-\frac{1}{4}", 1.0),
+        ("I think 0.5", ".5", 1.0),  # a reference without the leading zero
+        # a sentence's full stop is not a decimal point
+        ("So the answer is 5.", "5", 1.0),
+        ("We have 12 apples. 3 are left.", "3", 1.0),
+        ("It came to 7.", "0.7", 0.0),
+        ("Version 2.5 gives 4", "4", 1.0),
+    ],
+)
+def test_numbers_without_a_leading_zero(completion, answer, expected):
+    assert math_reward(completion, answer) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("The probability is .5", ".5"), ("so x = -.25", "-.25"), ("It costs $.75", ".75"), ("It came to 7.", "7")],
+)
+def test_extraction_keeps_the_point_of_a_number_without_a_leading_zero(text, expected):
+    assert extract_final_answer(text) == expected
