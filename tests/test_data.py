@@ -360,7 +360,9 @@ def test_base_checkpoint_build_is_deterministic_per_seed(tmp_path):
     import torch
 
     recipe = {**embedded.BASE_RECIPE, "steps": 3}
+    before = _rng_states()
     a = embedded.build_base_checkpoint(tmp_path / "a", recipe)
+    assert _same_rng(before, _rng_states()), "the build leaves the caller's RNG streams alone (issue 22)"
     b = embedded.build_base_checkpoint(tmp_path / "b", recipe)
     c = embedded.build_base_checkpoint(tmp_path / "c", {**recipe, "seed": 1})
     wa, wb, wc = _weights(a), _weights(b), _weights(c)
@@ -484,3 +486,79 @@ def test_embedded_retention_sets_keep_their_own_columns_beside_a_users_files(ckp
     for skill, path in embedded.ensure_retention().items():
         want = {r["prompt"]: r["answer"] for r in _rows(path)}
         assert {r["prompt"]: r["answer"] for r in dm.retention_rows[skill]} == want
+
+
+# ----------------------------------------------------------------------------- building assets and the caller's RNG
+def _rng_states():
+    """torch's CPU generator, Python's and NumPy's global states, and the CUDA seed torch has queued for a CUDA
+    not yet initialised (``torch.manual_seed`` queues one even on a machine without a GPU)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = [c if c is None else c[0] for c in tracker.get_calls()] if tracker is not None else None
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), queued
+
+
+def _same_rng(a, b) -> bool:
+    import numpy as np
+    import torch
+
+    return (
+        torch.equal(a[0], b[0])
+        and a[1] == b[1]
+        and all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a[2], b[2]))
+        and a[3] == b[3]
+    )
+
+
+@pytest.mark.parametrize("build", [embedded.ensure_checkpoint, embedded.ensure_task, embedded.ensure_retention])
+def test_building_an_asset_into_a_fresh_cache_leaves_the_callers_rng_alone(build, tmp_path, monkeypatch):
+    """The embedded checkpoint seeded torch while it was built, so a run's first step in a fresh cache drew other
+    samples than every later run with the same seed (issue 22): each asset builds under its own RNG streams (the
+    base checkpoint: test_base_checkpoint_build_is_deterministic_per_seed)."""
+    import random
+
+    import numpy as np
+    import torch
+    from lightning.pytorch import seed_everything
+
+    monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path))
+    seed_everything(1234, verbose=False)
+    torch.rand(3), random.random(), np.random.rand()  # a stream in use, not just seeded
+    before = _rng_states()
+    path = build()
+    assert _same_rng(before, _rng_states()), f"{build.__name__} changed the caller's RNG state"
+    assert str(path if isinstance(path, str) else next(iter(path.values()))).startswith(str(tmp_path))
+
+
+def test_a_runs_first_step_is_the_same_in_a_fresh_and_a_warm_cache(tmp_path, monkeypatch):
+    """configs/grpo.yaml, one update, twice with the same seed: first into an empty cache (the checkpoint and the
+    data are built), then with the cache warm. Issue 22: completion length 3.6875 vs 3.671875."""
+    from lit_align.cli import main
+    from lit_align.events import read_scalars
+
+    monkeypatch.setenv("LIT_ALIGN_CACHE", str(tmp_path / "cache"))
+    logged = []
+    for run in ("fresh", "warm"):
+        cli = main(
+            [
+                "fit",
+                "--config",
+                "configs/grpo.yaml",
+                f"--trainer.logger.init_args.save_dir={tmp_path / run}",
+                "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=0",
+                "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false",
+                "--trainer.enable_checkpointing=false",
+                "--model.init_args.num_generations=4",
+                "--data.init_args.prompt_batch_size=8",
+                "--data.init_args.retention_data=null",
+            ]
+        )
+        s = read_scalars(cli.trainer.log_dir)
+        logged.append({k: s[k] for k in ("train/completion_length", "train/loss", "train/grad_norm")})
+    assert logged[0] == logged[1]

@@ -22,6 +22,8 @@ training stream (pre-training or post-training) contains: the retention sets, re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +59,43 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit_align"))
 
 
+@contextlib.contextmanager
+def own_rng():
+    """Run a build on RNG streams of its own: torch's CPU generator, Python's ``random`` and NumPy's global
+    state are put back as they were when it ends, however it ends. An asset is built on first use only, so
+    a build that drew from (or seeded) the caller's streams would make a run in a fresh cache sample other
+    completions than the same run with the cache warm (issue 22). Builds run on the CPU, and seed only its
+    generator (``torch.default_generator``): ``torch.manual_seed`` would also queue a CUDA seed that replaces
+    the run's when CUDA starts."""
+    import torch
+
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # numpy is optional for torch
+        np, np_state = None, None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _own_rng(build):
+    """``build`` run under :func:`own_rng`."""
+
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        with own_rng():
+            return build(*args, **kwargs)
+
+    return wrapped
+
+
 def _atomic_dir(target: Path, build) -> Path:
     """Build into a temporary sibling and rename it into place, so that a crash or a
     concurrent process (DDP ranks) never leaves a half-written directory behind."""
@@ -65,7 +104,8 @@ def _atomic_dir(target: Path, build) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        with own_rng():  # built on first use only: never a draw from the caller's streams
+            build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is complete
@@ -94,10 +134,12 @@ def build_tokenizer():
     )
 
 
+@_own_rng
 def build_checkpoint(
     path: str | Path, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0
 ) -> Path:
-    """Write a tokenizer and a freshly initialised tiny Llama model to ``path``."""
+    """Write a tokenizer and a freshly initialised tiny Llama model to ``path`` (initialised from ``seed``, on
+    RNG streams of its own: :func:`own_rng`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +158,7 @@ def build_checkpoint(
         bos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # the CPU's only: see own_rng
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -321,13 +363,14 @@ def greedy_accuracy(model, tok, pairs: list[tuple[str, str]], batch_size: int = 
     return hits / len(pairs)
 
 
+@_own_rng
 def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     """Pre-train the embedded model on :func:`base_rows` with ``recipe`` and save it (tokenizer + weights) to
     ``path`` as an HF checkpoint, with ``base_recipe.json``: the recipe and the greedy accuracy per skill on the
     held-out problems (addition: the task's val split; the others: their retention sets).
 
     Deterministic for a recipe (its ``seed`` seeds the initialisation and the batches) on a given machine and
-    thread count. AdamW, linear warm-up then cosine decay to ``min_lr_ratio`` x lr, batches of ``batch_size``
+    thread count; the caller's RNG streams are left as they were (:func:`own_rng`). AdamW, linear warm-up then cosine decay to ``min_lr_ratio`` x lr, batches of ``batch_size``
     problems drawn in shuffled passes, loss on the answer tokens and EOS only.
     """
     import torch
@@ -343,7 +386,7 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     build_checkpoint(path, seed=recipe["seed"])
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(path)
-    torch.manual_seed(recipe["seed"])
+    torch.default_generator.manual_seed(recipe["seed"])  # the CPU's only: see own_rng
     rows, rng = base_rows(recipe), random.Random(recipe["seed"])
     steps, warm = recipe["steps"], recipe["warmup_steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=0.0)
