@@ -31,7 +31,8 @@ class AlignmentMonitor(L.Callback):
 
     and every ``every_n_steps`` policy updates:
 
-    - ``samples``: a table of a few prompts with their sampled completions and rewards;
+    - ``samples``: a table of a few prompts with their sampled completions and rewards (and the columns
+      reward functions gave TRL's ``log_extra``);
     - ``train/token_weights``: a histogram of the SFT token weights over expert tokens
       (CHORD-phi and friends), from the last update.
 
@@ -67,12 +68,17 @@ class AlignmentMonitor(L.Callback):
             return
         samples = getattr(pl_module, "last_samples", None)
         if samples:
-            rows = ["| prompt | completion | reward |", "|---|---|---|"]
-            for p, c, r in list(zip(samples["prompts"], samples["completions"], samples["rewards"]))[
-                : self.num_samples
-            ]:
-                cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
-                rows.append(f"| {cell(p)} | {cell(c)} | {r:.3g} |")
+            extra = samples.get("extra") or {}  # columns reward functions gave TRL's log_extra
+            rows = [
+                "| " + " | ".join(["prompt", "completion", "reward", *extra]) + " |",
+                "|---" * (3 + len(extra)) + "|",
+            ]
+            cell = lambda t: ("" if t is None else str(t)).replace("|", "\\|").replace("\n", " ")[:300]  # noqa: E731
+            for i, (p, c, r) in enumerate(zip(samples["prompts"], samples["completions"], samples["rewards"])):
+                if i == self.num_samples:
+                    break
+                cells = [cell(p), cell(c), f"{r:.3g}", *(cell(values[i]) for values in extra.values())]
+                rows.append("| " + " | ".join(cells) + " |")
             writer.add_text("samples", "\n".join(rows), step)
         weights = getattr(pl_module, "last_token_weights", None)
         if weights is not None and weights.numel():

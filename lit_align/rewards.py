@@ -25,14 +25,17 @@ parser only, after refusing answers whose evaluation could explode (see
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import functools
 import inspect
 import math
 import re
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -52,6 +55,7 @@ __all__ = [
     "answers_equivalent",
     "extract_boxed",
     "extract_final_answer",
+    "is_async_reward",
     "reward_name",
     "score_safely",
     "takes_answers",
@@ -352,51 +356,280 @@ def _short(text) -> str:
     return repr(_clip(_text(text)))
 
 
-def _score_calls(
-    call: Callable[[list[int] | None], Any],
-    n: int,
-    name: str,
-    prompts: list,
-    completions: list,
-    on_error: str,
-    timeout_s: float | None,
-    allow_none: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The shared safe-scoring core: ``call(None)`` scores all ``n`` rows, ``call([i])`` row i.
-    Returns (rewards, applies, n_errors): failed rows score 0 (``on_error="zero"``) or raise."""
-    if on_error not in ("raise", "zero"):
-        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
-    if n == 0:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.bool), 0
-    causes: list[Exception | None] = [None] * n
+def is_async_reward(fn: Callable) -> bool:
+    """Whether calling ``fn`` returns a coroutine: an ``async def`` function, a ``functools.partial`` of one, or an
+    object whose ``__call__`` is ``async def`` (TRL's ``is_async_callable``). Such functions are awaited, all of a
+    scoring's at once (:class:`RewardSet`)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or (callable(fn) and inspect.iscoroutinefunction(fn.__call__))
+
+
+class _EventLoop:
+    """An event loop running in a daemon thread, where async reward functions are awaited. It lasts from one
+    scoring to the next (TRL keeps one loop for a run, too), so a client bound to a loop (``httpx.AsyncClient``,
+    ``openai.AsyncOpenAI``) made on a first call keeps working; and it is not the caller's, so scoring works from a
+    thread with no loop and from one whose loop is running (a notebook, an async server)."""
+
+    _current: _EventLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="lit-align-async-rewards", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.loop.run_forever()
+        self.loop.close()
+
+    @classmethod
+    def get(cls) -> _EventLoop:
+        with cls._lock:
+            if cls._current is None or not cls._current.thread.is_alive():
+                cls._current = _EventLoop()
+            return cls._current
+
+    @classmethod
+    def replace(cls, stuck: _EventLoop) -> None:
+        """Abandon a loop that a function blocks (``time.sleep`` in an ``async def``): it stops once it is free
+        again; later scorings start on a fresh one."""
+        with cls._lock:
+            if cls._current is stuck:
+                cls._current = None
+        asyncio.run_coroutine_threadsafe(_wind_down(), stuck.loop)
+
+    def submit(self, coroutine) -> cf.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+
+async def _wind_down() -> None:
+    """Cancel a loop's tasks, let them finish cancelling, then stop the loop (its thread closes it)."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.get_running_loop().stop()
+
+
+_LOOP_GRACE_S = 1.0
+"""Beyond the 2 x timeout_s an async function may take (its batch call, then item by item), the time its event loop
+gets to answer before it is taken for blocked."""
+
+
+class _Log:
+    """What reward functions log through the ``log_metric`` and ``log_extra`` TRL passes them, during one scoring of
+    N completions: metric values by name, and extra columns of the samples table (N values each). Each call logs
+    into an :class:`_Attempt` of its own, kept only when the call returned valid rewards (a failed batch call is
+    retried item by item: its values would count twice)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list] = {}
+        self._lock = threading.Lock()
+
+    def attempt(self, rows: list[int] | None) -> _Attempt:
+        return _Attempt(rows, self.n if rows is None else len(rows))
+
+    def keep(self, attempt: _Attempt) -> None:
+        with self._lock:
+            for name, values in attempt.metrics.items():
+                self.metrics.setdefault(name, []).extend(values)
+            rows = range(self.n) if attempt.rows is None else attempt.rows
+            for column, values in attempt.extra.items():
+                target = self.extra.setdefault(column, [None] * self.n)
+                for i, value in zip(rows, values):
+                    target[i] = value
+
+
+class _Attempt:
+    """One call's ``log_metric`` and ``log_extra`` (``rows``: the completions it scores, None: all ``size``)."""
+
+    def __init__(self, rows: list[int] | None, size: int) -> None:
+        self.rows, self.size = rows, size
+        self.metrics: dict[str, list[float]] = {}
+        self.extra: dict[str, list] = {}
+
+    def log_metric(self, name: str, value: float) -> None:
+        """TRL's ``log_metric(name, value)``: one scalar; the values of an update are averaged (over ranks too)
+        and logged as ``train/<name>`` (``val/<name>`` in validation)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"log_metric({name!r}, {value!r}): the name must be a non-empty string")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"log_metric({name!r}, {value!r}): the value must be a real number") from None
+        self.metrics.setdefault(name, []).append(number)
+
+    def log_extra(self, column: str, values: Sequence) -> None:
+        """TRL's ``log_extra(column, values)``: a column of the samples table, one value per completion scored."""
+        values = list(values)
+        if not isinstance(column, str) or not column.strip():
+            raise ValueError(f"log_extra({column!r}, ...): the column must be a non-empty string")
+        if len(values) != self.size:
+            raise ValueError(
+                f"log_extra({column!r}, ...) got {len(values)} values for {self.size} completions: give one per "
+                "completion"
+            )
+        self.extra[column] = values
+
+
+@dataclass
+class _Outcome:
+    """One function's scores before the error policy: per row the reward, whether it applies and the cause of a
+    failure; the batch call's error, if any; whether it ran past the time limit."""
+
+    rewards: torch.Tensor
+    applies: torch.Tensor
+    causes: list
     batch_error: Exception | None = None
+    timed_out: bool = False
+
+    @classmethod
+    def timeout(cls, n: int) -> _Outcome:
+        return cls(torch.zeros(n), torch.ones(n, dtype=torch.bool), [None] * n, timed_out=True)
+
+
+Call = Callable[[list[int] | None, _Attempt | None], Any]
+"""``call(rows, attempt)``: a reward function called on ``rows`` (None: all), logging into ``attempt``."""
+
+
+def _call_once(call: Call, rows, k: int, allow_none: bool, log: _Log | None):
+    """One synchronous call on ``k`` rows, its logging kept if it returns valid rewards. A coroutine returned by a
+    function not declared ``async`` is awaited on the reward event loop."""
+    attempt = log.attempt(rows) if log is not None else None
+    output = call(rows, attempt)
+    if inspect.isawaitable(output):
+        output = _EventLoop.get().submit(_awaited(output)).result()
+    result = _as_rewards(output, k, allow_none)
+    if attempt is not None:
+        log.keep(attempt)
+    return result
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _collect(call: Call, n: int, allow_none: bool, timeout_s: float | None, log: _Log | None) -> _Outcome:
+    """A synchronous function's scores: one call on all rows under ``timeout_s``; if it fails, row by row (under
+    a second ``timeout_s``) so only the bad rows count as errors."""
+    causes: list[Exception | None] = [None] * n
     try:
-        rewards, applies = _run_with_timeout(lambda: _as_rewards(call(None), n, allow_none), timeout_s)
+        rewards, applies = _run_with_timeout(lambda: _call_once(call, None, n, allow_none, log), timeout_s)
+        return _Outcome(rewards, applies, causes)
     except _CallTimedOut:
+        return _Outcome.timeout(n)
+    except Exception as exc:
+        batch_error = exc
+
+    def one_by_one():
+        values, applying = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool)
+        for i in range(n):
+            try:
+                r, a = _call_once(call, [i], 1, allow_none, log)
+                values[i], applying[i] = r[0], a[0]
+            except Exception as e:
+                causes[i] = e
+        return values, applying
+
+    try:
+        rewards, applies = _run_with_timeout(one_by_one, timeout_s)
+    except _CallTimedOut:
+        rewards, applies, causes = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool), [batch_error] * n
+    return _Outcome(rewards, applies, causes, batch_error)
+
+
+async def _collect_async(call: Call, n: int, allow_none: bool, timeout_s: float | None, log: _Log) -> _Outcome:
+    """:func:`_collect` for an async function, on the reward event loop: the batch call, then (if it fails) every
+    row's call at once, each stage cancelled at ``timeout_s``."""
+
+    async def once(rows, k: int):
+        attempt = log.attempt(rows)
+        output = call(rows, attempt)
+        if inspect.isawaitable(output):
+            output = await output
+        result = _as_rewards(output, k, allow_none)
+        log.keep(attempt)
+        return result
+
+    async def within(awaitable):
+        # asyncio.wait, not wait_for: a TimeoutError the function raises itself is its own failure, not ours
+        task = asyncio.ensure_future(awaitable)
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            task.cancel()
+            raise _CallTimedOut
+        return task.result()
+
+    causes: list[Exception | None] = [None] * n
+    try:
+        rewards, applies = await within(once(None, n))
+        return _Outcome(rewards, applies, causes)
+    except _CallTimedOut:
+        return _Outcome.timeout(n)
+    except Exception as exc:
+        batch_error = exc
+    values, applying = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool)
+
+    async def row(i: int):
+        try:
+            r, a = await once([i], 1)
+            values[i], applying[i] = r[0], a[0]
+        except Exception as e:
+            causes[i] = e
+
+    try:
+        await within(asyncio.gather(*(row(i) for i in range(n))))
+    except _CallTimedOut:
+        return _Outcome(torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool), [batch_error] * n, batch_error)
+    return _Outcome(values, applying, causes, batch_error)
+
+
+class _Pending:
+    """Async functions being awaited together on the reward event loop (:meth:`start`); :meth:`outcomes` waits for
+    them, at most 2 x ``timeout_s`` (+ a grace) from the start, after which the loop counts as blocked and each
+    function as timed out."""
+
+    def __init__(self, jobs: list[tuple[Call, bool]], n: int, timeout_s: float | None, log: _Log) -> None:
+        async def all_of():
+            return await asyncio.gather(*(_collect_async(call, n, none, timeout_s, log) for call, none in jobs))
+
+        self.n, self.count = n, len(jobs)
+        self.deadline = None if timeout_s is None else time.monotonic() + 2 * timeout_s + _LOOP_GRACE_S
+        self.loop = _EventLoop.get()
+        self.future = self.loop.submit(all_of())
+
+    def outcomes(self) -> list[_Outcome]:
+        left = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+        try:
+            return self.future.result(timeout=left)
+        except cf.TimeoutError:
+            if self.future.done():
+                raise
+            self.cancel()
+            _EventLoop.replace(self.loop)
+            return [_Outcome.timeout(self.n) for _ in range(self.count)]
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+def _apply_policy(
+    outcome: _Outcome, name: str, prompts: list, completions: list, on_error: str, timeout_s: float | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rewards, applies, n_errors) from a function's :class:`_Outcome`: failed rows score 0 (``on_error="zero"``)
+    or raise :class:`RewardError` naming the first one's prompt, completion and cause."""
+    n = len(outcome.rewards)
+    if outcome.timed_out:
         if on_error == "raise":
             raise RewardError(
                 f"reward function {name} exceeded timeout_s={timeout_s} on a batch of {n}; "
                 f"first item: prompt={_short(prompts[0])}, completion={_short(completions[0])}"
-            ) from None
+            )
         return torch.zeros(n), torch.ones(n, dtype=torch.bool), n
-    except Exception as exc:
-        batch_error = exc
-
-        def one_by_one():
-            values, applying = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool)
-            for i in range(n):
-                try:
-                    r, a = _as_rewards(call([i]), 1, allow_none)
-                    values[i], applying[i] = r[0], a[0]
-                except Exception as e:
-                    causes[i] = e
-            return values, applying
-
-        try:
-            rewards, applies = _run_with_timeout(one_by_one, timeout_s)
-        except _CallTimedOut:
-            rewards, applies, causes = torch.full((n,), math.nan), torch.ones(n, dtype=torch.bool), [exc] * n
-
+    rewards, applies, causes, batch_error = outcome.rewards, outcome.applies, outcome.causes, outcome.batch_error
     bad = ~torch.isfinite(rewards) & applies
     if on_error == "raise" and bad.any():
         i = int(bad.nonzero()[0])
@@ -417,10 +650,15 @@ def _score_calls(
             f"reward function {name} failed on the batch ({_clip(repr(batch_error))}) but not item by item; "
             "using per-item rewards",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     rewards = torch.where(bad | ~applies, torch.zeros_like(rewards), rewards)
     return rewards, applies, int(bad.sum())
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
 
 
 def score_safely(
@@ -433,8 +671,8 @@ def score_safely(
 ) -> tuple[torch.Tensor, int]:
     """Call a reward function ``fn(prompts, completions, answers)`` defensively; returns ``(rewards, n_errors)``.
 
-    ``rewards`` is a CPU float32 tensor ``(N,)``. Lists/arrays are converted.
-    An error is: ``fn`` raising, taking longer than ``timeout_s`` for the whole
+    ``rewards`` is a CPU float32 tensor ``(N,)``. Lists/arrays are converted; a coroutine (an ``async def`` ``fn``)
+    is awaited. An error is: ``fn`` raising, taking longer than ``timeout_s`` for the whole
     batch, returning something that is not ``N`` real numbers, or a NaN/inf entry.
 
     If the batch call raises or returns a bad shape, ``fn`` is retried item by
@@ -450,18 +688,25 @@ def score_safely(
             ``torch.no_grad`` does not carry over), and a hung call is abandoned,
             not killed.
     """
-    if on_error not in ("raise", "zero"):
-        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+    _check_policy(on_error)
     _check_lengths(prompts, completions, answers)
+    if not completions:
+        return torch.zeros(0), 0
+    name = getattr(fn, "__name__", type(fn).__name__)
+    outcome = _collect(_lit_call(fn, prompts, completions, answers), len(completions), False, timeout_s, None)
+    rewards, _, n_errors = _apply_policy(outcome, name, prompts, completions, on_error, timeout_s)
+    return rewards, n_errors
 
-    def call(rows: list[int] | None):
+
+def _lit_call(fn: Callable, prompts: list, completions: list, answers: list) -> Call:
+    """lit-align's interface: ``fn(prompts, completions, answers)`` on the chosen rows."""
+
+    def call(rows, attempt=None):
         if rows is None:
             return fn(prompts, completions, answers)
         return fn(*([column[i] for i in rows] for column in (prompts, completions, answers)))
 
-    name = getattr(fn, "__name__", type(fn).__name__)
-    rewards, _, n_errors = _score_calls(call, len(completions), name, prompts, completions, on_error, timeout_s)
-    return rewards, n_errors
+    return call
 
 
 # ---------------------------------------------------------------- several weighted rewards, TRL's way
@@ -496,12 +741,31 @@ class RewardScores:
 
     ``total`` (N,) float32: the weighted sum over the functions that apply to each row (0 where none
     does); ``per_function`` (N, K) float32, NaN where a function returned None (it does not apply);
-    ``n_errors``: failed items over all functions (scored 0 under ``reward_errors: zero``).
+    ``n_errors``: failed items over all functions (scored 0 under ``reward_errors: zero``);
+    ``logged``: the values the functions gave TRL's ``log_metric``, by name, in call order; ``extra``: the
+    columns they gave ``log_extra``, N values each (None for a row no call logged).
     """
 
     total: torch.Tensor
     per_function: torch.Tensor
     n_errors: int
+    logged: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list] = field(default_factory=dict)
+
+
+TRL_ARGUMENTS = ("trainer_state", "log_metric", "log_extra")
+"""What TRL's GRPOTrainer passes every reward function besides the texts and the data set's columns."""
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``name`` (named, or through ``**kwargs``); TRL passes its own
+    arguments to every function, a function whose signature cannot be read gets them too."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD or (p.name == name and p.kind in keyword) for p in params)
 
 
 class RewardSet:
@@ -512,14 +776,20 @@ class RewardSet:
     reference answers after ``data.answer_pattern``) or any other callable, called as TRL calls reward
     functions::
 
-        fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
+           trainer_state=..., log_metric=..., log_extra=...)
 
     ``prompts`` are the prompt texts (before the chat template), ``completions`` the sampled texts,
     ``completion_ids`` each completion's token ids (end token included), and ``columns`` the data
     set's other columns for each row (``answer``, ``solution``, ...; one list entry per completion).
-    It returns one float or None per completion; None: this reward does not apply to that row (the
-    weighted sum skips it; a row no function applies to totals 0). A TRL reward function works
-    unchanged. Failures, time limits and NaN go through ``on_error`` (``model.reward_errors``).
+    ``trainer_state`` is transformers' ``TrainerState`` of the run (``global_step``: policy updates done,
+    ``max_steps``, ``epoch``; TRL issue 3668), ``log_metric(name, value)`` logs a scalar and
+    ``log_extra(column, values)`` a column of the samples table; each of the three is passed to a function
+    that names it or takes ``**kwargs``. It returns one float or None per completion; None: this reward
+    does not apply to that row (the weighted sum skips it; a row no function applies to totals 0). A TRL
+    reward function works unchanged, ``async def`` ones too (TRL issue 4130): those are awaited all at
+    once, on an event loop of their own (:func:`is_async_reward`), while the others run. Failures, time
+    limits and NaN go through ``on_error`` (``model.reward_errors``), async functions' alike.
 
     Args:
         functions: the reward functions (a single one is taken as a list of one).
@@ -559,6 +829,10 @@ class RewardSet:
                 name = f"{base}_{k}"
             names.append(name)
         self.names = names
+        # per function: which of TRL's own arguments it takes (none for lit-align's interface)
+        self._passes = [
+            () if takes_answers(fn) else tuple(a for a in TRL_ARGUMENTS if _takes(fn, a)) for fn in functions
+        ]
         self._warned_unscored = False
 
     def __len__(self) -> int:
@@ -569,6 +843,11 @@ class RewardSet:
         """The function whose verdict gives accuracy: the first one with lit-align's interface, or None."""
         return next((f for f in self.functions if takes_answers(f)), None)
 
+    @property
+    def may_log(self) -> bool:
+        """Whether any function takes ``log_metric`` (the module then merges logged names over ranks)."""
+        return any("log_metric" in passes for passes in self._passes)
+
     def score(
         self,
         prompts: list[str],
@@ -578,11 +857,15 @@ class RewardSet:
         columns: dict[str, list] | None = None,
         on_error: str = "raise",
         timeout_s: float | None = None,
+        trainer_state=None,
     ) -> RewardScores:
         """Score N completions with every function (each under ``timeout_s`` per call).
 
-        ``completion_ids``: N lists of token ids (None: empty lists); ``columns``: name -> N values.
+        ``completion_ids``: N lists of token ids (None: empty lists); ``columns``: name -> N values;
+        ``trainer_state``: what TRL-style functions get as ``trainer_state`` (None: a fresh
+        ``transformers.TrainerState``, step 0).
         """
+        _check_policy(on_error)
         _check_lengths(prompts, completions, answers)
         n = len(completions)
         ids = completion_ids if completion_ids is not None else [[] for _ in range(n)]
@@ -590,25 +873,33 @@ class RewardSet:
         for key, values in columns.items():
             if len(values) != n:
                 raise ValueError(f"column {key!r} has {len(values)} values for {n} completions")
+        if trainer_state is None and any("trainer_state" in passes for passes in self._passes):
+            from transformers import TrainerState
+
+            trainer_state = TrainerState()
         per = torch.full((n, len(self)), math.nan)
-        errors = 0
-        for k, (fn, name) in enumerate(zip(self.functions, self.names)):
-            if takes_answers(fn):
-                values, applies, n_err = self._score_lit(fn, name, prompts, completions, answers, on_error, timeout_s)
-            else:
-
-                def call(rows, fn=fn):
-                    pick = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
-                    return fn(
-                        prompts=pick(prompts),
-                        completions=pick(completions),
-                        completion_ids=pick(ids),
-                        **{key: pick(v) for key, v in columns.items()},
-                    )
-
-                values, applies, n_err = _score_calls(call, n, name, prompts, completions, on_error, timeout_s, True)
-            per[:, k] = torch.where(applies, values, torch.full_like(values, math.nan))
-            errors += n_err
+        log, errors = _Log(n), 0
+        calls = [
+            (_lit_call(fn, prompts, completions, answers), False)
+            if takes_answers(fn)
+            else (self._trl_call(fn, passes, prompts, completions, ids, columns, trainer_state), True)
+            for fn, passes in zip(self.functions, self._passes)
+        ]
+        is_async = [is_async_reward(fn) for fn in self.functions]
+        waiting = [k for k in range(len(self)) if is_async[k]]
+        # the async functions start first: they are awaited while the synchronous ones run
+        pending = _Pending([calls[k] for k in waiting], n, timeout_s, log) if n and waiting else None
+        try:
+            for k, (call, allow_none) in enumerate(calls):
+                if n and not is_async[k]:
+                    outcome = _collect(call, n, allow_none, timeout_s, log)
+                    errors += self._record(k, outcome, per, prompts, completions, on_error, timeout_s)
+            if pending is not None:
+                for k, outcome in zip(waiting, pending.outcomes()):
+                    errors += self._record(k, outcome, per, prompts, completions, on_error, timeout_s)
+        finally:
+            if pending is not None:  # a function raised under reward_errors=raise: the others are not awaited
+                pending.cancel()
         unscored = torch.isnan(per).all(1)
         if bool(unscored.any()) and not self._warned_unscored:
             self._warned_unscored = True
@@ -620,16 +911,33 @@ class RewardSet:
                 stacklevel=2,
             )
         total = (per * self.weights).nansum(1)
-        return RewardScores(total, per, errors)
+        return RewardScores(total, per, errors, log.metrics, log.extra)
+
+    def _record(self, k: int, outcome: _Outcome, per, prompts, completions, on_error, timeout_s) -> int:
+        """Function k's scores into column k of ``per`` (NaN where it does not apply); its failed items."""
+        values, applies, n_err = _apply_policy(outcome, self.names[k], prompts, completions, on_error, timeout_s)
+        per[:, k] = torch.where(applies, values, torch.full_like(values, math.nan))
+        return n_err
 
     @staticmethod
-    def _score_lit(fn, name, prompts, completions, answers, on_error, timeout_s):
-        def call(rows):
-            if rows is None:
-                return fn(prompts, completions, answers)
-            return fn(*([column[i] for i in rows] for column in (prompts, completions, answers)))
+    def _trl_call(fn, passes, prompts, completions, ids, columns, trainer_state) -> Call:
+        """TRL's call of ``fn`` on the chosen rows: the texts, the token ids, the columns, and those of
+        ``trainer_state``, ``log_metric`` and ``log_extra`` that it takes (``passes``)."""
 
-        return _score_calls(call, len(completions), name, prompts, completions, on_error, timeout_s)
+        def call(rows, attempt):
+            pick = (lambda xs: xs) if rows is None else (lambda xs: [xs[i] for i in rows])
+            own = {"trainer_state": trainer_state}
+            if attempt is not None:
+                own.update(log_metric=attempt.log_metric, log_extra=attempt.log_extra)
+            return fn(
+                prompts=pick(prompts),
+                completions=pick(completions),
+                completion_ids=pick(ids),
+                **{key: pick(v) for key, v in columns.items()},
+                **{key: own[key] for key in passes if key in own},
+            )
+
+        return call
 
     def correct(
         self,
@@ -641,23 +949,26 @@ class RewardSet:
         columns: dict[str, list] | None = None,
         on_error: str = "raise",
         timeout_s: float | None = None,
+        trainer_state=None,
     ) -> tuple[torch.Tensor, int]:
         """Bool ``(N,)``: which completions are correct, and the failed checks. The judge's own
         ``correct`` (the first lit-align-interface function's) if it has one, else its reward >= 1
         (read from ``scores`` when given, so nothing is scored twice); without a RewardFunction, a
-        weighted total >= 1."""
+        weighted total >= 1 (``trainer_state``: as for :meth:`score`)."""
         judge = self.judge
         own = getattr(type(judge), "correct", None)
         if judge is not None and callable(own) and own is not RewardFunction.correct:
             verdicts, n_errors = score_safely(judge.correct, prompts, completions, answers, on_error, timeout_s)
             return verdicts.bool(), n_errors
         if scores is None:
-            scores = self.score(prompts, completions, answers, completion_ids, columns, on_error, timeout_s)
+            scores = self.score(
+                prompts, completions, answers, completion_ids, columns, on_error, timeout_s, trainer_state
+            )
         if judge is not None:
             column = scores.per_function[:, self.functions.index(judge)]
             return RewardFunction.is_full_reward(torch.nan_to_num(column, nan=0.0)), scores.n_errors
         return RewardFunction.is_full_reward(scores.total), scores.n_errors
 
 
-_RESERVED = ("prompts", "completions", "completion_ids", "prompt", "completion")
+_RESERVED = ("prompts", "completions", "completion_ids", "prompt", "completion", *TRL_ARGUMENTS)
 """Column names never passed as keyword arguments (they are the call's own arguments, as in TRL)."""

@@ -68,3 +68,24 @@ class CountingReward(RewardFunction):
 def char_count_reward(completions, **kwargs):
     """A TRL-style reward function (completions and the data set's columns as keyword arguments)."""
     return [len(c) / 10 for c in completions]
+
+
+SEEN_STATES: list[tuple[int, int, float]] = []
+"""(global_step, max_steps, epoch) of every trainer_state that curriculum_reward was called with."""
+
+
+def curriculum_reward(completions, trainer_state, log_metric, log_extra, **kwargs):
+    """A TRL-style reward that reads the run's position (TRL issue 3668: a curriculum by step) and logs a scalar and
+    a column of the samples table through the log_metric and log_extra that TRL passes."""
+    SEEN_STATES.append((trainer_state.global_step, trainer_state.max_steps, trainer_state.epoch))
+    log_metric("curriculum_step", float(trainer_state.global_step))
+    log_extra("characters", [len(c) for c in completions])
+    return [len(c) / 10 for c in completions]
+
+
+async def async_char_count_reward(completions, **kwargs):
+    """An ``async def`` reward function (TRL issue 4130), e.g. one that awaits a judge over HTTP."""
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    return [len(c) / 10 for c in completions]

@@ -410,6 +410,29 @@ def test_metrics_are_reduced_over_ranks(two_rank_results):
         assert float(reduced["reward_errors"]) == 2.0  # counts are summed
 
 
+def _pool_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from lit_align.core.engine import Ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ranks = Ranks(2)
+    logged = {"judge_ms": [10.0, 20.0]} if rank == 0 else {"judge_ms": [60.0], "only_on_rank_1": [3.0]}
+    results = {"pooled": ranks.pooled_means(logged), "none": ranks.pooled_means({})}
+    dist.destroy_process_group()
+    torch.save(results, Path(out) / f"pool{rank}.pt")
+
+
+def test_log_metric_values_are_pooled_over_ranks(tmp_path):
+    """The values reward functions give log_metric: a mean over every rank's values (TRL's sum / count), the same
+    on each rank; a name only one rank logged reaches both (the next all-reduce would otherwise pair other names)."""
+    mp.start_processes(_pool_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        results = torch.load(tmp_path / f"pool{rank}.pt", weights_only=False)
+        assert results["pooled"] == {"judge_ms": (30.0, 3), "only_on_rank_1": (3.0, 1)}
+        assert results["none"] == {}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_prefixes_on_one_rank_only_sample_everywhere(two_rank_results, strategy):
     results, _ = two_rank_results

@@ -476,6 +476,8 @@ def test_trl_style_function_is_called_as_trl_calls_it():
         completion_ids=[[1, 2], [3]],
         columns={"ground_truth": ["4", "6"], "source": ["a", "b"], "prompt": ["never", "passed"]},
     )
+    own = {key: seen.pop(key) for key in ("trainer_state", "log_metric", "log_extra")}  # TRL passes them too
+    assert own["trainer_state"].global_step == 0 and callable(own["log_metric"]) and callable(own["log_extra"])
     assert seen == {
         "prompts": ["p1", "p2"],
         "completions": [r"so \boxed{4}", r"\boxed{5}" + "x" * 30],
@@ -688,3 +690,162 @@ def test_numbers_without_a_leading_zero(completion, answer, expected):
 )
 def test_extraction_keeps_the_point_of_a_number_without_a_leading_zero(text, expected):
     assert extract_final_answer(text) == expected
+
+
+# ------------------------------------------------------------------ what TRL passes and awaits (issue 22, item 9)
+
+
+async def async_boxed_matches(completions, ground_truth, **kwargs):
+    """An ``async def`` reward function (TRL issue 4130: an LLM judge awaited over HTTP)."""
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    return boxed_matches(completions, ground_truth)
+
+
+class AsyncJudge:
+    """A callable object whose ``__call__`` is async (TRL's is_async_callable covers it)."""
+
+    async def __call__(self, completions, **kwargs):
+        if any("bad" in c for c in completions):
+            raise ConnectionError("judge unavailable")
+        return [0.5] * len(completions)
+
+
+def test_async_reward_functions_are_awaited_with_the_error_policy():
+    import functools
+
+    from lit_align.rewards import RewardSet
+
+    columns = {"ground_truth": ["4", "6"]}
+    rewards = RewardSet([async_boxed_matches, AsyncJudge(), functools.partial(async_boxed_matches), reward_len])
+    out = rewards.score(["p1", "p2"], [r"so \boxed{4}", r"\boxed{5}"], ["4", "6"], columns=columns)
+    assert out.per_function[:, 0].tolist() == [1.0, 0.0] and out.per_function[:, 2].tolist() == [1.0, 0.0]
+    assert out.per_function[:, 1].tolist() == [0.5, 0.5] and out.n_errors == 0
+    assert rewards.names == ["async_boxed_matches", "AsyncJudge", "async_boxed_matches_2", "reward_len"]
+    # reward_errors zero: only the failing item scores 0 (found item by item), and it is counted
+    out = RewardSet([AsyncJudge()]).score(["q"] * 3, ["ok", "bad", "ok"], [""] * 3, on_error="zero")
+    assert out.per_function[:, 0].tolist() == [0.5, 0.0, 0.5] and out.n_errors == 1
+    with pytest.raises(RewardError, match=r"AsyncJudge failed on item 1 of 3: ConnectionError"):
+        RewardSet([AsyncJudge()]).score(["q"] * 3, ["ok", "bad", "ok"], [""] * 3)
+
+    # lit-align's interface, async: awaited too
+    async def lit(prompts, completions, answers):
+        return [float(c == a) for c, a in zip(completions, answers)]
+
+    assert RewardSet([lit]).score(["q"] * 2, ["4", "5"], ["4", "4"]).total.tolist() == [1.0, 0.0]
+
+
+def test_async_reward_functions_run_concurrently_on_one_lasting_event_loop():
+    """Two functions that each wait for the other finish only if they run at the same time; both see the same
+    event loop on every call (a client bound to the loop, e.g. openai.AsyncOpenAI, keeps working)."""
+    import asyncio
+
+    from lit_align.rewards import RewardSet
+
+    events: dict[str, asyncio.Event] = {}
+    loops = []
+
+    def waits_for(mine: str, theirs: str):
+        async def fn(completions, **kwargs):
+            loops.append(asyncio.get_running_loop())
+            for name in (mine, theirs):
+                events.setdefault(name, asyncio.Event())
+            events[mine].set()
+            await events[theirs].wait()
+            return [1.0] * len(completions)
+
+        fn.__name__ = f"waits_for_{theirs}"
+        return fn
+
+    for _ in range(2):
+        events.clear()
+        out = RewardSet([waits_for("a", "b"), waits_for("b", "a")]).score(["q"], ["x"], [""], timeout_s=5.0)
+        assert out.total.tolist() == [2.0]
+    assert len(loops) == 4 and all(loop is loops[0] for loop in loops)
+
+
+@pytest.mark.parametrize("kind", ["awaits", "blocks"])
+def test_async_reward_functions_keep_the_time_limit(kind):
+    """An async function that awaits too long is cancelled at timeout_s; one that blocks its event loop (time.sleep
+    in an ``async def``) is abandoned at 2 x timeout_s + 1 s, and the next call runs on a fresh loop."""
+    import asyncio
+
+    from lit_align.rewards import RewardSet
+
+    async def slow(completions, **kwargs):
+        if kind == "awaits":
+            await asyncio.sleep(30)
+        else:
+            time.sleep(3)
+        return [1.0] * len(completions)
+
+    async def quick(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    start = time.perf_counter()
+    out = RewardSet([slow, quick]).score(["q"] * 2, ["x", "y"], [""] * 2, on_error="zero", timeout_s=0.3)
+    assert time.perf_counter() - start < 2.5
+    assert out.per_function[:, 0].tolist() == [0.0, 0.0]
+    if kind == "awaits":  # the other function, on the same loop, still scored
+        assert out.per_function[:, 1].tolist() == [1.0, 1.0] and out.n_errors == 2
+    else:  # a blocked loop stalls every async function on it (as in TRL): all of them time out
+        assert out.per_function[:, 1].tolist() == [0.0, 0.0] and out.n_errors == 4
+    with pytest.raises(RewardError, match=r"slow exceeded timeout_s=0.3"):
+        RewardSet([slow]).score(["q"], ["x"], [""], timeout_s=0.3)
+    assert RewardSet([quick]).score(["q"], ["x"], [""], timeout_s=1.0).total.tolist() == [1.0]
+
+
+def test_async_reward_functions_score_from_a_running_event_loop_and_from_a_thread():
+    import asyncio
+    import threading
+
+    from lit_align.rewards import RewardSet
+
+    rewards = RewardSet([async_boxed_matches])
+    args = (["q"], [r"\boxed{4}"], ["4"])
+
+    async def inside_a_loop():  # a notebook's or an async server's thread
+        return rewards.score(*args, columns={"ground_truth": ["4"]}, timeout_s=5.0).total.tolist()
+
+    assert asyncio.run(inside_a_loop()) == [1.0]
+    got = []
+    worker = threading.Thread(target=lambda: got.append(rewards.score(*args, columns={"ground_truth": ["4"]})))
+    worker.start()
+    worker.join(10)
+    assert got[0].total.tolist() == [1.0]
+
+
+def test_trl_functions_get_trainer_state_log_metric_and_log_extra():
+    """TRL passes every reward function trainer_state (transformers' TrainerState), log_metric and log_extra (TRL
+    issue 3668 / PR 3669: curricula by step); a function that names none of them and takes no **kwargs gets none."""
+    from transformers import TrainerState
+
+    from lit_align.rewards import RewardSet
+
+    seen = {}
+
+    def by_step(completions, trainer_state, log_metric, log_extra, **kwargs):
+        seen.update(kwargs)
+        log_metric("step_seen", trainer_state.global_step)
+        log_metric("step_seen", trainer_state.global_step + 1)
+        log_extra("chars", [len(c) for c in completions])
+        return [min(trainer_state.global_step / max(trainer_state.max_steps, 1), 1.0)] * len(completions)
+
+    def plain(prompts, completions, completion_ids):  # named arguments only: as before
+        return [0.0] * len(completions)
+
+    rewards = RewardSet([by_step, plain])
+    state = TrainerState(global_step=5, max_steps=10, epoch=0.5)
+    out = rewards.score(["q"] * 2, ["ab", "c"], [""] * 2, columns={"trainer_state": ["no", "no"]}, trainer_state=state)
+    assert out.total.tolist() == [0.5, 0.5] and seen == {"prompts": ["q", "q"], "completion_ids": [[], []]}
+    assert out.logged == {"step_seen": [5.0, 6.0]} and out.extra == {"chars": [2, 1]}
+    # without a run (the set-up self-check, a module driven by hand): a fresh TrainerState, step 0
+    assert RewardSet([by_step]).score(["q"], ["x"], [""]).logged == {"step_seen": [0.0, 1.0]}
+
+    def bad_metric(completions, log_metric, **kwargs):
+        log_metric("ratio", "high")
+        return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"bad_metric failed .*log_metric\('ratio', 'high'\).*a real number"):
+        RewardSet([bad_metric]).score(["q"], ["x"], [""])

@@ -176,3 +176,86 @@ def test_the_self_check_says_when_the_reward_itself_fails(ckpt):
             ["1+2=", "3+4="], ["3", "7"], ["3", "7"], columns={"answer": ["3", "7"]}
         )
     assert verdicts.tolist() == [False, False]
+
+
+@pytest.mark.parametrize("method", ["grpo", "amft"])
+def test_trainer_state_log_metric_and_async_functions_in_a_run(method, tmp_path):
+    """What TRL passes reward functions (issue 22): trainer_state with the update count (AMFT's controller steps not
+    counted; with steps_per_generation 2, rollouts are scored at updates 0 and 2), log_metric's values as
+    train/<name> per update and val/<name>, log_extra's column in the samples the monitor shows; and an async
+    function awaited."""
+    import _rewards
+
+    _rewards.SEEN_STATES.clear()
+    extra = {
+        "grpo": ["--model.init_args.steps_per_generation=2", "--data.init_args.prompt_batch_size=4"],
+        "amft": [
+            "--model.init_args.warmup_sft_steps=0",
+            "--model.init_args.meta_interval=2",
+            "--data.init_args.expert_batch_size=4",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.meta_batch_size=2",
+        ],
+    }[method]
+    cli = main(
+        [
+            "fit",
+            "--config",
+            f"configs/{method}.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=4",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.val_check_interval=4",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.max_new_tokens=3",
+            "--model.init_args.reward=[_rewards.curriculum_reward, _rewards.async_char_count_reward]",
+            "--data.init_args.retention_data=null",
+            "--data.init_args.val_batch_size=4",
+            "--trainer.callbacks+=lit_align.callbacks.AlignmentMonitor",
+            "--trainer.callbacks.every_n_steps=1",
+            *extra,
+        ]
+    )
+    assert cli.trainer.global_step == 4
+    scored = [0, 2] if method == "grpo" else [0, 1, 2, 3]
+    # the set-up self-check's call, the rollouts', then validation's two (greedy answers, demonstrations)
+    assert [step for step, _, _ in _rewards.SEEN_STATES] == [0, *scored, 4, 4]
+    assert all(max_steps == 4 for _, max_steps, _ in _rewards.SEEN_STATES)
+    per_epoch = cli.trainer.num_training_batches
+    assert [epoch for _, _, epoch in _rewards.SEEN_STATES] == pytest.approx([s / per_epoch for s in [0, *scored, 4, 4]])
+    s = read_scalars(cli.trainer.log_dir)
+    assert s["train/curriculum_step"] == [(step, float(seen)) for step, seen in zip(range(4), _steps_logged(scored))]
+    assert s["val/curriculum_step"] == [(3, 4.0)]  # logged at the last update's step, as val/accuracy
+    chars, async_chars = s["train/rewards/curriculum_reward/mean"], s["train/rewards/async_char_count_reward/mean"]
+    assert chars == async_chars and all(v >= 0 for _, v in chars)  # both score len / 10: the async one was awaited
+    samples = cli.model.last_samples
+    assert samples["extra"]["characters"] == [len(c) for c in samples["completions"]]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(Path(cli.trainer.log_dir).glob("events.out.tfevents.*"))), {"tensors": 0})
+    events.Reload()
+    table = events.Tensors("samples/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| prompt | completion | reward | characters |")
+    assert table.splitlines()[2].endswith(f"| {len(samples['completions'][0])} |")
+
+
+def _steps_logged(scored: list[int]) -> list[int]:
+    """Per update 0..3, the step of the rollouts it trained on (their metrics are logged with every update)."""
+    return [max(s for s in scored if s <= step) for step in range(4)]
+
+
+def test_a_log_metric_name_that_lit_align_logs_itself_is_an_error(ckpt):
+    """log_metric("loss", ...) would replace train/loss in the logs (or be replaced): it stops, naming the metric."""
+    import _rewards
+
+    from lit_align.modules.policy import REWARD_LOGGED
+
+    module = GRPOModule(model_name_or_path=ckpt, reward=[_rewards.curriculum_reward])
+    metrics = {"loss": torch.tensor(1.0), "reward_mean": torch.tensor(0.5)}
+    with pytest.raises(ValueError, match=r"log_metric\('loss', \.\.\.\), but train/loss is a metric lit-align logs"):
+        module.log_metrics({**metrics, REWARD_LOGGED: {"loss": torch.tensor(2.0)}})

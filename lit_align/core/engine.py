@@ -100,6 +100,27 @@ class Ranks:
         """Means of scalars over all ranks (one all-reduce)."""
         return [v / self.world for v in self.sums(list(values))]
 
+    def union(self, names: list[str]) -> list[str]:
+        """The names any rank holds, sorted, the same list on every rank (one all-gather of Python objects)."""
+        if self.world == 1:
+            return sorted(set(names))
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, sorted(set(names)))
+        return sorted(set().union(*gathered))
+
+    def pooled_means(self, values: dict[str, list[float]]) -> dict[str, tuple[float, int]]:
+        """Per name that any rank holds values of: the mean of all ranks' values together, and their count (the
+        same on every rank; :meth:`union` and one all-reduce). TRL averages reward functions' ``log_metric``
+        values so."""
+        names = self.union(list(values))
+        if not names:
+            return {}
+        totals = self.sums([sum(values.get(n, [])) for n in names] + [len(values.get(n, [])) for n in names])
+        k = len(names)
+        return {n: (s / c, int(c)) for n, s, c in zip(names, totals[:k], totals[k:]) if c > 0}
+
 
 def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
     """Split a batch's rows into at most ``max_groups`` groups of similar length, each to be run

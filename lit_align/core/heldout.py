@@ -19,6 +19,16 @@ from lit_align.rewards import RewardScores, RewardSet
 from lit_align.rollout import completion_id_lists
 
 
+def check_logged_name(name: str, key: str, taken) -> None:
+    """A reward function's ``log_metric`` name must not be logged as one of lit-align's own metrics (``key`` among
+    ``taken``): its values would replace them, or be replaced. Raises ValueError naming it."""
+    if key in taken:
+        raise ValueError(
+            f"a reward function called log_metric({name!r}, ...), but {key} is a metric lit-align logs itself: "
+            "give the metric another name"
+        )
+
+
 class HeldOut(torch.nn.Module):
     """Validation and test metrics (an ``nn.Module`` so Lightning moves and syncs its torchmetrics).
 
@@ -39,12 +49,16 @@ class HeldOut(torch.nn.Module):
         self.val_expert_nll_split = torch.nn.ModuleDict({"correct": MeanMetric(), "incorrect": MeanMetric()})
         self._demo_verdicts: dict[tuple[str, str, str], bool] = {}  # (prompt, demonstration, answer) -> correct
 
-    def step(self, batch: dict, prefix: str, world: World, device) -> list[tuple[str, object, dict]]:
+    def step(
+        self, batch: dict, prefix: str, world: World, device, trainer_state=None
+    ) -> list[tuple[str, object, dict]]:
         """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations; on a
         batch of a retention set (``batch["retention"]``, the skill), only ``<prefix>/retention/<skill>``.
-        Returns the entries to log."""
+        ``trainer_state``: what TRL-style reward functions get (:meth:`RewardSet.score`); the values they give
+        ``log_metric`` on held-out prompts are logged as ``<prefix>/<name>`` (mean over the batch's calls on all
+        ranks, averaged over the batches), not on retention sets. Returns the entries to log."""
         if "retention" in batch:
-            _, correct = self.greedy_verdicts(batch, world)
+            _, correct = self.greedy_verdicts(batch, world, trainer_state)
             value = correct.float().mean().to(device)
             return [
                 (
@@ -53,7 +67,7 @@ class HeldOut(torch.nn.Module):
                     dict(batch_size=len(batch["prompts"]), sync_dist=True),
                 )
             ]
-        scores, correct = self.greedy_verdicts(batch, world)
+        scores, correct = self.greedy_verdicts(batch, world, trainer_state)
         self.val_reward.update(scores.total.to(device))
         self.val_accuracy.update(correct.float().to(device))
         out = []
@@ -65,18 +79,23 @@ class HeldOut(torch.nn.Module):
             out.append((f"{prefix}/expert_nll", self.val_expert_nll, dict(batch_size=int(n))))
             out.append((f"{prefix}/expert_token_acc", self.val_expert_token_acc, dict(batch_size=int(n))))
             if "responses" in batch:
-                out += self._split_expert_nll(batch, nll, tokens, prefix, device)
+                out += self._split_expert_nll(batch, nll, tokens, prefix, device, trainer_state)
         bs = len(batch["prompts"])
         out.append((f"{prefix}/accuracy", self.val_accuracy, dict(prog_bar=True, batch_size=bs)))
         out.append((f"{prefix}/reward", self.val_reward, dict(batch_size=bs)))
+        if self.parts[2].may_log:  # every rank takes part: the names are merged over ranks
+            ours = {name for name, _, _ in out}
+            for name, (mean, count) in world.ranks.pooled_means(scores.logged).items():
+                check_logged_name(name, f"{prefix}/{name}", ours)
+                out.append((f"{prefix}/{name}", torch.tensor(mean, device=device), dict(batch_size=count)))
         return out
 
-    def greedy_verdicts(self, batch: dict, world: World):
+    def greedy_verdicts(self, batch: dict, world: World, trainer_state=None):
         """Greedy answers to the batch's prompts: their reward scores (:class:`RewardScores`) and the
         correctness verdict per prompt (bool, (N,))."""
         _, sampler, rewards = self.parts
         rollout = sampler.sample(batch, world, greedy=True, num_generations=1)
-        scores = self.score(batch["prompts"], rollout, batch["answers"], batch.get("columns"))
+        scores = self.score(batch["prompts"], rollout, batch["answers"], batch.get("columns"), trainer_state)
         # a failing check counts as wrong (reward_errors=zero) or stops (raise); the judge's default
         # verdict is read from scores: no second pass
         correct, _ = rewards.correct(
@@ -86,16 +105,21 @@ class HeldOut(torch.nn.Module):
             scores,
             on_error=self.settings.reward_errors,
             timeout_s=self.settings.reward_timeout_s,
+            trainer_state=trainer_state,
         )
         return scores, correct
 
-    def score(self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None) -> RewardScores:
+    def score(
+        self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None, trainer_state=None
+    ) -> RewardScores:
         """Every reward function's scores of ``rollout``'s completions (:meth:`RewardSet.score`, with the
         run's ``reward_errors`` and ``reward_timeout_s``); ``columns``: the data set's other columns, one
-        value per completion."""
+        value per completion; ``trainer_state``: what TRL-style functions get as ``trainer_state``."""
         s, rewards = self.settings, self.parts[2]
         ids = completion_id_lists(rollout)
-        return rewards.score(prompts, rollout.completions, answers, ids, columns, s.reward_errors, s.reward_timeout_s)
+        return rewards.score(
+            prompts, rollout.completions, answers, ids, columns, s.reward_errors, s.reward_timeout_s, trainer_state
+        )
 
     @torch.no_grad()
     def expert_nll_rows(self, expert: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +139,7 @@ class HeldOut(torch.nn.Module):
             del s
         return out[0], out[1], out[2]
 
-    def _split_expert_nll(self, batch: dict, nll, tokens, prefix: str, device) -> list:
+    def _split_expert_nll(self, batch: dict, nll, tokens, prefix: str, device, trainer_state=None) -> list:
         """``<prefix>/expert_nll_correct`` and ``_incorrect``: val/expert_nll over the held-out
         demonstrations the reward's correctness check accepts and over those it rejects. Each
         demonstration is checked once per run, on first sight. Every rank updates both metrics every
@@ -134,6 +158,7 @@ class HeldOut(torch.nn.Module):
                 columns=cols,
                 on_error=self.settings.reward_errors,
                 timeout_s=self.settings.reward_timeout_s,
+                trainer_state=trainer_state,
             )
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=device)
@@ -153,6 +178,7 @@ class HeldOut(torch.nn.Module):
         answers: list[str],
         completion_ids: list[list[int]] | None = None,
         columns: dict | None = None,
+        trainer_state=None,
     ) -> torch.Tensor:
         """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check).
         Where a reward function failed on some of them (an exception, the time limit, NaN; scored 0 under
@@ -166,6 +192,7 @@ class HeldOut(torch.nn.Module):
             columns=columns,
             on_error=self.settings.reward_errors,
             timeout_s=self.settings.reward_timeout_s,
+            trainer_state=trainer_state,
         )
         if n_errors:
             from lightning.pytorch.utilities import rank_zero_warn

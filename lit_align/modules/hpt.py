@@ -183,6 +183,7 @@ class HPTModule(PolicyModule):
             columns={k: [v[i] for i in of] for k, v in prompts.get("columns", {}).items()},
             on_error=hp.reward_errors,
             timeout_s=hp.reward_timeout_s,
+            trainer_state=self.reward_state(),
         )
         self.reward_errors += n_errors
         return verdicts.to(device=rewards.device, dtype=torch.bool)

@@ -17,6 +17,7 @@ back into this module.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from lit_align.core import groups, terms
 from lit_align.core import settings as S
 from lit_align.core.buffer import RolloutBuffer
 from lit_align.core.engine import Ranks, Term, accumulate, fsdp_no_sync
-from lit_align.core.heldout import HeldOut
+from lit_align.core.heldout import HeldOut, check_logged_name
 from lit_align.core.policy import Policy
 from lit_align.core.sampler import Sampler, vllm_importable
 from lit_align.core.terms import Loss, RLSettings
@@ -43,6 +44,10 @@ from lit_align.rollout import Rollout
 from lit_align.weighting import lr_factor
 
 __all__ = ["NonFiniteError", "PolicyModule", "apply_lora"]
+
+
+REWARD_LOGGED = "reward_logged"
+"""The key, among an update's metrics, of the values reward functions gave ``log_metric`` (name -> scalar)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -134,7 +139,8 @@ class PolicyModule(L.LightningModule):
             taking ``(prompts, completions, answers)`` and no ``**kwargs``) is called
             ``fn(prompts, completions, answers)``; any other callable as TRL calls reward functions,
             ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with the data set's
-            other columns, returning a float or None (does not apply) per completion. See
+            other columns (and ``trainer_state``, ``log_metric``, ``log_extra`` where it takes them;
+            ``async def`` ones awaited), returning a float or None (does not apply) per completion. See
             :class:`lit_align.rewards.RewardSet`. Logged per function: ``train/rewards/<name>/mean``
             and ``/std``; the weighted total is ``train/reward_mean``.
         reward_weights: one weight per reward function (TRL's name); None: all 1.0.
@@ -404,7 +410,8 @@ class PolicyModule(L.LightningModule):
         k = self.rollout_buffer.updates_per_batch
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
-            datamodule.check_demonstrations(self.heldout.judge_demonstrations)  # data/demo_reward_rate
+            judge = functools.partial(self.heldout.judge_demonstrations, trainer_state=self.reward_state())
+            datamodule.check_demonstrations(judge)  # data/demo_reward_rate
         if stage == "fit" and self.demonstrations_per_prompt:
             if not hasattr(datamodule, "pair_demonstrations"):
                 raise ValueError(
@@ -471,18 +478,47 @@ class PolicyModule(L.LightningModule):
         self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
     ) -> RewardScores:
         """Every reward function's scores of ``rollout``'s completions (:meth:`HeldOut.score`, the one place
-        rewards are called with the run's error policy and time limit)."""
-        return self.heldout.score(prompts, rollout, answers, columns)
+        rewards are called with the run's error policy and time limit), TRL-style ones given
+        :meth:`reward_state` as ``trainer_state``."""
+        return self.heldout.score(prompts, rollout, answers, columns, self.reward_state())
+
+    def reward_state(self):
+        """What TRL passes reward functions as ``trainer_state``: a ``transformers.TrainerState`` of this run.
+        ``global_step``: policy updates done (AMFT's controller steps are not counted; TRL issue 3668: curricula
+        by step); ``max_steps``: ``trainer.max_steps`` (else max_epochs x batches per epoch when known, else 0);
+        ``epoch``: epochs done, fractional; ``num_train_epochs``; ``is_world_process_zero`` and
+        ``is_local_process_zero``. A module without a trainer: a fresh state, step 0."""
+        from transformers import TrainerState
+
+        t = self._trainer
+        if t is None:
+            return TrainerState()
+        per_epoch = t.num_training_batches if isinstance(t.num_training_batches, int) else 0
+        epochs = t.max_epochs if t.max_epochs is not None and t.max_epochs > 0 else 0
+        max_steps = t.max_steps if t.max_steps > 0 else epochs * per_epoch
+        done = t.fit_loop.epoch_loop.batch_progress.current.completed  # training batches of this epoch
+        return TrainerState(
+            global_step=self.global_step,
+            max_steps=max_steps,
+            epoch=t.current_epoch + (done / per_epoch if per_epoch else 0.0),
+            num_train_epochs=epochs,
+            is_local_process_zero=t.local_rank == 0,
+            is_world_process_zero=t.is_global_zero,
+        )
 
     def reward_metrics(self, scores: RewardScores) -> dict:
         """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to (TRL's
-        names; NaN where it applies to none / to one)."""
+        names; NaN where it applies to none / to one); the values the functions gave ``log_metric``, averaged
+        over the calls on all ranks (a collective: every rank scores at once), under :data:`REWARD_LOGGED`."""
         out = {}
         for k, name in enumerate(self.rewards.names):
             values = scores.per_function[:, k]
             values = values[~torch.isnan(values)]
             out[f"rewards/{name}/mean"] = values.mean() if values.numel() else torch.tensor(math.nan)
             out[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else torch.tensor(math.nan)
+        if self.rewards.may_log:
+            pooled = self.ranks.pooled_means(scores.logged)
+            out[REWARD_LOGGED] = {name: torch.tensor(mean) for name, (mean, _) in pooled.items()}
         return out
 
     def rollout_and_score(self, batch: dict) -> tuple[Rollout, torch.Tensor, dict]:
@@ -497,7 +533,12 @@ class PolicyModule(L.LightningModule):
         scores = self.score_all(prompts, rollout, answers, columns)
         rewards = scores.total.to(self.device)
         self.reward_errors += scores.n_errors
-        self.last_samples = {"prompts": prompts, "completions": rollout.completions, "rewards": rewards.tolist()}
+        self.last_samples = {
+            "prompts": prompts,
+            "completions": rollout.completions,
+            "rewards": rewards.tolist(),
+            "extra": scores.extra,  # the columns reward functions gave TRL's log_extra
+        }
         metrics = {
             "reward_errors": torch.tensor(float(self.reward_errors)),  # cumulative, like skipped_steps
             "completion_length": rollout.completion_mask.sum(-1).float().mean(),
@@ -620,7 +661,9 @@ class PolicyModule(L.LightningModule):
                 "An RL term reads data.prompt_data, an SFT term data.expert_data."
             )
         value, m = self.run_terms(terms)
-        metrics = {k: v if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in u.metrics.items()}
+        metrics = {
+            k: v if torch.is_tensor(v) or k == REWARD_LOGGED else torch.tensor(float(v)) for k, v in u.metrics.items()
+        }
         metrics.update(m)
         metrics["entropy"] = m.get("entropy_usual", m.get("entropy_expert", torch.tensor(float("nan"))))
         return value, metrics
@@ -740,8 +783,14 @@ class PolicyModule(L.LightningModule):
         }
 
     def log_metrics(self, metrics: dict) -> None:
-        """Log ``train/<name>`` for each scalar of the step, reduced over ranks (:meth:`reduce_metrics`)."""
-        metrics = self.reduce_metrics(metrics)
+        """Log ``train/<name>`` for each scalar of the step, reduced over ranks (:meth:`reduce_metrics`); the
+        values reward functions gave ``log_metric`` (``metrics[REWARD_LOGGED]``, already pooled over ranks) as
+        ``train/<name>`` too, as TRL logs them, a name lit-align logs itself being an error."""
+        metrics = dict(metrics)
+        logged = metrics.pop(REWARD_LOGGED, None) or {}
+        for name in logged:
+            check_logged_name(name, f"train/{name}", {f"train/{k}" for k in metrics})
+        metrics = self.reduce_metrics({**metrics, **logged})
         shown = {"loss", "reward_mean"}
         for name, value in metrics.items():
             value = value.detach().float().cpu() if torch.is_tensor(value) else float(value)
@@ -751,7 +800,7 @@ class PolicyModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0, prefix: str = "val") -> None:
         """Greedy answers on held-out prompts (accuracy, reward), NLL of held-out demonstrations, or a
         retention set's accuracy (:class:`lit_align.core.heldout.HeldOut`)."""
-        for name, value, options in self.heldout.step(batch, prefix, self.world, self.device):
+        for name, value, options in self.heldout.step(batch, prefix, self.world, self.device, self.reward_state()):
             self.log(name, value, on_epoch=True, add_dataloader_idx=False, **options)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
