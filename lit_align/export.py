@@ -3,9 +3,10 @@
     python -m lit_align.export CKPT OUT_DIR [--base PATH_OR_HUB_ID]
 
 CKPT is a Lightning checkpoint written by ``train.py fit`` (``last.ckpt``, a ``best-...ckpt``, or
-the directory of a sharded ``fsdp2`` checkpoint). OUT_DIR receives the weights (LoRA adapters
-merged into them), the model config, the generation config and the tokenizer, and loads with
-``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. The base model's
+the directory of a sharded ``fsdp2`` checkpoint). OUT_DIR receives the weights (adapters merged into
+them by :func:`lit_align.adapters.merged_state_dict`: LoRA, DoRA, modules_to_save; a trained output
+layer on a tied checkpoint is written untied), the model config, the generation config and the
+tokenizer, and loads with ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. The base model's
 config and tokenizer come from the checkpoint's ``model_name_or_path`` unless ``--base`` names
 another copy (e.g. when the run was trained on another machine).
 """
@@ -18,41 +19,6 @@ from pathlib import Path
 import torch
 
 
-def merge_lora(peft_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold LoRA adapters into the base weights of a full state dict of a peft model.
-
-    ``state`` holds peft names (``base_model.model.<hf name>``, ``...base_layer.weight``,
-    ``...lora_A.<adapter>.weight``); the result holds plain Hugging Face names with
-    W = W_base + scaling * B @ A for every adapted linear layer. Works on gathered (unsharded)
-    tensors, so the peft model itself is never modified.
-    """
-    from peft.tuners.lora import Linear as LoraLinear
-    from peft.tuners.lora import LoraLayer
-
-    state = dict(state)
-    for name, module in peft_model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if not isinstance(module, LoraLinear):
-            raise NotImplementedError(
-                f"{name}: merging {type(module).__name__} adapters is not supported (Linear only)"
-            )
-        base = state.pop(f"{name}.base_layer.weight")
-        merged = base.float()
-        for adapter in module.active_adapters:
-            A = state.pop(f"{name}.lora_A.{adapter}.weight").float()
-            B = state.pop(f"{name}.lora_B.{adapter}.weight").float()
-            delta = (B @ A) * module.scaling[adapter]
-            merged = merged + (delta.T if module.fan_in_fan_out else delta)
-        state[f"{name}.weight"] = merged.to(base.dtype)
-        if f"{name}.base_layer.bias" in state:
-            state[f"{name}.bias"] = state.pop(f"{name}.base_layer.bias")
-    for key in [k for k in state if ".lora_" in k]:  # inactive adapters
-        del state[key]
-    prefix = "base_model.model."
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
-
-
 def save_hf_dir(
     config,
     generation_config,
@@ -60,30 +26,55 @@ def save_hf_dir(
     state: dict[str, torch.Tensor],
     target: str | Path,
     trust_remote_code: bool = False,
+    untie: bool = False,
 ) -> Path:
     """Write ``state`` (plain HF names, whole tensors) as a from_pretrained-able directory.
 
     The weights go through a parameter-free skeleton (built on the meta device from ``config``), so
     this works whatever wraps the live model (FSDP2 shards, peft) and from a bare state dict.
     Refuses (ValueError, nothing written) when a weight holds NaN or inf.
+
+    Tied weights (``tie_word_embeddings``: lm_head = embed_tokens) are written once. With ``untie`` (the
+    policy trains its output layer apart from its input embedding: :func:`lit_align.adapters.unties_embeddings`),
+    or when ``state`` holds two different matrices for them, the config is written with
+    ``tie_word_embeddings: false`` and both matrices, so that each loads as trained.
     """
     from transformers import AutoModelForCausalLM
+
+    from lit_align.adapters import untied_config
 
     bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"not exporting to {target}: non-finite values in {bad[:5]}{' ...' if len(bad) > 5 else ''}")
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    tied: dict[int, list[str]] = {}  # the names of each parameter, several where tied
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    tied = {k: names for k, names in tied.items() if len(names) > 1}
+    differ = any(
+        not torch.equal(state[a], state[b])
+        for names in tied.values()
+        for a, b in zip(names, names[1:])
+        if a in state and b in state
+    )
+    if tied and (untie or differ):
+        config = untied_config(config)
+        for names in tied.values():  # a name the state leaves out loads as its former twin
+            given = next((state[n] for n in names if n in state), None)
+            state.update({n: given for n in names if n not in state and given is not None})
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    else:
+        for names in tied.values():
+            for name in names[1:]:
+                if name in state and names[0] in state:
+                    del state[name]
     if generation_config is not None:
         skeleton.generation_config = generation_config
-    state = {k: v.contiguous() for k, v in state.items()}
-    first: dict[int, str] = {}  # tied weights (e.g. lm_head = embed_tokens) are written once
-    for name, param in skeleton.named_parameters(remove_duplicate=False):
-        kept = first.setdefault(id(param), name)
-        if kept != name and name in state and kept in state and torch.equal(state[name], state[kept]):
-            del state[name]
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
     skeleton.save_pretrained(target, state_dict=state)
     tokenizer.save_pretrained(target)
     return target
@@ -91,6 +82,7 @@ def save_hf_dir(
 
 def save_module(pl_module, target: str | Path, state: dict[str, torch.Tensor]) -> Path:
     """Save a PolicyModule's policy (``state`` from its ``full_state_dict()``) and tokenizer."""
+    from lit_align.adapters import unties_embeddings
     from lit_align.hf import config_as_loaded
 
     model = pl_module.model
@@ -103,6 +95,7 @@ def save_module(pl_module, target: str | Path, state: dict[str, torch.Tensor]) -
         state,
         target,
         pl_module.hparams.get("trust_remote_code", False),
+        untie=unties_embeddings(model),
     )
 
 
@@ -142,15 +135,17 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = 
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{ckpt}: its state_dict holds no policy weights (keys starting with 'model.')")
+    untie = False
     if hp.get("lora"):
         from transformers import AutoModelForCausalLM
 
+        from lit_align.adapters import merged_state_dict, unties_embeddings
         from lit_align.hf import apply_lora
 
         with torch.device("meta"):
             skeleton = apply_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=remote), hp["lora"])
-        state = merge_lora(skeleton, state)
-    return save_hf_dir(config, generation_config, load_tokenizer(name, remote), state, out_dir, remote)
+        state, untie = merged_state_dict(skeleton, state), unties_embeddings(skeleton)
+    return save_hf_dir(config, generation_config, load_tokenizer(name, remote), state, out_dir, remote, untie)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -126,7 +126,10 @@ def config_as_loaded(config):
 
 
 def apply_lora(model, lora: dict):
-    """Wrap ``model`` with peft LoRA adapters (``lora``: LoraConfig arguments); the base is frozen."""
+    """Wrap ``model`` with peft LoRA adapters (``lora``: LoraConfig arguments); the base is frozen.
+
+    Raises ValueError naming ``model.lora`` for arguments peft refuses, and for adapters the export and
+    the vLLM weight sync could not merge into plain weights (:func:`lit_align.adapters.check_mergeable`)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -135,4 +138,8 @@ def apply_lora(model, lora: dict):
         config = LoraConfig(**{"task_type": "CAUSAL_LM", **dict(lora)})
     except (TypeError, ValueError) as e:
         raise ValueError(f"model.lora={dict(lora)!r}: {e}") from e
-    return get_peft_model(model, config)
+    from lit_align.adapters import check_mergeable
+
+    model = get_peft_model(model, config)
+    check_mergeable(model)
+    return model

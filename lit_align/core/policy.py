@@ -190,7 +190,8 @@ class Policy:
             p.grad = None
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The policy's weights as whole CPU tensors under Hugging Face names, LoRA adapters merged.
+        """The policy's weights as whole CPU tensors under Hugging Face names, adapters merged
+        (:func:`lit_align.adapters.merged_state_dict`, the merge the vLLM weight sync uses too).
 
         Under sharding this is a collective (every rank must call it) and only rank 0 gets the weights
         (the other ranks get an empty dict)."""
@@ -200,24 +201,27 @@ class Policy:
             state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if state and hasattr(self.model, "peft_config"):
-            from lit_align.export import merge_lora
-
-            state = merge_lora(self.model, state)
-        return state
+        return self._merged(state) if state else state
 
     def streamed_weights(self):
         """(name, whole tensor) of the policy's weights: FSDP2 shards gathered one tensor at a time on
-        every rank (a collective: all ranks iterate together), LoRA adapters merged."""
+        every rank (a collective: all ranks iterate together); with adapters, all gathered first and
+        merged as :meth:`full_state_dict` merges them."""
         state = self.model.state_dict()
         if hasattr(self.model, "peft_config"):
-            from lit_align.export import merge_lora
-
             full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in state.items()}
-            yield from merge_lora(self.model, full).items()
+            yield from self._merged(full).items()
             return
         for name, tensor in state.items():
             yield name, (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+
+    def _merged(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` (whole tensors, the model's own names) as plain Hugging Face weights."""
+        if not hasattr(self.model, "peft_config"):
+            return state
+        from lit_align.adapters import merged_state_dict
+
+        return merged_state_dict(self.model, state)
 
 
 def kept_logits(forward, ids: torch.Tensor, mask: torch.Tensor, start: int | None, keeps_logits: bool) -> torch.Tensor:

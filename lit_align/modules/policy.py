@@ -160,7 +160,12 @@ class PolicyModule(L.LightningModule):
         lora: train LoRA adapters (peft) instead of all weights: ``peft.LoraConfig`` arguments, e.g.
             ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.0}``; null
             (default) trains every weight. With ``beta > 0`` the reference model is the policy with
-            its adapters disabled, so no second model is loaded. Exports are merged full weights.
+            its adapters disabled, so no second model is loaded. Exports and the vLLM engine get merged
+            full weights, equal to peft's ``merge_and_unload`` (LoRA, DoRA ``use_dora: true``,
+            ``lora_bias``, ``modules_to_save``; :mod:`lit_align.adapters`); adapters that could not be
+            merged are refused here, before training. A ``modules_to_save`` (or LoRA) output layer or
+            input embedding of a checkpoint with tied embeddings is trained apart from its twin: exported
+            with ``tie_word_embeddings: false``.
         length_buckets: a micro-batch over rows of unequal length (rollouts, expert rows) runs as at
             most this many forward/backward passes over groups of rows of similar length, each cut to
             its own longest row, so fewer padded positions are computed and no pass holds logits for
