@@ -105,6 +105,12 @@ class VLLMEngine:
         rank: (global rank, local rank) of this process when the trainer runs several (DDP, FSDP2):
             the engine is then built as vLLM's ``external_launcher`` engine of that rank, on device
             ``local rank``, over the trainer's existing process group. None: one process.
+        untie_embeddings: the policy trains its output layer apart from the input embedding its
+            checkpoint ties it to (a ``modules_to_save`` or LoRA head or embedding:
+            :func:`lit_align.adapters.unties_embeddings`). The engine is then built with its own output
+            layer (``tie_word_embeddings: false``); the checkpoint has no matrix for it, so the engine
+            starts from placeholder weights (vLLM's ``dummy`` load format) and must be given the
+            policy's weights (:meth:`load_weights`) before it samples.
 
     Building the engine keeps the process as it was: the global torch / Python / NumPy random
     states, the environment variables (vLLM sets RANK, LOCAL_WORLD_SIZE, ...) and
@@ -126,6 +132,7 @@ class VLLMEngine:
         max_num_seqs: int | None = None,
         seed: int = 0,
         rank: tuple[int, int] | None = None,
+        untie_embeddings: bool = False,
     ):
         if tensor_parallel_size != 1:
             raise ValueError(
@@ -153,6 +160,8 @@ class VLLMEngine:
         )
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = int(max_num_seqs)
+        if untie_embeddings:
+            kwargs.update(hf_overrides={"tie_word_embeddings": False}, load_format="dummy")
         launcher = {}
         if rank is not None:  # one engine per trainer rank, each on its own device, in its own process
             kwargs["distributed_executor_backend"] = "external_launcher"

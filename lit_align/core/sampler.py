@@ -174,6 +174,7 @@ class Sampler:
         s = self.settings
         if s.rollout_engine != "vllm" or self.engine is not None:
             return
+        from lit_align.adapters import unties_embeddings
         from lit_align.hf import _resolve
         from lit_align.vllm_engine import VLLMEngine
 
@@ -197,6 +198,7 @@ class Sampler:
             max_num_seqs=s.generation_batch_size,
             seed=int(torch.initial_seed() % (2**31)),
             rank=rank,
+            untie_embeddings=unties_embeddings(model),
         )
         try:
             self.engine.probe()
@@ -210,7 +212,8 @@ class Sampler:
         except ValueError:
             self.stop()
             raise
-        self.stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files
+        self.stale = True  # a resumed or LoRA-wrapped policy differs from the checkpoint's files (an untied engine
+        # holds placeholder weights): the first sampling loads the policy's
         if s.vllm_enable_sleep_mode and self.engine.on_cpu:
             from lightning.pytorch.utilities import rank_zero_warn
 

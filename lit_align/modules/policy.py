@@ -165,7 +165,7 @@ class PolicyModule(L.LightningModule):
             ``lora_bias``, ``modules_to_save``; :mod:`lit_align.adapters`); adapters that could not be
             merged are refused here, before training. A ``modules_to_save`` (or LoRA) output layer or
             input embedding of a checkpoint with tied embeddings is trained apart from its twin: exported
-            with ``tie_word_embeddings: false``.
+            with ``tie_word_embeddings: false``, and the vLLM engine is built with an output layer of its own.
         length_buckets: a micro-batch over rows of unequal length (rollouts, expert rows) runs as at
             most this many forward/backward passes over groups of rows of similar length, each cut to
             its own longest row, so fewer padded positions are computed and no pass holds logits for

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-from _vllm_helpers import KV_CACHE_BYTES
+from _vllm_helpers import KV_CACHE_BYTES, qwen2_checkpoint
 
 from lit_align.losses import token_logprobs
 from lit_align.modules.grpo import GRPOModule
@@ -29,33 +29,6 @@ PROMPTS = ["12+34=", "1+2=", "57+28=", "4+4=", "99+1=", "3+75="]
 G, T, TEMPERATURE = 4, 8, 0.7
 
 
-def _qwen2(ckpt: str, path, tied: bool) -> str:
-    """A small Qwen2 checkpoint (q/k/v biases; tied or untied embeddings) with the embedded task's tokenizer
-    grown to 512 tokens, so the output layer is a real matrix (512 x 128) rather than 16 rows."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        initializer_range=0.1,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module", params=["embedded", "qwen2-untied", "qwen2-tied"])
 def policy(request, ckpt, tmp_path_factory):
     """A GRPO module with model.rollout_engine=vllm and its engine, one per checkpoint: the embedded Llama
@@ -63,7 +36,7 @@ def policy(request, ckpt, tmp_path_factory):
     if request.param == "embedded":
         path = ckpt
     else:
-        path = _qwen2(ckpt, tmp_path_factory.mktemp(request.param), tied=request.param == "qwen2-tied")
+        path = qwen2_checkpoint(ckpt, tmp_path_factory.mktemp(request.param), tied=request.param == "qwen2-tied")
     module = GRPOModule(
         model_name_or_path=path,
         rollout_engine="vllm",

@@ -6,7 +6,9 @@
 (e) a 2-process gloo DDP run (and an FSDP2 one, whose engines get the gathered shards) with one engine
     per rank finishes, each rank sampling with its own engine at every update, sampler and trainer
     log-probs within 1e-4, and the trainer's process group still works after the engines are shut down
-    at fit end.
+    at fit end;
+(f) LoRA with DoRA and a trained lm_head (modules_to_save) on a tied checkpoint: the engine samples with
+    the merged policy (within 1e-4) and the export loads with the live policy's logits.
 """
 
 import json
@@ -17,7 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from _vllm_helpers import KV_CACHE_BYTES
+import torch
+from _vllm_helpers import KV_CACHE_BYTES, PolicyLogits
 
 from lit_align.events import read_scalars
 
@@ -129,6 +132,25 @@ def test_e_two_gloo_ranks_one_engine_each_finish_and_tear_down(tmp_path, strateg
     proc = fit("chord_phi", tmp_path, f"--trainer.strategy={strategy}", "--trainer.devices=2")
     result = _check(proc, tmp_path, world=2)
     assert [r["all_reduce_after_fit"] for r in result["reports"]] == [2.0, 2.0], "the trainer's group survived"
+
+
+def test_f_dora_and_a_trained_lm_head_on_a_tied_checkpoint_reach_the_engine_and_the_export(tmp_path):
+    """LoRA with DoRA and modules_to_save [lm_head] on the embedded checkpoint (tied embeddings): the engine,
+    built untied, gets the merged weights at every sync (sampler and trainer log-probs within 1e-4 at every
+    update), and hf_model/ loads with AutoModelForCausalLM with the trained policy's logits."""
+    from transformers import AutoModelForCausalLM
+
+    lora = "{r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj], use_dora: true, modules_to_save: [lm_head]}"
+    extra = [f"--model.init_args.lora={lora}", "--trainer.callbacks+=_vllm_helpers.PolicyLogits"]
+    proc = fit("chord_phi", tmp_path, "--trainer.devices=1", *extra, f"--trainer.callbacks.out={tmp_path}")
+    _check(proc, tmp_path, world=1)
+    exported = AutoModelForCausalLM.from_pretrained(next(tmp_path.rglob("hf_model")))
+    assert not exported.config.tie_word_embeddings, "the trained head is exported as a matrix of its own"
+    ids = torch.tensor(PolicyLogits.IDS)
+    with torch.no_grad():
+        logits = exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    live = torch.tensor(json.loads((tmp_path / "logits.json").read_text()))
+    torch.testing.assert_close(logits, live, atol=1e-5, rtol=0)
 
 
 def test_rollout_benchmark_runs(tmp_path):
