@@ -511,3 +511,114 @@ def test_num_generations_below_one_is_an_error_not_the_default(ckpt):
             module.sample(prompts, num_generations=bad)
     assert len(module.sample(prompts, num_generations=3).completions) == 6
     assert len(module.sample(prompts).completions) == 8
+
+
+# ------------------------------------------------------------------------------- on-policy in any precision
+@pytest.fixture(scope="module")
+def small_qwen2(ckpt, tmp_path_factory) -> str:
+    """A random Qwen2 (hidden 64, 512 tokens: the embedded tokenizer grown) saved in float32: wide enough
+    that bf16 rounding shows in its log-probs."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen2_64")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _first_update_ratios(path: str, monkeypatch, model_dtype=None, precision="32-true") -> torch.Tensor:
+    """|ratio - 1| of every RL token of the first update of a GRPO run (one Lightning training step with the
+    HF sampler, strictly on-policy): the ratio exp(logp - old_logp) the clipped surrogate computes."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lit_align import losses
+    from lit_align.modules.grpo import GRPOModule
+
+    seen, real = [], losses.surrogate_per_token
+
+    def recording(logp, old_logp, advantages, *args, **kwargs):  # the real surrogate, its ratio kept
+        seen.append((torch.exp(logp.detach().float() - old_logp.float()) - 1).abs())
+        return real(logp, old_logp, advantages, *args, **kwargs)
+
+    monkeypatch.setattr(losses, "surrogate_per_token", recording)
+    module = GRPOModule(model_name_or_path=path, model_dtype=model_dtype, num_generations=4, max_new_tokens=12)
+    enc = module.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    batch = {
+        "prompts": {
+            "prompt_ids": enc.input_ids,
+            "prompt_mask": enc.attention_mask,
+            "prompts": PROMPTS,
+            "answers": ["46", "3", "85", "8"],
+        }
+    }
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=precision,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    torch.manual_seed(1)
+    trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
+    rollout = module.rollout_buffer.cycle["rollout"]
+    masks = [rollout.completion_mask[:, : r.shape[1]] for r in seen]  # one forward over every row (micro-batch)
+    assert len(seen) >= 1 and sum(int(m.sum()) for m in masks) == int(rollout.completion_mask.sum())
+    return torch.cat([r[m.bool().to(r.device)] for r, m in zip(seen, masks)])
+
+
+# transformers#31267: bf16 logits of a KV-cache decode step differ from the full forward's, so old_logp taken
+# from the decode loop made the first, strictly on-policy update off-policy (|ratio - 1| up to 0.31)
+@pytest.mark.parametrize(
+    "model_dtype, precision",
+    [("bfloat16", "32-true"), (None, "bf16-mixed")],
+    ids=["bf16-weights", "bf16-mixed-autocast"],
+)
+def test_the_first_on_policy_update_has_ratio_one_in_bf16(small_qwen2, monkeypatch, model_dtype, precision):
+    ratios = _first_update_ratios(small_qwen2, monkeypatch, model_dtype, precision)
+    assert ratios.numel() > 20
+    assert ratios.max().item() < 1e-3, f"max |ratio - 1| = {ratios.max().item():.4f} on a strictly on-policy update"
+
+
+def test_float32_keeps_the_decode_loops_log_probs_without_a_second_forward(small_qwen2):
+    """In float32 the decode loop's log-probs are the training forward's to rounding (1e-6): no forward is
+    added to sampling, and old_logp is exactly what the loop recorded."""
+    from lit_align.modules.grpo import GRPOModule
+    from lit_align.rollout import sampling_settings
+
+    module = GRPOModule(model_name_or_path=small_qwen2, num_generations=4, max_new_tokens=12)
+    enc = module.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    rows, hook = _rows_per_forward(module.model)
+    try:
+        torch.manual_seed(1)
+        r = module.sample({"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask})
+    finally:
+        hook.remove()
+    assert len(rows) == r.completion_ids.shape[1], "one prefill and one forward per further token, nothing more"
+    settings = sampling_settings(module.model, module.tokenizer, 12)
+    torch.manual_seed(1)
+    ids, old_logp, entropy = decode(module.model, enc.input_ids, enc.attention_mask, settings, repeats=4)
+    assert torch.equal(r.completion_ids, ids) and torch.equal(r.old_logp, old_logp * r.completion_mask)
+    module.train()
+    logp, _ = _fresh(module.model, r, 1.0)
+    assert (torch.exp(logp - r.old_logp) - 1).abs()[r.completion_mask.bool()].max().item() < 1e-5

@@ -99,7 +99,13 @@ class Sampler:
         sample is row i * G + g): each completion starts with its row's given prefix and the policy continues
         it (:func:`lit_align.rollout.generate`); ``Rollout.prefix_mask`` marks the given positions, whose
         ``old_logp`` / ``entropy`` are the policy's, as for sampled tokens. The first call logs which sampler
-        runs and which checkpoint fields were overridden."""
+        runs and which checkpoint fields were overridden.
+
+        ``old_logp`` and ``entropy`` (B * G, T) are the training forward's, so the first update of a rollout
+        batch has ratio 1: for the vLLM engine always from :meth:`trainer_logprobs`; for the HF sampler its
+        decode loop's own where the loop rounds like the training forward (:func:`decode_matches_training`:
+        float32), otherwise (bf16 or fp16 weights, autocast, TF32) from :meth:`trainer_logprobs` too, one
+        more no-grad forward over the rows."""
         s, model = self.settings, self.policy.model
         G = s.num_generations if num_generations is None else num_generations
         if isinstance(G, bool) or not isinstance(G, numbers.Integral) or G < 1:  # 0 used to mean the default
@@ -129,6 +135,9 @@ class Sampler:
                 **decoding(s),
                 **prefix,
             )
+            if not decode_matches_training(model):  # bf16 / autocast / TF32: the training forward's numbers
+                T = 1.0 if greedy else s.temperature
+                rollout.old_logp, rollout.entropy = self.trainer_logprobs(Completions.of(rollout), T, world)
         self._say_once(rollout)
         return rollout
 
@@ -352,6 +361,36 @@ class Sampler:
         if rollout.prefix_mask is not None:  # given tokens: the engine did not sample them, no correction
             weights = torch.where(rollout.prefix_mask[rows, :width].bool(), torch.ones_like(weights), weights)
         return weights
+
+
+def decode_matches_training(model) -> bool:
+    """True when the HF sampler's log-probs equal the training forward's to float32 rounding (about 1e-6),
+    so its ``old_logp`` can stand: every weight of ``model`` float32 or float64, no autocast on their device
+    (Lightning's ``precision: bf16-mixed`` / ``16-mixed``) and float32 matmuls at full precision
+    (``torch.get_float32_matmul_precision() == "highest"``, the default; "high" / "medium" allow TF32 / bf16).
+
+    Otherwise a KV-cache decode step (one query row against the cache) and the full forward over prompt +
+    completion round differently: with bf16 weights the first, strictly on-policy update had max |ratio - 1|
+    up to 0.31 and clip_ratio 0.0013 (issue 22; transformers#31267 is the same effect in HF generate), so
+    the sampler then takes ``old_logp`` from the training forward, as for the vLLM engine. In float32 on the
+    CPU that forward would add a quarter to a third to a GRPO update (sampling + forward-backward, the
+    embedded model), so float32 keeps the loop's log-probs."""
+    exact = (torch.float32, torch.float64)
+    devices = set()
+    for p in model.parameters():
+        if p.dtype not in exact:
+            return False
+        devices.add(p.device.type)
+    if any(_autocast(d) for d in devices):
+        return False
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing is autocast there
+        return False
 
 
 def vllm_importable() -> bool:

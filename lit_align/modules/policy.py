@@ -156,7 +156,9 @@ class PolicyModule(L.LightningModule):
             (each skipped update counts in ``train/skipped_steps``). A checkpoint is never written
             while a weight or optimizer state is non-finite: the save raises NonFiniteError.
         trust_remote_code: passed to from_pretrained; off unless you set it.
-        model_dtype: load the weights in this torch dtype (e.g. bfloat16); None keeps the file's.
+        model_dtype: load the weights in this torch dtype (e.g. bfloat16); None keeps the file's. Where the
+            HF sampler's decode loop rounds unlike the training forward (weights other than float32, autocast,
+            TF32), ``old_logp`` comes from one more no-grad training forward, so the first update has ratio 1.
         lora: train LoRA adapters (peft) instead of all weights: ``peft.LoraConfig`` arguments, e.g.
             ``{r: 16, lora_alpha: 32, target_modules: [q_proj, v_proj], lora_dropout: 0.0}``; null
             (default) trains every weight. With ``beta > 0`` the reference model is the policy with
