@@ -8,6 +8,7 @@ building blocks return (B, T) values (and detached (B, T) metrics) for the calle
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -238,13 +239,21 @@ def weighted_nll_per_token(logp: torch.Tensor, weights: torch.Tensor | None = No
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-6
+    rewards: torch.Tensor,
+    group_size: int,
+    norm: str = "std",
+    eps: float = 1e-6,
+    batch_std: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO advantages for ``rewards`` laid out as consecutive groups of ``group_size``.
 
     std: (r - group mean) / (group std + eps), unbiased std; none: r - group mean (Dr.GRPO);
     batch-std: (r - group mean) / (std over the whole batch + eps).
     A group whose rewards are all equal gets advantage 0; their share is ``frac_reward_zero_std``.
+
+    ``batch_std(rewards)``: the unbiased std of the whole batch's rewards given this part of them, (N,) ->
+    0-dim; under data parallelism the global batch's over every rank (``Ranks.std``: each rank holds whole
+    groups, the batch std spans them all). None: the std of ``rewards`` alone (one process).
     """
     _check_choice("advantage_norm", norm, ADVANTAGE_NORMS)
     if group_size < 2:
@@ -258,7 +267,7 @@ def group_advantages(
     if norm == "std":
         adv = centred / (std + eps)
     elif norm == "batch-std":
-        adv = centred / (rewards.float().std() + eps)
+        adv = centred / ((batch_std or torch.std)(rewards.float()) + eps)
     else:
         adv = centred
     zero_std = std.squeeze(-1) < 1e-8
@@ -303,6 +312,7 @@ def group_advantages_by_id(
     norm: str = "std",
     stats: str = "all",
     eps: float = 1e-6,
+    batch_std: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Group-relative advantages for groups named by ``group_ids``: rows of one prompt in any order, groups of
     any size (G samples plus one or more off-policy members: LUFFY / SRFT demonstrations, HPT).
@@ -325,7 +335,9 @@ def group_advantages_by_id(
     demonstration) gets r_i - mean_g, not divided by a zero std, so a demonstration that succeeds where
     every rollout failed keeps its signal (LUFFY's point). A group with no member in the statistics has no
     baseline: all its advantages are 0. Under "batch-std" a batch std below 1e-8 (or of fewer than 2
-    rewards) divides by 1.
+    rewards) divides by 1. ``batch_std``: as in :func:`group_advantages`, given the rewards in the
+    statistics (every rank's under data parallelism: ``Ranks.std``, NaN for fewer than 2); None: this
+    batch's alone.
 
     LUFFY's official compute_grpo_outcome_advantage_split (ElliottYan/LUFFY, luffy/verl/verl/mix_src/
     mix_core_alg.py) differs in those corners only: a zero on-policy std is replaced by 1 (so
@@ -364,8 +376,11 @@ def group_advantages_by_id(
     if norm == "std":
         adv = centred / torch.where(zero_std, one, std + eps)[group]
     elif norm == "batch-std":
-        batch_std = population.std() if population.numel() > 1 else torch.zeros_like(one)
-        adv = centred / torch.where(batch_std < 1e-8, one, batch_std + eps)
+        if batch_std is None:
+            spread = population.std() if population.numel() > 1 else torch.zeros_like(one)
+        else:  # every rank's statistics: fewer than 2 rewards in all (NaN) have no spread either
+            spread = torch.nan_to_num(batch_std(population).to(r.dtype), nan=0.0)
+        adv = centred / torch.where(spread < 1e-8, one, spread + eps)
     else:
         adv = centred
     # members of degenerate statistics sit exactly at the mean: 0, not a rounding residue of r - mean

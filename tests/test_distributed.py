@@ -192,7 +192,7 @@ def _slice(batches: dict, method: str, rank: int, world: int) -> dict:
     }
     if method == "sft":
         return expert
-    if method in ("grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft"):
+    if method.removesuffix("_batch_std") in ("grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft"):
         return prompts
     if method == "hpt":
         part = lambda v: v[rank::world] if world > 1 else v  # noqa: E731  (one prompt per rank)
@@ -213,11 +213,25 @@ AMFT_ONE_META_STEP = dict(  # every update a meta step, from the first: mu moves
 # AMFT whose look-ahead is AdamW's own step: two updates on the batch, the second a meta step (so
 # the optimizer has moments), each rank's moments being shards of the whole model's under FSDP2
 AMFT_ADAM_META_STEP = dict(AMFT_ONE_META_STEP, meta_interval=2, lookahead="optimizer", controller_lr=0.2)
-METHODS = ("sft", "grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft", "amft", "amft_adam")
 # GRPO on two objectives of the RL-objective settings: GSPO's sequence ratio (a per-row mean over tokens,
 # two rows per rank, one per micro-batch) and Dr.GRPO's constant normaliser (rows x loss_scale_factor)
 GSPO = {"num_generations": 2, "importance_sampling_level": "sequence", "entropy_coef": 0.05}
 DR_GRPO = {"num_generations": 2, "loss_aggregation": "seq-mean-token-sum-norm", "loss_scale_factor": 4.0}
+# advantage_norm batch-std: the std of the GLOBAL batch's rewards (LUFFY: of its on-policy rows, one per rank)
+BATCH_STD = {"advantage_norm": "batch-std"}
+METHODS = (
+    "sft",
+    "grpo",
+    "grpo_gspo",
+    "grpo_dr",
+    "luffy",
+    "srft",
+    "prefix_rft",
+    "amft",
+    "amft_adam",
+    "grpo_batch_std",
+    "luffy_batch_std",
+)
 # HPT at gate 1 counting rewards > 0: rank 0's prompt (rewards 1.0, 0.0) trains its demonstration with SFT,
 # rank 1's (0.2, 0.9) its samples with GRPO, so each rank holds rows of one term only
 HPT = {"num_generations": 2, "gate": 1, "correct_by": "reward", "sft_loss_coef": 0.7}
@@ -236,6 +250,12 @@ def _one_step(ckpt: str, method: str, batch: dict, strategy, devices: int):
         "amft": (FixedRolloutAMFT, {**AMFT_ONE_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 1),
         "amft_adam": (FixedRolloutAMFT, {**AMFT_ADAM_META_STEP, "controller": ScalarMu(init_mu=0.5)}, 2),
         "hpt": (FixedRolloutHPT, HPT, 1),
+        "grpo_batch_std": (FixedRolloutGRPO, {"num_generations": 2, **BATCH_STD}, 1),
+        "luffy_batch_std": (
+            FixedGroupsLUFFY,
+            {"num_generations": 2, "demonstrations_per_prompt": 1, "advantage_stats": "on_policy", **BATCH_STD},
+            1,
+        ),
     }[method]
     if method == "amft_adam":
         optimizer = lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)  # noqa: E731
@@ -282,10 +302,24 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str, methods=ME
                 results[f"reduce-rank{rank}"] = module.reduce_metrics(
                     {"x": torch.tensor(float(rank)), "reward_errors": 1.0}
                 )
+                results[f"reward-metrics-rank{rank}"] = _reward_metrics(module, rank)
                 results[f"generate-rank{rank}"] = _uneven_generation(module, rank)
             if method == "prefix_rft":
                 results[f"{strategy}-prefix-generate-rank{rank}"] = _prefix_on_one_rank(module, rank)
     torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+# each rank's scores of one reward function, NaN where it does not apply: 2 and 3 rows apply
+REWARD_ROWS = ([1.0, float("nan"), 0.0], [0.1, 0.15, float("nan"), 0.2])
+
+
+def _reward_metrics(module, rank: int) -> dict:
+    """``rewards/<name>/mean`` and ``/std`` as logged (each rank's values averaged by reduce_metrics)."""
+    from lit_align.rewards import RewardScores
+
+    per_function = torch.tensor(REWARD_ROWS[rank]).unsqueeze(-1).expand(-1, len(module.rewards.names))
+    scores = RewardScores(per_function.nan_to_num().sum(-1), per_function.contiguous(), 0)
+    return {k: float(v) for k, v in module.reduce_metrics(module.reward_metrics(scores)).items()}
 
 
 def _uneven_generation(module, rank: int) -> int:
@@ -344,7 +378,10 @@ def _assert_same_update(dist_state: dict, single_state: dict, start: dict) -> No
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 # (not amft_adam's weights: Adam's first step is lr g / (|g| + eps), so where an element's gradient is
 # near eps the last-bit differences of a gradient summed in another order show; its test is mu, below)
-@pytest.mark.parametrize("method", ["sft", "grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft", "amft"])
+@pytest.mark.parametrize(
+    "method",
+    ["sft", "grpo", "grpo_gspo", "grpo_dr", "luffy", "srft", "prefix_rft", "amft", "grpo_batch_std", "luffy_batch_std"],
+)
 def test_two_ranks_take_the_same_step_as_one_process(two_rank_results, ckpt, method, strategy):
     from safetensors.torch import load_file
 
@@ -431,6 +468,20 @@ def test_log_metric_values_are_pooled_over_ranks(tmp_path):
         results = torch.load(tmp_path / f"pool{rank}.pt", weights_only=False)
         assert results["pooled"] == {"judge_ms": (30.0, 3), "only_on_rank_1": (3.0, 1)}
         assert results["none"] == {}
+
+
+def test_reward_function_mean_and_std_are_the_global_batchs(two_rank_results):
+    """TRL's rewards/<name>/mean and /std over the rows a function applies to on all ranks, not the mean
+    of each rank's statistics (rank 0: 2 rows apply, rank 1: 3)."""
+    results, _ = two_rank_results
+    applied = torch.tensor([v for rows in REWARD_ROWS for v in rows])
+    applied = applied[~applied.isnan()]
+    for rank in range(2):
+        metrics = results[f"reward-metrics-rank{rank}"]
+        assert metrics and all(k.startswith("rewards/") for k in metrics)
+        for name, value in metrics.items():
+            want = applied.mean() if name.endswith("/mean") else applied.std()
+            assert value == pytest.approx(float(want), rel=1e-6), name
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

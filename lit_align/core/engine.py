@@ -121,6 +121,27 @@ class Ranks:
         k = len(names)
         return {n: (s / c, int(c)) for n, s, c in zip(names, totals[:k], totals[k:]) if c > 0}
 
+    def mean_std(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and unbiased std of ``values`` (1-D, this rank's) over every rank's values: the global batch's
+        statistics, not the mean of each rank's. 0-dim tensors of ``values``' dtype and device; NaN where
+        undefined (no value anywhere; fewer than 2 for the std). One process: ``values.mean()`` and
+        ``values.std()`` themselves. Several: two all-reduces in float64, the count and sum, then the squared
+        deviations from the global mean (no cancellation of large squares). Every rank must call it."""
+        nan = values.new_tensor(float("nan"))
+        if self.world == 1:
+            n = values.numel()
+            return (values.mean() if n else nan), (values.std() if n > 1 else nan)
+        x = values.detach().double()
+        n, total = self.sums([x.numel(), float(x.sum())])
+        mean = total / n if n else float("nan")
+        squares = self.sums([float(((x - mean) ** 2).sum()) if n else 0.0])[0]
+        std = (squares / (n - 1)) ** 0.5 if n > 1 else float("nan")
+        return values.new_tensor(mean), values.new_tensor(std)
+
+    def std(self, values: torch.Tensor) -> torch.Tensor:
+        """The unbiased std of ``values`` over every rank's values (see :meth:`mean_std`)."""
+        return self.mean_std(values)[1]
+
 
 def length_groups(attention_mask: torch.Tensor, max_groups: int) -> list[tuple[torch.Tensor, int]] | None:
     """Split a batch's rows into at most ``max_groups`` groups of similar length, each to be run

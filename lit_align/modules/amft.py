@@ -318,7 +318,8 @@ class AMFTModule(PolicyModule):
         shown = self.last_samples
         rollout, rewards, _ = self.rollout_and_score(meta)
         self.last_samples = shown  # the sample monitor keeps showing training rollouts
-        adv, m = losses.group_advantages(rewards, self.hparams.num_generations, self.hparams.advantage_norm)
+        hp = self.hparams
+        adv, m = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm, batch_std=self.ranks.std)
         return {"rollout": rollout, "advantages": adv, "reward": float(m["reward_mean"])}
 
     def val_term(self, held: dict) -> Term:

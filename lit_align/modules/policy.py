@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import random
 from collections.abc import Callable
 from typing import Literal
@@ -133,7 +132,7 @@ class PolicyModule(L.LightningModule):
             (Dr.GRPO: each row's token sum divided by the constant ``loss_scale_factor``, then the mean
             over rows; TRL's dr_grpo) (both terms).
         loss_scale_factor: seq-mean-token-sum-norm's constant (verl's name); null: max_new_tokens.
-        advantage_norm: std (GRPO), none (Dr.GRPO) or batch-std.
+        advantage_norm: std (GRPO), none (Dr.GRPO) or batch-std (the global batch's std, all ranks).
         reward: a reward function or a list of them (class paths, or ``package.module.function`` paths
             in YAML); exact final-answer match by default. A lit-align ``RewardFunction`` (or a callable
             taking ``(prompts, completions, answers)`` and no ``**kwargs``) is called
@@ -215,7 +214,8 @@ class PolicyModule(L.LightningModule):
 
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
-    rank), scalars are averaged over ranks before logging, and mu, the finite-update decision and
+    rank; ``batch-std`` divides by the global batch's std, over every rank), scalars are averaged over
+    ranks before logging (``rewards/<name>/mean`` and ``/std`` are the global batch's), and mu, the finite-update decision and
     the reward mean seen by adaptive schedules are identical on all ranks. Each loss term is
     normalised by its token (or row) count over the whole update on all ranks
     (:mod:`lit_align.modules.engine`), so an update equals one process on the global batch whatever
@@ -514,15 +514,16 @@ class PolicyModule(L.LightningModule):
         )
 
     def reward_metrics(self, scores: RewardScores) -> dict:
-        """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to (TRL's
-        names; NaN where it applies to none / to one); the values the functions gave ``log_metric``, averaged
-        over the calls on all ranks (a collective: every rank scores at once), under :data:`REWARD_LOGGED`."""
-        out = {}
+        """``rewards/<name>/mean`` and ``/std`` per reward function, over the rows it applies to on every
+        rank (TRL's names, over its gathered batch; NaN where it applies to none / to one; each rank returns the
+        global values, so averaging them over ranks for the log keeps them); the values the functions gave
+        ``log_metric``, averaged over the calls on all ranks (a collective: every rank scores at once), under
+        :data:`REWARD_LOGGED`."""
+        out, ranks = {}, self.ranks
         for k, name in enumerate(self.rewards.names):
             values = scores.per_function[:, k]
-            values = values[~torch.isnan(values)]
-            out[f"rewards/{name}/mean"] = values.mean() if values.numel() else torch.tensor(math.nan)
-            out[f"rewards/{name}/std"] = values.std() if values.numel() > 1 else torch.tensor(math.nan)
+            mean, std = ranks.mean_std(values[~torch.isnan(values)])
+            out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"] = mean, std
         if self.rewards.may_log:
             pooled = self.ranks.pooled_means(scores.logged)
             out[REWARD_LOGGED] = {name: torch.tensor(mean) for name, (mean, _) in pooled.items()}
@@ -583,12 +584,13 @@ class PolicyModule(L.LightningModule):
         (``mask_truncated_completions`` drops truncated completions from it)."""
         hp = self.hparams
         rollout, rewards, metrics = self.rollout_and_score(prompts)
+        batch_std = self.ranks.std  # advantage_norm batch-std: the global batch's std, every rank's rewards
         if rollout.group_ids is None and rollout.off_policy is None:  # groups of G samples
-            adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+            adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm, batch_std=batch_std)
         else:  # mixed groups: statistics over every member, or over the on-policy ones
             on = ~groups.off_policy(rollout)
             adv, more = losses.group_advantages_by_id(
-                rewards, rollout.group_ids, on, hp.advantage_norm, self.advantage_stats
+                rewards, rollout.group_ids, on, hp.advantage_norm, self.advantage_stats, batch_std=batch_std
             )
         metrics.update(more)
         truncated = self.sampler.truncated(rollout)
@@ -724,7 +726,7 @@ class PolicyModule(L.LightningModule):
         """The RL term alone over ``rollout`` scored ``rewards`` (advantages within each group),
         weighted ``weight``: its gradient accumulated in ``.grad``, its value (detached) and metrics."""
         hp = self.hparams
-        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm)
+        adv, metrics = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm, batch_std=self.ranks.std)
         loss, more = self.run_terms([self.rl_term(rollout, adv, weight)])
         return loss, {**metrics, **more}
 
