@@ -231,3 +231,134 @@ def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 2}, target)
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt"]
+
+
+# ----------------------------------------------------------------------------- another number of devices
+# GRPO with each rollout batch split over 2 updates (steps_per_generation 2): updates 3-4 and 5-6 share one
+# rollout batch each, so the checkpoints after updates 3 and 5 fall inside a rollout batch. CharCodeReward:
+# nearly every group has non-zero advantages, so each rank's rows move the weights.
+INSIDE_A_ROLLOUT_BATCH = [
+    "--model.init_args.steps_per_generation=2",
+    "--model.init_args.reward=_rewards.CharCodeReward",
+    "--trainer.limit_val_batches=0",
+    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+    "--trainer.callbacks.every_n_train_steps=1",
+    "--trainer.callbacks.save_top_k=-1",
+    "--trainer.callbacks.filename=periodic-{step}",
+]
+
+
+def _policy_weights(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def test_a_checkpoint_inside_a_rollout_batch_resumes_on_other_device_counts(tmp_path):
+    """Taken on 2 devices after update 3 (the rollout batch of updates 3-4 half used), a checkpoint resumed
+    on 1 device trains update 4 on both ranks' buffered rollouts: the weights after it are the 2-device run's
+    (only rank 0's rows were kept, silently: half the update). A checkpoint taken on 1 device inside a rollout
+    batch cannot be split over 2: the resume stops before training, naming both device counts."""
+    from test_distributed import train
+
+    proc, two = train("grpo", "ddp", tmp_path / "two", *INSIDE_A_ROLLOUT_BATCH, "--trainer.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    saved = {p.name: p for p in two.rglob("periodic-step=*.ckpt")}
+    assert {"periodic-step=3.ckpt", "periodic-step=4.ckpt"} <= set(saved)
+    rollouts = torch.load(saved["periodic-step=3.ckpt"], weights_only=False)["lit_align_state"]["rng"]
+    assert [len(r["rollout_batch"]["advantages"]) for r in rollouts] == [4, 4], "2 prompts x G=2 on each rank"
+
+    proc, one = train(
+        "grpo",
+        "auto",
+        tmp_path / "one",
+        *INSIDE_A_ROLLOUT_BATCH,
+        "--trainer.devices=1",
+        "--trainer.max_steps=5",
+        f"--ckpt_path={saved['periodic-step=3.ckpt']}",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = {p.name: p for p in one.rglob("periodic-step=*.ckpt")}
+    before, want = _policy_weights(saved["periodic-step=3.ckpt"]), _policy_weights(saved["periodic-step=4.ckpt"])
+    got = _policy_weights(resumed["periodic-step=4.ckpt"])
+    assert sum(float((want[k] - before[k]).abs().sum()) for k in want) > 1e-3, "update 4 moved the weights"
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+    # the 1-device run's checkpoint after update 5 holds one rank's half-used rollout batch: not for 2 devices
+    proc, _ = train(
+        "grpo", "ddp", tmp_path / "more", *INSIDE_A_ROLLOUT_BATCH, f"--ckpt_path={resumed['periodic-step=5.ckpt']}"
+    )
+    assert proc.returncode != 0, "resumed on 2 devices from 1 device's rollouts"
+    err = proc.stderr
+    assert "taken on 1 device" in err and "resumed on 2 devices" in err, err[-3000:]
+    assert "periodic-step=5.ckpt" in err and "multiple of 2" in err, err[-3000:]
+    assert "Epoch 0" not in err and not list((tmp_path / "more").rglob("periodic-step=6.ckpt"))
+
+
+def _rank_batches(ckpt: str, module) -> list[dict]:
+    """Two ranks' buffered rollout batches (as checkpoints hold them): their own prompts, of other widths."""
+    from _rewards import CharCodeReward
+
+    module.rewards = module.heldout.rewards = type(module.rewards)(CharCodeReward())
+    out = []
+    for texts, answers in ((["12+34=", "1+2="], ["46", "3"]), (["57+28=", "4+4=", "1999+10="], ["85", "8", "2009"])):
+        enc = module.tokenizer(texts, padding=True, return_tensors="pt")
+        prompts = {"prompt_ids": enc.input_ids, "prompt_mask": enc.attention_mask, "prompts": texts, "answers": answers}
+        module.rollout_buffer.cycle = module.rollout_batch(prompts)
+        out.append({"rollout_batch": module.rollout_buffer.state_dict()})
+    module.rollout_buffer.cycle = None
+    return out
+
+
+def test_fewer_devices_take_every_ranks_rollouts_each_update_its_own_mini_batches(ckpt):
+    """The merge of 2 ranks' rollout batches on 1 device: update r of the batch trains on rank 0's mini-batch
+    r and rank 1's, padded to common widths without changing a log-prob; the metrics are averaged (counts
+    summed); at a rollout-batch boundary nothing is kept."""
+    from lit_align.core.policy import Completions
+    from lit_align.modules.grpo import GRPOModule
+
+    torch.manual_seed(0)
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=6, steps_per_generation=3)
+    states = _rank_batches(ckpt, module)
+    sources = [s["rollout_batch"] for s in states]
+    assert sources[0]["rollout"]["prompt_ids"].shape[1] != sources[1]["rollout"]["prompt_ids"].shape[1]
+    assert module._buffered_rollouts(states, 0, 1, {"global_step": 3}) is None, "a boundary: sampled afresh"
+    merged = module._buffered_rollouts(states, 0, 1, {"global_step": 4})
+    module.rollout_buffer.load_state_dict(merged)
+    cycle = module.rollout_buffer.cycle
+    assert len(cycle["advantages"]) == len(cycle["rollout"].completions) == 4 + 6
+    summed = sum(float(s["metrics"]["reward_errors"]) for s in sources)
+    assert float(cycle["metrics"]["reward_errors"]) == summed
+    mean = (float(sources[0]["metrics"]["reward_mean"]) + float(sources[1]["metrics"]["reward_mean"])) / 2
+    assert float(cycle["metrics"]["reward_mean"]) == pytest.approx(mean)
+    module.train()
+    for position in range(3):
+        rows = module.rollout_buffer.rollout_rows(cycle, position)
+        want = []
+        for s in sources:
+            part = module.rollout_buffer.minibatch(len(s["advantages"]), position)
+            want += [(s["rollout"]["completions"][i], float(s["advantages"][i])) for i in part.tolist()]
+        got = list(zip(rows["rollout"].completions, rows["advantages"].tolist()))
+        assert got == want, position
+        r = rows["rollout"]
+        with torch.no_grad():
+            logp = module.policy.logprobs(Completions.of(r), torch.arange(len(got))).logp
+        m = r.completion_mask[:, : logp.shape[1]].bool()
+        # the sampling-time log-probs stand against the merged, padded rows: the first update has ratio 1
+        assert (logp - r.old_logp[:, : logp.shape[1]]).abs()[m].max() < 1e-5
+
+
+def test_a_rollout_batch_that_cannot_be_merged_is_refused_naming_the_device_counts(ckpt):
+    """More devices than the checkpoint's (a rank would have no rows), and HPT on fewer (its buffered rows
+    point into the training batch by prompt index): a ValueError before any update."""
+    from lit_align.modules.grpo import GRPOModule
+    from lit_align.modules.hpt import HPTModule
+
+    module = GRPOModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=4, steps_per_generation=3)
+    states = _rank_batches(ckpt, module)
+    with pytest.raises(ValueError, match=r"taken on 1 device inside a rollout batch .* resumed on 2 devices"):
+        module._buffered_rollouts(states[:1], 1, 2, {"global_step": 4})
+    hpt = HPTModule(model_name_or_path=ckpt, num_generations=2, max_new_tokens=4, steps_per_generation=3)
+    with pytest.raises(ValueError, match=r"taken on 2 devices .* resumed on 1 device: HPTModule reads each"):
+        hpt._buffered_rollouts(states, 0, 1, {"global_step": 5})
+    assert hpt._buffered_rollouts(states, 0, 1, {"global_step": 6}) is None  # a boundary: nothing to merge

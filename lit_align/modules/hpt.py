@@ -113,6 +113,7 @@ class HPTModule(PolicyModule):
 
     demonstrations_per_prompt = 1
     HEADLINE_METRICS = ("train/reward_mean", "train/gate_sft_share")
+    rollouts_read_training_batch = True  # the SFT term reads the routed prompts' demonstrations from u.batch
 
     def __init__(
         self,

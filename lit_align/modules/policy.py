@@ -850,10 +850,54 @@ class PolicyModule(L.LightningModule):
         self.skipped_steps = state["skipped_steps"]
         self._consecutive_skips = state["consecutive_skips"]
         self.reward_errors = state.get("reward_errors", 0)
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         states = state["rng"]
         self._rng_to_restore = states[rank] if rank < len(states) else None  # another world size: fresh RNG
-        self.rollout_buffer.load_state_dict(self._rng_to_restore.get("rollout_batch") if self._rng_to_restore else None)
+        self.rollout_buffer.load_state_dict(self._buffered_rollouts(states, rank, world, checkpoint))
+
+    # the buffered rollout rows point into the training batch (HPT: each prompt's demonstration, by index),
+    # which on another number of devices holds other rows: such a checkpoint inside a rollout batch resumes
+    # only on its own device count
+    rollouts_read_training_batch = False
+
+    def _buffered_rollouts(self, states: list[dict], rank: int, world: int, checkpoint: dict) -> dict | None:
+        """This rank's buffered rollout batch from a checkpoint's per-rank states, taken on ``len(states)``
+        devices and resumed on ``world``. The same count: this rank's own. Inside a rollout batch (the next
+        update is not its first: ``global_step`` not a multiple of the updates per rollout batch) on fewer
+        devices: several ranks' batches merged (:func:`lit_align.core.buffer.merge_states`, contiguous ranks
+        per device), so the remaining updates train on the global rows of the interrupted run. On more
+        devices (a rank would have none) or for a method whose rows point into the training batch: a
+        ValueError naming both device counts and what to do, before any update. At a rollout-batch
+        boundary the buffer is refilled anyway: nothing is kept."""
+        saved = len(states)
+        if saved == world:
+            return states[rank].get("rollout_batch")
+        k, step = self.rollout_buffer.updates_per_batch, int(checkpoint.get("global_step", 0))
+        batches = [s.get("rollout_batch") for s in states]
+        if step % k == 0 or all(b is None for b in batches):
+            return None
+        if world > saved or self.rollouts_read_training_batch:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            on = f"{saved} device{'s' * (saved > 1)}"
+            why = (
+                f"{type(self).__name__} reads each buffered prompt's demonstration from the training batch, which "
+                f"holds other prompts on {world} device{'s' * (world > 1)}"
+                if world < saved and self.rollouts_read_training_batch
+                else f"the rollouts buffered on {on} cannot be split over {world} devices without leaving one none"
+            )
+            raise ValueError(
+                f"{f'checkpoint {path}' if path else 'the checkpoint'} was taken on {on} inside a rollout batch "
+                f"(global_step {step}: the next update is number {step % k + 1} of the {k} that share one, "
+                f"model.steps_per_generation x model.num_iterations) and is resumed on {world} device{'s' * (world > 1)}: {why}. Resume on {on}, "
+                f"or from a checkpoint whose global_step is a multiple of {k} (a rollout-batch boundary)."
+            )
+        from lit_align.core.buffer import merge_states
+
+        mine = [batches[i] for i in torch.tensor_split(torch.arange(saved), world)[rank].tolist()]
+        mine = [b for b in mine if b is not None]  # a rank with nothing buffered had no rows to keep
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        spg = self.rollout_buffer.steps_per_generation
+        return merge_states(mine, spg, pad, self.SUMMED_METRICS) if mine else None
 
     def on_train_start(self) -> None:
         """Put back the RNG states of the checkpoint, as late as possible: after the sanity check and the
