@@ -68,6 +68,48 @@ def test_sampler_logp_diff_and_importance_weights_by_hand(ckpt):
     assert module.sampler.importance_weights(r, rows, 9) is None
 
 
+def test_a_groups_demonstration_is_not_counted_as_the_engines_tokens(ckpt):
+    """LUFFY's and SRFT's groups (and HPT's soft ones) mix a vLLM rollout with each prompt's demonstration,
+    which the engine never sampled (no engine log-prob) and whose behaviour log-probs may be given
+    (LUFFY's behaviour_logprobs=given): train/sampler_logp_diff(_max) average the engine's tokens only,
+    and the importance-sampling weights of the demonstration's tokens are 1. A Prefix-RFT row (off-policy, with
+    given tokens) keeps its sampled continuation in both."""
+    from lit_align.core import groups
+    from lit_align.modules.luffy import given_logprobs
+
+    module = GRPOModule(model_name_or_path=ckpt, vllm_importance_sampling_correction=True)
+    shift = torch.zeros(8, 9)
+    shift[0, 0], shift[3, 2] = 0.5, -1.0
+    sampled = _vllm_rollout(module, shift)  # 2 prompts x 4 engine samples
+    # row 3 continues 2 given tokens, off-policy as Prefix-RFT marks it: its continuation is the engine's
+    sampled.prefix_mask = torch.zeros_like(sampled.completion_mask)
+    sampled.prefix_mask[3, :2] = 1
+    sampled.off_policy = sampled.prefix_mask.any(-1)
+    D = 5
+    prompts = {
+        "prompt_ids": sampled.prompt_ids[::4],
+        "prompt_mask": sampled.prompt_mask[::4],
+        "demo_ids": torch.randint(3, len(module.tokenizer), (2, 1, D)),
+        "demo_mask": torch.ones(2, 1, D, dtype=torch.long),
+        "demo_logp": torch.full((2, 1, D), -1.5),
+        "demonstrations": [["first"], ["second"]],
+    }
+    demos = groups.demonstration_rows(prompts, 1)
+    demos.old_logp = given_logprobs(prompts, 1, demos)
+    mixed = groups.mix(sampled, 4, demos)
+    demo = groups.off_policy(mixed) & ~mixed.prefix_mask.bool().any(-1)
+    assert int(demo.sum()) == 2 and float(mixed.sampler_logp[demo].abs().sum()) == 0
+    m = module.sampler.metrics(mixed)
+    engine_tokens = int(sampled.completion_mask.sum()) - 2
+    assert float(m["sampler_logp_diff"]) == pytest.approx(1.5 / engine_tokens, rel=1e-5)
+    assert float(m["sampler_logp_diff_max"]) == pytest.approx(1.0, rel=1e-6)
+    rows = torch.arange(len(mixed.completions))
+    w = module.sampler.importance_weights(mixed, rows, mixed.completion_ids.shape[1])
+    drawn = mixed.completion_mask.bool() & ~mixed.prefix_mask.bool() & ~demo.unsqueeze(-1)
+    assert bool((w[~drawn] == 1).all()), "no correction on tokens the engine did not sample"
+    torch.testing.assert_close(w[drawn], torch.exp(mixed.old_logp[drawn] - mixed.sampler_logp[drawn]).clamp(max=3.0))
+
+
 def test_importance_weights_scale_the_rl_term(ckpt):
     module = GRPOModule(
         model_name_or_path=ckpt, vllm_importance_sampling_correction=True, loss_aggregation="token-mean"

@@ -337,13 +337,12 @@ class Sampler:
     # ------------------------------------------------------------------ what the losses and logs read
     @staticmethod
     def metrics(rollout: Rollout) -> dict:
-        """``sampler_logp_diff`` and ``sampler_logp_diff_max``: mean and max over completion tokens of
-        |sampler log-prob - trainer log-prob| (nats) of a vLLM rollout; {} for the HF sampler."""
+        """``sampler_logp_diff`` and ``sampler_logp_diff_max``: mean and max over the tokens the engine
+        sampled (:func:`engine_tokens`) of |sampler log-prob - trainer log-prob| (nats) of a vLLM rollout;
+        {} for the HF sampler."""
         if rollout.sampler_logp is None:
             return {}
-        m = rollout.completion_mask.bool()
-        if rollout.prefix_mask is not None:  # given tokens were not sampled by the engine
-            m = m & ~rollout.prefix_mask.bool()
+        m = engine_tokens(rollout)
         diff = (rollout.sampler_logp - rollout.old_logp).abs()[m]
         if diff.numel() == 0:
             return {"sampler_logp_diff": torch.tensor(0.0), "sampler_logp_diff_max": torch.tensor(0.0)}
@@ -358,9 +357,22 @@ class Sampler:
             return None
         diff = rollout.old_logp[rows, :width] - rollout.sampler_logp[rows, :width]
         weights = torch.exp(diff).clamp(max=s.vllm_importance_sampling_cap)
-        if rollout.prefix_mask is not None:  # given tokens: the engine did not sample them, no correction
-            weights = torch.where(rollout.prefix_mask[rows, :width].bool(), torch.ones_like(weights), weights)
-        return weights
+        sampled = engine_tokens(rollout)[rows, :width]  # elsewhere the engine sampled nothing: no correction
+        return torch.where(sampled, weights, torch.ones_like(weights))
+
+
+def engine_tokens(rollout: Rollout) -> torch.Tensor:
+    """(N, T) bool: the completion tokens the sampler drew: all of them but the given ones, which are a
+    prefix's (``prefix_mask``: Prefix-RFT's, UFT's) and every token of an off-policy row without a prefix
+    (a group's demonstration, :func:`lit_align.core.groups.mix`: LUFFY, SRFT, HPT soft), whose log-probs are
+    0 or given behaviour log-probs, never the engine's. An off-policy row with a prefix (Prefix-RFT's
+    hybrid rows) keeps its sampled continuation."""
+    m = rollout.completion_mask.bool()
+    given = torch.zeros_like(m) if rollout.prefix_mask is None else rollout.prefix_mask.bool()
+    if rollout.off_policy is not None:
+        demonstration = rollout.off_policy.to(m.device) & ~given.any(-1)
+        given = given | demonstration.unsqueeze(-1)
+    return m & ~given
 
 
 def decode_matches_training(model) -> bool:
