@@ -13,39 +13,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _vllm_helpers import KV_CACHE_BYTES, PolicyLogits
+from _vllm_helpers import ROOT, PolicyLogits, fit_config
 
 from lit_align.events import read_scalars
 
-ROOT = Path(__file__).resolve().parents[2]
-
-TINY = [
-    "--trainer.max_steps=3",
-    "--trainer.val_check_interval=3",
-    "--trainer.limit_val_batches=1",
-    "--trainer.log_every_n_steps=1",
-    "--trainer.num_sanity_val_steps=0",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.accelerator=cpu",
-    "--data.init_args.expert_batch_size=4",
-    "--data.init_args.prompt_batch_size=2",
-    "--data.init_args.val_batch_size=4",
-    "--model.init_args.num_generations=4",
-    "--model.init_args.max_new_tokens=4",
-    "--model.init_args.rollout_engine",
-    "vllm",
-    f"--model.init_args.vllm_kv_cache_memory_bytes={KV_CACHE_BYTES}",
-    "--model.init_args.warmup_steps=0",
-    "--model.init_args.optimizer.init_args.lr=0.01",
-]
 RL_FROM_THE_START = {
     "chord_phi": ["--model.init_args.sft_warmup_steps=0"],
     "amft": [
@@ -68,33 +45,8 @@ USUAL = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def fit(config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
-    }
-    args = [
-        sys.executable,
-        "train.py",
-        "fit",
-        "--config",
-        f"configs/{config}.yaml",
-        *TINY,
-        *RL_FROM_THE_START[config],
-        f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.callbacks+=_vllm_helpers.EngineReport",
-        f"--trainer.callbacks.out={out}",
-        *extra,
-    ]
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+def fit(config: str, out, *extra: str):
+    return fit_config(config, out, *RL_FROM_THE_START[config], *extra)
 
 
 def _check(proc, out: Path, world: int) -> dict:
