@@ -328,3 +328,47 @@ def test_memory_scale_guard_kills_a_process_above_the_cap(tmp_path):
     assert out["peak_gib"] >= out["killed_at_gib"]
     assert memory_scale.covers((4, 128), (8, 128)) and memory_scale.covers((4, 128), (4, 256))
     assert not memory_scale.covers((4, 128), (2, 512))
+
+
+def test_memory_methods_quick_runs_each_recipe_offline_in_its_own_process(tmp_path):
+    """benchmarks/memory_methods.py --quick: configs/math_chord_phi.yaml and configs/math_hpt.yaml each run as
+    ``python train.py fit`` on a random 151,936-token Qwen2 chat checkpoint and GSM8K-format rows built by the
+    script, with micro_batch_size 2 honoured, and their peaks recorded in order."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/memory_methods.py",
+            "--quick",
+            "--configs",
+            "math_chord_phi",
+            "math_hpt",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "memory_methods.json").read_text())
+    assert out["command"].startswith("python benchmarks/memory_methods.py --quick") and out["date"]
+    assert out["model"]["vocab"] == 151936 and out["model"]["architecture"] == "Qwen2ForCausalLM"
+    runs = {r["config"]: r for r in out["runs"]}
+    assert list(runs) == ["math_chord_phi", "math_hpt"]
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        assert (
+            0 < r["baseline_peak_gib"] <= r["peak_at_train_start_gib"] <= r["peak_after_step_gib"][0] <= r["peak_gib"]
+        )
+        assert r["update_gib"] == pytest.approx(r["peak_gib"] - r["baseline_peak_gib"])
+        assert r["steps_done"] == 2 and r["logged_steps"] == 2 and len(r["peak_after_step_gib"]) == 2
+        assert r["micro_batch_size"] == 2 and 1 <= r["forwards"]["train"]["max_rows"] <= 2
+        assert r["num_generations"] == 4 and r["logged_means"]["train/completion_length"] == 8.0
+    assert runs["math_chord_phi"]["module"] == "CHORDModule" and runs["math_chord_phi"]["logged_means"][
+        "train/mu"
+    ] == pytest.approx(0.1)
+    # a random checkpoint answers nothing right: HPT routes every prompt to SFT on its worked solution
+    assert runs["math_hpt"]["module"] == "HPTModule" and runs["math_hpt"]["logged_means"]["train/gate_sft_share"] == 1.0
+    table = (tmp_path / "memory_methods.md").read_text()
+    assert "`python benchmarks/memory_methods.py --quick" in table and "| math_hpt | HPTModule | 8.0 |" in table
