@@ -132,6 +132,10 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = 
         generation_config = GenerationConfig.from_pretrained(source)
     except OSError:
         generation_config = GenerationConfig.from_model_config(config)
+    tokenizer = load_tokenizer(name, remote)
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    if data:  # the run's rollouts also stopped where its demonstrations ended (data.eos_token): so does the export
+        _add_end_token(generation_config, tokenizer, data)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise ValueError(f"{ckpt}: its state_dict holds no policy weights (keys starting with 'model.')")
@@ -145,7 +149,23 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, base: str | None = 
         with torch.device("meta"):
             skeleton = apply_lora(AutoModelForCausalLM.from_config(config, trust_remote_code=remote), hp["lora"])
         state, untie = merged_state_dict(skeleton, state), unties_embeddings(skeleton)
-    return save_hf_dir(config, generation_config, load_tokenizer(name, remote), state, out_dir, remote, untie)
+    return save_hf_dir(config, generation_config, tokenizer, state, out_dir, remote, untie)
+
+
+def _add_end_token(generation_config, tokenizer, data: dict) -> None:
+    """Append the token the run's demonstrations ended with (from the data module's saved settings, as
+    :meth:`lit_align.core.policy.Policy.add_end_token` does at set-up) to ``generation_config.eos_token_id``.
+    A checkpoint written before ``data.eos_token`` existed ended them with the EOS."""
+    from lit_align.data.chat import end_token
+
+    chat = bool(data.get("use_chat_template", True) and getattr(tokenizer, "chat_template", None))
+    end, _ = end_token(tokenizer, data.get("eos_token", "eos"), chat)
+    eos = generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None and not eos:
+        eos = [tokenizer.eos_token_id]
+    if end not in eos:
+        generation_config.eos_token_id = [*eos, end]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,10 +52,13 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def build_chat_checkpoint(directory: Path, texts: list[str], vocab: int = 1024) -> str:
+def build_chat_checkpoint(directory: Path, texts: list[str], vocab: int = 1024, eos: str = "<|im_end|>") -> str:
     """A random Qwen2 (hidden 32, 2 layers) with a ChatML tokenizer of ``vocab`` entries whose merges spell
-    ``texts``; returns the directory."""
+    ``texts``; returns the directory. ``eos``: the tokenizer's and the checkpoint's EOS, ``<|im_end|>`` as in
+    Qwen instruct checkpoints, or ``<|endoftext|>`` as in Qwen base checkpoints (whose tokenizers still carry
+    the ChatML template)."""
     ms = memory_scale()
     tok = ms.build_tokenizer(vocab, ["system\nYou are a helpful assistant.\n", "user\n", "assistant\n", *texts])
+    tok.eos_token = eos
     ms.save_qwen2(directory, tok, hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64)
     return str(directory)

@@ -31,3 +31,13 @@ def chat_ckpt(tmp_path_factory) -> str:
 
     texts = [t for r in gsm8k_rows(60) for t in r.values()]
     return build_chat_checkpoint(tmp_path_factory.mktemp("chat_ckpt"), texts)
+
+
+@pytest.fixture(scope="session")
+def base_chat_ckpt(tmp_path_factory) -> str:
+    """As ``chat_ckpt``, but with a base checkpoint's EOS, ``<|endoftext|>``, beside the ChatML template whose
+    turns end with ``<|im_end|>`` (Qwen base checkpoints)."""
+    from _gsm8k import build_chat_checkpoint, gsm8k_rows
+
+    texts = [t for r in gsm8k_rows(60) for t in r.values()]
+    return build_chat_checkpoint(tmp_path_factory.mktemp("base_chat_ckpt"), texts, eos="<|endoftext|>")

@@ -349,6 +349,89 @@ def test_a_truncated_demonstration_is_judged_on_what_is_left(chat_ckpt, tmp_path
     assert all("####" not in r["response"] and len(r["response"]) < 60 for r in cut.expert_rows)
 
 
+# ------------------------------------------------------------------ the end token of demonstrations (data.eos_token)
+def _ends(expert: dict) -> list[int]:
+    """The last trained token (label) of each row of a collated expert batch."""
+    return [row[row != -100][-1].item() for row in expert["labels"]]
+
+
+def test_demonstrations_end_as_the_chat_template_ends_a_turn(base_chat_ckpt, tmp_path):
+    """A base checkpoint (EOS <|endoftext|>) whose tokenizer has the ChatML template (Qwen base models, TRL PR
+    3299): prompts are chat turns, so a demonstration ends as the template ends an assistant turn, with
+    <|im_end|>, in the expert stream and in the held-out rows val/expert_nll scores. data.eos_token picks the
+    tokenizer's EOS or a named token instead; without a template applied the EOS it is."""
+    path = _gsm8k(tmp_path)
+    kw = dict(expert_data=path, prompt_data=path, val_data=path, answer_pattern=r"####\s*(.+)", **GSM8K)
+    dm = _dm(base_chat_ckpt, **kw)
+    tok = dm.tokenizer
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert tok.eos_token == "<|endoftext|>" and eos != im_end
+    expert = next(iter(dm.train_dataloader()))[0]["expert"]
+    assert _ends(expert) == [im_end] * 4
+    assert all(eos not in row[row != -100].tolist() for row in expert["labels"])
+    row = dm.expert_rows[0]  # prompt + demonstration: the template's own rendering of the exchange
+    turn = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    assert tok.decode(row["prompt_ids"] + row["response_ids"]) + "\n" == tok.apply_chat_template(turn, tokenize=False)
+    assert _ends(next(iter(dm.val_dataloader()))["expert"]) == [im_end] * 5
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    for setting, end in (("eos", eos), ("<|endoftext|>", eos), ("<|im_start|>", im_start), ("template", im_end)):
+        assert _ends(dm.collate_expert(_dm(base_chat_ckpt, eos_token=setting, **kw).expert_rows)) == [end] * 12
+    assert _ends(dm.collate_expert(_dm(base_chat_ckpt, use_chat_template=False, **kw).expert_rows)) == [eos] * 12
+    with pytest.raises(ValueError, match=r"data.eos_token='<\|eot_id\|>' is not a token of the tokenizer of "):
+        _dm(base_chat_ckpt, eos_token="<|eot_id|>", **kw)
+    with pytest.raises(ValueError, match=r"data.eos_token=''"):
+        MixedDataModule(model_name_or_path=base_chat_ckpt, eos_token="")
+
+
+# Llama-3's and Gemma's chat templates as their tokenizers ship them, and one that appends the EOS (Zephyr's way)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+EOS_APPENDED = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, end",
+    [
+        (LLAMA3, "<|eot_id|>"),
+        (GEMMA, "<end_of_turn>"),  # followed by a newline the demonstration does not train on
+        (EOS_APPENDED, "<|endoftext|>"),
+        ("{% for m in messages %}{{ m['content'] }}{% endfor %}", "<|endoftext|>"),  # no turn end: the EOS
+    ],
+    ids=["llama3", "gemma", "eos-appended", "no-end"],
+)
+def test_the_end_of_turn_is_read_from_any_chat_template(base_chat_ckpt, tmp_path, template, end):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(f"{base_chat_ckpt}/config.json", d)
+    tok = AutoTokenizer.from_pretrained(base_chat_ckpt)
+    turns = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>"]
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": turns})
+    tok.chat_template = template
+    tok.save_pretrained(d)
+    path = _gsm8k(tmp_path, n=4)
+    dm = _dm(str(d), expert_data=path, prompt_data=None, val_data=None, **GSM8K)
+    assert _ends(dm.collate_expert(dm.expert_rows)) == [dm.tokenizer.convert_tokens_to_ids(end)] * 4
+
+
 # ----------------------------------------------------------------------------- the multi-skill base checkpoint
 def _weights(path):
     from safetensors.torch import load_file

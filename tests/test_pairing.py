@@ -215,11 +215,18 @@ def test_k_2_takes_the_first_two_demonstrations_in_file_order(ckpt, tmp_path):
         dm.pair_demonstrations(3)  # "9" twice counts once
 
 
-def test_demo_ids_are_the_tokens_the_expert_row_trains_on(ckpt, tmp_path):
-    """Placed after the prompt's real tokens, a demonstration is the sequence SFT trains on, with the same labels."""
+@pytest.mark.parametrize("checkpoint", ["ckpt", "base_chat_ckpt"])
+def test_demo_ids_are_the_tokens_the_expert_row_trains_on(checkpoint, request, tmp_path):
+    """Placed after the prompt's real tokens, a demonstration is the sequence SFT trains on, with the same labels
+    and the same end token: the EOS without a chat template, the template's end of turn with one (a base
+    checkpoint's ChatML: <|im_end|>, not its EOS <|endoftext|>), in the rows HPT's SFT term trains on too."""
+    from lit_align.core import groups
+
+    ckpt = request.getfixturevalue(checkpoint)
     rows = [{"prompt": f"{i}+{i}=", "response": str(2 * i) + "0" * (i % 4), "answer": str(2 * i)} for i in range(7)]
     path = _jsonl(tmp_path / "d.jsonl", rows)
     dm = _dm(ckpt, 1, prompt_data=path, expert_data=path, prompt_batch_size=7)
+    end = dm.tokenizer.eos_token_id if checkpoint == "ckpt" else dm.tokenizer.convert_tokens_to_ids("<|im_end|>")
     (batch,) = _prompt_batches(dm)
     expert = dm.collate_expert(dm.expert_rows)
     by_prompt = {r["prompt"]: i for i, r in enumerate(dm.expert_rows)}
@@ -230,7 +237,10 @@ def test_demo_ids_are_the_tokens_the_expert_row_trains_on(ckpt, tmp_path):
         assert torch.equal(demo, labels[labels != -100])
         prompt_ids = batch["prompt_ids"][b][batch["prompt_mask"][b].bool()]
         assert torch.equal(torch.cat([prompt_ids, demo]), expert["input_ids"][e][mask])
-        assert demo[-1].item() == dm.tokenizer.eos_token_id
+        assert demo[-1].item() == end
+    # the rows HPT's SFT term builds from the paired batch are the expert stream's rows of those prompts
+    labelled = groups.demonstration_labelled(batch, 1, dm.tokenizer.pad_token_id)
+    _same(labelled, dm.collate_expert([dm.expert_rows[by_prompt[p]] for p in batch["prompts"]]))
 
 
 def test_an_overlong_own_response_counts_only_when_truncating(ckpt, tmp_path):

@@ -622,3 +622,76 @@ def test_float32_keeps_the_decode_loops_log_probs_without_a_second_forward(small
     module.train()
     logp, _ = _fresh(module.model, r, 1.0)
     assert (torch.exp(logp - r.old_logp) - 1).abs()[r.completion_mask.bool()].max().item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- where rollouts stop
+def _set_up(checkpoint: str, tmp_path, **data) -> tuple:
+    """A GRPO module and the data module of GSM8K rows, set up as a run sets them up (the data module's
+    setup, then the module's), by a validation of one batch."""
+    import lightning as L
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    from lit_align.data.datamodule import MixedDataModule
+    from lit_align.modules.grpo import GRPOModule
+
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(4))
+    dm = MixedDataModule(
+        model_name_or_path=checkpoint,
+        expert_data=path,
+        prompt_data=path,
+        val_data=path,
+        val_batch_size=2,
+        prompt_column="question",
+        response_column="answer",
+        answer_column="answer",
+        answer_pattern=r"####\s*(.+)",
+        **data,
+    )
+    module = GRPOModule(model_name_or_path=checkpoint, num_generations=2, max_new_tokens=6)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    return module, dm, trainer
+
+
+def test_rollouts_stop_at_the_token_demonstrations_end_with(base_chat_ckpt, tmp_path):
+    """A base checkpoint (EOS <|endoftext|>) with a ChatML template: prompts are chat turns and demonstrations
+    end with <|im_end|>, so a rollout must end there too, on the HF loop and (same settings) on vLLM, else the
+    policy is trained to stop where its sampler never stops. The exported checkpoint stops there as well."""
+    from transformers import GenerationConfig
+
+    from lit_align.callbacks import export
+    from lit_align.export import export_checkpoint
+
+    module, dm, trainer = _set_up(base_chat_ckpt, tmp_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    tok = module.tokenizer
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    assert sampling_settings(module.model, tok)["eos_token_id"] == [eos, im_end]  # what either sampler stops at
+    # a policy that always says <|im_end|>: each completion is that one token, ended, not truncated
+    head = torch.nn.Linear(module.model.config.hidden_size, len(tok), bias=True)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    head.bias.data[im_end] = 30.0
+    module.model.lm_head = head
+    rollout = module.sample(dm.collate_prompts(dm.prompt_rows[:2]))
+    assert rollout.completion_mask.sum(-1).tolist() == [1] * 4 and (rollout.completion_ids[:, 0] == im_end).all()
+    assert not module.sampler.truncated(rollout).any() and rollout.completions == [""] * 4
+    for saved in (export(module, tmp_path / "hf"), export_checkpoint(tmp_path / "run.ckpt", tmp_path / "offline")):
+        assert GenerationConfig.from_pretrained(saved).eos_token_id == [eos, im_end]
+
+
+def test_rollouts_stop_at_a_named_end_token(base_chat_ckpt, tmp_path):
+    """data.eos_token names any token: the greedy completion is cut right after its first occurrence."""
+    module, dm, _ = _set_up(base_chat_ckpt, tmp_path, eos_token="eos")
+    prompts = dm.collate_prompts(dm.prompt_rows[:1])
+    free = module.sample(prompts, greedy=True).completion_ids[0].tolist()
+    assert len(free) == 6 and module.tokenizer.eos_token_id not in free
+    token = free[2]
+    module, dm, _ = _set_up(base_chat_ckpt, tmp_path, eos_token=module.tokenizer.convert_ids_to_tokens(token))
+    assert _ends_of(dm) == {token}
+    cut = module.sample(prompts, greedy=True)
+    assert cut.completion_ids[0][cut.completion_mask[0].bool()].tolist() == free[: free.index(token) + 1]
+
+
+def _ends_of(dm) -> set[int]:
+    return {r["response_ids"][-1] for r in dm.expert_rows}

@@ -167,6 +167,15 @@ class Policy:
         """The end tokens of a completion (the generation config's, else the tokenizer's)."""
         return _eos_ids(self.model, self.tokenizer)
 
+    def add_end_token(self, token_id: int) -> None:
+        """Make ``token_id`` end completions too: appended to the model's generation config ``eos_token_id``
+        (the checkpoint's own end tokens kept first), which both samplers stop at and an export writes. The
+        data's demonstrations end with it (``data.eos_token``), so rollouts must stop there as well; TRL's
+        SFTTrainer does the same with its ``eos_token``."""
+        eos = self.eos_ids or []
+        if token_id not in eos:
+            self.model.generation_config.eos_token_id = [*eos, int(token_id)]
+
     @property
     def sharded(self) -> bool:
         """True once the policy is sharded with FSDP2 (``--trainer.strategy=fsdp2``)."""

@@ -149,8 +149,9 @@ class Sampler:
 
         model, tok = self.policy.model, self.policy.tokenizer
         overridden = sampling_overrides(model, sampling_settings(model, tok, **decoding(self.settings)))
+        ends = ", ".join(repr(tok.convert_ids_to_tokens(i)) for i in self.policy.eos_ids or [])
         rank_zero_info(
-            f"lit_align sampling: {rollout.sampler} sampler; "
+            f"lit_align sampling: {rollout.sampler} sampler; completions end at {ends or 'max_new_tokens only'}; "
             + (
                 "the checkpoint's generation config sets "
                 + ", ".join(f"{name}={old!r} (sampling with {new!r})" for name, (old, new) in overridden.items())

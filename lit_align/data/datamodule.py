@@ -11,11 +11,12 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lit_align.core import settings as S
 from lit_align.data import embedded
+from lit_align.data.chat import end_token
 from lit_align.data.loading import DataError, load_table, report, validate_rows
 from lit_align.hf import load_tokenizer
 
@@ -107,6 +108,15 @@ class MixedDataModule(L.LightningDataModule):
         system_prompt: a system message put before every prompt through the chat template (needs a
             tokenizer with one and ``use_chat_template``). Empty (default): no system message.
         use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
+        eos_token: the token every demonstration ends with (TRL's name; TRL PR 3299), and at which rollouts
+            stop besides the checkpoint's EOS (the policy module adds it to the model's generation config
+            at set-up, so an exported checkpoint stops there too). ``template`` (default): where the chat
+            template is applied, the token it ends an assistant turn with (ChatML ``<|im_end|>``, Llama-3
+            ``<|eot_id|>``, Gemma ``<end_of_turn>``), read by rendering a one-turn exchange; the tokenizer's
+            EOS where no template is applied or the template ends a turn with no special token. ``eos``:
+            the tokenizer's EOS (a Qwen base model's ``<|endoftext|>``). Any other value: a token of the
+            tokenizer's vocabulary. Set-up stops naming this setting for a token outside the vocabulary.
+            The token chosen is ``self.end_token_id``, logged at set-up.
         max_prompt_length, max_response_length: token limits; ``overlong`` says what to do with
             rows beyond them: ``error`` (stop at set-up, naming the row), ``truncate`` (keep the
             end of the prompt's own text, cut before the chat template is applied so its header and
@@ -149,6 +159,7 @@ class MixedDataModule(L.LightningDataModule):
         answer_pattern: str = "",  # str, not str | None: jsonargparse reads '####...' in a union as a YAML comment
         system_prompt: str = "",
         use_chat_template: bool = True,
+        eos_token: str = "template",
         max_prompt_length: int = 512,
         max_response_length: int = 1024,
         overlong: Literal["error", "truncate", "skip"] = "error",
@@ -183,6 +194,10 @@ class MixedDataModule(L.LightningDataModule):
                 continue  # None: the response column
             if not isinstance(args[name], str) or not args[name]:
                 raise ValueError(f"data.{name}={args[name]!r} must be a non-empty column name")
+        if not isinstance(eos_token, str) or not eos_token:
+            raise ValueError(
+                f"data.eos_token={eos_token!r} must be 'template' (the chat template's end of turn), 'eos' or a token"
+            )
         if not isinstance(pair_by, str) or not pair_by:
             raise ValueError(f"data.pair_by={pair_by!r} must be 'prompt' (identical prompt text) or an id column name")
         answer_pattern, system_prompt = answer_pattern or None, system_prompt or None
@@ -224,6 +239,7 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError("data.expert_data and data.prompt_data are both null: nothing to train on")
         self.save_hyperparameters()
         self.tokenizer = None
+        self.end_token_id: int | None = None  # the token demonstrations end with (eos_token), set at set-up
         self.stats: dict[str, int] = {}  # data/... counts, see ``invalid_rows``
         self.labels: dict[str, str] = {}  # stream -> file or data set it came from
         self.demo_checked = 0  # demonstrations the set-up self-check scored (check_demonstrations)
@@ -349,7 +365,7 @@ class MixedDataModule(L.LightningDataModule):
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
         answer_column = need.get("answer", hp.answer_column) if own_columns else hp.answer_column
         valid, answers, unmatched = self._answers(valid, label, answer_column, use_pattern=not own_columns)
-        eos = self.tokenizer.eos_token_id
+        end = self.end_token_id
         out, numbers, dropped, cut = [], [], 0, 0
         for i, row in valid:
             item = {"prompt": row[need["prompt"]]}
@@ -357,7 +373,7 @@ class MixedDataModule(L.LightningDataModule):
             resp, column = None, need.get("response", "response" if own_columns else hp.response_column)
             if "response" in need or (column in row and isinstance(row.get(column), str)):
                 text = str(row[column])
-                resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+                resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
                 full = len(resp)
             # only a response the stream needs (demonstrations) makes a row too long; an optional one (a prompt
             # or held-out row's worked solution) is cut to max_response_length and never skips or counts the row
@@ -431,6 +447,8 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model"
             )
+        self.end_token_id, source = end_token(self.tokenizer, hp.eos_token, self._chat())
+        rank_zero_info(f"lit_align data: demonstrations end with token {self.end_token_id}, {source}")
         cols = {"prompt": hp.prompt_column}
         self.stats = {f"data/{key}": 0 for key in ("invalid_rows", "skipped_rows", "truncated_rows")}
         self.expert_rows = (
@@ -528,7 +546,7 @@ class MixedDataModule(L.LightningDataModule):
         own ``response_column`` (when its file has one and it is not blank), then the rows of
         ``expert_data`` with the same prompt text (``pair_by="prompt"``) or the same id (``pair_by``
         an id column) in file order. With more than k the first k are kept. A demonstration's tokens
-        are what an expert row of that prompt and response trains on: its response tokens + EOS (the
+        are what an expert row of that prompt and response trains on: its response tokens + end token (the
         ``labels != -100`` of :meth:`collate_expert`'s row); a prompt row's own response longer than
         ``max_response_length`` counts only with ``overlong=truncate`` (cut, as the expert stream cuts
         it), as error / skip keep no such demonstration. The prompt rows and their order are unchanged, so the data
@@ -567,12 +585,12 @@ class MixedDataModule(L.LightningDataModule):
         by_key: dict = {}
         for row, key in zip(expert, expert_keys):
             by_key.setdefault(key, []).append(row)
-        eos, paired, short = self.tokenizer.eos_token_id, [], []
+        end, paired, short = self.end_token_id, [], []
         for row, key, number in zip(self.prompt_rows, prompt_keys, self.row_numbers["prompts"]):
             own = [row] if "response_ids" in row and row.get("response", "").strip() else []
-            # a prompt row's own response is cut at max_response_length (it loses its EOS): a demonstration only
-            # where overlong=truncate keeps cut demonstrations (error / skip keep none in the expert stream)
-            too_long = bool(own) and row["response_ids"][-1] != eos and hp.overlong != "truncate"
+            # a prompt row's own response is cut at max_response_length (it loses its end token): a demonstration
+            # only where overlong=truncate keeps cut demonstrations (error / skip keep none in the expert stream)
+            too_long = bool(own) and row["response_ids"][-1] != end and hp.overlong != "truncate"
             demos = {}  # response tokens -> text, first occurrence first
             for source in ([] if too_long else own) + by_key.get(key, []):
                 demos.setdefault(tuple(source["response_ids"]), source["response"])
@@ -760,8 +778,8 @@ class MixedDataModule(L.LightningDataModule):
         """A batch of prompt rows: ``prompt_ids`` / ``prompt_mask`` (B, P) left-padded with the pad id (mask 1
         on real tokens), ``prompts`` and ``answers`` (B texts), ``columns`` (the data set's other columns, B
         values each). Rows paired by :meth:`pair_demonstrations` (k > 0) add ``demo_ids`` (B, k, D) long, each
-        demonstration's response tokens + EOS right-padded with the pad id to the batch's longest D,
-        ``demo_mask`` (B, k, D) long, 1 on real tokens, and ``demonstrations`` (B lists of k texts), in
+        demonstration's response tokens + end token (``eos_token``) right-padded with the pad id to the
+        batch's longest D, ``demo_mask`` (B, k, D) long, 1 on real tokens, and ``demonstrations`` (B lists of k texts), in
         the pairing's order; ``prompt_ids[b]``'s real tokens followed by ``demo_ids[b, j]``'s are the
         sequence an expert row of that prompt and demonstration trains on (:meth:`collate_expert`)."""
         pad = self.tokenizer.pad_token_id

@@ -416,6 +416,9 @@ class PolicyModule(L.LightningModule):
         check_strategy(self.trainer.strategy)  # Lightning's FSDP1 cannot run manual optimization
         k = self.rollout_buffer.updates_per_batch
         datamodule = getattr(self.trainer, "datamodule", None)
+        end = getattr(datamodule, "end_token_id", None)  # set by the data module's setup, which runs first
+        if end is not None:  # rollouts stop where the demonstrations end (data.eos_token: a chat turn's end)
+            self.policy.add_end_token(end)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "check_demonstrations"):
             judge = functools.partial(self.heldout.judge_demonstrations, trainer_state=self.reward_state())
             datamodule.check_demonstrations(judge)  # data/demo_reward_rate

@@ -255,3 +255,45 @@ def test_a_checkpoint_the_engine_builds_but_cannot_run_samples_with_the_hf_path(
     with pytest.warns(UserWarning, match=r"model.rollout_engine=vllm: the vLLM engine cannot run this checkpoint"):
         module.sampler.start(module.world, None)
     assert module.sampler.engine is None and module.sample(_prompts(module)).sampler == "decode"
+
+
+def test_the_engine_stops_where_the_demonstrations_end(ckpt):
+    """The token demonstrations end with (data.eos_token, here a named one; the chat template's end of turn by
+    default) ends the engine's completions as it ends the HF loop's: the greedy completion is cut right after
+    its first occurrence, token for token as lit-align's HF sampler cuts it."""
+    import lightning as L
+
+    from lit_align.data.datamodule import MixedDataModule
+
+    def set_up(eos_token: str) -> tuple:
+        dm = MixedDataModule(model_name_or_path=ckpt, val_batch_size=2, eos_token=eos_token, demo_check_rows=0)
+        module = GRPOModule(
+            model_name_or_path=ckpt,
+            rollout_engine="vllm",
+            vllm_kv_cache_memory_bytes=KV_CACHE_BYTES,
+            num_generations=2,
+            max_new_tokens=T,
+        )
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+        trainer.validate(module, datamodule=dm, verbose=False)  # the data module's setup, then the module's
+        return module, dm.collate_prompts(dm.prompt_rows[:4])
+
+    module, prompts = set_up("eos")
+    free = module.sample(prompts, greedy=True)  # the HF loop: the engine is built at fit start
+    lengths = free.completion_mask.sum(-1).tolist()
+    row = next(i for i, n in enumerate(lengths) if n >= 3)  # a completion with two tokens before its end
+    ids = free.completion_ids[row, : lengths[row]].tolist()
+    token = ids[1]
+    module, prompts = set_up(module.tokenizer.convert_ids_to_tokens(token))
+    module.sampler.start(module.world, None)
+    try:
+        engine = module.sample(prompts, greedy=True)
+        hf = generate(
+            module.model, module.tokenizer, prompts["prompt_ids"], prompts["prompt_mask"], greedy=True, max_new_tokens=T
+        )
+    finally:
+        module.sampler.stop()
+    assert engine.sampler == "vllm" and hf.sampler == "decode"
+    assert engine.completion_ids[row][engine.completion_mask[row].bool()].tolist() == ids[: ids.index(token) + 1]
+    assert engine.completion_ids.tolist() == hf.completion_ids.tolist()
+    assert torch.equal(engine.completion_mask, hf.completion_mask)
