@@ -779,7 +779,8 @@ class RewardSet:
         fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
            trainer_state=..., log_metric=..., log_extra=...)
 
-    ``prompts`` are the prompt texts (before the chat template), ``completions`` the sampled texts,
+    ``prompts`` are the prompt texts (before the chat template; a conversational row's is the conversation
+    as the template renders it, where TRL passes its list of messages), ``completions`` the sampled texts,
     ``completion_ids`` each completion's token ids (end token included), and ``columns`` the data
     set's other columns for each row (``answer``, ``solution``, ...; one list entry per completion).
     ``trainer_state`` is transformers' ``TrainerState`` of the run (``global_step``: policy updates done,

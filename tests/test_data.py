@@ -432,6 +432,187 @@ def test_the_end_of_turn_is_read_from_any_chat_template(base_chat_ckpt, tmp_path
     assert _ends(dm.collate_expert(dm.expert_rows)) == [dm.tokenizer.convert_tokens_to_ids(end)] * 4
 
 
+# ------------------------------------------------------------------ TRL's conversational rows (lists of messages)
+def _chat_rows(n=6):
+    """GSM8K problems as TRL's conversational "language modeling" rows: a system message, an earlier exchange,
+    then the problem and its worked solution as the last assistant turn; ``answer`` the solution too."""
+    from _gsm8k import gsm8k_rows
+
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Solve the problem."},
+                {"role": "user", "content": "Natalia sold 12 clips."},
+                {"role": "assistant", "content": "Noted."},
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ],
+            "answer": r["answer"],
+        }
+        for r in gsm8k_rows(n)
+    ]
+
+
+CHAT = dict(answer_column="answer", answer_pattern=r"####\s*(.+)")  # TRL's columns, read with no column set
+
+
+def test_trl_messages_rows_train_their_last_assistant_turn(base_chat_ckpt, tmp_path):
+    """A 'messages' column of message lists (TRL's language-modeling rows) used to stop at set-up ("expected
+    a string, got list"). The chat template renders the system message and the earlier turns into the prompt;
+    the last assistant turn is the demonstration, ending as the template ends a turn. As prompt rows, the same
+    file gives the rendered prompt with the reference answer (and the last turn as the row's own demonstration)."""
+    from _gsm8k import write_jsonl
+
+    rows = _chat_rows()
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    dm = _dm(base_chat_ckpt, expert_data=path, prompt_data=path, val_data=None, **CHAT)
+    tok = dm.tokenizer
+    for row, r in zip(dm.expert_rows, rows):
+        whole = tok.apply_chat_template(r["messages"], tokenize=False)
+        assert tok.decode(row["prompt_ids"] + row["response_ids"]) + "\n" == whole  # system, earlier turns, reply
+        assert tok.decode(row["response_ids"]) == r["messages"][-1]["content"] + "<|im_end|>"
+        assert row["prompt"] == tok.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    expert = next(iter(dm.train_dataloader()))[0]["expert"]
+    assert _ends(expert) == [tok.convert_tokens_to_ids("<|im_end|>")] * 4
+    assert [r["answer"] for r in dm.prompt_rows][:3] == ["82", "5,698", "36,500"]
+    assert [r["prompt_ids"] for r in dm.prompt_rows] == [r["prompt_ids"] for r in dm.expert_rows]
+    assert [r["response"] for r in dm.prompt_rows] == [r["messages"][-1]["content"] for r in rows]
+    assert dm.stats["data/invalid_rows"] == 0
+
+
+def test_trl_prompt_only_and_prompt_completion_rows(base_chat_ckpt, tmp_path):
+    """TRL's "prompt-only" (prompt: messages) and "prompt-completion" (prompt: messages, completion: [the
+    assistant message]) rows, in JSONL and in Parquet (Arrow's lists of structs, as a hub data set comes): a
+    one-turn conversation is the same prompt as its text; a row's own system message is kept, data.system_prompt
+    goes before the others."""
+    import datasets
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    plain = gsm8k_rows(4)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": r["question"], "response": r["answer"]} for r in plain])
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["question"]}],
+            "completion": [{"role": "assistant", "content": r["answer"]}],
+        }
+        for r in plain
+    ]
+    rows[1]["prompt"].insert(0, {"role": "system", "content": "Show your work.", "name": "teacher"})  # a key of its own
+    conv = write_jsonl(tmp_path / "conv.jsonl", rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "conv.parquet"))
+    kw = dict(prompt_data=None, val_data=None, system_prompt="Be exact.")  # TRL's columns, read with no column set
+    by_text = _dm(base_chat_ckpt, expert_data=text, **kw)
+    tok = by_text.tokenizer
+    for source in (conv, str(tmp_path / "conv.parquet")):
+        got = _dm(base_chat_ckpt, expert_data=source, **kw).expert_rows
+        assert got[1]["prompt"].startswith("<|im_start|>system\nShow your work.<|im_end|>\n<|im_start|>user\n")
+        assert got[1]["response_ids"] == by_text.expert_rows[1]["response_ids"]
+        # Arrow gives every message the keys any message has (None where absent): the template sees the row's own
+        assert got[1]["messages"][0]["name"] == "teacher" and all("name" not in m for m in got[0]["messages"])
+        for i in (0, 2, 3):  # no system message of their own: data.system_prompt, as for a text prompt
+            want = by_text.expert_rows[i]
+            assert got[i]["prompt_ids"] == want["prompt_ids"] and got[i]["response_ids"] == want["response_ids"]
+            assert tok.decode(got[i]["prompt_ids"]).startswith("<|im_start|>system\nBe exact.<|im_end|>")
+    only = [{"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]} for r in plain]
+    only = write_jsonl(tmp_path / "prompts.jsonl", only)
+    prompts = _dm(base_chat_ckpt, expert_data=None, prompt_data=only, val_data=only, answer_pattern=r"####\s*(.+)")
+    assert [r["answer"] for r in prompts.val_rows] == [r["answer"].split("#### ")[1] for r in plain]
+    assert all("response_ids" not in r for r in prompts.prompt_rows)  # nothing to demonstrate: a prompt only
+
+
+def test_malformed_conversational_rows_are_named(base_chat_ckpt, ckpt, tmp_path):
+    """Each bad row is named by file, row and column, before any training; invalid_rows=skip drops them."""
+    from _gsm8k import write_jsonl
+
+    good = _chat_rows(2)
+    bad = [
+        {"messages": [{"content": "2+2?"}, {"role": "assistant", "content": "4"}], "answer": "4"},
+        {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"},
+        {"messages": [{"role": "system", "content": "Hi."}, {"role": "assistant", "content": "4"}], "answer": "4"},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " "}], "answer": "4"},
+        {"messages": [], "answer": "4"},
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", good + bad)
+    kw = dict(expert_data=path, prompt_data=None, val_data=None, prompt_column="messages")
+    with pytest.raises(
+        DataError,
+        match=r"bad\.jsonl: 2 invalid fields.*\n  row 3, column 'messages' holds a conversation whose message 1 has "
+        r"no 'role'\n  row 7, column 'messages' is an empty conversation",
+    ):
+        _dm(base_chat_ckpt, **kw)
+    with pytest.raises(
+        DataError,
+        match=r"(?s)turns\.jsonl: 3 rows without a usable prompt and demonstration.*"
+        r"row 3, column 'messages' does not end with an assistant turn: an expert row's demonstration.*"
+        r"row 4, column 'messages': the prompt \(the messages before the demonstration\) ends with a system message.*"
+        r"row 5, column 'messages': its last assistant turn \(the demonstration\) is empty",
+    ):
+        _dm(base_chat_ckpt, **{**kw, "expert_data": write_jsonl(tmp_path / "turns.jsonl", good + bad[1:4])})
+    with pytest.warns(UserWarning, match=r"row 4, column 'messages' does not end with an assistant turn"):
+        skipped = _dm(base_chat_ckpt, invalid_rows="skip", **kw)
+    assert len(skipped.expert_rows) == 2 and skipped.stats["data/invalid_rows"] == 5
+    user, assistant = ({"role": r, "content": "4"} for r in ("user", "assistant"))
+    completion = [
+        {"prompt": [user], "completion": [assistant]},
+        {"prompt": [user], "completion": [user]},
+        {"prompt": [user, assistant], "completion": [assistant]},
+    ]
+    completion = write_jsonl(tmp_path / "completion.jsonl", completion)
+    with pytest.raises(
+        DataError,
+        match=r"(?s)row 2, column 'completion' holds 1 message\(s\) with roles \['user'\]: a demonstration there is "
+        r"one assistant message.*row 3, column 'prompt' ends with an assistant turn and column 'completion' holds a "
+        r"demonstration too",
+    ):
+        _dm(base_chat_ckpt, expert_data=completion, prompt_data=None, val_data=None, response_column="completion")
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl: column 'messages' holds conversations .* \(data.use_chat_template is false\)"
+    ):
+        _dm(base_chat_ckpt, use_chat_template=False, **kw)
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl: column 'messages' holds conversations .* \(the tokenizer has none\)"
+    ):
+        _dm(ckpt, **kw)  # the embedded tokenizer has no chat template
+
+
+def test_truncating_a_conversation_drops_its_earliest_turns_first(base_chat_ckpt, tmp_path):
+    """overlong=truncate keeps the end of a conversation: its earliest exchanges go (the system message stays,
+    the prompt still starts at a user turn), then the start of its last message's text."""
+    from _gsm8k import write_jsonl
+
+    history = [
+        m
+        for k in range(6)
+        for m in ({"role": "user", "content": f"Natalia sold {k} clips."}, {"role": "assistant", "content": "Noted."})
+    ]
+    last = {"role": "user", "content": "How many clips did Natalia sell altogether?"}
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, *history, last], "answer": "#### 15"}
+    path = write_jsonl(tmp_path / "long.jsonl", [row])
+    kw = dict(expert_data=None, prompt_data=path, val_data=None, overlong="truncate", answer_pattern=r"####\s*(.+)")
+    dm = _dm(base_chat_ckpt, max_prompt_length=512, **kw)
+    tok, full = dm.tokenizer, len(dm.prompt_rows[0]["prompt_ids"])
+
+    def rendered(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    system = row["prompt"][0]
+    # the conversation that drops the fewest whole exchanges and fits
+    fits = next(
+        text
+        for k in range(1, 7)
+        if len(tok(text := rendered([system, *history[2 * k :], last]), add_special_tokens=False)["input_ids"])
+        <= full - 20
+    )
+    ids = _dm(base_chat_ckpt, max_prompt_length=full - 20, **kw).prompt_rows[0]["prompt_ids"]
+    assert tok.decode(ids) == fits and "Natalia sold 0 clips" not in fits and "Natalia sold 5 clips" in fits
+    alone = len(tok(rendered([system, last]), add_special_tokens=False)["input_ids"])  # no exchange left
+    short = _dm(base_chat_ckpt, max_prompt_length=alone - 3, **kw).prompt_rows[0]["prompt_ids"]
+    text = tok.decode(short)
+    assert len(short) <= alone - 3 and "Natalia sold" not in text and "How many" not in text
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith(" altogether?<|im_end|>\n<|im_start|>assistant\n")
+
+
 # ----------------------------------------------------------------------------- the multi-skill base checkpoint
 def _weights(path):
     from safetensors.torch import load_file

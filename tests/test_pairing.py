@@ -314,3 +314,43 @@ def test_the_embedded_task_pairs_each_prompt_with_the_experts_demonstration(ckpt
     assert all(row["demo_ids"] == [expert[row["prompt"]]] for row in rows)
     with pytest.raises(DataError, match="fewer than 2 demonstration"):  # one demonstration per problem
         dm.pair_demonstrations(2)
+
+
+def test_conversational_prompts_pair_by_the_prompt_the_template_renders(base_chat_ckpt, tmp_path):
+    """TRL's conversational rows pair by the prompt as the chat template renders it: a prompt-only row (column
+    'prompt') with the 'messages' rows whose messages before the last assistant turn are that prompt, and with
+    a text row whose prompt renders the same (one user turn), but not when its own system message differs."""
+    questions = [f"Natalia sold {a} clips in April and {a + 1} in May. How many clips altogether?" for a in (3, 4, 5)]
+    conversations = [[{"role": "user", "content": q}] for q in questions]
+    conversations[2].insert(0, {"role": "system", "content": "Count carefully."})
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": c, "answer": str(i)} for i, c in enumerate(conversations)])
+    replies = [f"{2 * a + 1} clips." for a in (3, 4, 5)]
+    chats = [
+        {"messages": [*c, {"role": "assistant", "content": r}]} for c, r in reversed(list(zip(conversations, replies)))
+    ]
+    dm = _dm(
+        base_chat_ckpt, 1, prompt_data=prompts, expert_data=_jsonl(tmp_path / "chats.jsonl", chats), prompt_batch_size=3
+    )
+    tok = dm.tokenizer
+    (batch,) = _prompt_batches(dm)
+    got = {}
+    for prompt, ids, mask, texts in zip(
+        batch["prompts"], batch["demo_ids"], batch["demo_mask"], batch["demonstrations"]
+    ):
+        assert tok.decode(ids[0][mask[0].bool()]) == texts[0] + "<|im_end|>"
+        got[prompt] = texts
+    render = lambda c: tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)  # noqa: E731
+    assert got == {render(c): [r] for c, r in zip(conversations, replies)}
+    text = _jsonl(tmp_path / "text.jsonl", [{"prompt": q, "response": r} for q, r in zip(questions, replies)])
+    with pytest.raises(
+        DataError,
+        match=r"1 prompt rows with fewer than 1 demonstration.*\n  row 3, column 'prompt', prompt 'Natalia sold 5 clips "
+        r"in April and 6 in May. How many clip...': 0 found",
+    ):
+        _dm(base_chat_ckpt, 1, prompt_data=prompts, expert_data=text)
+    conversations[2].pop(0)  # now one user turn, as the text rows: all pair
+    prompts = _jsonl(tmp_path / "p.jsonl", [{"prompt": c, "answer": str(i)} for i, c in enumerate(conversations)])
+    (batch,) = _prompt_batches(_dm(base_chat_ckpt, 1, prompt_data=prompts, expert_data=text, prompt_batch_size=3))
+    assert dict(zip(batch["prompts"], batch["demonstrations"])) == {
+        render(c): [r] for c, r in zip(conversations, replies)
+    }

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lit_align.core import settings as S
 from lit_align.data import embedded
 from lit_align.data.chat import end_token
-from lit_align.data.loading import DataError, load_table, report, validate_rows
+from lit_align.data.loading import DataError, load_table, messages_problem, report, validate_rows
 from lit_align.hf import load_tokenizer
 
 
@@ -72,13 +72,26 @@ class MixedDataModule(L.LightningDataModule):
         val_data: held-out file with prompt + answer (+ response for val/expert_nll).
         meta_data: a second held-out file (prompt + answer + response) that AMFT's meta-objective
             reads during training, as batch key ``"meta"``; ``null`` for methods that need none.
-        prompt_column, response_column, answer_column: column names in your files.
+        prompt_column, response_column, answer_column: column names in your files. Rows may also be TRL's
+            conversational rows (lists of ``{"role", "content"}`` messages, rendered by the chat template): a
+            prompt cell holding a conversation is the prompt, its system message and earlier turns included,
+            and, where its last message is an assistant turn, that turn is the row's demonstration (TRL's
+            "language modeling" rows); a response cell ``[{"role": "assistant", "content": ...}]`` is that
+            message (TRL's "prompt-completion" rows). A file without the prompt column but with TRL's
+            ``messages`` column is read from ``messages``; one without the response column but with TRL's
+            ``completion`` column takes its demonstrations from ``completion``. A conversation's prompt text
+            (``prompts`` in batches, what rewards, pairing and the held-out check read) is its rendering by
+            the template, with the generation prompt; ``system_prompt`` goes before conversations without a
+            system message of their own. Malformed conversations (a message without role or content, an
+            expert row whose conversation does not end with an assistant turn, a prompt that ends without a
+            user turn, ...) go through ``invalid_rows``, named by file, row and column.
         pair_by: how a prompt row finds its demonstrations when a method asks for them (see
             :meth:`pair_demonstrations`; unused otherwise). ``"prompt"`` (default): the expert rows
             (``expert_data``) whose prompt text is identical to the prompt row's (the text as read,
-            no normalisation: the module applies none to prompts). Any other value names an id
-            column present in both ``prompt_data`` and ``expert_data``: the expert rows with the
-            prompt row's id (ids compare as text, numbers as ``str()`` writes them; one prompt row
+            no normalisation: the module applies none to prompts; where either file holds conversations,
+            the prompts as the chat template renders them, so a one-turn conversation pairs with its
+            text). Any other value names an id column present in both ``prompt_data`` and
+            ``expert_data``: the expert rows with the prompt row's id (ids compare as text, numbers as ``str()`` writes them; one prompt row
             per id, an expert file may hold several rows per id). Either way a prompt row's own
             ``response_column``, when its file has one (prompt + response + answer), is its first
             demonstration, so one file can serve both streams and ``expert_data`` may be null.
@@ -107,7 +120,8 @@ class MixedDataModule(L.LightningDataModule):
             through ``invalid_rows``, named by file, row and column. Empty (default): the column as it is.
         system_prompt: a system message put before every prompt through the chat template (needs a
             tokenizer with one and ``use_chat_template``). Empty (default): no system message.
-        use_chat_template: wrap prompts in the tokenizer's chat template when it has one.
+        use_chat_template: wrap prompts in the tokenizer's chat template when it has one (conversational
+            rows need it: without one they stop set-up, naming the file and column).
         eos_token: the token every demonstration ends with (TRL's name; TRL PR 3299), and at which rollouts
             stop besides the checkpoint's EOS (the policy module adds it to the model's generation config
             at set-up, so an exported checkpoint stops there too). ``template`` (default): where the chat
@@ -252,6 +266,7 @@ class MixedDataModule(L.LightningDataModule):
         # method that needs them sets it at fit set-up, through pair_demonstrations(k) or directly. 0: none
         self.demonstrations_per_prompt = 0
         self.row_numbers: dict[str, list[int]] = {}  # stream -> row number in its file (from 1) of each kept row
+        self.prompt_columns: dict[str, str] = {}  # stream -> the column its prompts came from (TRL's: messages)
         self._paired: tuple[int, list[dict]] | None = None  # (k, the prompt rows with their k demonstrations)
 
     # ------------------------------------------------------------------ set-up
@@ -270,28 +285,61 @@ class MixedDataModule(L.LightningDataModule):
     def _chat(self) -> bool:
         return bool(self.hparams.use_chat_template and getattr(self.tokenizer, "chat_template", None))
 
-    def _encode_prompt(self, text: str) -> list[int]:
-        """Token ids of a prompt: through the chat template (with ``system_prompt``) when it is used."""
-        tok, hp = self.tokenizer, self.hparams
-        if self._chat():
-            messages = [{"role": "user", "content": text}]
-            if hp.system_prompt:
-                messages.insert(0, {"role": "system", "content": hp.system_prompt})
-            try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            except Exception as e:
-                if not hp.system_prompt:
-                    raise
-                raise DataError(
-                    f"data.system_prompt: the tokenizer's chat template refused a system message: {e}"
-                ) from e
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return tok(text, add_special_tokens=True)["input_ids"]
+    def _messages(self, prompt: str | list[dict]) -> list[dict]:
+        """The chat messages of a prompt: a text as one user message; a conversation (TRL's list of messages)
+        as it is. ``system_prompt`` goes first where the conversation has no system message of its own."""
+        hp = self.hparams
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if hp.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": hp.system_prompt})
+        return messages
 
-    def _truncated_prompt(self, text: str, ids: list[int], label: str, row: int) -> list[int]:
-        """``ids`` (the encoded ``text``) cut to max_prompt_length by cutting ``text``'s own tokens from the
-        start and encoding again, so the chat template's header and generation prompt (or the BOS) stay."""
+    def _apply_template(self, prompt: str | list[dict], tokenize: bool):
+        tok, hp = self.tokenizer, self.hparams
+        messages = self._messages(prompt)
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=tokenize)
+        except Exception as e:
+            if not (hp.system_prompt and messages[0]["content"] == hp.system_prompt):
+                raise
+            raise DataError(f"data.system_prompt: the tokenizer's chat template refused a system message: {e}") from e
+
+    def _encode_prompt(self, prompt: str | list[dict]) -> list[int]:
+        """Token ids of a prompt (a text, or TRL's conversation: a list of messages, whose system message and
+        earlier turns the template renders): through the chat template (with ``system_prompt``) when it is
+        used, with the generation prompt that asks for the assistant's turn."""
+        if self._chat():
+            ids = self._apply_template(prompt, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def _render(self, prompt: str | list[dict]) -> str:
+        """The prompt as the model reads it: the chat template's text (with the generation prompt) when one
+        is applied, the text itself otherwise."""
+        return self._apply_template(prompt, tokenize=False) if self._chat() else prompt
+
+    def _truncated_prompt(self, prompt: str | list[dict], ids: list[int], label: str, row: int) -> list[int]:
+        """``ids`` (the encoded ``prompt``) cut to max_prompt_length, keeping the end of the prompt's own text
+        so that the chat template's header and generation prompt (or the BOS) stay: a conversation first
+        loses its earliest turns (system messages kept; it then starts at a user turn), then the start of
+        its last message's text; a text loses its first tokens. Each cut is encoded again."""
         limit, tok = self.hparams.max_prompt_length, self.tokenizer
+        if isinstance(prompt, list):
+            system = [m for m in prompt if m["role"] == "system"]
+            turns = [m for m in prompt if m["role"] != "system"]
+            while len(ids) > limit and len(turns) > 1:
+                turns = turns[1:]
+                while len(turns) > 1 and turns[0]["role"] != "user":
+                    turns = turns[1:]
+                ids = self._encode_prompt(system + turns)
+            if len(ids) <= limit:
+                return ids
+            text, last = turns[-1]["content"], turns[-1]
+
+            def encode(cut: str) -> list[int]:
+                return self._encode_prompt([*system, *turns[:-1], {**last, "content": cut}])
+        else:
+            text, encode = prompt, self._encode_prompt
         content = tok(text, add_special_tokens=False)["input_ids"]
         keep = len(content) - (len(ids) - limit)
         for _ in range(8):  # a cut can merge tokens differently at its edge: shorten until it fits
@@ -300,11 +348,81 @@ class MixedDataModule(L.LightningDataModule):
                     f"{label}: row {row}: the prompt template alone (chat template / special tokens) takes "
                     f"{len(ids) - len(content)} of max_prompt_length={limit} tokens; raise data.max_prompt_length"
                 )
-            ids = self._encode_prompt(tok.decode(content[-keep:]))
+            ids = encode(tok.decode(content[-keep:]))
             if len(ids) <= limit:
                 return ids
             keep -= len(ids) - limit
         return ids[-limit:]  # pragma: no cover - a tokenizer whose edits never converge
+
+    def _turns(
+        self, valid: list[tuple[int, dict]], label: str, prompt_column: str, response_column: str, required: bool
+    ) -> tuple[list[tuple[int, dict]], dict[int, tuple]]:
+        """Each row's prompt and demonstration, in TRL's formats as in plain text: row number -> (prompt: a text
+        or a list of messages, demonstration text or None). A conversation ending with an assistant turn
+        ("messages", TRL's language-modeling rows) is the prompt of its earlier messages and the demonstration
+        of that turn; a ``response_column`` holding ``[{"role": "assistant", "content": ...}]`` (TRL's
+        prompt-completion rows) is the demonstration of that message. Rows that cannot be read so (no
+        demonstration where ``required``, a prompt ending without a user turn, two demonstrations, ...) go
+        through ``invalid_rows``, named by file, row and column."""
+        kept, turns, problems = [], {}, []
+        for i, row in valid:
+            prompt, given = row[prompt_column], row.get(response_column)
+            where = f"row {i}, column {prompt_column!r}"
+            response, problem = None, None
+            if isinstance(given, list):
+                problem = messages_problem(given)
+                if problem is None and (len(given) != 1 or given[0]["role"] != "assistant"):
+                    problem = f"holds {len(given)} message(s) with roles {[m['role'] for m in given]}"
+                if problem is None and not given[0]["content"].strip():
+                    problem = "holds an empty assistant message"
+                if problem is not None:
+                    problem = (
+                        f"row {i}, column {response_column!r} {problem}: a demonstration there is one assistant "
+                        f"message (TRL's completion: [{{'role': 'assistant', 'content': ...}}])"
+                    )
+                else:
+                    response = given[0]["content"]
+            elif isinstance(given, str):
+                response = given
+            if problem is None and isinstance(prompt, list):
+                # Arrow gives every message each key any message has, None where absent: drop those again
+                prompt = [{k: v for k, v in m.items() if v is not None} for m in prompt]
+                if prompt[-1]["role"] == "assistant":
+                    if response is not None:
+                        problem = (
+                            f"{where} ends with an assistant turn and column {response_column!r} holds a "
+                            f"demonstration too: keep one of them"
+                        )
+                    elif not prompt[-1]["content"].strip():
+                        problem = f"{where}: its last assistant turn (the demonstration) is empty"
+                    else:
+                        response, prompt = prompt[-1]["content"], prompt[:-1]
+                if problem is None and (not prompt or prompt[-1]["role"] in ("assistant", "system")):
+                    ends = f"ends with a {prompt[-1]['role']} message" if prompt else "has nothing before it"
+                    problem = (
+                        f"{where}: the prompt (the messages before the demonstration) {ends}; it must end with a "
+                        f"user (or tool) turn"
+                    )
+                if problem is None and required and response is None:
+                    problem = (
+                        f"{where} does not end with an assistant turn: an expert row's demonstration is the last "
+                        f"assistant turn of its conversation (TRL's 'messages'), or its {response_column!r} column"
+                    )
+            if problem is not None:
+                problems.append(problem)
+                continue
+            turns[i] = (prompt, response)
+            kept.append((i, row))
+        if problems:
+            if self.hparams.invalid_rows == "error":
+                raise DataError(
+                    report(label, problems, f"rows without a usable prompt and demonstration in {len(valid)} rows")
+                    + "\nFix the rows, or set data.invalid_rows=skip to drop them (they are counted and logged)."
+                )
+            rank_zero_warn(report(label, problems, "rows without a usable prompt and demonstration; skipped"))
+            if not kept:
+                raise DataError(report(label, problems, "rows: none has a usable prompt and demonstration"))
+        return kept, turns
 
     def _answers(
         self, valid: list[tuple[int, dict]], label: str, column: str, use_pattern: bool = True
@@ -360,19 +478,52 @@ class MixedDataModule(L.LightningDataModule):
         the user's files, not it."""
         rows, label = load_table(self._source(source, split), split)
         hp = self.hparams
-        valid, problems = validate_rows(rows, label, need, hp.invalid_rows, flags)
+        need, present = dict(need), set().union(*rows)
+        column = need.get("response", "response" if own_columns else hp.response_column)
+        if not own_columns:  # a file in TRL's formats reads as TRL reads it (its columns are not ours)
+            if need["prompt"] not in present and "messages" in present:
+                need["prompt"] = "messages"  # "language modeling" rows: a conversation, its last turn the reply
+            if column == hp.response_column and column not in present and "completion" in present:
+                column = "completion"  # "prompt-completion" rows
+                if "response" in need:
+                    need["response"] = column
+        check = dict(need)
+        if any(isinstance(r.get(need["prompt"]), list) for r in rows):  # TRL's conversational rows
+            if not self._chat():
+                why = "data.use_chat_template is false" if not hp.use_chat_template else "the tokenizer has none"
+                raise DataError(
+                    f"{label}: column {need['prompt']!r} holds conversations (lists of messages), which only a chat "
+                    f"template renders, and none is applied ({why}): use a tokenizer with a chat template and "
+                    f"data.use_chat_template=true, or give the prompts as text"
+                )
+            if "response" in check and all(r.get(column) is None for r in rows):
+                del check["response"]  # TRL's "messages" rows: each conversation's last assistant turn
+        valid, problems = validate_rows(rows, label, check, hp.invalid_rows, flags, messages=("prompt", "response"))
         if problems:
             rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
+        valid, turns = self._turns(valid, label, need["prompt"], column, required="response" in need)
         answer_column = need.get("answer", hp.answer_column) if own_columns else hp.answer_column
         valid, answers, unmatched = self._answers(valid, label, answer_column, use_pattern=not own_columns)
         end = self.end_token_id
         out, numbers, dropped, cut = [], [], 0, 0
         for i, row in valid:
-            item = {"prompt": row[need["prompt"]]}
-            ids = self._encode_prompt(item["prompt"])
-            resp, column = None, need.get("response", "response" if own_columns else hp.response_column)
-            if "response" in need or (column in row and isinstance(row.get(column), str)):
-                text = str(row[column])
+            prompt, text = turns[i]
+            conversation = isinstance(prompt, list)
+            try:
+                ids = self._encode_prompt(prompt)
+                # a conversation's text is its rendering: what the model reads, system message and earlier turns
+                item = {"prompt": self._render(prompt), "messages": prompt} if conversation else {"prompt": prompt}
+            except DataError:
+                raise
+            except Exception as e:
+                if not conversation:
+                    raise
+                raise DataError(
+                    f"{label}: row {i}, column {need['prompt']!r}: the chat template cannot render this conversation "
+                    f"({type(e).__name__}: {e})"
+                ) from e
+            resp = None
+            if text is not None:
                 resp = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
                 full = len(resp)
             # only a response the stream needs (demonstrations) makes a row too long; an optional one (a prompt
@@ -393,7 +544,7 @@ class MixedDataModule(L.LightningDataModule):
                     continue
                 cut += 1
                 if len(ids) > hp.max_prompt_length:
-                    ids = self._truncated_prompt(item["prompt"], ids, label, i)
+                    ids = self._truncated_prompt(prompt, ids, label, i)
                 resp = resp[: hp.max_response_length] if resp is not None else None
             item["prompt_ids"] = ids
             if resp is not None:
@@ -413,6 +564,7 @@ class MixedDataModule(L.LightningDataModule):
             raise DataError(f"{label}: no usable rows left after applying data.overlong={hp.overlong!r}")
         self.labels[stream] = label
         self.row_numbers[stream] = numbers
+        self.prompt_columns[stream] = need["prompt"]
         invalid = len(rows) - len(valid)
         for key, n in (
             ("rows", len(out)),
@@ -511,17 +663,17 @@ class MixedDataModule(L.LightningDataModule):
     def _check_heldout_overlap(self) -> None:
         """Warn (and count) held-out rows whose prompt is also a training prompt."""
         train = [(s, rows) for s, rows in (("expert", self.expert_rows), ("prompts", self.prompt_rows)) if rows]
-        seen = {r["prompt"] for _, rows in train for r in rows}
         total = 0
         heldout = [
             ("val", self.val_rows),
             ("meta", self.meta_rows),
             *((f"retention/{skill}", rows) for skill, rows in self.retention_rows.items()),
         ]
-        for stream, rows in heldout:
-            if not rows:
-                continue
-            overlap = sum(r["prompt"] in seen for r in rows)
+        heldout = [(stream, rows) for stream, rows in heldout if rows]
+        keys = self._prompt_keys(*(rows for _, rows in train + heldout))
+        seen = {key for rows in keys[: len(train)] for key in rows}
+        for (stream, rows), held in zip(heldout, keys[len(train) :]):
+            overlap = sum(key in seen for key in held)
             total += overlap
             if overlap:
                 sources = " and ".join(sorted({self.labels[s] for s, _ in train}))
@@ -530,6 +682,15 @@ class MixedDataModule(L.LightningDataModule):
                     f"also appears in the training data ({sources}); held-out scores on them are not held out"
                 )
         self.stats["data/heldout_duplicates"] = total
+
+    def _prompt_keys(self, *streams: list[dict]) -> list[list[str]]:
+        """The prompt of each row of each stream as pairing and the held-out check compare prompts: its text as
+        read (no normalisation), or, where a row of any of ``streams`` is a conversation (TRL's rows), the chat
+        template's rendering of each row (a conversation's text already is; a text renders as one user turn),
+        so a conversation and a text that render the same are the same prompt."""
+        if not any("messages" in r for rows in streams for r in rows):
+            return [[r["prompt"] for r in rows] for rows in streams]
+        return [[r["prompt"] if "messages" in r else self._render(r["prompt"]) for r in rows] for rows in streams]
 
     # ------------------------------------------------------------------ paired demonstrations
     def pair_demonstrations(self, k: int | None = None) -> None:
@@ -577,7 +738,7 @@ class MixedDataModule(L.LightningDataModule):
         by_text = hp.pair_by == "prompt"
         expert = self.expert_rows or []
         if by_text:
-            prompt_keys, expert_keys = [r["prompt"] for r in self.prompt_rows], [r["prompt"] for r in expert]
+            prompt_keys, expert_keys = self._prompt_keys(self.prompt_rows, expert)
         else:
             prompt_keys = self._pair_ids("prompts")
             expert_keys = self._pair_ids("expert") if expert else []
@@ -597,14 +758,18 @@ class MixedDataModule(L.LightningDataModule):
                 if len(demos) == k:
                     break
             if len(demos) < k:
-                column = f"column {hp.prompt_column!r}" if by_text else f"column {hp.pair_by!r} (id {key!r})"
+                column = (
+                    f"column {self.prompt_columns['prompts']!r}" if by_text else f"column {hp.pair_by!r} (id {key!r})"
+                )
                 why = (
                     f" (its own {hp.response_column!r} is longer than max_response_length={hp.max_response_length}, "
                     f"kept only with data.overlong=truncate)"
                     if too_long
                     else ""
                 )
-                short.append(f"row {number}, {column}, prompt {_abbreviate(row['prompt'])}: {len(demos)} found{why}")
+                # a conversation's rendering starts with the template's header: show its last turn instead
+                shown = row["messages"][-1]["content"] if "messages" in row else row["prompt"]
+                short.append(f"row {number}, {column}, prompt {_abbreviate(shown)}: {len(demos)} found{why}")
                 continue
             paired.append({**row, "demo_ids": [list(ids) for ids in demos], "demonstrations": list(demos.values())})
         if short:

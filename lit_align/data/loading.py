@@ -137,11 +137,40 @@ def load_table(source: str, split: str = "train") -> tuple[list[dict], str]:
     return rows, label
 
 
-def _cell_problem(row: dict, column: str) -> str | None:
-    """Why ``row[column]`` is unusable as text, or None (numbers and UTF-8 bytes become strings in place)."""
+def messages_problem(value) -> str | None:
+    """Why ``value`` is unusable as a list of chat messages (TRL's conversational format: ``[{"role": ...,
+    "content": ...}, ...]``), or None. Keys a row lacks and Arrow filled with None count as absent."""
+    if not isinstance(value, list) or not value:
+        return (
+            "is an empty conversation" if isinstance(value, list) else f"expected messages, got {type(value).__name__}"
+        )
+    for k, message in enumerate(value, start=1):
+        if not isinstance(message, dict):
+            return f"holds a conversation whose message {k} is a {type(message).__name__}, not a mapping with role and content"
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str) or not role.strip():
+            return f"holds a conversation whose message {k} has no 'role'"
+        if not isinstance(content, str):
+            what = "no 'content'" if content is None else f"a 'content' that is a {type(content).__name__}, not text"
+            return f"holds a conversation whose message {k} ({role}) has {what}"
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (
+                f"holds a conversation whose message {k} ({role}) holds an unpaired surrogate ({content[e.start]!r}), "
+                f"which is not valid Unicode"
+            )
+    return None
+
+
+def _cell_problem(row: dict, column: str, messages: bool = False) -> str | None:
+    """Why ``row[column]`` is unusable as text (or, with ``messages``, as a list of chat messages), or None
+    (numbers and UTF-8 bytes become strings in place)."""
     if column not in row or row[column] is None:
         return "is missing"
     value = row[column]
+    if messages and isinstance(value, list):
+        return messages_problem(value)
     if isinstance(value, bytes):
         try:
             row[column] = value = value.decode("utf-8")
@@ -173,8 +202,10 @@ def validate_rows(
     columns: dict[str, str],
     invalid_rows: str = "error",
     flags: dict[str, str] | None = None,
+    messages: tuple[str, ...] = (),
 ) -> tuple[list[tuple[int, dict]], list[str]]:
-    """Check that each ``role -> column`` holds a non-empty string (or a number) in every row.
+    """Check that each ``role -> column`` holds a non-empty string (or a number) in every row; the roles in
+    ``messages`` may hold a list of chat messages instead (TRL's conversational rows, see :func:`messages_problem`).
 
     ``label`` names the source; row numbers count from 1 (the line number in a JSONL file
     without blank lines). With ``invalid_rows="error"`` any bad row raises one :class:`DataError`
@@ -192,7 +223,7 @@ def validate_rows(
             )
     kept, problems = [], []
     for i, row in enumerate(rows, start=1):
-        found = [(c, _cell_problem(row, c)) for c in columns.values()]
+        found = [(c, _cell_problem(row, c, role in messages)) for role, c in columns.items()]
         found = [f"row {i}, column {c!r} {why}" for c, why in found if why]
         if found:
             problems.extend(found)
