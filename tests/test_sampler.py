@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _qwen2 import qwen2_checkpoint
 
 from lit_align.hf import load_model, load_tokenizer
 from lit_align.losses import entropy_from_logits, token_logprobs
@@ -518,28 +519,7 @@ def test_num_generations_below_one_is_an_error_not_the_default(ckpt):
 def small_qwen2(ckpt, tmp_path_factory) -> str:
     """A random Qwen2 (hidden 64, 512 tokens: the embedded tokenizer grown) saved in float32: wide enough
     that bf16 rounding shows in its log-probs."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("qwen2_64")
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return qwen2_checkpoint(ckpt, tmp_path_factory.mktemp("qwen2_64"), tied=False, hidden=64)
 
 
 def _first_update_ratios(path: str, monkeypatch, model_dtype=None, precision="32-true") -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
+from _qwen2 import qwen2_checkpoint  # noqa: F401  (the vLLM tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,33 +70,6 @@ def fit_config(config: str, out: Path, *extra: str) -> subprocess.CompletedProce
         *extra,
     ]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-
-
-def qwen2_checkpoint(ckpt: str, path, tied: bool) -> str:
-    """A small Qwen2 checkpoint (q/k/v biases; tied or untied embeddings) with the embedded task's tokenizer
-    grown to 512 tokens, so the output layer is a real matrix (512 x 128) rather than 16 rows."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    tok.add_tokens([f"<w{i}>" for i in range(512 - len(tok))])
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-        initializer_range=0.1,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 class EngineReport(L.Callback):
