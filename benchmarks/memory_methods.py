@@ -39,11 +39,9 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import lightning as L
@@ -302,7 +300,6 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         apply_quick(a)
-    import torch
 
     assets = ensure_assets(a)
     runs = []
@@ -317,25 +314,7 @@ def main() -> None:
                 flush=True,
             )
     result = {
-        "date": str(date.today()),
-        "command": memory_scale.command_line(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
-        "lit_align_commit": memory_scale._git_commit(),
-        "torch_version": torch.__version__,
-        "model": {
-            "architecture": "Qwen2ForCausalLM",
-            "parameters": next((r["parameters"] for r in runs if "parameters" in r), None),
-            "vocab": a.vocab,
-            "hidden": a.hidden,
-            "layers": a.layers,
-            "heads": a.heads,
-            "kv_heads": a.kv_heads,
-            "intermediate": a.intermediate,
-            "tie_word_embeddings": True,
-            "dtype": "float32",
-            "path": assets["model"],
-        },
+        **memory_scale.run_header(a, assets, next((r["parameters"] for r in runs if "parameters" in r), None)),
         "settings": {
             k: getattr(a, k)
             for k in ("configs", "steps", "prompts", "G", "tokens", "micro_batch_size", "rows", "max_gb", "threads")

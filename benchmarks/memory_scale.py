@@ -696,6 +696,34 @@ def _git_commit() -> str | None:
         return None
 
 
+def run_header(a, assets: dict, parameters: int | None) -> dict:
+    """The facts every memory benchmark's JSON starts with: date, command, machine, commit, torch version and
+    the random Qwen2 checkpoint measured (``a``: the parsed --vocab / --hidden / ... flags)."""
+    import torch
+
+    return {
+        "date": str(date.today()),
+        "command": command_line(),
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
+        "lit_align_commit": _git_commit(),
+        "torch_version": torch.__version__,
+        "model": {
+            "architecture": "Qwen2ForCausalLM",
+            "parameters": parameters,
+            "vocab": a.vocab,
+            "hidden": a.hidden,
+            "layers": a.layers,
+            "heads": a.heads,
+            "kv_heads": a.kv_heads,
+            "intermediate": a.intermediate,
+            "tie_word_embeddings": True,
+            "dtype": "float32",
+            "path": assets["model"],
+        },
+    }
+
+
 def command_line() -> str:
     script = Path(sys.argv[0])
     name = str(script.resolve().relative_to(ROOT)) if script.exists() else sys.argv[0]
@@ -852,7 +880,6 @@ def main() -> None:
         return child(a.child)
     if a.quick:
         apply_quick(a)
-    import torch
 
     assets = ensure_assets(a)
     if a.validation:
@@ -890,26 +917,8 @@ def main() -> None:
         except Exception:  # noqa: BLE001  (TRL not installed: lit_align sides only)
             trl_version = "not installed"
     result = {
-        "date": str(date.today()),
-        "command": command_line(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB",
-        "lit_align_commit": _git_commit(),
+        **run_header(a, assets, parameters),
         "trl_version": trl_version,
-        "torch_version": torch.__version__,
-        "model": {
-            "architecture": "Qwen2ForCausalLM",
-            "parameters": parameters,
-            "vocab": a.vocab,
-            "hidden": a.hidden,
-            "layers": a.layers,
-            "heads": a.heads,
-            "kv_heads": a.kv_heads,
-            "intermediate": a.intermediate,
-            "tie_word_embeddings": True,
-            "dtype": "float32",
-            "path": assets["model"],
-        },
         "settings": {
             k: getattr(a, k)
             for k in (
