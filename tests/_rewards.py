@@ -89,3 +89,16 @@ async def async_char_count_reward(completions, **kwargs):
 
     await asyncio.sleep(0.01)
     return [len(c) / 10 for c in completions]
+
+
+class ParityReward(RewardFunction):
+    """Correct (reward >= 1) when the completion text has an even number of characters, which about half of a
+    fresh policy's samples have; plus sum of character codes / 1e6, so that a group's samples rarely tie and
+    GRPO has advantages whatever the random stream. Keeps every call's (prompts, completions)."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def __call__(self, prompts, completions, answers):
+        self.calls.append((list(prompts), list(completions)))
+        return torch.tensor([float(len(c) % 2 == 0) + sum(map(ord, c)) / 1e6 for c in completions])

@@ -1,5 +1,6 @@
-"""The held-out part: greedy answers on held-out prompts (accuracy, reward), retention sets, the NLL of
-held-out demonstrations (split by whether the reward accepts them), and the demonstrations' self-check.
+"""The held-out part: greedy answers on held-out prompts (accuracy, reward), pass@k from sampled answers,
+retention sets, the NLL of held-out demonstrations (split by whether the reward accepts them), and the
+demonstrations' self-check.
 
 :meth:`HeldOut.step` returns what to log as ``(name, value or metric, options)``; the module logs it (a
 part never logs through the module that drives it).
@@ -29,14 +30,47 @@ def check_logged_name(name: str, key: str, taken) -> None:
         )
 
 
+def pass_at_k(n: int, num_correct, k: int) -> torch.Tensor:
+    """The unbiased pass@k estimate per problem from ``n`` samples of which ``num_correct`` are correct:
+    1 - C(n - c, k) / C(n, k) (Chen et al. 2021, "Evaluating Large Language Models Trained on Code",
+    arXiv 2107.03374, eq. 1), computed in the numerically stable product form
+    1 - prod_{i = n - c + 1}^{n} (1 - k / i): no binomial coefficient is formed, and it is exactly 1 when
+    n - c < k (the factor i = k is 0).
+
+    Args:
+        n: samples per problem (>= k).
+        num_correct: c, correct samples per problem, an int or an integer tensor (P,) in [0, n].
+        k: the k of pass@k, in [1, n].
+
+    Returns:
+        float64 tensor of ``num_correct``'s shape (on its device): the probability that at least one of
+        k samples drawn without replacement from the n is correct.
+
+    Raises:
+        ValueError: k outside [1, n] (pass@k is undefined from fewer than k samples), or a count outside
+            [0, n].
+    """
+    c = torch.as_tensor(num_correct)
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} from n={n} samples per problem: k must be in [1, n]")
+    if c.is_floating_point() or bool(((c < 0) | (c > n)).any()):
+        raise ValueError(f"pass@{k}: correct counts must be integers in [0, n={n}], got {c.tolist()}")
+    factors = 1.0 - k / torch.arange(1, n + 1, dtype=torch.float64)  # (n,): 1 - k / i at index i - 1
+    tail = torch.ones(n + 1, dtype=torch.float64)  # tail[j] = prod_{i = j + 1}^{n} factors; tail[n] = 1
+    tail[:n] = factors.flip(0).cumprod(0).flip(0)
+    return (1.0 - tail[n - c.long().cpu()]).to(c.device)
+
+
 class HeldOut(torch.nn.Module):
     """Validation and test metrics (an ``nn.Module`` so Lightning moves and syncs its torchmetrics).
 
     Args:
         policy, sampler, rewards: the parts it evaluates with.
         settings: ``reward_errors`` and ``reward_timeout_s`` (how a failing reward call is handled, as in
-            training) and ``micro_batch_size`` (rows per forward of the held-out NLL; None: all), as
-            attributes (the module's hparams, read at each call).
+            training), ``micro_batch_size`` (rows per forward of the held-out NLL; None: all) and
+            ``pass_at_k`` / ``pass_at_k_samples`` (the k of ``<prefix>/pass@k``, None: off; n samples per
+            prompt, None: max k), as attributes (the module's hparams, read at each call; the pass@k
+            metrics are made for the k set when the part is built).
     """
 
     def __init__(self, policy: Policy, sampler: Sampler, rewards: RewardSet, settings):
@@ -48,15 +82,30 @@ class HeldOut(torch.nn.Module):
         # val/expert_nll over the demonstrations the reward's correctness check accepts / rejects
         self.val_expert_nll_split = torch.nn.ModuleDict({"correct": MeanMetric(), "incorrect": MeanMetric()})
         self._demo_verdicts: dict[tuple[str, str, str], bool] = {}  # (prompt, demonstration, answer) -> correct
+        # val/pass@k per k (a per-problem mean, synced over ranks like val/accuracy)
+        self.val_pass_at_k = torch.nn.ModuleDict({str(k): MeanMetric() for k in self.pass_at_k_values})
+
+    @property
+    def pass_at_k_values(self) -> list[int]:
+        """The k of ``pass@k`` to log (``settings.pass_at_k``; [] when off)."""
+        return list(getattr(self.settings, "pass_at_k", None) or [])
+
+    @property
+    def pass_at_k_samples(self) -> int:
+        """n, samples per held-out prompt for pass@k: ``settings.pass_at_k_samples``, else the largest k."""
+        n = getattr(self.settings, "pass_at_k_samples", None)
+        return n if n is not None else max(self.pass_at_k_values, default=1)
 
     def step(
-        self, batch: dict, prefix: str, world: World, device, trainer_state=None
+        self, batch: dict, prefix: str, world: World, device, trainer_state=None, batch_idx: int = 0
     ) -> list[tuple[str, object, dict]]:
-        """Greedy answers on held-out prompts (accuracy, reward) and NLL of held-out demonstrations; on a
-        batch of a retention set (``batch["retention"]``, the skill), only ``<prefix>/retention/<skill>``.
-        ``trainer_state``: what TRL-style reward functions get (:meth:`RewardSet.score`); the values they give
-        ``log_metric`` on held-out prompts are logged as ``<prefix>/<name>`` (mean over the batch's calls on all
-        ranks, averaged over the batches), not on retention sets. Returns the entries to log."""
+        """Greedy answers on held-out prompts (accuracy, reward), pass@k from sampled answers (when
+        ``pass_at_k`` is set; ``batch_idx`` seeds their draw, :meth:`sampled_verdicts`) and NLL of held-out
+        demonstrations; on a batch of a retention set (``batch["retention"]``, the skill), only
+        ``<prefix>/retention/<skill>``. ``trainer_state``: what TRL-style reward functions get
+        (:meth:`RewardSet.score`); the values they give ``log_metric`` on held-out prompts are logged as
+        ``<prefix>/<name>`` (mean over the batch's calls on all ranks, averaged over the batches), not on
+        retention sets. Returns the entries to log."""
         if "retention" in batch:
             _, correct = self.greedy_verdicts(batch, world, trainer_state)
             value = correct.float().mean().to(device)
@@ -83,6 +132,13 @@ class HeldOut(torch.nn.Module):
         bs = len(batch["prompts"])
         out.append((f"{prefix}/accuracy", self.val_accuracy, dict(prog_bar=True, batch_size=bs)))
         out.append((f"{prefix}/reward", self.val_reward, dict(batch_size=bs)))
+        if self.pass_at_k_values:
+            n = self.pass_at_k_samples
+            correct = self.sampled_verdicts(batch, world, n, batch_idx, trainer_state).view(bs, n)
+            for k in self.pass_at_k_values:
+                metric = self.val_pass_at_k[str(k)]
+                metric.update(pass_at_k(n, correct.sum(1), k).float().to(device))
+                out.append((f"{prefix}/pass@{k}", metric, dict(batch_size=bs)))
         if self.parts[2].may_log:  # every rank takes part: the names are merged over ranks
             ours = {name for name, _, _ in out}
             for name, (mean, count) in world.ranks.pooled_means(scores.logged).items():
@@ -108,6 +164,49 @@ class HeldOut(torch.nn.Module):
             trainer_state=trainer_state,
         )
         return scores, correct
+
+    def sampled_verdicts(
+        self, batch: dict, world: World, n: int, batch_idx: int = 0, trainer_state=None
+    ) -> torch.Tensor:
+        """Bool (B * n,): the correctness verdicts (the rule of val/accuracy, :meth:`RewardSet.correct`) of
+        ``n`` completions per prompt sampled in one call with the training sampler's settings (temperature,
+        top_p, top_k, min_p, ...); prompt i's j-th sample is row i * n + j.
+
+        The draw leaves the training random stream as it was (the CPU and this device's generators are
+        forked and put back), so a run logs the same train/* values with pass@k on or off and resumes
+        exactly. Inside, the generators are seeded from the run's seed (``torch.initial_seed()``), this
+        rank and ``batch_idx``: each validation draws the same random numbers for the same problems, so the
+        curve moves with the model, not with the draw."""
+        _, sampler, rewards = self.parts
+        device = batch["prompt_ids"].device
+        rank = 0
+        if world.ranks.world > 1:
+            import torch.distributed as dist
+
+            rank = dist.get_rank()
+        seed = (torch.initial_seed() * 1_000_003 + rank * 65_537 + batch_idx) % 2**63
+        cuda = []  # the CUDA generator sampling draws from, where the batch is on a GPU
+        if device.type == "cuda":
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            if cuda:  # this device's generator only (manual_seed would seed every GPU the process sees)
+                torch.cuda.default_generators[cuda[0]].manual_seed(seed)
+            rollout = sampler.sample(batch, world, greedy=False, num_generations=n)
+        prompts = [p for p in batch["prompts"] for _ in range(n)]
+        answers = [a for a in batch["answers"] for _ in range(n)]
+        columns = {name: [v for v in values for _ in range(n)] for name, values in (batch.get("columns") or {}).items()}
+        correct, _ = rewards.correct(
+            prompts,
+            rollout.completions,
+            answers,
+            completion_ids=completion_id_lists(rollout),
+            columns=columns,
+            on_error=self.settings.reward_errors,
+            timeout_s=self.settings.reward_timeout_s,
+            trainer_state=trainer_state,
+        )
+        return correct
 
     def score(
         self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None, trainer_state=None

@@ -53,6 +53,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive updates had a non-finite loss or gradient."""
 
 
+def _distinct_positive_integers(values) -> bool:
+    return all(S.is_integer(v) and v >= 1 for v in values) and len(set(values)) == len(values)
+
+
 # the ranges of PolicyModule's settings (choices come from the Literal annotations)
 RULES = {
     "num_generations": S.integer(1),
@@ -91,6 +95,11 @@ RULES = {
     "vllm_tensor_parallel_size": S.Rule(lambda v: v == 1, "1 (one colocated engine per training process)"),
     "vllm_importance_sampling_cap": S.number(1),
     "skip_special_tokens": S.Rule(lambda v: isinstance(v, bool), "true or false"),
+    "pass_at_k": S.Rule(
+        lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) > 0 and _distinct_positive_integers(v)),
+        "null (off) or a list of distinct integers >= 1, e.g. [1, 4, 16]",
+    ),
+    "pass_at_k_samples": S.integer(1, optional="the largest k of model.pass_at_k"),
     "reward": S.Rule(
         lambda v: all(f is None or callable(f) for f in (v if isinstance(v, (list, tuple)) else [v])),
         "a lit_align.rewards.RewardFunction, a TRL-style reward function, or a list of them",
@@ -211,6 +220,13 @@ class PolicyModule(L.LightningModule):
             sampler_logp), vllm_importance_sampling_cap), TRL's truncated importance-sampling correction for
             the engine's numerics; off by default (the trainer's old_logp alone defines the ratio).
         vllm_importance_sampling_cap: the truncation of those weights (TRL's name, default 3.0).
+        pass_at_k: log ``val/pass@k`` for these k (e.g. ``[1, 4, 16]``): the unbiased estimator of Chen et
+            al. 2021 (arXiv 2107.03374) from ``pass_at_k_samples`` answers per held-out prompt, sampled with
+            the training sampler's settings and judged by val/accuracy's rule, averaged over problems
+            (:func:`lit_align.core.heldout.pass_at_k`). Null (default): off, no extra sampling. TRL has no
+            such setting; verl samples ``val_kwargs.n`` answers per prompt.
+        pass_at_k_samples: n, answers sampled per held-out prompt for pass@k (verl's ``val_kwargs.n``);
+            null: the largest k. Must be >= every k (pass@k is undefined from fewer than k samples).
 
     Scale-out (``--trainer.strategy=ddp`` / ``fsdp2``): rollouts are sampled on each rank from its
     own prompts, advantages are computed within each prompt's group (every group lives on one
@@ -275,6 +291,8 @@ class PolicyModule(L.LightningModule):
         vllm_enable_sleep_mode: bool = False,
         vllm_importance_sampling_correction: bool = False,
         vllm_importance_sampling_cap: float = 3.0,
+        pass_at_k: list[int] | None = None,
+        pass_at_k_samples: int | None = None,
     ):
         super().__init__()
         S.check(PolicyModule.__init__, locals(), RULES)
@@ -288,6 +306,17 @@ class PolicyModule(L.LightningModule):
                 f"model.policy_loss=cispo caps the importance weight at model.epsilon_high itself (TRL's convention), "
                 f"and epsilon_high={epsilon_high:g} < 1 would scale every token's gradient down: set it to the cap, "
                 "e.g. 5.0 (ScaleRL)"
+            )
+        if pass_at_k_samples is not None and pass_at_k is None:
+            raise ValueError(
+                f"model.pass_at_k_samples={pass_at_k_samples} is set but model.pass_at_k is null: name the k to "
+                "log, e.g. --model.init_args.pass_at_k=[1,4,16]"
+            )
+        if pass_at_k and pass_at_k_samples is not None and max(pass_at_k) > pass_at_k_samples:
+            raise ValueError(
+                f"model.pass_at_k={list(pass_at_k)}: pass@{max(pass_at_k)} is undefined from "
+                f"model.pass_at_k_samples={pass_at_k_samples} samples per problem (k <= n): raise "
+                "pass_at_k_samples or drop the larger k"
             )
         if rollout_engine == "vllm" and not vllm_importable():
             from lit_align.vllm_engine import INSTALL
@@ -810,9 +839,10 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ held-out evaluation
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0, prefix: str = "val") -> None:
-        """Greedy answers on held-out prompts (accuracy, reward), NLL of held-out demonstrations, or a
-        retention set's accuracy (:class:`lit_align.core.heldout.HeldOut`)."""
-        for name, value, options in self.heldout.step(batch, prefix, self.world, self.device, self.reward_state()):
+        """Greedy answers on held-out prompts (accuracy, reward), pass@k (``model.pass_at_k``), NLL of
+        held-out demonstrations, or a retention set's accuracy (:class:`lit_align.core.heldout.HeldOut`)."""
+        state = self.reward_state()
+        for name, value, options in self.heldout.step(batch, prefix, self.world, self.device, state, batch_idx):
             self.log(name, value, on_epoch=True, add_dataloader_idx=False, **options)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
