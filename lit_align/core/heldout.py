@@ -17,7 +17,7 @@ from lit_align.core.policy import Labelled, Policy
 from lit_align.core.sampler import Sampler
 from lit_align.core.world import World
 from lit_align.rewards import RewardScores, RewardSet
-from lit_align.rollout import completion_id_lists
+from lit_align.rollout import Rollout, completion_id_lists
 
 
 def check_logged_name(name: str, key: str, taken) -> None:
@@ -134,7 +134,8 @@ class HeldOut(torch.nn.Module):
         out.append((f"{prefix}/reward", self.val_reward, dict(batch_size=bs)))
         if self.pass_at_k_values:
             n = self.pass_at_k_samples
-            correct = self.sampled_verdicts(batch, world, n, batch_idx, trainer_state).view(bs, n)
+            _, correct = self.sampled_verdicts(batch, world, n, batch_idx, trainer_state)
+            correct = correct.view(bs, n)
             for k in self.pass_at_k_values:
                 metric = self.val_pass_at_k[str(k)]
                 metric.update(pass_at_k(n, correct.sum(1), k).float().to(device))
@@ -167,10 +168,10 @@ class HeldOut(torch.nn.Module):
 
     def sampled_verdicts(
         self, batch: dict, world: World, n: int, batch_idx: int = 0, trainer_state=None
-    ) -> torch.Tensor:
-        """Bool (B * n,): the correctness verdicts (the rule of val/accuracy, :meth:`RewardSet.correct`) of
-        ``n`` completions per prompt sampled in one call with the training sampler's settings (temperature,
-        top_p, top_k, min_p, ...); prompt i's j-th sample is row i * n + j.
+    ) -> tuple[Rollout, torch.Tensor]:
+        """``n`` completions per prompt sampled in one call with the training sampler's settings (temperature,
+        top_p, top_k, min_p, ...), a :class:`Rollout` of B * n rows (prompt i's j-th sample is row i * n + j),
+        and their correctness verdicts, bool (B * n,), by the rule of val/accuracy (:meth:`RewardSet.correct`).
 
         The draw leaves the training random stream as it was (the CPU and this device's generators are
         forked and put back), so a run logs the same train/* values with pass@k on or off and resumes
@@ -206,7 +207,7 @@ class HeldOut(torch.nn.Module):
             timeout_s=self.settings.reward_timeout_s,
             trainer_state=trainer_state,
         )
-        return correct
+        return rollout, correct
 
     def score(
         self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None, trainer_state=None

@@ -279,7 +279,9 @@ class Sampler:
             self.stale = False
         settings = sampling_settings(self.policy.model, self.policy.tokenizer, greedy=greedy, **decoding(s))
         G = 1 if greedy else num_generations
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))  # from the global stream: seed_everything reproduces it
+        # sampled: a seed from the global stream (seed_everything reproduces it); greedy: none, so a greedy call
+        # (validation's answers) draws nothing, as on the HF path, and leaves the training stream as it was
+        seed = None if greedy else int(torch.randint(0, 2**31 - 1, (1,)))
         ids, mask, sampler_logp = engine.generate(
             prompts["prompt_ids"],
             prompts["prompt_mask"],

@@ -10,8 +10,9 @@ biases) with untied and with tied embeddings. Each checkpoint gets one engine (m
     the tied output layer included.
 
 Also: the engine's rollouts are lit-align's Rollout (shapes, masks, padding, texts), a prompt the engine
-cannot serve goes to the HF sampler with one warning, and building an engine leaves the process's
-random state and environment as they were.
+cannot serve goes to the HF sampler with one warning, validation's greedy and sampled answers through the
+engine leave the training random stream alone, and building an engine leaves the process's random state and
+environment as they were.
 """
 
 import os
@@ -159,6 +160,29 @@ def test_prompts_the_engine_cannot_serve_go_to_the_hf_sampler_with_one_warning(p
     assert len(said) == 1 and "vllm_max_model_length" in str(said[0].message)
     monkeypatch.undo()
     assert policy.sample(prompts).sampler == "vllm"
+
+
+def test_validation_through_the_engine_leaves_the_training_random_stream(policy):
+    """val/accuracy's greedy answers and val/pass@k's sampled ones come from the engine, and neither moves the global
+    torch random stream that training's rollouts draw from (a greedy request needs no seed; the sampled answers
+    have a seed of their own), so a validation changes no later rollout. The same batch index samples the same
+    answers, another index others."""
+    prompts = _prompts(policy)
+    batch = {**prompts, "prompts": PROMPTS, "answers": ["46", "3", "85", "8", "100", "78"]}
+    heldout, world = policy.heldout, policy.world
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    _, greedy = heldout.greedy_verdicts(batch, world)
+    assert greedy.shape == (len(PROMPTS),)
+    assert torch.equal(torch.get_rng_state(), state), "the greedy answers drew from the training stream"
+    rollout, correct = heldout.sampled_verdicts(batch, world, G, batch_idx=0)
+    assert torch.equal(torch.get_rng_state(), state), "the sampled answers drew from the training stream"
+    assert rollout.sampler == "vllm" and correct.shape == (len(PROMPTS) * G,)
+    assert torch.equal(rollout.prompt_ids, prompts["prompt_ids"].repeat_interleave(G, 0))
+    assert len(set(map(tuple, rollout.completion_ids.tolist()))) > len(PROMPTS), "sampled, not greedy"
+    again, _ = heldout.sampled_verdicts(batch, world, G, batch_idx=0)
+    other, _ = heldout.sampled_verdicts(batch, world, G, batch_idx=1)
+    assert again.completions == rollout.completions and other.completions != rollout.completions
 
 
 def test_building_an_engine_leaves_the_process_as_it_was(ckpt):
