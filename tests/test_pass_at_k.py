@@ -2,8 +2,11 @@
 settings that make it undefined refused at start-up, the held-out wiring (n samples per prompt judged by
 val/accuracy's rule), and a fit that logs it without changing what training logs."""
 
+import json
 import math
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -161,3 +164,44 @@ def test_a_fit_logs_pass_at_k_and_the_same_training_values_as_without_it(tmp_pat
     assert "train/reward_mean" in train and sorted(name for name in on if name.startswith("train/")) == train
     for name in [*train, "val/accuracy"]:
         assert on[name] == off[name], name
+
+
+class PassAtKReport(L.Callback):
+    """Test helper (``--trainer.callbacks+=test_pass_at_k.PassAtKReport``): each rank writes its own, unsynced sum of
+    per-problem pass@k estimates and problem count per k to ``<out>/pass_at_k_rank<r>.json`` when fit ends."""
+
+    def __init__(self, out: str):
+        self.out, self.local = out, {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        for k, metric in pl_module.heldout.val_pass_at_k.items():
+            self.local[k] = [float(metric.mean_value), float(metric.weight)]
+
+    def on_fit_end(self, trainer, pl_module):
+        Path(self.out, f"pass_at_k_rank{trainer.global_rank}.json").write_text(json.dumps(self.local))
+
+
+def test_pass_at_k_is_the_mean_over_the_problems_of_every_rank(tmp_path):
+    """FSDP2 on 2 CPU processes (sampling's forwards synced over ranks, each rank its own problems and seed):
+    val/pass@k is the mean over both ranks' problems, not rank 0's."""
+    from test_distributed import train
+
+    proc, _ = train(
+        "sft",
+        "fsdp2",
+        tmp_path,
+        "--model.init_args.reward=_rewards.ParityReward",
+        "--model.init_args.pass_at_k=[1,3]",
+        "--data.init_args.retention_data=null",
+        "--trainer.callbacks+=test_pass_at_k.PassAtKReport",
+        f"--trainer.callbacks.out={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"pass_at_k_rank{r}.json").read_text()) for r in range(2)]
+    scalars = read_scalars(tmp_path)
+    for k in ("1", "3"):
+        (sum0, n0), (sum1, n1) = ranks[0][k], ranks[1][k]
+        assert n0 == n1 == 4, "each rank judged its own batch of 4 problems"
+        logged = scalars[f"val/pass@{k}"]
+        assert len(logged) == 1 and logged[0][1] == pytest.approx((sum0 + sum1) / (n0 + n1), abs=1e-6), k
+    assert ranks[0]["1"][0] != ranks[1]["1"][0], "the ranks' own means differ: the check tells a sync from none"
