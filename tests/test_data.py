@@ -575,6 +575,37 @@ def test_malformed_conversational_rows_are_named(base_chat_ckpt, ckpt, tmp_path)
         _dm(ckpt, **kw)  # the embedded tokenizer has no chat template
 
 
+def test_a_conversation_cell_that_is_not_a_list_is_named(base_chat_ckpt, tmp_path):
+    """In a file of TRL 'messages' rows, a row whose cell is text or a number instead of a list of messages has
+    no demonstration: it is named by file, row and column (invalid_rows=skip drops it), where set-up stopped with
+    "TypeError: object of type 'NoneType' has no len()" even under invalid_rows=skip. The same in a
+    prompt-completion file whose completion column is empty on that row."""
+    from _gsm8k import write_jsonl
+
+    good = _chat_rows(3)
+    path = write_jsonl(tmp_path / "cells.jsonl", good + [{"messages": "2+2?"}, {"messages": 5}])
+    kw = dict(prompt_data=None, val_data=None)
+    with pytest.raises(
+        DataError,
+        match=r"(?s)cells\.jsonl: 2 rows without a usable prompt and demonstration in 5 rows:\n"
+        r"  row 4, column 'messages' holds text, not a list of messages, and no demonstration.*"
+        r"  row 5, column 'messages' holds text, not a list of messages, and no demonstration",
+    ):
+        _dm(base_chat_ckpt, expert_data=path, **kw)
+    with pytest.warns(UserWarning, match=r"row 4, column 'messages' holds text"):
+        skipped = _dm(base_chat_ckpt, expert_data=path, invalid_rows="skip", **kw)
+    assert len(skipped.expert_rows) == 3 and skipped.stats["data/invalid_rows"] == 2
+    user, assistant = ({"role": r, "content": "4"} for r in ("user", "assistant"))
+    pairs = [{"prompt": [user], "completion": [assistant]}, {"prompt": "2+2?", "completion": [assistant]}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs + [{"prompt": "3+3?", "completion": None}])
+    with pytest.raises(
+        DataError, match=r"pairs\.jsonl: 1 invalid fields in 1 of 3 rows:\n  row 3, column 'completion'"
+    ):
+        _dm(base_chat_ckpt, expert_data=pairs, **kw)
+    # a text prompt beside a message-list completion is a demonstration as in a text file: kept
+    assert len(_dm(base_chat_ckpt, expert_data=pairs, invalid_rows="skip", **kw).expert_rows) == 2
+
+
 def test_truncating_a_conversation_drops_its_earliest_turns_first(base_chat_ckpt, tmp_path):
     """overlong=truncate keeps the end of a conversation: its earliest exchanges go (the system message stays,
     the prompt still starts at a user turn), then the start of its last message's text."""

@@ -403,11 +403,18 @@ class MixedDataModule(L.LightningDataModule):
                         f"{where}: the prompt (the messages before the demonstration) {ends}; it must end with a "
                         f"user (or tool) turn"
                     )
-                if problem is None and required and response is None:
-                    problem = (
-                        f"{where} does not end with an assistant turn: an expert row's demonstration is the last "
-                        f"assistant turn of its conversation (TRL's 'messages'), or its {response_column!r} column"
-                    )
+            if problem is None and required and response is None:
+                # a text cell passes validation as a prompt, but in a file of conversations with no response
+                # column (validation then does not ask for one) it leaves the row without a demonstration
+                what = (
+                    "does not end with an assistant turn"
+                    if isinstance(prompt, list)
+                    else "holds text, not a list of messages, and no demonstration"
+                )
+                problem = (
+                    f"{where} {what}: an expert row's demonstration is the last assistant turn of its "
+                    f"conversation (TRL's 'messages'), or its {response_column!r} column"
+                )
             if problem is not None:
                 problems.append(problem)
                 continue
