@@ -338,3 +338,29 @@ def test_settings_are_checked_at_construction_naming_the_flag(ckpt):
         GRPOModule(model_name_or_path=ckpt, top_entropy_quantile=-0.1)
     with pytest.raises(ValueError, match="model.loss_scale_factor=0"):
         GRPOModule(model_name_or_path=ckpt, loss_aggregation="seq-mean-token-sum-norm", loss_scale_factor=0)
+
+
+@pytest.mark.parametrize(
+    "settings, flag",
+    [
+        (
+            {"policy_loss": "cispo", "epsilon_high": 5.0, "delta": 4.0},
+            r"model.delta=4.0 is read by policy_loss=clip only",
+        ),
+        ({"policy_loss": "sapo", "delta": 1.5}, r"model.delta=1.5 is read by policy_loss=clip only"),
+        ({"sapo_temperature_neg": 2.0}, r"model.sapo_temperature_neg=2.0 is read by policy_loss=sapo only"),
+        ({"loss_scale_factor": 512.0}, r"model.loss_scale_factor=512.0 is read by loss_aggregation="),
+    ],
+)
+def test_a_setting_the_chosen_objective_does_not_read_is_refused(ckpt, settings, flag):
+    """delta with CISPO or SAPO, a SAPO temperature with another policy loss, loss_scale_factor with another
+    aggregation: each was accepted and silently unused (and CISPO's delta was checked against its cap, asking for
+    delta > 6 that then did nothing); now construction stops naming the flag and the setting that would read it."""
+    with pytest.raises(ValueError, match=flag):
+        GRPOModule(model_name_or_path=ckpt, **settings)
+
+
+def test_settings_each_objective_reads_are_accepted(ckpt):
+    GRPOModule(model_name_or_path=ckpt, delta=1.5)
+    GRPOModule(model_name_or_path=ckpt, policy_loss="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0)
+    GRPOModule(model_name_or_path=ckpt, loss_aggregation="seq-mean-token-sum-norm", loss_scale_factor=512.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import random
 from collections.abc import Callable
 from typing import Literal
@@ -105,6 +106,26 @@ RULES = {
         "a lit_align.rewards.RewardFunction, a TRL-style reward function, or a list of them",
     ),
 }
+
+
+def _check_objective_reads(args: dict) -> None:
+    """Refuse an RL-objective setting that the chosen objective never reads (ValueError naming both flags):
+    ``delta`` outside ``policy_loss: clip`` (CISPO and SAPO have no unclipped branch to cap; TRL ignores it
+    there too), a SAPO temperature other than its default outside ``policy_loss: sapo``, ``loss_scale_factor``
+    outside ``loss_aggregation: seq-mean-token-sum-norm``. Such a value changed nothing, silently."""
+    default = {name: p.default for name, p in inspect.signature(PolicyModule.__init__).parameters.items()}
+    loss, aggregation = args["policy_loss"], args["loss_aggregation"]
+    for name, reader, chosen in (
+        ("delta", "policy_loss=clip", f"policy_loss={loss}"),
+        ("sapo_temperature_pos", "policy_loss=sapo", f"policy_loss={loss}"),
+        ("sapo_temperature_neg", "policy_loss=sapo", f"policy_loss={loss}"),
+        ("loss_scale_factor", "loss_aggregation=seq-mean-token-sum-norm", f"loss_aggregation={aggregation}"),
+    ):
+        if args[name] != default[name] and chosen != reader:
+            raise ValueError(
+                f"model.{name}={args[name]!r} is read by {reader} only, and this run has {chosen}, where it "
+                f"would change nothing: unset it, or choose {reader}"
+            )
 
 
 class PolicyModule(L.LightningModule):
@@ -296,6 +317,7 @@ class PolicyModule(L.LightningModule):
     ):
         super().__init__()
         S.check(PolicyModule.__init__, locals(), RULES)
+        _check_objective_reads(locals())
         if delta is not None and delta <= 1.0 + epsilon_high:
             raise ValueError(
                 f"model.delta={delta} must exceed 1 + model.epsilon_high={1.0 + epsilon_high:g}: two-sided clipping "
