@@ -735,6 +735,22 @@ def test_bad_retention_data_is_named(ckpt):
         embedded.skill_problems("division")
 
 
+def test_embedded_retention_sets_with_another_tokenizer_stop_set_up(chat_ckpt, ckpt, tmp_path):
+    """The README's own-data command on configs/chord_phi.yaml kept its retention_data: embedded, so a user's chat
+    checkpoint was greedily decoded on 600 digit-string prompts of the embedded model's skills at every validation
+    (and in Lightning's sanity check), and val/retention/* of 0 headed the run's last line. Set-up now stops, naming
+    the flag; a copy of the embedded checkpoint (an SFT export for stage two) keeps them."""
+    import shutil
+
+    path = _gsm8k(tmp_path)
+    own = dict(expert_data=path, prompt_data=path, val_data=path, answer_pattern=r"####\s*(.+)", **GSM8K)
+    with pytest.raises(DataError, match=r"data.retention_data=embedded: .*chat_ckpt.* set data.retention_data to null"):
+        _dm(chat_ckpt, retention_data="embedded", **own)
+    assert _dm(chat_ckpt, retention_data=None, **own).retention_rows == {}
+    export = shutil.copytree(ckpt, tmp_path / "hf_model")
+    assert list(_dm(str(export), retention_data="embedded").retention_rows) == list(embedded.RETENTION_SKILLS)
+
+
 def test_a_retention_file_is_named_by_its_skill_and_its_overlap_with_training_is_counted(ckpt, tmp_path):
     from lit_align.data.loading import DataError
 

@@ -606,6 +606,15 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.system_prompt is set but no chat template is applied ({why}): unset it, or use a chat model"
             )
+        if hp.retention_data == embedded.EMBEDDED_NAME and not embedded.is_embedded_tokenizer(self.tokenizer):
+            # the configs' retention sets are the embedded checkpoint's held-out skills, digit strings in its own
+            # tokenizer: on another model every validation decodes 600 prompts that measure nothing
+            raise DataError(
+                f"data.retention_data=embedded: the embedded retention sets ({', '.join(embedded.RETENTION_SKILLS)}) "
+                f"are held-out skills of the embedded model, in its digit tokenizer, and {hp.model_name_or_path} "
+                f"has another tokenizer: set data.retention_data to null (--data.init_args.retention_data null), or "
+                f"to your own skill -> file mapping"
+            )
         self.end_token_id, source = end_token(self.tokenizer, hp.eos_token, self._chat())
         rank_zero_info(f"lit_align data: demonstrations end with token {self.end_token_id}, {source}")
         cols = {"prompt": hp.prompt_column}

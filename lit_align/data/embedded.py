@@ -134,6 +134,12 @@ def build_tokenizer():
     )
 
 
+def is_embedded_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` has the embedded model's vocabulary (:func:`build_tokenizer`): the embedded
+    checkpoints and their exports do; the embedded task's texts mean nothing to any other."""
+    return tokenizer.get_vocab() == build_tokenizer().get_vocab()
+
+
 @_own_rng
 def build_checkpoint(
     path: str | Path, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4, seed: int = 0
