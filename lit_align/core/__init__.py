@@ -10,6 +10,8 @@
   normalisation and one gradient sync;
 - :mod:`~lit_align.core.terms`: the loss terms methods state (RL over rollout rows, SFT over
   demonstrations) and their weighted sums;
+- :mod:`~lit_align.core.dynamic_sampling`: DAPO's dynamic sampling over rounds of sampled groups (which
+  groups carry a signal; rounds cut to some groups and joined);
 - :mod:`~lit_align.core.heldout`: validation (greedy accuracy, retention sets, held-out expert NLL);
 - :mod:`~lit_align.core.settings`: the one validation style of every setting.
 

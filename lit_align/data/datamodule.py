@@ -268,6 +268,10 @@ class MixedDataModule(L.LightningDataModule):
         self.row_numbers: dict[str, list[int]] = {}  # stream -> row number in its file (from 1) of each kept row
         self.prompt_columns: dict[str, str] = {}  # stream -> the column its prompts came from (TRL's: messages)
         self._paired: tuple[int, list[dict]] | None = None  # (k, the prompt rows with their k demonstrations)
+        # the refill stream of dynamic sampling (refill_prompts): [loader, its live iterator], built on first use;
+        # a checkpoint's position of it waits in _refill_state until then
+        self._refill: list | None = None
+        self._refill_state: dict | None = None
 
     # ------------------------------------------------------------------ set-up
     def retention_sources(self) -> dict[str, str]:
@@ -992,7 +996,7 @@ class MixedDataModule(L.LightningDataModule):
                 batch["responses"] = [r["response"] for r in rows]
         return batch
 
-    def _loader(self, rows, batch_size, collate, shuffle) -> DataLoader:
+    def _loader(self, rows, batch_size, collate, shuffle, seed: int | None = None, repeats: int | None = None):
         if shuffle:  # training streams: order from (seed, pass), position saved in checkpoints
             trainer = self.trainer
             replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
@@ -1000,10 +1004,10 @@ class MixedDataModule(L.LightningDataModule):
                 _Rows(rows),
                 batch_size,
                 collate,
-                seed=self.seed,
+                seed=self.seed if seed is None else seed,
                 num_workers=self.hparams.num_workers,
                 drop_last=len(rows) // self._world_size() >= batch_size,
-                repeats=self.batch_repeats,
+                repeats=self.batch_repeats if repeats is None else repeats,
                 **replicas,
             )
         # a generator of its own: creating an iterator must not draw from the global RNG (exact resume)
@@ -1025,14 +1029,66 @@ class MixedDataModule(L.LightningDataModule):
         if self.expert_rows:
             loaders["expert"] = self._loader(self.expert_rows, bs["expert"], self.collate_expert, True)
         if self.prompt_rows:
-            rows = self.prompt_rows
-            if self.demonstrations_per_prompt:  # set by the method after setup(): pair now (once per k)
-                self.pair_demonstrations()
-                rows = self._paired[1]
-            loaders["prompts"] = self._loader(rows, bs["prompt"], self.collate_prompts, True)
+            loaders["prompts"] = self._loader(self._training_prompt_rows(), bs["prompt"], self.collate_prompts, True)
         if self.meta_rows:
             loaders["meta"] = self._loader(self.meta_rows, bs["meta"], self.collate_val, True)
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _training_prompt_rows(self) -> list[dict]:
+        """The training prompt rows, paired with their demonstrations when a method asked for them."""
+        if self.demonstrations_per_prompt:  # set by the method after setup(): pair now (once per k)
+            self.pair_demonstrations()
+            return self._paired[1]
+        return self.prompt_rows
+
+    # the refill stream's order: pass k is shuffled with seed + REFILL_SEED_OFFSET + k, never one of the training
+    # stream's (seed + k) within any run's number of passes
+    REFILL_SEED_OFFSET = 1 << 30
+
+    def refill_prompts(self) -> dict:
+        """The next batch of the refill stream: more training prompts for DAPO's dynamic sampling
+        (``model.dynamic_sampling``), which replaces the groups it drops with groups of these prompts.
+
+        The stream holds the training prompt rows (paired as the training stream's), batched as
+        ``prompt_batch_size`` on each device and split over ranks as the training stream is, in an order of
+        its own (pass k shuffled with ``seed + REFILL_SEED_OFFSET + k``); it never ends (a new pass follows
+        the last). It is a stream apart so that the training stream keeps its batches, passes and epochs:
+        drawing refills from it would run it dry before the epoch's batch count, which ends Lightning's epoch
+        early and restarts the other streams there. Its position (``{"pass", "batches", "given"}``, as a
+        :class:`ResumableLoader`'s) is in :meth:`state_dict`, which Lightning writes into checkpoints (rank
+        0's: every rank draws as many refill batches), so a resumed run draws the uninterrupted run's batches.
+
+        Raises:
+            ValueError: no training prompt rows (``data.prompt_data`` null) or :meth:`setup` not run yet.
+        """
+        if self._refill is None:
+            if not getattr(self, "prompt_rows", None):
+                raise ValueError(
+                    "dynamic sampling refills rollout batches with more training prompts: data.prompt_data is null "
+                    "(or the data module is not set up)"
+                )
+            seed = self.seed + self.REFILL_SEED_OFFSET
+            loader = self._loader(
+                self._training_prompt_rows(), self.batch_sizes["prompt"], self.collate_prompts, True, seed, 1
+            )
+            if self._refill_state:
+                loader.load_state_dict(self._refill_state)
+            self._refill = [loader, iter(loader)]
+        loader, it = self._refill
+        try:
+            return next(it)
+        except StopIteration:  # the end of a pass: the next one, in its own order
+            self._refill[1] = iter(loader)
+            return next(self._refill[1])
+
+    def state_dict(self) -> dict:
+        """The refill stream's position (:meth:`refill_prompts`), once it has been used or loaded; {} before."""
+        if self._refill is not None:
+            return {"refill_prompts": self._refill[0].state_dict()}
+        return {"refill_prompts": self._refill_state} if self._refill_state else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._refill_state, self._refill = state.get("refill_prompts"), None
 
     def collate_retention(self, rows: list[dict], skill: str) -> dict:
         """A batch of a retention set: prompt rows (as :meth:`collate_prompts`) with ``"retention": skill``."""
