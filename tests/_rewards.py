@@ -102,3 +102,17 @@ class ParityReward(RewardFunction):
     def __call__(self, prompts, completions, answers):
         self.calls.append((list(prompts), list(completions)))
         return torch.tensor([float(len(c) % 2 == 0) + sum(map(ord, c)) / 1e6 for c in completions])
+
+
+class AnswerParityReward(RewardFunction):
+    """``even`` for every completion of a prompt whose reference answer is an even number (its group's
+    rewards all equal: no signal), the completion's character codes / 1000 for an odd one (spread over
+    nearly every group): which groups dynamic sampling must drop is known from the prompts."""
+
+    def __init__(self, even: float = 1.0):
+        self.even = float(even)
+
+    def __call__(self, prompts, completions, answers):
+        return torch.tensor(
+            [self.even if int(a) % 2 == 0 else sum(map(ord, c)) / 1000 for c, a in zip(completions, answers)]
+        )

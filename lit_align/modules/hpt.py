@@ -202,26 +202,45 @@ class HPTModule(PolicyModule):
         rows = rows.reshape(-1, 3)
         return rows[:, 0], rows[:, 1], rows[:, 2]
 
-    def rollout_batch(self, prompts: dict) -> dict:
-        """The rollout batch (samples, rewards, advantages over each group's samples) and the gate, decided
-        once for it: per row ``rl_coef`` (its RL weight; 0: no RL loss, the row leaves the RL term),
-        ``demo_of_row`` (on the first row of each prompt with an SFT term, the prompt's index; -1 elsewhere:
-        the demonstration trains in the update whose mini-batch holds that row) and ``sft_coef`` (that
-        demonstration's SFT weight); ``gate_sft_share`` among its metrics."""
+    def sample_round(self, batch: dict) -> dict:
+        """A prompt batch sampled and scored (:meth:`PolicyModule.sample_round`), with each row's verdict,
+        ``rows["correct"]`` (N,) bool (:meth:`correct_samples`, from this round's scores)."""
         self._scores = None
-        out = super().rollout_batch(prompts)
-        rollout, rewards = out["rollout"], out["rewards"]
-        G, B = self.hparams.num_generations, len(prompts["prompts"])
-        gid = groups.group_ids(rollout, G)
+        r = super().sample_round(batch)
+        r["rows"]["correct"] = self.correct_samples(batch, r["rollout"], r["rewards"])
+        return r
+
+    def gate_of(self, r: dict) -> tuple[torch.Tensor, ...]:
+        """Round ``r``'s gate: (group id (N,), on-policy (N,), on, off, sft coefficients (B,) each) from the
+        correct samples P of each prompt (and its demonstration's verdict, soft)."""
+        rollout, correct = r["rollout"], r["rows"]["correct"]
+        B = len(r["prompts"]["prompts"])
+        gid = groups.group_ids(rollout, self.hparams.num_generations)
         on = ~groups.off_policy(rollout)
-        correct = self.correct_samples(prompts, rollout, rewards)
         P = torch.zeros(B, dtype=torch.long, device=gid.device).index_add_(0, gid[on], correct[on].long())
         demo_correct = None
         if not bool(on.all()):
             demo_correct = torch.zeros(B, dtype=torch.long, device=gid.device).index_add_(
                 0, gid[~on], correct[~on].long()
             )
-        on_c, off_c, sft_c = self.gate_coefficients(P, demo_correct)
+        return gid, on, *self.gate_coefficients(P, demo_correct)
+
+    def signal_groups(self, r: dict) -> torch.Tensor:
+        """Dynamic sampling keeps the groups whose rewards differ and the prompts the gate sends to SFT: their
+        demonstration trains whatever the samples' rewards (switch, gate 0: the prompts no sample solves)."""
+        sft = self.gate_of(r)[4] > 0
+        return super().signal_groups(r) | sft.to(self.device)
+
+    def rollout_batch(self, prompts: dict) -> dict:
+        """The rollout batch (samples, rewards, advantages over each group's samples) and the gate, decided
+        once for it: per row ``rl_coef`` (its RL weight; 0: no RL loss, the row leaves the RL term),
+        ``demo_of_row`` (on the first row of each prompt with an SFT term, the prompt's index; -1 elsewhere:
+        the demonstration trains in the update whose mini-batch holds that row) and ``sft_coef`` (that
+        demonstration's SFT weight); ``gate_sft_share`` among its metrics. Under dynamic sampling the gate is
+        that of the groups kept, whose prompts (``out["prompts"]``) the SFT term reads."""
+        out = super().rollout_batch(prompts)
+        rewards = out["rewards"]
+        gid, on, on_c, off_c, sft_c = self.gate_of({**out, "rows": {"correct": out["correct"]}})
         rl_coef = torch.where(on, on_c[gid], off_c[gid]).to(rewards.device)
         first = torch.ones_like(gid, dtype=torch.bool)
         first[1:] = gid[1:] != gid[:-1]  # groups are contiguous
@@ -284,7 +303,10 @@ class HPTModule(PolicyModule):
         demo = r["demo_of_row"]
         has = demo >= 0
         prompts, coef = demo[has], r["sft_coef"][has]
-        expert = groups.demonstration_labelled(u.batch["prompts"], 1, self.tokenizer.pad_token_id)
+        # the prompts of the rollout batch's groups (under dynamic sampling not the training batch's); a cycle
+        # restored from a checkpoint written before cycles kept them has the training batch's
+        batch = r.get("prompts") or u.batch["prompts"]
+        expert = groups.demonstration_labelled(batch, 1, self.tokenizer.pad_token_id)
         if prompts.numel() == 0:  # no demonstration on this rank: one row at no weight, in step with the others
             expert = {k: v[:1] for k, v in expert.items()}
             expert["labels"] = torch.full_like(expert["labels"], -100)

@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lit_align import losses
-from lit_align.core import groups, terms
+from lit_align.core import dynamic_sampling, groups, terms
 from lit_align.core import settings as S
 from lit_align.core.buffer import RolloutBuffer
 from lit_align.core.engine import Ranks, Term, accumulate, fsdp_no_sync
@@ -101,6 +101,8 @@ RULES = {
         "null (off) or a list of distinct integers >= 1, e.g. [1, 4, 16]",
     ),
     "pass_at_k_samples": S.integer(1, optional="the largest k of model.pass_at_k"),
+    "dynamic_sampling": S.Rule(lambda v: isinstance(v, bool), "true or false"),
+    "max_resample_batches": S.integer(0),
     "reward": S.Rule(
         lambda v: all(f is None or callable(f) for f in (v if isinstance(v, (list, tuple)) else [v])),
         "a lit_align.rewards.RewardFunction, a TRL-style reward function, or a list of them",
@@ -220,6 +222,20 @@ class PolicyModule(L.LightningModule):
         mask_truncated_completions: completions that reach max_new_tokens without an end token get no
             RL loss (their group statistics are computed as usual). ``train/clipped_ratio``, the share
             of such completions, is always logged.
+        dynamic_sampling: DAPO's dynamic sampling (arXiv 2503.14476, Eq. 11): groups whose rewards are all
+            equal (advantage 0 for every member: no gradient) are dropped from the rollout batch, and groups
+            of more prompts (``data``'s refill stream, :meth:`lit_align.MixedDataModule.refill_prompts`) are
+            sampled in their place, one prompt batch per extra round, until this rank holds the batch's
+            number of groups again (extra groups of the last round are cut, as DAPO does) or after
+            ``max_resample_batches`` extra rounds. Advantages are computed over the groups kept; the rollout
+            statistics stay the training batch's as sampled (:meth:`rollout_batch`). A method may keep more
+            groups (HPT: those its gate routes to SFT). ms-swift's ``dynamic_sample``, verl's
+            ``algorithm.filter_groups.enable``. Logged: ``train/dynamic_sampling_dropped``, ``_batches``,
+            ``_filled``. See :meth:`dynamic_round` and docs/guides/dynamic_sampling.md.
+        max_resample_batches: extra prompt batches sampled at most per rollout batch (ms-swift's
+            ``max_resample_times``; verl's ``max_num_gen_batches`` counts the first batch too). Still short
+            after them, the update trains on the groups kept (``train/dynamic_sampling_filled`` < 1); 0:
+            drop, never refill.
         repetition_penalty, min_p: sampling settings (TRL's names; 1.0 / 0.0: off). The checkpoint's
             own generation config never changes sampling: its sampling fields are overridden by these
             settings, and the start-up log names the ones it overrode.
@@ -302,6 +318,8 @@ class PolicyModule(L.LightningModule):
         num_iterations: int = 1,
         disable_dropout: bool = True,
         mask_truncated_completions: bool = False,
+        dynamic_sampling: bool = False,
+        max_resample_batches: int = 3,
         repetition_penalty: float = 1.0,
         min_p: float = 0.0,
         rollout_engine: Literal["hf", "vllm"] = "hf",
@@ -480,6 +498,11 @@ class PolicyModule(L.LightningModule):
                     f"(data.pair_by pairs prompts with demonstrations); got {type(datamodule).__name__}"
                 )
             datamodule.pair_demonstrations(self.demonstrations_per_prompt)
+        if stage == "fit" and self.hparams.dynamic_sampling and not hasattr(datamodule, "refill_prompts"):
+            raise ValueError(
+                "model.dynamic_sampling=true samples more prompts in place of the groups it drops: it needs a data "
+                f"module with a refill stream (lit_align.MixedDataModule); got {type(datamodule).__name__}"
+            )
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_repeats"):
             datamodule.batch_repeats = k  # each training batch comes k times: one rollout batch, k updates
         elif stage == "fit" and k > 1:
@@ -609,6 +632,111 @@ class PolicyModule(L.LightningModule):
         }
         return rollout, rewards, metrics
 
+    def sample_round(self, batch: dict) -> dict:
+        """One prompt batch sampled and scored (:meth:`rollout_and_score`) as a round of
+        :mod:`lit_align.core.dynamic_sampling`: ``prompts`` (``batch``), ``rollout``, ``rewards`` (N,),
+        ``metrics`` and ``rows``, the per-row values a method computes right after scoring (none here; HPT:
+        its verdicts), which dynamic sampling keeps or drops with their rows."""
+        rollout, rewards, metrics = self.rollout_and_score(batch)
+        return {"prompts": batch, "rollout": rollout, "rewards": rewards, "metrics": metrics, "rows": {}}
+
+    # ------------------------------------------------------------------ dynamic sampling (DAPO)
+    def signal_groups(self, r: dict) -> torch.Tensor:
+        """(B,) bool over round ``r``'s prompts: the groups dynamic sampling keeps, those whose rewards are not
+        all equal (:func:`lit_align.core.dynamic_sampling.signal_groups`). A method whose other terms train
+        on a group with equal rewards keeps it too (HPT: the prompts its gate routes to SFT)."""
+        n = len(r["prompts"]["prompts"])
+        return dynamic_sampling.signal_groups(
+            r["rewards"], groups.group_ids(r["rollout"], self.hparams.num_generations), n
+        )
+
+    def refill_prompts(self) -> dict:
+        """The next prompt batch of the data module's refill stream, on this module's device."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if not hasattr(datamodule, "refill_prompts"):
+            raise ValueError(
+                "model.dynamic_sampling=true draws more prompts from the data module's refill stream: it needs a "
+                f"Trainer with lit_align.MixedDataModule; got {type(datamodule).__name__}"
+            )
+        return trainer.strategy.batch_to_device(datamodule.refill_prompts())
+
+    def dynamic_round(self, first: dict) -> tuple[dict, dict]:
+        """The round a rollout batch is made of, from ``first`` (:meth:`sample_round` of the training batch's
+        prompts), and the dynamic sampling metrics; ``first`` and {} when ``dynamic_sampling`` is off.
+
+        DAPO's dynamic sampling (arXiv 2503.14476, Algorithm 1 lines 6-7): the groups of :meth:`signal_groups`
+        are kept; while this rank holds fewer than B (``first``'s prompts), another prompt batch from the
+        refill stream is sampled and scored, at most ``max_resample_batches`` times. Every rank runs as many
+        rounds, decided by one all-reduce (MAX of "still short") per round: sampling is a collective under
+        FSDP2, and each rank's refill stream must stay at rank 0's position, which checkpoints record. A rank
+        already full draws the round's batch too and, outside FSDP2, does not sample it. The first B groups
+        kept, in sampling order, are the rollout batch (DAPO cuts the surplus likewise). Still short after the
+        last round, the batch holds the groups kept; a rank whose kept rows are fewer than its
+        ``steps_per_generation`` mini-batches need (none at all: no group kept) takes the first groups it
+        dropped in addition (advantage 0: no gradient, their tokens count in the normaliser as without dynamic
+        sampling), so that no rank's update runs on no rows.
+
+        Metrics (the same on every rank): ``dynamic_sampling_dropped`` the share of the sampled groups dropped
+        (over every round and rank), ``dynamic_sampling_batches`` the extra prompt batches drawn,
+        ``dynamic_sampling_filled`` the share of the batch's groups filled with kept groups (1: full).
+        """
+        hp = self.hparams
+        if not hp.dynamic_sampling:
+            return first, {}
+        G, B = hp.num_generations, len(first["prompts"]["prompts"])
+        rounds = []  # (round, its kept groups, its dropped groups)
+
+        def sort(r: dict) -> None:
+            keep = self.signal_groups(r).cpu()
+            every = torch.arange(len(keep))
+            rounds.append((r, every[keep], every[~keep]))
+
+        sort(first)
+        extra = 0
+        while extra < hp.max_resample_batches:
+            short = sum(len(k) for _, k, _ in rounds) < B
+            if self.ranks.maxes([float(short)])[0] == 0:
+                break
+            more = self.refill_prompts()
+            extra += 1
+            if short or self.world.synced_generation:
+                sort(self.sample_round(more))
+        parts, need = [], B  # (round, its groups taken)
+        for r, keep, _ in rounds:
+            if need > 0 and len(keep):
+                parts.append((r, keep[:need]))
+                need -= len(keep[:need])
+        filled = B - need
+        rows = sum(int(self._group_sizes(r)[g].sum()) for r, g in parts)
+        for r, _, drop in rounds:
+            sizes, fill = self._group_sizes(r), []
+            for g in drop.tolist():
+                if rows >= max(1, hp.steps_per_generation):
+                    break
+                fill.append(g)
+                rows += int(sizes[g])
+            if fill:
+                parts.append((r, torch.tensor(fill)))
+        if len(parts) == 1 and parts[0][0] is first and torch.equal(parts[0][1], torch.arange(B)):
+            final = first  # nothing dropped: the batch as sampled
+        else:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            final = dynamic_sampling.cat([dynamic_sampling.take(r, g, G) for r, g in parts], G, pad)
+        dropped = sum(len(d) for _, _, d in rounds)
+        sampled = sum(len(k) + len(d) for _, k, d in rounds)
+        s = self.ranks.sums([float(dropped), float(sampled), float(filled), float(B)])
+        return final, {
+            "dynamic_sampling_dropped": torch.tensor(s[0] / s[1] if s[1] else 0.0),
+            "dynamic_sampling_batches": torch.tensor(float(extra)),
+            "dynamic_sampling_filled": torch.tensor(s[2] / s[3] if s[3] else 1.0),
+        }
+
+    def _group_sizes(self, r: dict) -> torch.Tensor:
+        """(B,) rows of each group of round ``r``."""
+        gid = groups.group_ids(r["rollout"], self.hparams.num_generations).cpu()
+        return torch.bincount(gid, minlength=len(r["prompts"]["prompts"]))
+
     def _check_groups(self, rollout: Rollout, num_prompts: int) -> None:
         """Each row of ``group_rollouts``' result must belong to one of the batch's prompts: without
         ``group_ids`` the rows are G consecutive samples per prompt (B x G rows); with them, every id is a
@@ -635,20 +763,31 @@ class PolicyModule(L.LightningModule):
     def rollout_batch(self, prompts: dict) -> dict:
         """Sample and score a rollout batch: the rollout, its rewards and group advantages, the reward
         mean over all ranks (what reward-driven mu schedules read), its metrics and the RL token mask
-        (``mask_truncated_completions`` drops truncated completions from it)."""
+        (``mask_truncated_completions`` drops truncated completions from it); ``prompts``, the prompt batch
+        the groups belong to (group ids index it), without the data set's other ``columns``; and the
+        round's per-row values (:meth:`sample_round`'s ``rows``).
+
+        Under ``dynamic_sampling`` (:meth:`dynamic_round`) the rows, advantages, mask and ``prompts`` are
+        those of the groups kept, while the rollout statistics (``reward_mean`` and ``reward_std`` included,
+        for the schedules too) stay those of the training batch's prompts as sampled, what the run logs
+        without it: a binary reward's mean over groups kept for their spread says nothing of the policy's
+        progress."""
         hp = self.hparams
-        rollout, rewards, metrics = self.rollout_and_score(prompts)
-        batch_std = self.ranks.std  # advantage_norm batch-std: the global batch's std, every rank's rewards
-        if rollout.group_ids is None and rollout.off_policy is None:  # groups of G samples
-            adv, more = losses.group_advantages(rewards, hp.num_generations, hp.advantage_norm, batch_std=batch_std)
-        else:  # mixed groups: statistics over every member, or over the on-policy ones
-            on = ~groups.off_policy(rollout)
-            adv, more = losses.group_advantages_by_id(
-                rewards, rollout.group_ids, on, hp.advantage_norm, self.advantage_stats, batch_std=batch_std
-            )
-        metrics.update(more)
-        truncated = self.sampler.truncated(rollout)
+        first = self.sample_round(prompts)
+        shown = self.last_samples
+        r, dynamic = self.dynamic_round(first)
+        rollout, rewards = r["rollout"], r["rewards"]
+        adv, stats = self.group_advantages(r)
+        metrics = {**first["metrics"], **dynamic}
+        if r is not first:
+            self.last_samples = shown  # the callbacks show the training batch's samples
+            stats = self.group_advantages(first)[1]
+            metrics["reward_errors"] = torch.tensor(float(self.reward_errors))  # the refills' count too
+        metrics.update(stats)
+        truncated = self.sampler.truncated(first["rollout"])
         metrics["clipped_ratio"] = truncated.float().mean()
+        if r is not first:
+            truncated = self.sampler.truncated(rollout)
         mask = rollout.completion_mask
         if hp.mask_truncated_completions:
             mask = mask * (~truncated).long().unsqueeze(-1)
@@ -663,7 +802,7 @@ class PolicyModule(L.LightningModule):
                     "max_new_tokens, or set mask_truncated_completions false."
                 )
         # the mean over all ranks: a reward-driven mu (and token weights) must be the same everywhere
-        reward_mean = self.ranks.averages(rewards.mean())[0]
+        reward_mean = self.ranks.averages(first["rewards"].mean())[0]
         return {
             "rollout": rollout,
             "rewards": rewards,
@@ -671,7 +810,24 @@ class PolicyModule(L.LightningModule):
             "mask": mask,
             "reward_mean": reward_mean,
             "metrics": metrics,
+            # the data set's columns stay out: a checkpoint holds the batch, and they may be of any type
+            "prompts": {k: v for k, v in r["prompts"].items() if k != "columns"},
+            **r["rows"],
         }
+
+    def group_advantages(self, r: dict) -> tuple[torch.Tensor, dict]:
+        """Round ``r``'s advantages (N,) within each group and their statistics (``reward_mean``,
+        ``reward_std``, ``frac_reward_zero_std``): groups of G samples, or mixed groups whose statistics
+        cover every member or the on-policy ones (``advantage_stats``). Under ``advantage_norm: batch-std`` a
+        collective (the global batch's std): every rank calls it alike."""
+        hp, rollout = self.hparams, r["rollout"]
+        batch_std = self.ranks.std  # advantage_norm batch-std: the global batch's std, every rank's rewards
+        if rollout.group_ids is None and rollout.off_policy is None:  # groups of G samples
+            return losses.group_advantages(r["rewards"], hp.num_generations, hp.advantage_norm, batch_std=batch_std)
+        on = ~groups.off_policy(rollout)
+        return losses.group_advantages_by_id(
+            r["rewards"], rollout.group_ids, on, hp.advantage_norm, self.advantage_stats, batch_std=batch_std
+        )
 
     # ------------------------------------------------------------------ one update
     def begin_update(self, batch: dict) -> Update:

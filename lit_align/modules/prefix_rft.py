@@ -213,6 +213,7 @@ class PrefixRFTModule(PolicyModule):
         holds a given token; and the prefix metrics (over all ranks)."""
         hp = self.hparams
         batch = super().rollout_batch(prompts)
+        prompts = batch["prompts"]  # its groups' (under dynamic sampling, not all the training batch's)
         rollout, rewards = batch["rollout"], batch["rewards"]
         n, G = len(rewards), hp.num_generations
         given = _given(rollout)
@@ -266,7 +267,9 @@ class PrefixRFTModule(PolicyModule):
         Returns (row advantages (N,), prefix-token advantages (N,))."""
         hp = self.hparams
         on = ~hybrid
-        adv_on, _ = losses.group_advantages_by_id(rewards, group_ids, on, hp.advantage_norm, "on_policy")
+        adv_on, _ = losses.group_advantages_by_id(
+            rewards, group_ids, on, hp.advantage_norm, "on_policy", batch_std=self.ranks.std
+        )
         r = rewards.to(adv_on.dtype)
         ids, group = torch.unique(group_ids, return_inverse=True)
         count = torch.zeros(len(ids), dtype=r.dtype, device=r.device).index_add_(0, group[on], torch.ones_like(r[on]))
