@@ -25,6 +25,11 @@ def _data(tmp_path: Path, n: int = 16, parity: str = "both") -> Path:
     return path
 
 
+def _answer(prompt: str) -> int:
+    """The sum a prompt ``"a+b="`` asks for."""
+    return sum(map(int, prompt[:-1].split("+")))
+
+
 class Recorder:
     """What a run did: every metrics dict logged (with its step), every round sampled, every rollout batch
     made and every refill batch drawn; the real methods run underneath."""
@@ -237,13 +242,13 @@ def test_equal_reward_groups_are_dropped_and_the_batch_refilled(tmp_path, ckpt):
                     kept.append((prompt, group))
                 else:
                     dropped += 1
-                    assert int(eval(prompt[:-1])) % 2 == 0 or len(set(group)) == 1
-        assert any(int(eval(p[:-1])) % 2 == 0 for p in rounds[0][1]), "the training batch held even answers"
+                    assert _answer(prompt) % 2 == 0 or len(set(group)) == 1
+        assert any(_answer(p) % 2 == 0 for p in rounds[0][1]), "the training batch held even answers"
         assert len(kept) >= 4, "refilled to the batch size within max_resample_batches=3"
         # the rollout batch: the first 4 groups kept, in sampling order, each row with its own prompt's rewards
         assert out["prompts"]["prompts"] == [p for p, _ in kept[:4]]
         assert out["rewards"].tolist() == pytest.approx([x for _, g in kept[:4] for x in g])
-        assert all(int(eval(p[:-1])) % 2 for p in out["prompts"]["prompts"]), "no even answer is left"
+        assert all(_answer(p) % 2 for p in out["prompts"]["prompts"]), "no even answer is left"
         adv, _ = losses.group_advantages(out["rewards"], G)
         torch.testing.assert_close(out["advantages"], adv)
         assert out["rollout"].completion_ids.shape[0] == 16 and len(out["rollout"].completions) == 16
@@ -274,7 +279,7 @@ def test_still_short_after_the_last_refill_trains_on_what_is_kept(tmp_path, ckpt
     m = [x for x in rec.logged if x["step"] in (1, 2)]
     assert [x["dynamic_sampling_batches"] for x in m] == [0, 0]
     if case == "short":
-        odd = [p for p in first[1] if int(eval(p[:-1])) % 2]
+        odd = [p for p in first[1] if _answer(p) % 2]
         assert 0 < len(odd) < 4 and out["prompts"]["prompts"] == odd
         assert [x["dynamic_sampling_filled"] for x in m] == pytest.approx([len(odd) / 4] * 2)
     else:
@@ -302,7 +307,7 @@ def test_hpt_keeps_the_groups_its_gate_routes_to_sft(tmp_path, ckpt):
     out = rec.batches[0][1]
     prompts = rec.rounds[0][1]
     assert not rec.refills and out["prompts"]["prompts"] == prompts
-    routed = [int(eval(p[:-1])) % 2 == 0 for p in prompts]
+    routed = [_answer(p) % 2 == 0 for p in prompts]
     assert any(routed) and out["sft_coef"].view(4, 2)[:, 0].bool().tolist() == routed
     assert out["metrics"]["dynamic_sampling_dropped"] == 0.0
     assert out["metrics"]["gate_sft_share"] == pytest.approx(sum(routed) / 4)
@@ -326,11 +331,11 @@ def test_luffy_mixed_groups_refill_with_their_demonstrations(tmp_path, ckpt):
     trainer, rec = _fit(module, _data(tmp_path), 1, prompt_batch_size=4)
     out = rec.batches[0][1]
     rollout, prompts = out["rollout"], out["prompts"]["prompts"]
-    assert rec.refills and len(prompts) == 4 and all(int(eval(p[:-1])) % 2 for p in prompts)
+    assert rec.refills and len(prompts) == 4 and all(_answer(p) % 2 for p in prompts)
     assert rollout.group_ids.tolist() == [g for g in range(4) for _ in range(4)]
     assert rollout.off_policy.view(4, 4).tolist() == [[False, False, False, True]] * 4
     demos = [rollout.completions[4 * g + 3] for g in range(4)]
-    assert demos == [str(eval(p[:-1])) for p in prompts], "each demonstration with its own prompt"
+    assert demos == [str(_answer(p)) for p in prompts], "each demonstration with its own prompt"
     assert [d[0] for d in out["prompts"]["demonstrations"]] == demos
     adv, _ = losses.group_advantages_by_id(out["rewards"], rollout.group_ids, ~rollout.off_policy)
     torch.testing.assert_close(out["advantages"], adv)
