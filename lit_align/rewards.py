@@ -779,10 +779,15 @@ class RewardSet:
         fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
            trainer_state=..., log_metric=..., log_extra=...)
 
-    ``prompts`` are the prompt texts (before the chat template; a conversational row's is the conversation
-    as the template renders it, where TRL passes its list of messages), ``completions`` the sampled texts,
-    ``completion_ids`` each completion's token ids (end token included), and ``columns`` the data
-    set's other columns for each row (``answer``, ``solution``, ...; one list entry per completion).
+    ``prompts`` and ``completions`` are what TRL passes for the row's kind of data: for a row of text data the
+    prompt text (before the chat template) and the sampled text; for a row of conversational data (TRL's
+    ``messages`` / ``prompt`` columns of ``{"role", "content"}`` lists, given as ``prompt_messages``) the
+    row's list of messages (system message and earlier turns included) and ``[{"role": "assistant",
+    "content": text}]``, as TRL's GRPOTrainer builds them for conversational prompts (``_generate_and_score_
+    completions``: the decoded text as the one assistant message, nothing prepended). ``completion_ids`` are
+    each completion's token ids (end token included), and ``columns`` the data set's other columns for each
+    row (``answer``, ``solution``, ...; one list entry per completion). Functions with lit-align's interface
+    always get the texts (a conversation's prompt as the template renders it).
     ``trainer_state`` is transformers' ``TrainerState`` of the run (``global_step``: policy updates done,
     ``max_steps``, ``epoch``; TRL issue 3668), ``log_metric(name, value)`` logs a scalar and
     ``log_extra(column, values)`` a column of the samples table; each of the three is passed to a function
@@ -859,16 +864,22 @@ class RewardSet:
         on_error: str = "raise",
         timeout_s: float | None = None,
         trainer_state=None,
+        prompt_messages: list[list[dict] | None] | None = None,
     ) -> RewardScores:
         """Score N completions with every function (each under ``timeout_s`` per call).
 
         ``completion_ids``: N lists of token ids (None: empty lists); ``columns``: name -> N values;
         ``trainer_state``: what TRL-style functions get as ``trainer_state`` (None: a fresh
-        ``transformers.TrainerState``, step 0).
+        ``transformers.TrainerState``, step 0); ``prompt_messages``: per completion, its prompt's list of
+        messages where the row came from conversational data, else None (None: every row is text).
+
+        Raises:
+            ValueError: a column or ``prompt_messages`` without one entry per completion.
         """
         _check_policy(on_error)
         _check_lengths(prompts, completions, answers)
         n = len(completions)
+        trl_prompts, trl_completions = _trl_texts(prompts, completions, prompt_messages)
         ids = completion_ids if completion_ids is not None else [[] for _ in range(n)]
         columns = {k: list(v) for k, v in (columns or {}).items() if k not in _RESERVED}
         for key, values in columns.items():
@@ -883,7 +894,7 @@ class RewardSet:
         calls = [
             (_lit_call(fn, prompts, completions, answers), False)
             if takes_answers(fn)
-            else (self._trl_call(fn, passes, prompts, completions, ids, columns, trainer_state), True)
+            else (self._trl_call(fn, passes, trl_prompts, trl_completions, ids, columns, trainer_state), True)
             for fn, passes in zip(self.functions, self._passes)
         ]
         is_async = [is_async_reward(fn) for fn in self.functions]
@@ -951,11 +962,12 @@ class RewardSet:
         on_error: str = "raise",
         timeout_s: float | None = None,
         trainer_state=None,
+        prompt_messages: list[list[dict] | None] | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Bool ``(N,)``: which completions are correct, and the failed checks. The judge's own
         ``correct`` (the first lit-align-interface function's) if it has one, else its reward >= 1
         (read from ``scores`` when given, so nothing is scored twice); without a RewardFunction, a
-        weighted total >= 1 (``trainer_state``: as for :meth:`score`)."""
+        weighted total >= 1 (``trainer_state``, ``prompt_messages``: as for :meth:`score`)."""
         judge = self.judge
         own = getattr(type(judge), "correct", None)
         if judge is not None and callable(own) and own is not RewardFunction.correct:
@@ -963,12 +975,38 @@ class RewardSet:
             return verdicts.bool(), n_errors
         if scores is None:
             scores = self.score(
-                prompts, completions, answers, completion_ids, columns, on_error, timeout_s, trainer_state
+                prompts,
+                completions,
+                answers,
+                completion_ids,
+                columns,
+                on_error,
+                timeout_s,
+                trainer_state,
+                prompt_messages,
             )
         if judge is not None:
             column = scores.per_function[:, self.functions.index(judge)]
             return RewardFunction.is_full_reward(torch.nan_to_num(column, nan=0.0)), scores.n_errors
         return RewardFunction.is_full_reward(scores.total), scores.n_errors
+
+
+def _trl_texts(prompts: list[str], completions: list[str], prompt_messages: list | None) -> tuple[list, list]:
+    """``prompts`` and ``completions`` as TRL passes them to reward functions: a row whose ``prompt_messages``
+    entry is a list of messages (conversational data) gets that list and ``[{"role": "assistant", "content":
+    completion}]`` (TRL's GRPOTrainer, conversational prompts); a row whose entry is None keeps its texts.
+
+    Raises:
+        ValueError: ``prompt_messages`` without one entry per completion.
+    """
+    if prompt_messages is None:
+        return prompts, completions
+    if len(prompt_messages) != len(completions):
+        raise ValueError(f"prompt_messages has {len(prompt_messages)} entries for {len(completions)} completions")
+    return (
+        [p if m is None else m for p, m in zip(prompts, prompt_messages)],
+        [c if m is None else [{"role": "assistant", "content": c}] for c, m in zip(completions, prompt_messages)],
+    )
 
 
 _RESERVED = ("prompts", "completions", "completion_ids", "prompt", "completion", *TRL_ARGUMENTS)

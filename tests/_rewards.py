@@ -116,3 +116,26 @@ class AnswerParityReward(RewardFunction):
         return torch.tensor(
             [self.even if int(a) % 2 == 0 else sum(map(ord, c)) / 1000 for c, a in zip(completions, answers)]
         )
+
+
+def contains_four_reward(completions, **kwargs):
+    """A TRL reward function for conversational data, as TRL's docs write them: each completion is
+    ``[{"role": "assistant", "content": text}]``."""
+    return [float("4" in c[0]["content"]) for c in completions]
+
+
+SEEN_CALLS: list[tuple[list, list]] = []
+"""(prompts, completions) of every call of last_turn_reward."""
+
+
+def last_turn_reward(prompts, completions, **kwargs):
+    """A TRL reward function that reads each prompt's last message (the question) and the completion's
+    assistant message; keeps what it was called with."""
+    SEEN_CALLS.append((prompts, completions))
+    return [float(prompts[i][-1]["content"][:1] in completions[i][0]["content"]) for i in range(len(prompts))]
+
+
+def any_text_reward(prompts, completions, **kwargs):
+    """A TRL reward function that takes whatever it is given (texts or messages) and keeps it."""
+    SEEN_CALLS.append((prompts, completions))
+    return [0.5 for _ in completions]

@@ -259,3 +259,148 @@ def test_a_log_metric_name_that_lit_align_logs_itself_is_an_error(ckpt):
     metrics = {"loss": torch.tensor(1.0), "reward_mean": torch.tensor(0.5)}
     with pytest.raises(ValueError, match=r"log_metric\('loss', \.\.\.\), but train/loss is a metric lit-align logs"):
         module.log_metrics({**metrics, REWARD_LOGGED: {"loss": torch.tensor(2.0)}})
+
+
+# ------------------------------------------------------------------ TRL's conversational rows, as TRL passes them
+def test_a_reward_set_gives_trl_style_functions_a_conversational_rows_messages():
+    """TRL's GRPOTrainer passes, for conversational prompts, ``prompts`` as the message lists and ``completions`` as
+    ``[{"role": "assistant", "content": text}]``; a text row keeps its strings, and lit-align's own interface
+    (prompts, completions, answers) always gets strings."""
+    import _rewards
+
+    from lit_align.rewards import RewardSet
+
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    parity = _rewards.ParityReward()
+    rewards = RewardSet([_rewards.any_text_reward, parity])
+    _rewards.SEEN_CALLS.clear()
+    rewards.score(["<rendered>", "3+3="], ["4", "6"], ["4", "6"], prompt_messages=[conversation, None])
+    assert _rewards.SEEN_CALLS == [([conversation, "3+3="], [[{"role": "assistant", "content": "4"}], "6"])]
+    assert parity.calls == [(["<rendered>", "3+3="], ["4", "6"])]
+    # TRL's docs' conversational reward, and its verdict where it is the only function
+    four = RewardSet([_rewards.contains_four_reward])
+    scores = four.score(["a", "b"], ["it is 4", "5"], ["4", "4"], prompt_messages=[conversation, conversation])
+    assert scores.total.tolist() == [1.0, 0.0]
+    correct, _ = four.correct(["a", "b"], ["4", "5"], ["4", "4"], prompt_messages=[conversation, conversation])
+    assert correct.tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"prompt_messages has 1 entries for 2 completions"):
+        rewards.score(["a", "b"], ["4", "5"], ["4", "4"], prompt_messages=[conversation])
+
+
+def test_conversational_data_reaches_trl_style_rewards_as_trl_passes_it_in_a_fit(chat_ckpt, tmp_path):
+    """GRPO on TRL's prompt-only conversational rows (a system message, then the question), validated on TRL's
+    'messages' rows (an earlier exchange, the question, the worked answer): the rollouts, the self-check, the
+    greedy answers, pass@k's samples and the demonstrations' verdicts call TRL-style functions with each row's
+    messages and ``[{"role": "assistant", "content": text}]``, where a function reading ``c[0]["content"]`` used
+    to fail (TypeError under reward_errors=raise); lit-align's RewardFunction keeps getting the rendered texts."""
+    import _rewards
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    problems = gsm8k_rows(8)
+    system = {"role": "system", "content": "Answer with a number."}
+    train = [[system, {"role": "user", "content": r["question"]}] for r in problems[:4]]
+    val = [
+        [
+            {"role": "user", "content": "How many clips?"},
+            {"role": "assistant", "content": "Twelve."},
+            {"role": "user", "content": r["question"]},
+        ]
+        for r in problems[4:]
+    ]
+    answers = [r["answer"].split("#### ")[1] for r in problems]
+    prompt_data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "answer": a} for p, a in zip(train, answers)])
+    val_rows = [
+        {"messages": [*p, {"role": "assistant", "content": r["answer"]}], "answer": a}
+        for p, r, a in zip(val, problems[4:], answers[4:])
+    ]
+    val_data = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    _rewards.SEEN_CALLS.clear()
+    cli = main(
+        [
+            "fit",
+            "--config",
+            "configs/grpo.yaml",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.enable_checkpointing=false",
+            f"--model.init_args.model_name_or_path={chat_ckpt}",
+            "--model.init_args.num_generations=2",
+            "--model.init_args.max_new_tokens=4",
+            "--model.init_args.pass_at_k=[2]",
+            "--model.init_args.reward=[_rewards.contains_four_reward, _rewards.last_turn_reward, _rewards.ParityReward]",
+            f"--data.init_args.prompt_data={prompt_data}",
+            f"--data.init_args.val_data={val_data}",
+            "--data.init_args.retention_data=null",
+            "--data.init_args.prompt_batch_size=2",
+            "--data.init_args.val_batch_size=2",
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    s = read_scalars(cli.trainer.log_dir)
+    assert len(s["train/rewards/contains_four_reward/mean"]) == 2 and "val/accuracy" in s and "val/pass@2" in s
+    seen_prompts = [p for prompts, _ in _rewards.SEEN_CALLS for p in prompts]
+    seen_completions = [c for _, completions in _rewards.SEEN_CALLS for c in completions]
+    assert all(p in train or p in val for p in seen_prompts), seen_prompts[:2]  # system message, earlier turns kept
+    assert any(p in train for p in seen_prompts) and any(p in val for p in seen_prompts)
+    assert all(
+        isinstance(c, list) and len(c) == 1 and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+        for c in seen_completions
+    )
+    demos = {r["messages"][-1]["content"] for r in val_rows}  # the self-check and the demonstrations' verdicts
+    assert demos <= {c[0]["content"] for c in seen_completions}
+    parity = cli.model.rewards.functions[2]
+    assert parity.calls and all(isinstance(x, str) for prompts, texts in parity.calls for x in prompts + texts)
+    assert all(p.startswith("<|im_start|>") for prompts, _ in parity.calls for p in prompts)  # the rendered prompt
+
+
+def test_text_rows_keep_strings_and_a_mixed_group_scores_every_row_with_its_prompts_messages(chat_ckpt, tmp_path):
+    """Plain-text prompt rows reach TRL-style functions as strings, in rollouts and in validation; in a LUFFY
+    group (samples and the prompt's demonstration) every row, the demonstration included, gets its prompt's
+    messages and its text as the assistant message."""
+    import _rewards
+    from _gsm8k import gsm8k_rows, write_jsonl
+
+    from lit_align import LUFFYModule, MixedDataModule
+    from lit_align.core import groups
+
+    problems = gsm8k_rows(2)
+    text = write_jsonl(tmp_path / "text.jsonl", [{"prompt": r["question"], "answer": "1"} for r in problems])
+    conversations = [[{"role": "user", "content": r["question"]}] for r in problems]
+    conv = [
+        {"prompt": m, "completion": [{"role": "assistant", "content": r["answer"]}], "answer": "1"}
+        for m, r in zip(conversations, problems)
+    ]
+    conv = write_jsonl(tmp_path / "conv.jsonl", conv)
+    module = LUFFYModule(
+        model_name_or_path=chat_ckpt, num_generations=3, max_new_tokens=3, reward=[_rewards.any_text_reward]
+    )
+
+    def data(path):
+        dm = MixedDataModule(model_name_or_path=chat_ckpt, expert_data=None, prompt_data=path, val_data=path)
+        dm.setup("fit")
+        return dm
+
+    plain = data(text)
+    batch = plain.collate_prompts(plain.val_rows)
+    assert "prompt_messages" not in batch
+    _rewards.SEEN_CALLS.clear()
+    module.heldout.greedy_verdicts(batch, module.world)
+    assert _rewards.SEEN_CALLS[-1] == (batch["prompts"], _rewards.SEEN_CALLS[-1][1])
+    assert all(isinstance(c, str) for c in _rewards.SEEN_CALLS[-1][1])
+    chat = data(conv)
+    chat.pair_demonstrations(1)  # each prompt's own completion
+    batch = chat.collate_prompts(chat._paired[1])
+    assert batch["prompt_messages"] == conversations
+    rollout, _, _ = module.rollout_and_score(batch)
+    prompts, completions = _rewards.SEEN_CALLS[-1]
+    of = groups.group_ids(rollout, 3).tolist()
+    assert len(prompts) == 6 and prompts == [conversations[i] for i in of]
+    assert completions == [[{"role": "assistant", "content": c}] for c in rollout.completions]
+    assert {completions[i][0]["content"] for i in range(6) if groups.off_policy(rollout)[i]} == {
+        r["answer"] for r in problems
+    }

@@ -149,10 +149,12 @@ class HeldOut(torch.nn.Module):
 
     def greedy_verdicts(self, batch: dict, world: World, trainer_state=None):
         """Greedy answers to the batch's prompts: their reward scores (:class:`RewardScores`) and the
-        correctness verdict per prompt (bool, (N,))."""
+        correctness verdict per prompt (bool, (N,)). TRL-style functions get a conversational row's messages
+        (``batch["prompt_messages"]``, see :meth:`RewardSet.score`)."""
         _, sampler, rewards = self.parts
         rollout = sampler.sample(batch, world, greedy=True, num_generations=1)
-        scores = self.score(batch["prompts"], rollout, batch["answers"], batch.get("columns"), trainer_state)
+        messages = batch.get("prompt_messages")
+        scores = self.score(batch["prompts"], rollout, batch["answers"], batch.get("columns"), trainer_state, messages)
         # a failing check counts as wrong (reward_errors=zero) or stops (raise); the judge's default
         # verdict is read from scores: no second pass
         correct, _ = rewards.correct(
@@ -163,6 +165,7 @@ class HeldOut(torch.nn.Module):
             on_error=self.settings.reward_errors,
             timeout_s=self.settings.reward_timeout_s,
             trainer_state=trainer_state,
+            prompt_messages=messages,
         )
         return scores, correct
 
@@ -197,6 +200,7 @@ class HeldOut(torch.nn.Module):
         prompts = [p for p in batch["prompts"] for _ in range(n)]
         answers = [a for a in batch["answers"] for _ in range(n)]
         columns = {name: [v for v in values for _ in range(n)] for name, values in (batch.get("columns") or {}).items()}
+        messages = batch.get("prompt_messages")
         correct, _ = rewards.correct(
             prompts,
             rollout.completions,
@@ -206,19 +210,36 @@ class HeldOut(torch.nn.Module):
             on_error=self.settings.reward_errors,
             timeout_s=self.settings.reward_timeout_s,
             trainer_state=trainer_state,
+            prompt_messages=None if messages is None else [m for m in messages for _ in range(n)],
         )
         return rollout, correct
 
     def score(
-        self, prompts: list[str], rollout, answers: list[str], columns: dict | None = None, trainer_state=None
+        self,
+        prompts: list[str],
+        rollout,
+        answers: list[str],
+        columns: dict | None = None,
+        trainer_state=None,
+        prompt_messages: list | None = None,
     ) -> RewardScores:
         """Every reward function's scores of ``rollout``'s completions (:meth:`RewardSet.score`, with the
         run's ``reward_errors`` and ``reward_timeout_s``); ``columns``: the data set's other columns, one
-        value per completion; ``trainer_state``: what TRL-style functions get as ``trainer_state``."""
+        value per completion; ``trainer_state``: what TRL-style functions get as ``trainer_state``;
+        ``prompt_messages``: per completion, its prompt's messages for a row of conversational data, else None
+        (TRL-style functions then get messages, as TRL passes them)."""
         s, rewards = self.settings, self.parts[2]
         ids = completion_id_lists(rollout)
         return rewards.score(
-            prompts, rollout.completions, answers, ids, columns, s.reward_errors, s.reward_timeout_s, trainer_state
+            prompts,
+            rollout.completions,
+            answers,
+            ids,
+            columns,
+            s.reward_errors,
+            s.reward_timeout_s,
+            trainer_state,
+            prompt_messages,
         )
 
     @torch.no_grad()
@@ -251,6 +272,7 @@ class HeldOut(torch.nn.Module):
         if new:  # a demonstration's verdict never changes: each one is checked once per run
             prompts, demos, answers = (list(column) for column in zip(*(keys[i] for i in new)))
             cols = {k: [v[i] for i in new] for k, v in (batch.get("columns") or {}).items()}
+            messages = batch.get("prompt_messages")
             verdicts, _ = rewards.correct(
                 prompts,
                 demos,
@@ -259,6 +281,7 @@ class HeldOut(torch.nn.Module):
                 on_error=self.settings.reward_errors,
                 timeout_s=self.settings.reward_timeout_s,
                 trainer_state=trainer_state,
+                prompt_messages=None if messages is None else [messages[i] for i in new],
             )
             self._demo_verdicts.update((keys[i], bool(v)) for i, v in zip(new, verdicts.tolist()))
         ok = torch.tensor([self._demo_verdicts[key] for key in keys], device=device)
@@ -279,8 +302,10 @@ class HeldOut(torch.nn.Module):
         completion_ids: list[list[int]] | None = None,
         columns: dict | None = None,
         trainer_state=None,
+        prompt_messages: list | None = None,
     ) -> torch.Tensor:
-        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check).
+        """Bool (N,): which texts the reward set accepts as correct (the data module's set-up self-check;
+        ``prompt_messages``: as for :meth:`score`).
         Where a reward function failed on some of them (an exception, the time limit, NaN; scored 0 under
         ``reward_errors=zero``), a warning says so: the cause is then the function, not the data."""
         rewards = self.parts[2]
@@ -293,6 +318,7 @@ class HeldOut(torch.nn.Module):
             on_error=self.settings.reward_errors,
             timeout_s=self.settings.reward_timeout_s,
             trainer_state=trainer_state,
+            prompt_messages=prompt_messages,
         )
         if n_errors:
             from lightning.pytorch.utilities import rank_zero_warn

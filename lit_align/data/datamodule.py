@@ -298,6 +298,12 @@ class MixedDataModule(L.LightningDataModule):
             messages.insert(0, {"role": "system", "content": hp.system_prompt})
         return messages
 
+    def _prompt_messages(self, rows: list[dict]) -> list[list[dict] | None]:
+        """Per row, the messages its prompt was rendered from (``system_prompt`` included, as :meth:`_messages`)
+        where it came from conversational data, else None: what TRL passes reward functions as ``prompts``."""
+        # copies: a reward function that edits what it is given leaves the data rows as they are
+        return [[dict(m) for m in self._messages(r["messages"])] if "messages" in r else None for r in rows]
+
     def _apply_template(self, prompt: str | list[dict], tokenize: bool):
         tok, hp = self.tokenizer, self.hparams
         messages = self._messages(prompt)
@@ -859,7 +865,8 @@ class MixedDataModule(L.LightningDataModule):
         """The set-up self-check: score up to ``demo_check_rows`` demonstrations (a seeded sample of the
         expert rows that have a reference answer, else of the held-out rows with a response) against
         their own answers. ``judge(prompts, completions, answers, completion_ids, columns)`` returns a
-        bool tensor (N,): which are accepted. The share accepted is returned, kept in
+        bool tensor (N,): which are accepted; where a sampled row came from conversational data it is also given
+        ``prompt_messages=`` (one entry per row, None for a text row, as :meth:`collate_prompts`). The share accepted is returned, kept in
         ``stats["data/demo_reward_rate"]`` and logged at step 0; below ``demo_check_threshold`` a
         warning names the columns and a failing row. None (nothing logged) when there is nothing to check."""
         hp = self.hparams
@@ -873,12 +880,16 @@ class MixedDataModule(L.LightningDataModule):
             return None
         rows = random.Random(self.seed).sample(rows, min(hp.demo_check_rows, len(rows)))
         keys = list(dict.fromkeys(k for r in rows for k in r["columns"]))
+        conversational = {}  # TRL-style functions get a conversation's messages, as in training
+        if any("messages" in r for r in rows):
+            conversational["prompt_messages"] = self._prompt_messages(rows)
         verdicts = judge(
             [r["prompt"] for r in rows],
             [r["response"] for r in rows],
             [r["answer"] for r in rows],
             [r["response_ids"] for r in rows],
             {k: [r["columns"].get(k) for r in rows] for k in keys},
+            **conversational,
         )
         verdicts = [bool(v) for v in verdicts.tolist()]
         rate = sum(verdicts) / len(verdicts)
@@ -962,7 +973,11 @@ class MixedDataModule(L.LightningDataModule):
     def collate_prompts(self, rows: list[dict]) -> dict:
         """A batch of prompt rows: ``prompt_ids`` / ``prompt_mask`` (B, P) left-padded with the pad id (mask 1
         on real tokens), ``prompts`` and ``answers`` (B texts), ``columns`` (the data set's other columns, B
-        values each). Rows paired by :meth:`pair_demonstrations` (k > 0) add ``demo_ids`` (B, k, D) long, each
+        values each). Where a row came from conversational data (TRL's lists of messages), ``prompt_messages`` (B
+        entries): each such row's prompt messages as the chat template rendered them (its system message and
+        earlier turns, ``system_prompt`` first where it has no system message), None for a text row; TRL-style
+        reward functions get them as ``prompts`` (:class:`lit_align.rewards.RewardSet`). A batch of text rows
+        has no such key. Rows paired by :meth:`pair_demonstrations` (k > 0) add ``demo_ids`` (B, k, D) long, each
         demonstration's response tokens + end token (``eos_token``) right-padded with the pad id to the
         batch's longest D, ``demo_mask`` (B, k, D) long, 1 on real tokens, and ``demonstrations`` (B lists of k texts), in
         the pairing's order; ``prompt_ids[b]``'s real tokens followed by ``demo_ids[b, j]``'s are the
@@ -979,6 +994,8 @@ class MixedDataModule(L.LightningDataModule):
                 for k in dict.fromkeys(k for r in rows for k in r.get("columns", {}))
             },
         }
+        if any("messages" in r for r in rows):
+            batch["prompt_messages"] = self._prompt_messages(rows)
         if rows and all("demo_ids" in r for r in rows):  # paired rows (pair_demonstrations): their k demonstrations
             demos = [ids for r in rows for ids in r["demo_ids"]]
             shape = (len(rows), len(rows[0]["demo_ids"]), -1)

@@ -161,8 +161,8 @@ class HPTModule(PolicyModule):
             return groups.mix(self.sample(prompts), G, groups.demonstration_rows(prompts, 1))
         return self.sample(prompts)
 
-    def score_all(self, prompts, rollout, answers, columns=None) -> RewardScores:
-        scores = super().score_all(prompts, rollout, answers, columns)
+    def score_all(self, prompts, rollout, answers, columns=None, prompt_messages=None) -> RewardScores:
+        scores = super().score_all(prompts, rollout, answers, columns, prompt_messages)
         self._scores = scores  # the verdict reads them instead of scoring again
         return scores
 
@@ -175,6 +175,7 @@ class HPTModule(PolicyModule):
         of = groups.group_ids(rollout, hp.num_generations).tolist()
         if scores is not None and len(scores.total) != len(of):
             scores = None
+        messages = prompts.get("prompt_messages")
         verdicts, n_errors = self.rewards.correct(
             [prompts["prompts"][i] for i in of],
             rollout.completions,
@@ -185,6 +186,7 @@ class HPTModule(PolicyModule):
             on_error=hp.reward_errors,
             timeout_s=hp.reward_timeout_s,
             trainer_state=self.reward_state(),
+            prompt_messages=None if messages is None else [messages[i] for i in of],
         )
         self.reward_errors += n_errors
         return verdicts.to(device=rewards.device, dtype=torch.bool)

@@ -171,7 +171,9 @@ class PolicyModule(L.LightningModule):
             ``fn(prompts, completions, answers)``; any other callable as TRL calls reward functions,
             ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with the data set's
             other columns (and ``trainer_state``, ``log_metric``, ``log_extra`` where it takes them;
-            ``async def`` ones awaited), returning a float or None (does not apply) per completion. See
+            ``async def`` ones awaited), returning a float or None (does not apply) per completion; for a row
+            of conversational data, ``prompts`` holds its messages and ``completions`` ``[{"role":
+            "assistant", "content": text}]``, as TRL passes them. See
             :class:`lit_align.rewards.RewardSet`. Logged per function: ``train/rewards/<name>/mean``
             and ``/std``; the weighted total is ``train/reward_mean``.
         reward_weights: one weight per reward function (TRL's name); None: all 1.0.
@@ -552,19 +554,30 @@ class PolicyModule(L.LightningModule):
         return self.sampler.sample(prompts, self.world, greedy, num_generations, prefix_ids, prefix_mask)
 
     def score(
-        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
+        self,
+        prompts: list[str],
+        rollout: Rollout,
+        answers: list[str],
+        columns: dict | None = None,
+        prompt_messages: list | None = None,
     ) -> tuple[torch.Tensor, int]:
         """The weighted total reward (N,) of ``rollout``'s completions and the number of failed items."""
-        scores = self.score_all(prompts, rollout, answers, columns)
+        scores = self.score_all(prompts, rollout, answers, columns, prompt_messages)
         return scores.total, scores.n_errors
 
     def score_all(
-        self, prompts: list[str], rollout: Rollout, answers: list[str], columns: dict | None = None
+        self,
+        prompts: list[str],
+        rollout: Rollout,
+        answers: list[str],
+        columns: dict | None = None,
+        prompt_messages: list | None = None,
     ) -> RewardScores:
         """Every reward function's scores of ``rollout``'s completions (:meth:`HeldOut.score`, the one place
         rewards are called with the run's error policy and time limit), TRL-style ones given
-        :meth:`reward_state` as ``trainer_state``."""
-        return self.heldout.score(prompts, rollout, answers, columns, self.reward_state())
+        :meth:`reward_state` as ``trainer_state`` and, for rows of conversational data, their prompt's messages
+        (``prompt_messages``, one entry per completion, None for a text row) as TRL passes them."""
+        return self.heldout.score(prompts, rollout, answers, columns, self.reward_state(), prompt_messages)
 
     def reward_state(self):
         """What TRL passes reward functions as ``trainer_state``: a ``transformers.TrainerState`` of this run.
@@ -608,14 +621,17 @@ class PolicyModule(L.LightningModule):
 
     def rollout_and_score(self, batch: dict) -> tuple[Rollout, torch.Tensor, dict]:
         """The rollout batch's rows (:meth:`group_rollouts`: G samples per prompt) and their scores (no
-        gradient); each row is scored against its own prompt's answer and columns."""
+        gradient); each row is scored against its own prompt's answer, columns and, for conversational data,
+        messages (demonstration rows of a mixed group included)."""
         rollout = self.group_rollouts(batch)
         self._check_groups(rollout, len(batch["prompts"]))
         of = groups.group_ids(rollout, self.hparams.num_generations).tolist()  # each row's prompt
         prompts = [batch["prompts"][i] for i in of]
         answers = [batch["answers"][i] for i in of]
         columns = {k: [v[i] for i in of] for k, v in batch.get("columns", {}).items()}
-        scores = self.score_all(prompts, rollout, answers, columns)
+        messages = batch.get("prompt_messages")
+        messages = None if messages is None else [messages[i] for i in of]
+        scores = self.score_all(prompts, rollout, answers, columns, messages)
         rewards = scores.total.to(self.device)
         self.reward_errors += scores.n_errors
         self.last_samples = {
