@@ -606,6 +606,42 @@ def test_a_conversation_cell_that_is_not_a_list_is_named(base_chat_ckpt, tmp_pat
     assert len(_dm(base_chat_ckpt, expert_data=pairs, invalid_rows="skip", **kw).expert_rows) == 2
 
 
+def test_a_message_role_outside_the_chat_roles_is_named(base_chat_ckpt, tmp_path):
+    """Roles are TRL's and the HF chat templates' system, user, assistant and tool (TRL's data_utils refuses
+    others): a misspelt "assistent" or a capitalised "User" was accepted and rendered as it is (ChatML prints any
+    role), training on a turn the model never sees in use. Named by file, row, column and role; invalid_rows=skip
+    drops the row. The same in a prompt-only file, where a "User" turn was taken as the question to answer."""
+    from _gsm8k import write_jsonl
+
+    good = _chat_rows(3)
+    user, answer = {"role": "user", "content": "2+2?"}, {"role": "assistent", "content": "4"}
+    bad = [
+        {"messages": [user, answer], "answer": "4"},
+        {"messages": [{**user, "role": "User"}, {**answer, "role": "assistant"}], "answer": "4"},
+    ]
+    path = write_jsonl(tmp_path / "roles.jsonl", good + bad)
+    kw = dict(prompt_data=None, val_data=None)
+    with pytest.raises(
+        DataError,
+        match=r"(?s)roles\.jsonl: 2 invalid fields in 2 of 5 rows:\n"
+        r"  row 4, column 'messages' holds a conversation whose message 2 has role 'assistent', not one of "
+        r"'system', 'user', 'assistant', 'tool'\n"
+        r"  row 5, column 'messages' holds a conversation whose message 1 has role 'User', not one of .*\(roles are "
+        r"lower case: 'user'\)",
+    ):
+        _dm(base_chat_ckpt, expert_data=path, **kw)
+    with pytest.warns(UserWarning, match=r"row 4, column 'messages' .* role 'assistent'"):
+        skipped = _dm(base_chat_ckpt, expert_data=path, invalid_rows="skip", **kw)
+    assert len(skipped.expert_rows) == 3 and skipped.stats["data/invalid_rows"] == 2
+    only = [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "answer": "4"},
+        {"prompt": [{"role": "User", "content": "3+3?"}], "answer": "6"},
+    ]
+    only = write_jsonl(tmp_path / "only.jsonl", only)
+    with pytest.raises(DataError, match=r"only\.jsonl: 1 invalid fields.*\n  row 2, column 'prompt' .* role 'User'"):
+        _dm(base_chat_ckpt, expert_data=None, prompt_data=only, val_data=None)
+
+
 def test_truncating_a_conversation_drops_its_earliest_turns_first(base_chat_ckpt, tmp_path):
     """overlong=truncate keeps the end of a conversation: its earliest exchanges go (the system message stays,
     the prompt still starts at a user turn), then the start of its last message's text."""

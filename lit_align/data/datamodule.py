@@ -82,7 +82,8 @@ class MixedDataModule(L.LightningDataModule):
             ``completion`` column takes its demonstrations from ``completion``. A conversation's prompt text
             (``prompts`` in batches, what rewards, pairing and the held-out check read) is its rendering by
             the template, with the generation prompt; ``system_prompt`` goes before conversations without a
-            system message of their own. Malformed conversations (a message without role or content, an
+            system message of their own. Malformed conversations (a message without role or content, a role
+            other than system, user, assistant or tool, an
             expert row whose conversation does not end with an assistant turn, a prompt that ends without a
             user turn, ...) go through ``invalid_rows``, named by file, row and column.
         pair_by: how a prompt row finds its demonstrations when a method asks for them (see

@@ -13,6 +13,10 @@ from pathlib import Path
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 MAX_REPORTED = 10
 """At most this many problems are spelled out in one report; the rest are counted."""
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""The roles a message may have: TRL's (``trl.data_utils.prepare_multimodal_messages`` refuses others) and those
+the Hugging Face chat templates render as turns. Templates that print any role (ChatML) would render a misspelt
+one ("assistent", "User") as a turn the model never sees in use."""
 
 
 class DataError(ValueError):
@@ -150,6 +154,12 @@ def messages_problem(value) -> str | None:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role.strip():
             return f"holds a conversation whose message {k} has no 'role'"
+        if role not in CHAT_ROLES:
+            hint = f" (roles are lower case: {role.lower()!r})" if role.lower() in CHAT_ROLES else ""
+            return (
+                f"holds a conversation whose message {k} has role {role!r}, not one of "
+                f"{', '.join(repr(r) for r in CHAT_ROLES)}{hint}"
+            )
         if not isinstance(content, str):
             what = "no 'content'" if content is None else f"a 'content' that is a {type(content).__name__}, not text"
             return f"holds a conversation whose message {k} ({role}) has {what}"
