@@ -642,6 +642,39 @@ def test_a_message_role_outside_the_chat_roles_is_named(base_chat_ckpt, tmp_path
         _dm(base_chat_ckpt, expert_data=None, prompt_data=only, val_data=None)
 
 
+def test_a_file_that_mixes_messages_rows_and_prompt_rows_names_the_odd_rows(base_chat_ckpt, tmp_path):
+    """A 'messages' file with a row in prompt/response columns was read from 'prompt', and every messages row was
+    reported "column 'prompt' is missing": the row in the other format is named, with the format of the file's
+    other rows (invalid_rows=skip drops it and reads the rest). The same in a prompt file of prompt/answer rows with
+    one 'messages' row."""
+    from _gsm8k import write_jsonl
+
+    good = _chat_rows(4)
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", good[:2] + [{"prompt": "2+2?", "response": "4", "answer": "4"}] + good[2:]
+    )
+    kw = dict(prompt_data=None, val_data=None)
+    with pytest.raises(
+        DataError,
+        match=r"mixed\.jsonl: 1 rows in another format than the file's other rows:\n  row 3 holds column 'prompt' "
+        r"\(text prompt rows\), where the file's other 4 rows hold column 'messages' \(TRL's conversational rows\)",
+    ) as error:
+        _dm(base_chat_ckpt, expert_data=path, **kw)
+    assert "column 'prompt' is missing" not in str(error.value)
+    with pytest.warns(UserWarning, match=r"row 3 holds column 'prompt'"):
+        skipped = _dm(base_chat_ckpt, expert_data=path, invalid_rows="skip", **kw)
+    assert len(skipped.expert_rows) == 4 and skipped.stats["data/invalid_rows"] == 1
+    assert skipped.row_numbers["expert"] == [1, 2, 4, 5]
+    plain = [{"prompt": f"{i}+{i}?", "answer": str(2 * i)} for i in range(3)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", plain + [good[0]])
+    with pytest.raises(
+        DataError,
+        match=r"prompts\.jsonl: 1 rows in another format .*\n  row 4 holds column 'messages' \(TRL's conversational "
+        r"rows\), where the file's other 3 rows hold column 'prompt'",
+    ):
+        _dm(base_chat_ckpt, expert_data=None, prompt_data=prompts, val_data=None)
+
+
 def test_truncating_a_conversation_drops_its_earliest_turns_first(base_chat_ckpt, tmp_path):
     """overlong=truncate keeps the end of a conversation: its earliest exchanges go (the system message stays,
     the prompt still starts at a user turn), then the start of its last message's text."""

@@ -80,12 +80,14 @@ class MixedDataModule(L.LightningDataModule):
             message (TRL's "prompt-completion" rows). A file without the prompt column but with TRL's
             ``messages`` column is read from ``messages``; one without the response column but with TRL's
             ``completion`` column takes its demonstrations from ``completion``. A conversation's prompt text
-            (``prompts`` in batches, what rewards, pairing and the held-out check read) is its rendering by
-            the template, with the generation prompt; ``system_prompt`` goes before conversations without a
+            (``prompts`` in batches, what lit-align's reward functions, pairing and the held-out check read) is
+            its rendering by the template, with the generation prompt (TRL-style reward functions get its
+            messages, batch key ``prompt_messages``, as TRL passes them); ``system_prompt`` goes before conversations without a
             system message of their own. Malformed conversations (a message without role or content, a role
             other than system, user, assistant or tool, an
             expert row whose conversation does not end with an assistant turn, a prompt that ends without a
-            user turn, ...) go through ``invalid_rows``, named by file, row and column.
+            user turn, ...) go through ``invalid_rows``, named by file, row and column, as do the rows of a
+            file that mixes ``messages`` rows with prompt-column rows that are in the smaller group.
         pair_by: how a prompt row finds its demonstrations when a method asks for them (see
             :meth:`pair_demonstrations`; unused otherwise). ``"prompt"`` (default): the expert rows
             (``expert_data``) whose prompt text is identical to the prompt row's (the text as read,
@@ -365,6 +367,50 @@ class MixedDataModule(L.LightningDataModule):
             keep -= len(ids) - limit
         return ids[-limit:]  # pragma: no cover - a tokenizer whose edits never converge
 
+    def _odd_format_rows(self, rows: list[dict], label: str, prompt_column: str) -> frozenset[int]:
+        """Row numbers (from 1) of the rows in the file's minority format, where a file mixes TRL's ``messages``
+        rows with rows holding ``prompt_column`` (and no ``messages``); the majority is the file's format (on a
+        tie, that of its first row). Those rows go through ``invalid_rows``, each named with the other rows'
+        format: read by either column alone, every row of the other format would be reported missing it.
+
+        Raises:
+            DataError: such rows under ``invalid_rows=error`` (under ``skip`` a warning lists them).
+        """
+        if prompt_column == "messages":
+            return frozenset()
+        holds = {"messages": [], prompt_column: []}  # rows holding one of the two columns only
+        for i, row in enumerate(rows, start=1):
+            has_prompt, has_messages = row.get(prompt_column) is not None, row.get("messages") is not None
+            if has_prompt != has_messages:
+                holds["messages" if has_messages else prompt_column].append(i)
+        by, other = holds["messages"], holds[prompt_column]
+        if not by or not other:
+            return frozenset()
+        if len(by) < len(other) or (len(by) == len(other) and other[0] < by[0]):
+            by, other = other, by
+        file_column = "messages" if by is holds["messages"] else prompt_column
+        odd_column = prompt_column if file_column == "messages" else "messages"
+
+        def form(column: str, i: int) -> str:
+            if column == "messages" or isinstance(rows[i - 1][column], list):
+                return "TRL's conversational rows"
+            return "text prompt rows"
+
+        problems = [
+            f"row {i} holds column {odd_column!r} ({form(odd_column, i)}), where the file's other {len(by)} "
+            f"rows hold column {file_column!r} ({form(file_column, by[0])})"
+            for i in other
+        ]
+        what = "rows in another format than the file's other rows"
+        if self.hparams.invalid_rows == "error":
+            raise DataError(
+                report(label, problems, what)
+                + f"\nA file holds rows of one format: write these rows with column {file_column!r} as the others, "
+                f"or set data.invalid_rows=skip to drop them (they are counted and logged)."
+            )
+        rank_zero_warn(report(label, problems, what + "; skipped"))
+        return frozenset(other)
+
     def _turns(
         self, valid: list[tuple[int, dict]], label: str, prompt_column: str, response_column: str, required: bool
     ) -> tuple[list[tuple[int, dict]], dict[int, tuple]]:
@@ -496,7 +542,11 @@ class MixedDataModule(L.LightningDataModule):
         the user's files, not it."""
         rows, label = load_table(self._source(source, split), split)
         hp = self.hparams
-        need, present = dict(need), set().union(*rows)
+        odd = frozenset() if own_columns else self._odd_format_rows(rows, label, need["prompt"])
+        kept_rows = [r for i, r in enumerate(rows, start=1) if i not in odd]
+        need, present = dict(need), set().union(*kept_rows)
+        if odd:  # Arrow gave the rows kept the other format's columns, as None: they are not the file's columns
+            present = {k for r in kept_rows for k, v in r.items() if v is not None}
         column = need.get("response", "response" if own_columns else hp.response_column)
         if not own_columns:  # a file in TRL's formats reads as TRL reads it (its columns are not ours)
             if need["prompt"] not in present and "messages" in present:
@@ -506,7 +556,7 @@ class MixedDataModule(L.LightningDataModule):
                 if "response" in need:
                     need["response"] = column
         check = dict(need)
-        if any(isinstance(r.get(need["prompt"]), list) for r in rows):  # TRL's conversational rows
+        if any(isinstance(r.get(need["prompt"]), list) for r in kept_rows):  # TRL's conversational rows
             if not self._chat():
                 why = "data.use_chat_template is false" if not hp.use_chat_template else "the tokenizer has none"
                 raise DataError(
@@ -514,11 +564,13 @@ class MixedDataModule(L.LightningDataModule):
                     f"template renders, and none is applied ({why}): use a tokenizer with a chat template and "
                     f"data.use_chat_template=true, or give the prompts as text"
                 )
-            if "response" in check and all(r.get(column) is None for r in rows):
+            if "response" in check and all(r.get(column) is None for r in kept_rows):
                 del check["response"]  # TRL's "messages" rows: each conversation's last assistant turn
-        valid, problems = validate_rows(rows, label, check, hp.invalid_rows, flags, messages=("prompt", "response"))
+        valid, problems = validate_rows(
+            rows, label, check, hp.invalid_rows, flags, messages=("prompt", "response"), skip=odd
+        )
         if problems:
-            rank_zero_warn(report(label, problems, f"invalid fields; {len(rows) - len(valid)} rows skipped"))
+            rank_zero_warn(report(label, problems, f"invalid fields; {len(kept_rows) - len(valid)} rows skipped"))
         valid, turns = self._turns(valid, label, need["prompt"], column, required="response" in need)
         answer_column = need.get("answer", hp.answer_column) if own_columns else hp.answer_column
         valid, answers, unmatched = self._answers(valid, label, answer_column, use_pattern=not own_columns)

@@ -213,6 +213,7 @@ def validate_rows(
     invalid_rows: str = "error",
     flags: dict[str, str] | None = None,
     messages: tuple[str, ...] = (),
+    skip: frozenset[int] = frozenset(),
 ) -> tuple[list[tuple[int, dict]], list[str]]:
     """Check that each ``role -> column`` holds a non-empty string (or a number) in every row; the roles in
     ``messages`` may hold a list of chat messages instead (TRL's conversational rows, see :func:`messages_problem`).
@@ -222,9 +223,10 @@ def validate_rows(
     listing the bad rows; with ``"skip"`` they are dropped. Returns the kept ``(row number, row)``
     pairs and one ``row N, column 'c' ...`` line per problem. A column
     absent from every row, or no usable row at all, is always an error; its message names the data
-    module's argument that sets it (``flags[role]``, default ``<role>_column``).
+    module's argument that sets it (``flags[role]``, default ``<role>_column``). Rows numbered in ``skip`` (already
+    reported by the caller) are left out, unchecked, and do not count towards a column's presence.
     """
-    present = set().union(*rows) if rows else set()
+    present = set().union(*(r for i, r in enumerate(rows, start=1) if i not in skip)) if rows else set()
     for role, column in columns.items():
         if column not in present:
             raise DataError(
@@ -233,6 +235,8 @@ def validate_rows(
             )
     kept, problems = [], []
     for i, row in enumerate(rows, start=1):
+        if i in skip:
+            continue
         found = [(c, _cell_problem(row, c, role in messages)) for role, c in columns.items()]
         found = [f"row {i}, column {c!r} {why}" for c, why in found if why]
         if found:
@@ -241,7 +245,7 @@ def validate_rows(
             kept.append((i, row))
     if problems and invalid_rows == "error":
         raise DataError(
-            report(label, problems, f"invalid fields in {len(rows) - len(kept)} of {len(rows)} rows")
+            report(label, problems, f"invalid fields in {len(rows) - len(skip) - len(kept)} of {len(rows)} rows")
             + "\nFix the rows, or set data.invalid_rows=skip to drop them (they are counted and logged)."
         )
     if not kept:
