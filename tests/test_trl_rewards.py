@@ -268,7 +268,7 @@ def test_a_reward_set_gives_trl_style_functions_a_conversational_rows_messages()
     (prompts, completions, answers) always gets strings."""
     import _rewards
 
-    from lit_align.rewards import RewardSet
+    from lit_align.rewards import RewardSet, ThinkFormatReward
 
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     parity = _rewards.ParityReward()
@@ -283,6 +283,11 @@ def test_a_reward_set_gives_trl_style_functions_a_conversational_rows_messages()
     assert scores.total.tolist() == [1.0, 0.0]
     correct, _ = four.correct(["a", "b"], ["4", "5"], ["4", "4"], prompt_messages=[conversation, conversation])
     assert correct.tolist() == [True, False]
+    # lit-align's own TRL-style built-in reads TRL's conversational completions as TRL's think_format_reward does
+    think = RewardSet([ThinkFormatReward()]).score(
+        ["a", "b"], ["<think>2+2</think>4", "4"], ["4", "4"], prompt_messages=[conversation, None]
+    )
+    assert think.total.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match=r"prompt_messages has 1 entries for 2 completions"):
         rewards.score(["a", "b"], ["4", "5"], ["4", "4"], prompt_messages=[conversation])
 
