@@ -1,6 +1,7 @@
 """The throughput benchmarks: our GRPO loss equals TRL's, and the --quick variants print sane JSON."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -372,3 +373,30 @@ def test_memory_methods_quick_runs_each_recipe_offline_in_its_own_process(tmp_pa
     assert runs["math_hpt"]["module"] == "HPTModule" and runs["math_hpt"]["logged_means"]["train/gate_sft_share"] == 1.0
     table = (tmp_path / "memory_methods.md").read_text()
     assert "`python benchmarks/memory_methods.py --quick" in table and "| math_hpt | HPTModule | 8.0 |" in table
+
+
+def test_base_sampling_quick_measures_pass_at_k_entropy_and_retention():
+    """benchmarks/base_sampling.py (issue 25) on the embedded checkpoints: a freshly initialised model samples
+    near-uniform tokens (entropy close to ln 16 nats, the tokenizer's size) and answers nothing; the pre-trained
+    base (a few updates in the tests) samples with less entropy; pass@8 is never below pass@1."""
+    import math
+
+    fresh = json.loads(
+        (out := _run_text("benchmarks/base_sampling.py", "--quick", "--model", "embedded"))[out.index("{") :]
+    )
+    base = _run_text("benchmarks/base_sampling.py", "--quick", "--model", "embedded-base")
+    base = json.loads(base[base.index("{") :])
+    for run in (fresh, base):
+        assert run["n"] == 8 and run["problems"] == 24 and 0 < run["carry_problems"] < 24
+        assert 0 <= run["pass@1"] <= run["pass@8"] <= 1 and 0 <= run["frac_reward_zero_std"] <= 1
+        assert set(run["greedy"]) == {"accuracy", "retention/subtraction", "retention/reversal"}
+        assert run["sampled_tokens"] >= 24 * 8 and run["command"].startswith("python benchmarks/base_sampling.py")
+    assert math.log(16) - 0.3 < fresh["entropy"] <= math.log(16) and fresh["pass@8"] == 0
+    assert fresh["recipe"] is None and base["recipe"]["steps"] == int(os.environ["LIT_ALIGN_BASE_STEPS"])
+    assert base["entropy"] < fresh["entropy"]  # pre-training sharpens the answers
+
+
+def _run_text(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -765,6 +765,45 @@ def test_base_steps_setting_is_checked(monkeypatch):
         embedded.base_steps()
 
 
+def test_noisy_pretraining_targets_are_near_misses():
+    """The pre-training targets of a noisy recipe, drawn afresh each time a problem is drawn: a carrying addition
+    is right with probability ``carry_correct`` and otherwise drops the carry (the expert's mistake); a carry-free
+    one is a near miss (tens digit one off, never below 0) with probability ``answer_noise``; other skills are
+    untouched."""
+    import random
+    from collections import Counter
+
+    recipe = {**embedded.BASE_RECIPE, "addition": "with_ones_carry", "carry_correct": 0.25, "answer_noise": 0.2}
+    rng = random.Random(0)
+    carry = Counter(embedded.drawn_answer("37+48=", "85", recipe, rng) for _ in range(2000))
+    assert set(carry) == {"85", "75"} and 400 < carry["85"] < 600
+    free = Counter(embedded.drawn_answer("34+52=", "86", recipe, rng) for _ in range(2000))
+    assert set(free) == {"86", "76", "96"} and 1500 < free["86"] < 1700 and 150 < free["76"] < 250
+    assert {embedded.drawn_answer("3+4=", "7", recipe, rng) for _ in range(100)} == {"7", "17"}
+    assert {embedded.drawn_answer(p, a, recipe, rng) for p, a in [("73-28=", "45"), ("408=", "804")]} == {"45", "804"}
+    assert {embedded.near_miss("105", rng) for _ in range(50)} == {"95", "115"}
+    # the pre-training rows: the carrying additions join, the task's held-out ones never do
+    rows = {p for p, _ in embedded.base_rows(recipe)}
+    adds = {p for p in rows if "+" in p}
+    assert any(embedded.ones_carry(p) for p in adds) and not (adds & embedded.task_heldout_prompts())
+    assert len(adds) == 10_000 - len(embedded.task_heldout_prompts())
+
+
+def test_bad_base_recipe_fields_are_named():
+    with pytest.raises(ValueError, match="answer_noise=1.0"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "answer_noise": 1.0})
+    with pytest.raises(ValueError, match="label_smoothing=-0.1"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "label_smoothing": -0.1})
+    with pytest.raises(ValueError, match="carry_correct=1.5"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "addition": "with_ones_carry", "carry_correct": 1.5})
+    with pytest.raises(ValueError, match="split_seed='0'"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "split_seed": "0"})
+    with pytest.raises(ValueError, match="carry_correct needs addition='with_ones_carry'"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "carry_correct": 0.5})
+    with pytest.raises(ValueError, match="addition='all'"):
+        embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "addition": "all"})
+
+
 def test_retention_sets_are_absent_from_every_training_stream(ckpt, task):
     """No held-out problem of a retention skill is pre-trained on (base checkpoint) or post-trained on (the
     task's expert, prompt and meta streams); no held-out addition problem is pre-trained on either."""

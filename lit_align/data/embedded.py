@@ -50,6 +50,16 @@ BASE_RECIPE = {
     "num_retention": 300,
     "addition": "no_ones_carry",
 }
+# recipe fields a variant may add (absent: off, so BASE_RECIPE's cache key and build stay as they were):
+#   "label_smoothing": eps of the cross-entropy on the answer tokens (Szegedy et al. 2016), in [0, 1);
+#   "answer_noise": share of the carry-free additions drawn into a batch with a near-miss answer (the tens digit
+#       off by one, see near_miss), in [0, 1), a fresh draw each time the problem is drawn;
+#   "addition": "with_ones_carry" (instead of "no_ones_carry") adds the additions with a ones carry (not the
+#       task's held-out ones), each draw answered correctly with probability "carry_correct" (default 1) and
+#       with the carry dropped (the expert's mistake, a + b - 10) otherwise;
+#   "split_seed": seed of the retention sets (default: "seed"), so that bases with other seeds hold out the
+#       same problems as the retention sets the runs are scored on (ensure_retention: seed 0's).
+ADDITION_MIXES = ("no_ones_carry", "with_ones_carry")
 CHARS = list("0123456789+-=")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
@@ -303,14 +313,60 @@ def base_rows(recipe: dict | None = None) -> list[tuple[str, str]]:
     addition task's held-out (val, meta) prompts."""
     recipe = {**BASE_RECIPE, **(recipe or {})}
     held = task_heldout_prompts()
-    rows = [
-        (p, a)
-        for p, a in skill_problems("addition")
-        if p not in held and sum(int(x[-1]) for x in p[:-1].split("+")) < 10
-    ]
+    carries = recipe["addition"] == "with_ones_carry"
+    rows = [(p, a) for p, a in skill_problems("addition") if p not in held and (carries or not ones_carry(p))]
     for skill in RETENTION_SKILLS:
-        rows += retention_split(skill, recipe["num_retention"], recipe["seed"])[1]
+        rows += retention_split(skill, recipe["num_retention"], split_seed(recipe))[1]
     return rows
+
+
+def ones_carry(prompt: str) -> bool:
+    """Whether an addition prompt ``"a+b="`` carries out of the ones digit (``"37+48="``: 7 + 8 >= 10)."""
+    a, b = prompt[:-1].split("+")
+    return int(a[-1]) + int(b[-1]) >= 10
+
+
+def split_seed(recipe: dict) -> int:
+    """The seed of a base recipe's retention sets: ``split_seed`` when given, else ``seed``."""
+    return recipe.get("split_seed", recipe["seed"])
+
+
+def check_recipe(recipe: dict) -> None:
+    """Raise ValueError naming the field when a base recipe's variant field is out of range."""
+    if recipe.get("addition") not in ADDITION_MIXES:
+        raise ValueError(f"base recipe field addition={recipe.get('addition')!r} must be one of {list(ADDITION_MIXES)}")
+    for field, closed in (("label_smoothing", False), ("answer_noise", False), ("carry_correct", True)):
+        value = recipe.get(field, 0.0)
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if not number or not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+            span = "[0, 1]" if closed else "[0, 1)"
+            raise ValueError(f"base recipe field {field}={value!r} must be a number in {span}")
+    if "carry_correct" in recipe and recipe["addition"] != "with_ones_carry":
+        raise ValueError("base recipe field carry_correct needs addition='with_ones_carry' (no carries otherwise)")
+    value = recipe.get("split_seed", 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"base recipe field split_seed={value!r} must be an integer")
+
+
+def drawn_answer(prompt: str, answer: str, recipe: dict, rng: random.Random) -> str:
+    """The answer a pre-training batch gets for ``prompt`` under ``recipe``'s noisy targets, drawn from ``rng``:
+    an addition with a ones carry keeps its answer with probability ``carry_correct`` and drops the carry
+    otherwise (``"37+48="`` -> ``"75"``); a carry-free addition gets a :func:`near_miss` with probability
+    ``answer_noise``; any other problem keeps its answer (one draw from ``rng`` per addition)."""
+    if "+" not in prompt:
+        return answer
+    if ones_carry(prompt):
+        return answer if rng.random() < recipe.get("carry_correct", 1.0) else str(int(answer) - 10)
+    return near_miss(answer, rng) if rng.random() < recipe.get("answer_noise", 0.0) else answer
+
+
+def near_miss(answer: str, rng: random.Random) -> str:
+    """A near-miss of an addition's ``answer``: its tens digit one up or one down (``rng`` picks; one up where
+    down would go below 0), the mistake of a carry taken or dropped wrongly: ``"57"`` -> ``"67"`` or ``"47"``,
+    ``"7"`` -> ``"17"``. Noisy targets of a base recipe (``answer_noise``)."""
+    value = int(answer)
+    step = 10 if value < 10 or rng.random() < 0.5 else -10
+    return str(value + step)
 
 
 def base_steps() -> int:
@@ -384,6 +440,7 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
 
     from lit_align.weighting import lr_factor
 
+    check_recipe(recipe)
     path = Path(path)
     print(
         f"lit_align: pre-training the embedded base checkpoint ({recipe['steps']} updates, once; cached in {path.parent})",
@@ -399,14 +456,25 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, warm, steps, "cosine", recipe["min_lr_ratio"])
     )
+    smoothing = recipe.get("label_smoothing", 0.0)
+    noisy = recipe.get("answer_noise", 0.0) > 0 or recipe["addition"] == "with_ones_carry"
+    noise_rng = random.Random(f"{recipe['seed']}-answer-noise")  # its own stream: the batches stay the same
     model.train()
     order: list[int] = []
     for _ in range(steps):
         if len(order) < recipe["batch_size"]:
             order += rng.sample(range(len(rows)), len(rows))
         batch, order = [rows[i] for i in order[: recipe["batch_size"]]], order[recipe["batch_size"] :]
+        if noisy:
+            batch = [(p, drawn_answer(p, a, recipe, noise_rng)) for p, a in batch]
         ids, mask, labels = _encode_pairs(tok, batch)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if smoothing:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), label_smoothing=smoothing
+            )
+        else:  # the model's own loss, as the recipes without these fields were built
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -415,7 +483,7 @@ def build_base_checkpoint(path: str | Path, recipe: dict) -> Path:
     model.save_pretrained(path)
     val = [json.loads(line) for line in open(ensure_task()["val"])]
     heldout = {"addition": [(r["prompt"], r["answer"]) for r in val]}
-    heldout |= {s: retention_split(s, recipe["num_retention"], recipe["seed"])[0] for s in RETENTION_SKILLS}
+    heldout |= {s: retention_split(s, recipe["num_retention"], split_seed(recipe))[0] for s in RETENTION_SKILLS}
     info = {
         "recipe": recipe,
         "final_loss": loss.item(),
@@ -430,11 +498,13 @@ def base_recipe() -> dict:
     return {**BASE_RECIPE, "steps": base_steps()}
 
 
-def ensure_base_checkpoint() -> str:
-    """Path of the base checkpoint for :func:`base_recipe`, pre-training it on first use (262 s with one torch
-    thread on a shared 2-core machine at the default 3,000 steps) into ``<cache>/base-<key>``, the key a hash
-    of the recipe. Raises ValueError when ``$LIT_ALIGN_BASE_STEPS`` is not an integer >= 1."""
-    recipe = base_recipe()
+def ensure_base_checkpoint(recipe: dict | None = None) -> str:
+    """Path of the base checkpoint for ``recipe`` (default :func:`base_recipe`), pre-training it on first use
+    (262 s with one torch thread on a shared 2-core machine at the default 3,000 steps) into
+    ``<cache>/base-<key>``, the key a hash of the recipe. Raises ValueError when ``$LIT_ALIGN_BASE_STEPS`` is
+    not an integer >= 1, or naming a recipe field out of range (:func:`check_recipe`)."""
+    recipe = base_recipe() if recipe is None else recipe
+    check_recipe(recipe)
     return str(_atomic_dir(cache_dir() / f"base-{base_key(recipe)}", lambda d: build_base_checkpoint(d, recipe)))
 
 
