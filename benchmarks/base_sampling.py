@@ -19,7 +19,8 @@ prints JSON with:
 - ``greedy``: greedy accuracy on the val split and on each retention set (``retention/<skill>``, as
   ``val/retention/<skill>``).
 
-``--recipe`` (JSON) is merged into the base recipe (``embedded.BASE_RECIPE``) and the checkpoint built into the cache like ``embedded-base`` (a new key per
+``--recipe`` (JSON) is merged into the base recipe (``embedded.BASE_RECIPE``; with ``--instruct`` into
+``embedded.INSTRUCT_RECIPE``) and the checkpoint built into the cache like ``embedded-base`` (a new key per
 recipe; minutes). Sampling is seeded (``--sample-seed``) on a generator of its own.
 """
 
@@ -133,6 +134,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint path or embedded name (default: embedded-base)")
     parser.add_argument("--recipe", default=None, help="JSON merged into the base recipe; built if not cached")
+    parser.add_argument("--instruct", action="store_true", help="--recipe is merged into INSTRUCT_RECIPE")
     parser.add_argument("--samples", type=int, default=16, help="n, answers sampled per problem")
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--sample-seed", type=int, default=0)
@@ -141,7 +143,8 @@ def main(argv=None) -> dict:
     if args.model and args.recipe:
         parser.error("--model and --recipe: give one (a checkpoint, or a recipe to build)")
     if args.recipe is not None:
-        recipe = {**embedded.base_recipe(), **json.loads(args.recipe)}
+        start = embedded.INSTRUCT_RECIPE if args.instruct else embedded.base_recipe()
+        recipe = {**start, **json.loads(args.recipe)}
         path = embedded.ensure_base_checkpoint(recipe)
     else:
         recipe = None

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -765,6 +766,47 @@ def test_base_steps_setting_is_checked(monkeypatch):
         embedded.base_steps()
 
 
+def test_instruct_checkpoint_is_deterministic_per_seed_and_cached(tmp_path, monkeypatch):
+    """``embedded-instruct[-<seed>]`` (issue 25): one base per seed, each build the same for its seed (noisy
+    targets included), cached under its recipe's key, and every seed holding out the retention sets the runs are
+    scored on (seed 0's), not problems of its own."""
+    import torch
+
+    from lit_align.hf import load_model
+
+    # a few updates, twice per seed: the same weights; another seed: other weights
+    recipe = {**embedded.instruct_recipe(1), "steps": 3}
+    before = _rng_states()
+    a = embedded.build_base_checkpoint(tmp_path / "a", recipe)
+    assert _same_rng(before, _rng_states()), "the build leaves the caller's RNG streams alone (issue 22)"
+    b = embedded.build_base_checkpoint(tmp_path / "b", recipe)
+    c = embedded.build_base_checkpoint(tmp_path / "c", {**recipe, "seed": 2})
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wc[k]) for k in wa)
+    # the noisy targets are part of the recipe: without them the same seed trains other weights
+    plain = {**recipe, "answer_noise": 0.0, "carry_correct": 1.0}
+    plain = _weights(embedded.build_base_checkpoint(tmp_path / "plain", plain))
+    assert any(not torch.equal(wa[k], plain[k]) for k in wa)
+
+    # by name, through the cache (the test session's LIT_ALIGN_BASE_STEPS): one directory per seed, built once
+    zero = embedded.resolve_model_path("embedded-instruct")
+    assert zero == embedded.resolve_model_path("embedded-instruct-0") == embedded.ensure_instruct_checkpoint(0)
+    one = embedded.resolve_model_path("embedded-instruct-1")
+    assert len({zero, one, embedded.ensure_base_checkpoint()}) == 3 and one.startswith(str(embedded.cache_dir()))
+    assert any(not torch.equal(v, _weights(Path(one))[k]) for k, v in _weights(Path(zero)).items())
+    info = json.loads((Path(one) / "base_recipe.json").read_text())
+    assert info["recipe"] == embedded.instruct_recipe(1) and info["recipe"]["steps"] == embedded.base_steps()
+    monkeypatch.setattr(embedded, "build_base_checkpoint", lambda *a: pytest.fail("cached: must not rebuild"))
+    assert embedded.resolve_model_path("embedded-instruct-1") == one
+    monkeypatch.undo()
+    assert load_model("embedded-instruct-1").num_parameters() > 0
+
+    # seed 1's pre-training holds out seed 0's retention sets (those of data.retention_data: embedded)
+    pretrain = {p for p, _ in embedded.base_rows(embedded.instruct_recipe(1))}
+    for path in embedded.ensure_retention().values():
+        assert not ({r["prompt"] for r in _rows(path)} & pretrain)
+
+
 def test_noisy_pretraining_targets_are_near_misses():
     """The pre-training targets of a noisy recipe, drawn afresh each time a problem is drawn: a carrying addition
     is right with probability ``carry_correct`` and otherwise drops the carry (the expert's mistake); a carry-free
@@ -802,6 +844,16 @@ def test_bad_base_recipe_fields_are_named():
         embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "carry_correct": 0.5})
     with pytest.raises(ValueError, match="addition='all'"):
         embedded.ensure_base_checkpoint({**embedded.BASE_RECIPE, "addition": "all"})
+
+
+def test_bad_instruct_names_are_named():
+    with pytest.raises(ValueError, match="model_name_or_path='embedded-instruct-x'"):
+        embedded.resolve_model_path("embedded-instruct-x")
+    with pytest.raises(ValueError, match="model_name_or_path='embedded-instruct--1'"):
+        embedded.resolve_model_path("embedded-instruct--1")
+    assert embedded.resolve_model_path("embedded-instructions") == "embedded-instructions"  # not the name: as is
+    with pytest.raises(ValueError, match="embedded-instruct seed=-1"):
+        embedded.ensure_instruct_checkpoint(-1)
 
 
 def test_retention_sets_are_absent_from_every_training_stream(ckpt, task):

@@ -18,6 +18,13 @@ additions without a carry out of the ones digit (so RL on the addition task can 
 start, and the carries are what post-training has to teach). Each skill keeps a held-out set that no
 training stream (pre-training or post-training) contains: the retention sets, read as
 ``val/retention/<skill>``.
+
+``"embedded-instruct"`` (``"embedded-instruct-<seed>"``: one per seed) is a base checkpoint that samples like an
+instruct model (issue 25): the same mixture plus the carrying additions, answered right a quarter of the
+times they are drawn and with the carry dropped otherwise, and near misses on a fifth of the carry-free ones.
+Greedy, it drops the carry (the expert's mistake) and scores about as ``embedded-base`` does; sampled at
+temperature 1 it is right on a carry now and then (pass@8 well above pass@1), which is what GRPO works with
+(docs/results/base_checkpoint.md).
 """
 
 from __future__ import annotations
@@ -60,6 +67,16 @@ BASE_RECIPE = {
 #   "split_seed": seed of the retention sets (default: "seed"), so that bases with other seeds hold out the
 #       same problems as the retention sets the runs are scored on (ensure_retention: seed 0's).
 ADDITION_MIXES = ("no_ones_carry", "with_ones_carry")
+# "embedded-instruct" / "embedded-instruct-<seed>": the base checkpoint's mixture with noisy addition targets, so
+# that it samples like an instruct model (docs/results/base_checkpoint.md); one per seed, the splits seed 0's
+INSTRUCT_NAME = "embedded-instruct"
+INSTRUCT_RECIPE = {
+    **BASE_RECIPE,
+    "split_seed": 0,
+    "addition": "with_ones_carry",
+    "carry_correct": 0.25,
+    "answer_noise": 0.2,
+}
 CHARS = list("0123456789+-=")
 SPECIAL = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 
@@ -190,12 +207,33 @@ def ensure_checkpoint(name: str = EMBEDDED_NAME) -> str:
 
 def resolve_model_path(name_or_path: str) -> str:
     """``"embedded"`` -> the embedded (freshly initialised) checkpoint directory; ``"embedded-base"`` -> the
-    pre-trained multi-skill base checkpoint (built on first use, minutes); anything else is returned as is."""
+    pre-trained multi-skill base checkpoint; ``"embedded-instruct"`` / ``"embedded-instruct-<seed>"`` -> the
+    base checkpoint that samples like an instruct model, pre-trained from that seed (0 when none; both built on
+    first use, minutes); anything else is returned as is. Raises ValueError for ``"embedded-instruct-<x>"``
+    with ``x`` not an integer >= 0."""
     if name_or_path == EMBEDDED_NAME:
         return ensure_checkpoint()
     if name_or_path == BASE_NAME:
         return ensure_base_checkpoint()
+    seed = instruct_seed(name_or_path)
+    if seed is not None:
+        return ensure_instruct_checkpoint(seed)
     return name_or_path
+
+
+def instruct_seed(name: str) -> int | None:
+    """The seed of an ``"embedded-instruct[-<seed>]"`` name (0 without one); None for any other name. Raises
+    ValueError naming it when the suffix is not an integer >= 0 (``"embedded-instruct-a"``)."""
+    if name == INSTRUCT_NAME:
+        return 0
+    if not name.startswith(INSTRUCT_NAME + "-"):
+        return None
+    suffix = name.removeprefix(INSTRUCT_NAME + "-")
+    if not suffix.isdigit():
+        raise ValueError(
+            f"model_name_or_path={name!r}: {INSTRUCT_NAME!r} takes a seed, '{INSTRUCT_NAME}-<integer >= 0>'"
+        )
+    return int(suffix)
 
 
 # ----------------------------------------------------------------------------- data
@@ -363,7 +401,7 @@ def drawn_answer(prompt: str, answer: str, recipe: dict, rng: random.Random) -> 
 def near_miss(answer: str, rng: random.Random) -> str:
     """A near-miss of an addition's ``answer``: its tens digit one up or one down (``rng`` picks; one up where
     down would go below 0), the mistake of a carry taken or dropped wrongly: ``"57"`` -> ``"67"`` or ``"47"``,
-    ``"7"`` -> ``"17"``. Noisy targets of a base recipe (``answer_noise``)."""
+    ``"7"`` -> ``"17"``. Noisy targets of the :data:`INSTRUCT_NAME` recipe (``answer_noise``)."""
     value = int(answer)
     step = 10 if value < 10 or rng.random() < 0.5 else -10
     return str(value + step)
@@ -506,6 +544,20 @@ def ensure_base_checkpoint(recipe: dict | None = None) -> str:
     recipe = base_recipe() if recipe is None else recipe
     check_recipe(recipe)
     return str(_atomic_dir(cache_dir() / f"base-{base_key(recipe)}", lambda d: build_base_checkpoint(d, recipe)))
+
+
+def instruct_recipe(seed: int = 0) -> dict:
+    """INSTRUCT_RECIPE with ``seed`` (initialisation, batches, noisy targets) and the step count of
+    :func:`base_steps`; the retention sets and held-out splits stay seed 0's whatever the seed."""
+    return {**INSTRUCT_RECIPE, "steps": base_steps(), "seed": seed}
+
+
+def ensure_instruct_checkpoint(seed: int = 0) -> str:
+    """Path of the ``embedded-instruct`` checkpoint pre-trained from ``seed`` (:func:`instruct_recipe`), built on
+    first use into ``<cache>/base-<key>`` like :func:`ensure_base_checkpoint` (a key per recipe, so per seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{INSTRUCT_NAME} seed={seed!r} must be an integer >= 0")
+    return ensure_base_checkpoint(instruct_recipe(seed))
 
 
 def write_retention(directory: str | Path, num_retention: int, seed: int = 0) -> dict[str, str]:

@@ -138,7 +138,9 @@ class PolicyModule(L.LightningModule):
 
     Args:
         model_name_or_path: Hugging Face checkpoint directory, hub id, ``"embedded"`` (the tiny model, freshly
-            initialised) or ``"embedded-base"`` (the same, pre-trained on several skills; built on first use).
+            initialised), ``"embedded-base"`` (the same, pre-trained on several skills) or ``"embedded-instruct"``
+            / ``"embedded-instruct-<seed>"`` (pre-trained to sample like an instruct model, one per seed; both
+            built on first use).
         optimizer: policy optimizer (class path + init args in YAML); AdamW by default.
         warmup_steps: linear learning-rate warm-up, in policy updates.
         lr_decay: ``constant``, ``linear`` or ``cosine`` decay to ``min_lr_ratio`` x lr at max_steps.
