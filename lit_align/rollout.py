@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -50,6 +50,23 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def take(self, rows: torch.Tensor) -> Rollout:
+        """The rows ``rows`` (a LongTensor of row indices, in the order wanted) of this rollout: every per-row
+        field (tensors whose first dimension is the row count, the completion texts) cut, the rest kept."""
+        return Rollout(**{f.name: take_rows(getattr(self, f.name), rows, len(self.completions)) for f in fields(self)})
+
+
+def take_rows(value, rows: torch.Tensor, n: int):
+    """``value`` cut to ``rows`` where it has one entry per row (``n`` of them): a tensor whose first dimension is
+    ``n``, a list of ``n`` items, a :class:`Rollout` of ``n`` rows; anything else is returned as it is."""
+    if isinstance(value, Rollout):
+        return value.take(rows)
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
+        return value[rows.to(value.device)]
+    if isinstance(value, list) and len(value) == n:
+        return [value[i] for i in rows.tolist()]
+    return value
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_token_ids: list[int] | int | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import fields
 
 import torch
 
-from lit_align.rollout import Rollout
+from lit_align.rollout import Rollout, take_rows
 
 
 class RolloutBuffer:
@@ -89,7 +89,7 @@ class RolloutBuffer:
         else:
             rows = self.minibatch(n, position)
         rows = rows.to(cycle["advantages"].device)
-        return {k: _rows_of(v, rows, n) for k, v in cycle.items()}
+        return {k: take_rows(v, rows, n) for k, v in cycle.items()}
 
     def expert_rows(self, expert: dict, position: int) -> dict:
         """This update's mini-batch of the step's expert rows."""
@@ -115,17 +115,6 @@ class RolloutBuffer:
         state = dict(state)
         state["rollout"] = Rollout(**state["rollout"])
         self.cycle = state
-
-
-def _rows_of(value, rows: torch.Tensor, n: int):
-    """``value`` cut to ``rows`` where it has one entry per row (n of them): tensors, lists, Rollouts."""
-    if isinstance(value, Rollout):
-        return Rollout(**{f.name: _rows_of(getattr(value, f.name), rows, n) for f in fields(value)})
-    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n:
-        return value[rows]
-    if isinstance(value, list) and len(value) == n:
-        return [value[i] for i in rows.tolist()]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- merging ranks

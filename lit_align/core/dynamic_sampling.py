@@ -16,8 +16,6 @@ needs the sampler, the data stream and the ranks.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 
@@ -57,8 +55,7 @@ def take(r: dict, chosen: torch.Tensor, group_size: int) -> dict:
     of_row = new_id[gid]
     rows = torch.nonzero(of_row >= 0).squeeze(-1)
     rows = rows[torch.argsort(of_row[rows].cpu(), stable=True).to(rows.device)]  # group by group, as chosen
-    n = len(rollout.completions)
-    cut = _take_rows(rollout, rows, n)
+    cut = rollout.take(rows)
     if rollout.group_ids is not None:
         cut.group_ids = of_row[rows]
     return {
@@ -84,18 +81,6 @@ def cat(rounds: list[dict], group_size: int, pad_id: int) -> dict:
         "rewards": torch.cat([r["rewards"] for r in rounds]),
         "rows": {k: torch.cat([r["rows"][k] for r in rounds]) for k in rounds[0]["rows"]},
     }
-
-
-# ----------------------------------------------------------------------------- rows of a Rollout
-def _take_rows(rollout: Rollout, rows: torch.Tensor, n: int) -> Rollout:
-    def cut(v):
-        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
-            return v[rows.to(v.device)]
-        if isinstance(v, list) and len(v) == n:
-            return [v[i] for i in rows.tolist()]
-        return v
-
-    return Rollout(**{f.name: cut(getattr(rollout, f.name)) for f in fields(rollout)})
 
 
 def _pad(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:

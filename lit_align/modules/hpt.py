@@ -17,7 +17,6 @@ SuperRL (arXiv 2506.01096) is the same switch with c(x) = 1[max_i r_i > 0]: ``ga
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Literal
 
 import torch
@@ -294,7 +293,7 @@ class HPTModule(PolicyModule):
             rows = torch.nonzero(keep).squeeze(-1)
             if rows.numel() == 0:  # every prompt of this rank routed: one row at no weight, in step with the others
                 rows = torch.zeros(1, dtype=torch.long, device=keep.device)
-            rollout, adv, mask = _take(rollout, rows), adv[rows], mask[rows] * keep[rows].unsqueeze(-1)
+            rollout, adv, mask = rollout.take(rows), adv[rows], mask[rows] * keep[rows].unsqueeze(-1)
 
         def is_weights(rows: torch.Tensor, width: int):
             return self.sampler.importance_weights(rollout, rows, width)
@@ -327,17 +326,3 @@ class HPTModule(PolicyModule):
             return out
 
         return Term(term.name, term.weight, term.mask, weighted)
-
-
-def _take(rollout: Rollout, rows: torch.Tensor) -> Rollout:
-    """The rows ``rows`` of ``rollout`` (every per-row field cut; the rest kept)."""
-    n = len(rollout.completions)
-
-    def cut(v):
-        if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n:
-            return v[rows.to(v.device)]
-        if isinstance(v, list) and len(v) == n:
-            return [v[i] for i in rows.tolist()]
-        return v
-
-    return Rollout(**{f.name: cut(getattr(rollout, f.name)) for f in fields(rollout)})
