@@ -2,6 +2,7 @@
 rollout batch is refilled from the data module's refill stream; resume stays exact."""
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -272,7 +273,12 @@ def test_still_short_after_the_last_refill_trains_on_what_is_kept(tmp_path, ckpt
     torch.manual_seed(0)
     module = _grpo(ckpt, num_generations=2, max_resample_batches=0, steps_per_generation=2)
     data = _data(tmp_path, parity="both" if case == "short" else "even")
-    trainer, rec = _fit(module, data, 2, prompt_batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, rec = _fit(module, data, 2, prompt_batch_size=4)
+    said = [w for w in caught if "train/dynamic_sampling_filled 0" in str(w.message)]
+    # a rollout batch with no group kept trains on nothing: said once on the console, not when some are kept
+    assert len(said) == (1 if case == "nothing-kept" else 0)
     assert trainer.global_step == 2 and len(rec.batches) == 1 and not rec.refills
     out = rec.batches[0][1]
     first = rec.rounds[0]

@@ -396,6 +396,7 @@ class PolicyModule(L.LightningModule):
         self.reward_errors = 0
         self._consecutive_skips = 0
         self._warned_all_truncated = False
+        self._warned_nothing_kept = False  # dynamic sampling kept no group of a rollout batch: said once
         self._rng_to_restore: dict | None = None  # set by on_load_checkpoint, applied in on_train_start
         self.validated_at_step: int | None = None  # the policy update the latest val/* metrics were measured at
 
@@ -744,6 +745,16 @@ class PolicyModule(L.LightningModule):
         dropped = sum(len(d) for _, _, d in rounds)
         sampled = sum(len(k) + len(d) for _, k, d in rounds)
         s = self.ranks.sums([float(dropped), float(sampled), float(filled), float(B)])
+        if s[2] == 0 and not self._warned_nothing_kept:
+            self._warned_nothing_kept = True
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"model.dynamic_sampling: every group of this rollout batch and of its {extra} refill batch(es) had "
+                "equal rewards (train/dynamic_sampling_filled 0): the update trains on nothing (said once; the "
+                "metric is logged every update). The reward gives no signal on this data yet: raise "
+                "model.max_resample_batches, change the data or the reward, or warm the model up with SFT first."
+            )
         return final, {
             "dynamic_sampling_dropped": torch.tensor(s[0] / s[1] if s[1] else 0.0),
             "dynamic_sampling_batches": torch.tensor(float(extra)),
