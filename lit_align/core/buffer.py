@@ -129,7 +129,8 @@ def merge_states(
     ``mask``, a method's own) concatenated, (N, T) tensors right-padded with 0 to the widest; the rollout's
     prompts left-padded (``pad_token_id``, mask 0), its completions and per-token tensors right-padded
     (completion ids with ``pad_token_id``, the rest 0), ``group_ids`` offset past the previous ranks'
-    prompts. ``"minibatch"`` (N,) long: the mini-batch each row had on its own rank (of
+    prompts; ``"prompts"`` (the prompt batch of the cycle's groups) concatenated in rank order, as the group
+    ids are. ``"minibatch"`` (N,) long: the mini-batch each row had on its own rank (of
     ``steps_per_generation``), so update r trains on every source's mini-batch r (:meth:`RolloutBuffer.rollout_rows`).
     Scalars (``reward_mean``, a method's global decisions) must be equal on every rank and are kept;
     ``metrics`` are averaged, those named in ``summed`` (counts) summed, as logging over ranks does.
@@ -147,6 +148,10 @@ def merge_states(
             merged[key] = {name: _reduce([m[name] for m in values if name in m], name in summed) for name in values[0]}
         elif key == "minibatch":
             continue
+        elif key == "prompts" and isinstance(values[0], dict):  # the prompt batch of the cycle's groups
+            from lit_align.core.dynamic_sampling import cat_prompts
+
+            merged[key] = cat_prompts(values, [len(v["prompts"]) for v in values], pad_token_id)
         elif all(_per_row(v, n) for v, n in zip(values, ns)):
             merged[key] = _cat_rows(values) if torch.is_tensor(values[0]) else [x for v in values for x in v]
         elif all(_same(v, values[0]) for v in values):

@@ -76,7 +76,7 @@ def cat(rounds: list[dict], group_size: int, pad_id: int) -> dict:
     rollouts = [r["rollout"] for r in rounds]
     sizes = [len(r["prompts"]["prompts"]) for r in rounds]
     return {
-        "prompts": _cat_prompts([r["prompts"] for r in rounds], sizes, pad_id),
+        "prompts": cat_prompts([r["prompts"] for r in rounds], sizes, pad_id),
         "rollout": _cat_rollouts(rollouts, sizes, group_size, pad_id),
         "rewards": torch.cat([r["rewards"] for r in rounds]),
         "rows": {k: torch.cat([r["rows"][k] for r in rounds]) for k in rounds[0]["rows"]},
@@ -142,13 +142,17 @@ def _take_prompts(batch: dict, chosen: torch.Tensor, n: int) -> dict:
     return out
 
 
-def _cat_prompts(batches: list[dict], sizes: list[int], pad_id: int) -> dict:
+def cat_prompts(batches: list[dict], sizes: list[int], pad_id: int) -> dict:
+    """Prompt batches (``sizes[i]`` prompts in ``batches[i]``) one after another: per-prompt lists joined (a key
+    a batch lacks filled with None), per-prompt tensors joined with ``prompt_*`` left-padded (``*_ids`` with
+    ``pad_id``, the rest 0) and the others right-padded, nested dicts likewise; a value that is not per prompt
+    (the repeat index) is the first batch's. Rounds of dynamic sampling, and ranks' buffered batches merged."""
     out = {}
     for k in dict.fromkeys(k for b in batches for k in b):
         values = [b.get(k) for b in batches]
         v = next(x for x in values if x is not None)
         if isinstance(v, dict):
-            out[k] = _cat_prompts([x if x is not None else {} for x in values], sizes, pad_id)
+            out[k] = cat_prompts([x if x is not None else {} for x in values], sizes, pad_id)
         elif isinstance(v, list) and all(x is None or len(x) == n for x, n in zip(values, sizes)):
             out[k] = [y for x, n in zip(values, sizes) for y in (x if x is not None else [None] * n)]
         elif (
