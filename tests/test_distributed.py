@@ -307,6 +307,11 @@ def _worker(rank: int, port: int, ckpt: str, batches: dict, out: str, methods=ME
             if method == "prefix_rft":
                 results[f"{strategy}-prefix-generate-rank{rank}"] = _prefix_on_one_rank(module, rank)
     torch.save(results, Path(out) / f"rank{rank}.pt")
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # torn down before the process exits: gloo's threads then cannot abort it at exit
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # each rank's scores of one reward function, NaN where it does not apply: 2 and 3 rows apply
