@@ -143,7 +143,9 @@ def rl_term(
         on = m.to(torch.bool) if off is None else m.to(torch.bool) & ~off  # the sampled tokens that count
         ref_logp = policy.logprobs(rows_of, rows, s.temperature, reference=True).logp if s.beta > 0 else None
         w = is_weights(rows, width) if is_weights is not None else None
-        entropy = losses.entropy_from_logits(scored.logits.detach(), s.temperature)
+        # the entropy at the sampling temperature, once: with its graph when the bonus trains on it
+        entropy_graph = losses.entropy_from_logits(scored.logits, s.temperature) if bonus else None
+        entropy = entropy_graph.detach() if bonus else losses.entropy_from_logits(scored.logits.detach(), s.temperature)
         keep = losses.top_entropy_mask(entropy, on, s.top_entropy_quantile) if s.top_entropy_quantile < 1 else None
         values, metrics = losses.surrogate_per_token(
             scored.logp,
@@ -177,7 +179,7 @@ def rl_term(
             metrics["off_policy_weight_mean"] = (more_metrics["off_policy_weight"], off)
         token_mean = None
         if bonus:  # TRL's entropy bonus: - coef x the token-mean entropy, here over the term's tokens, sampled ones
-            token_mean = -s.entropy_coef * losses.entropy_from_logits(scored.logits, s.temperature) * on
+            token_mean = -s.entropy_coef * entropy_graph * on
         more = None if extra is None else extra(scored.logits, m)
         return TermOutput(values, m, metrics, more, token_mean)
 
