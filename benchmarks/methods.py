@@ -242,7 +242,9 @@ def collect(method: str, seed: int, save_dir: Path, wall: float, budget: int, sw
         "wall_s": wall,
         "accuracy_curve": acc,
         "mu_curve": s.get("train/mu", []),
-        "steps": s["train/loss"][-1][0] + 1 if s.get("train/loss") else 0,  # logged every n updates
+        # updates done: the last step anything was logged at (train/* every log_every_n_steps updates, val/*
+        # after update k at step k - 1)
+        "steps": max((v[-1][0] + 1 for k, v in s.items() if v and k.startswith(("train/", "val/"))), default=0),
         # AMFT: dV/dmu of each meta step that fell on a logging step (log_every_n_steps; Lightning
         # repeats the latest value until the next meta step: deduplicated)
         "meta_grads": [

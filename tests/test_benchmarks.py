@@ -153,33 +153,48 @@ def test_compare_trl_quick_measures_both_length_modes(tmp_path):
 
 
 def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
-    """--quick (CI): two methods from the base checkpoint, every axis in the table and in methods.json."""
+    """--quick (CI): all ten methods from the instruct-like base, every axis in the table and in methods.json,
+    SFT-then-GRPO at three switch points with the best one chosen."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/methods.py", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "methods.md").read_text()
-    assert "| sft |" in table and "| chord_phi |" in table and "1 torch thread" in table
-    assert "starts from the multi-skill base checkpoint" in table and "| start checkpoint |" in table
+    methods = ["sft", "grpo", "sft_then_grpo", "chord_mu", "chord_phi", "amft", "luffy", "srft", "hpt", "prefix_rft"]
+    for m in methods:
+        assert f"\n| {m} |" in table, m
+    assert "1 torch thread" in table and "whole benchmark" in table
+    assert "starts from the instruct-like base checkpoint of each seed" in table and "| start checkpoint |" in table
     header = table.split("| method |", 1)[1].split("\n", 1)[0]
-    for column in (
+    columns = [
         "val/accuracy @25%",
         "val/accuracy @50%",
         "val/accuracy @100%",
-        "val/retention/subtraction",
-        "drop subtraction",
         "val/retention/reversal",
         "drop reversal",
+        "val/retention/subtraction",
+        "drop subtraction",
         "val/expert_nll_correct",
-    ):
+        "val/pass@1",
+        "val/pass@16",
+    ]
+    for column in columns:
         assert f" {column} |" in header, column
-    start = json.loads((tmp_path / "start.json").read_text())
-    assert {"val/accuracy", "val/retention/subtraction", "val/retention/reversal"} <= set(start)
+    # every method's row has a number in every column (no run left a column empty)
+    for m in methods:
+        row = table.split(f"\n| {m} |", 1)[1].split("\n", 1)[0]
+        cells = [c.strip() for c in row.split("|")[:-1]]
+        assert len(cells) == len(columns) + 1 and all(c and c != "nan" for c in cells), (m, cells)
+    start = json.loads((tmp_path / "start.json").read_text())  # one start checkpoint per seed
+    assert set(start) == {"0"}
+    assert {"val/accuracy", "val/retention/subtraction", "val/retention/reversal", "val/pass@1", "val/pass@16"} <= set(
+        start["0"]
+    )
     runs = json.loads((tmp_path / "methods.json").read_text())
-    assert {r["method"] for r in runs} == {"sft", "chord_phi"} and all(r["steps"] == 8 for r in runs)
+    assert sorted(r["method"] for r in runs) == sorted(methods) and all(r["steps"] == 8 for r in runs)
     for r in runs:  # validation after updates 2, 4, 6, 8: the 25 / 50 / 100% points are read, not missing
         assert [s for s, _ in r["accuracy_curve"]] == [1, 3, 5, 7]
         assert r["accuracy_at"] == {
@@ -189,15 +204,72 @@ def test_methods_quick_writes_the_table_and_the_plot(tmp_path):
         }
         assert set(r["final_retention"]) == {"subtraction", "reversal"}
         assert all(0 <= v <= 1 for v in r["final_retention"].values())
+        assert set(r["final_pass"]) == {"1", "16"} and r["final_pass"]["1"] <= r["final_pass"]["16"]
+    switch = json.loads((tmp_path / "switch.json").read_text())
+    assert sorted(r["switch"] for r in switch) == [0.125, 0.25, 0.5]
+    chosen = [r for r in runs if r["method"] == "sft_then_grpo"]
+    assert len(chosen) == 1 and chosen[0]["switch"] in (0.125, 0.25, 0.5)
+    assert chosen[0]["final_accuracy"] == max(r["final_accuracy"] for r in switch)
+    assert "SFT-then-GRPO's switch point, tried on seed 0" in table and table.count("| yes |") == 1
+    for share in ("0.125", "0.25", "0.5"):  # one run directory per switch point (sft_steps 1, 2, 4 of 8)
+        assert (tmp_path / "runs" / f"sft_then_grpo-switch{share}-seed0").is_dir()
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_methods_flags_pairs_more_than_two_seed_stds_apart():
+def _methods_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("methods", ROOT / "benchmarks" / "methods.py")
     methods = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(methods)
+    return methods
+
+
+def test_methods_chooses_the_switch_point_and_measures_drops_per_seed():
+    methods = _methods_module()
+
+    def run(seed, switch, acc, ret, method="sft_then_grpo"):
+        return {
+            "method": method,
+            "seed": seed,
+            "switch": switch,
+            "final_accuracy": acc,
+            "accuracy_at": {"25%": acc, "50%": acc, "100%": acc},
+            "final_retention": {"sub": ret},
+            "final_pass": {"1": acc, "16": 1.0},
+            "final_expert_nll_correct": 0.1,
+            "wall_s": 1.0,
+            "meta_grads": [],
+        }
+
+    cands = [run(0, 0.125, 0.80, 0.9), run(0, 0.25, 0.85, 0.5), run(0, 0.5, 0.85, 0.7)]
+    # best final accuracy; of the two at 0.85, the higher retention
+    assert methods.choose_switch(cands)["switch"] == 0.5
+    runs = [*cands, run(1, 0.5, 0.8, 0.6), run(1, 0.25, 0.9, 0.6), run(0, None, 0.7, 0.8, "grpo")]
+    table, tried = methods.split_switch(runs, tuning_seed=0)
+    assert tried == cands
+    assert [(r["method"], r["seed"], r["switch"]) for r in table] == [
+        ("sft_then_grpo", 0, 0.5),
+        ("sft_then_grpo", 1, 0.5),
+        ("grpo", 0, None),
+    ]
+    # each run's drop is against its own seed's start checkpoint (JSON keys: strings)
+    drop = methods.axes(table, {"0": {"val/retention/sub": 1.0}, "1": {"val/retention/sub": 0.9}})["drop sub"]
+    assert [round(drop(r), 6) for r in table] == [0.3, 0.3, 0.2]
+    text = methods.summarise(
+        table,
+        ["sft_then_grpo", "grpo"],
+        {0: {"val/retention/sub": 1.0, "val/accuracy": 0.5}, 1: {"val/retention/sub": 0.9, "val/accuracy": 0.7}},
+    )
+    assert "| start checkpoint | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.950 ± 0.071 |" in text
+    assert " val/pass@1 | val/pass@16 | wall time (s) |" in text
+    switch = methods.switch_table(cands, 400)
+    assert "| 200 (0.5) | 0.850 | 0.850 | 0.850 | 0.700 | 0.850 | 1.000 | yes |" in switch
+    assert switch.count("yes") == 1
+
+
+def test_methods_flags_pairs_more_than_two_seed_stds_apart():
+    methods = _methods_module()
 
     def run(m, acc, ret):
         return {
