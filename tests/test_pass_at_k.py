@@ -83,6 +83,19 @@ def test_undefined_pass_at_k_settings_stop_the_run_at_start_up(flags, match, tmp
     assert not list(tmp_path.rglob("*.ckpt")), "nothing trained"
 
 
+@pytest.mark.parametrize("flag,expected", [("4", [4]), ("[4]", [4]), ("0", None)])
+def test_a_single_k_on_the_command_line_is_a_list_of_one(flag, expected, tmp_path):
+    """--model.init_args.pass_at_k=4 means [4] (jsonargparse refused it with its raw type error); 0 is out of
+    range and named as such."""
+    args = ["--config", "configs/sft.yaml", f"--model.init_args.pass_at_k={flag}"]
+    if expected is None:
+        with pytest.raises(ValueError, match=r"model.pass_at_k=\[0\] is out of range"):
+            main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+        return
+    cli = main(args, run=False)
+    assert cli.model.hparams.pass_at_k == expected and cli.model.heldout.pass_at_k_values == expected
+
+
 def test_pass_at_k_is_the_estimator_over_n_samples_per_prompt_judged_like_accuracy(tmp_path):
     """validate with pass@{1,2,4} from n = 4 samples: the reward sees each prompt's 4 samples in consecutive rows,
     they are sampled (not 4 copies of the greedy answer), and each logged pass@k is the mean over the problems of

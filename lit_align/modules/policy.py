@@ -261,7 +261,7 @@ class PolicyModule(L.LightningModule):
             sampler_logp), vllm_importance_sampling_cap), TRL's truncated importance-sampling correction for
             the engine's numerics; off by default (the trainer's old_logp alone defines the ratio).
         vllm_importance_sampling_cap: the truncation of those weights (TRL's name, default 3.0).
-        pass_at_k: log ``val/pass@k`` for these k (e.g. ``[1, 4, 16]``): the unbiased estimator of Chen et
+        pass_at_k: log ``val/pass@k`` for these k (e.g. ``[1, 4, 16]``; one int: that k alone): the unbiased estimator of Chen et
             al. 2021 (arXiv 2107.03374) from ``pass_at_k_samples`` answers per held-out prompt, sampled with
             the training sampler's settings and judged by val/accuracy's rule, averaged over problems
             (:func:`lit_align.core.heldout.pass_at_k`). Null (default): off, no extra sampling. TRL has no
@@ -334,10 +334,12 @@ class PolicyModule(L.LightningModule):
         vllm_enable_sleep_mode: bool = False,
         vllm_importance_sampling_correction: bool = False,
         vllm_importance_sampling_cap: float = 3.0,
-        pass_at_k: list[int] | None = None,
+        pass_at_k: list[int] | int | None = None,
         pass_at_k_samples: int | None = None,
     ):
         super().__init__()
+        if isinstance(pass_at_k, int) and not isinstance(pass_at_k, bool):
+            pass_at_k = [pass_at_k]  # pass_at_k=4: one k (saved in the hyper-parameters as [4])
         S.check(PolicyModule.__init__, locals(), RULES)
         _check_objective_reads(locals())
         if delta is not None and delta <= 1.0 + epsilon_high:
@@ -367,6 +369,7 @@ class PolicyModule(L.LightningModule):
 
             raise ImportError(f"model.rollout_engine=vllm needs vLLM, which is not installed: {INSTALL}")
         self.save_hyperparameters(ignore=list(self.NOT_HPARAMS))
+        self.hparams.pass_at_k = pass_at_k  # a subclass's frame holds the value as given (4, not [4])
         self.automatic_optimization = False
         self.optimizer_factory = optimizer
         self.reward = reward if reward is not None else ExactAnswerReward()
