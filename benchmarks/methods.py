@@ -1,20 +1,26 @@
-"""Method comparison on the embedded task: same policy-update budget, same seeds, three axes.
+"""Method comparison on the embedded task: same policy-update budget, same seeds, the same axes for every method.
 
-    python benchmarks/methods.py --seeds 0 1 2 --steps 400 --val-every 100 --out benchmarks/results/methods
-    python benchmarks/methods.py --quick          # smoke test: 2 methods, a few steps
+    python benchmarks/methods.py --seeds 0 1 2 --steps 400 --jobs 2 --out benchmarks/results/methods
+    python benchmarks/methods.py --quick          # smoke test: every method, a few steps
 
-Every run starts from the multi-skill base checkpoint (``--start base``, the default: the embedded
-model pre-trained on subtraction, digit reversal and carry-free addition, built and cached on first
-use) or from the freshly initialised model (``--start scratch``). Each run is
-``train.py fit --config configs/<method>.yaml`` in its own process; the numbers are read back from its
-TensorBoard event file, and the starting checkpoint is measured once with ``train.py validate``.
-Axes, per method (mean +- std over seeds): in-domain accuracy (val/accuracy) after 25%, 50% and 100%
-of the update budget; retention (val/retention/<skill>, greedy accuracy on held-out problems of the
-skills the post-training data never shows) and its drop from the starting checkpoint; the held-out
-expert NLL on the demonstrations the reward accepts (val/expert_nll_correct).
-Writes ``<out>/methods.md`` (the tables, and the pairs of methods that differ by more than two seed
-standard deviations on an axis), ``<out>/methods.json`` (every run) and, when matplotlib is present,
-``<out>/curves.png`` (the three axes and train/mu).
+Ten methods (``--methods``): SFT, GRPO, SFT-then-GRPO, CHORD-mu, CHORD-phi, AMFT, LUFFY, SRFT, HPT and
+Prefix-RFT (``amft_reward``, AMFT with the paper's meta-objective, on request). Every run of seed s starts from
+``embedded-instruct-<s>`` (``--start instruct``, the default: the multi-skill base pre-trained to sample like an
+instruct model, one per seed, built and cached on first use), from the over-confident ``embedded-base``
+(``--start base``) or from the freshly initialised model (``--start scratch``). Each run is
+``train.py fit --config configs/<method>.yaml`` in its own process with the same peak lr; the numbers are read
+back from its TensorBoard event file, and each starting checkpoint is measured once with ``train.py validate``.
+SFT-then-GRPO runs each ``--switch-points`` share of the budget as its SFT stage on the first seed; the best
+final val/accuracy is the switch point of the other seeds (the sequential baseline, tuned).
+Axes, per method (mean +- std over seeds): in-domain accuracy (val/accuracy) after 25%, 50% and 100% of the
+update budget; retention (val/retention/<skill>, greedy accuracy on held-out problems of the skills the
+post-training data never shows) and its drop from the run's starting checkpoint; the held-out expert NLL on the
+demonstrations the reward accepts (val/expert_nll_correct); val/pass@1 and val/pass@16 (``--pass-at-k``: the
+unbiased estimator from 16 samples per held-out problem at temperature 1).
+Writes ``<out>/methods.md`` (the tables, the switch points tried, and the pairs of methods that differ by more
+than two seed standard deviations on an axis), ``<out>/methods.json`` (every run in the table),
+``<out>/switch.json`` (SFT-then-GRPO's candidates), ``<out>/start.json`` (each seed's starting checkpoint) and,
+when matplotlib is present, ``<out>/curves.png`` (every method on every axis, and train/mu).
 """
 
 from __future__ import annotations
@@ -606,10 +612,11 @@ def main() -> None:
     )
     p.add_argument(
         "--pass-at-k",
-        nargs="+",
+        nargs="*",
         type=int,
         default=list(PASS_AT_K),
-        help="the k of val/pass@k (n = the largest k samples per held-out problem, at the sampling temperature)",
+        help="the k of val/pass@k (n = the largest k samples per held-out problem, at the sampling temperature); "
+        "none: no pass@k",
     )
     p.add_argument(
         "--expert-error-rate",
