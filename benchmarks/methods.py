@@ -45,6 +45,10 @@ from lit_align.events import read_scalars  # noqa: E402
 BUDGET_POINTS = (25, 50, 100)  # per cent of the update budget at which val/accuracy is reported
 PASS_AT_K = (1, 16)  # val/pass@k reported per method (model.pass_at_k; n = 16 samples per held-out problem)
 BASE_LR = 3e-4  # from a base checkpoint (instruct or base), every method's peak lr (docs/results/methods.md)
+# ... and every method's lr schedule: GRPO's config holds its lr constant and Prefix-RFT's warms up for 20
+# updates; with one schedule for all, GRPO from embedded-instruct ended at 0.984 / 0.984 on seeds 0 / 1
+# instead of 0.966 / 0.900 and forgot less (docs/results/methods.md, the control)
+BASE_SCHEDULE = ["--model.init_args.warmup_steps=50", "--model.init_args.lr_decay=cosine"]
 DEFAULT_ERROR_RATE = 0.40  # the expert's systematic-error class (data.expert_error_rate; README, Results)
 METHODS = [
     "sft",
@@ -116,7 +120,8 @@ def model_name(start: str, seed: int) -> str:
 
 def start_args(start: str, error_rate: float, seed: int = 0, pass_at_k: tuple[int, ...] = PASS_AT_K) -> list[str]:
     """train.py arguments every run of ``seed`` (and its starting checkpoint's evaluation) gets; from a base
-    checkpoint every method's peak learning rate is BASE_LR."""
+    checkpoint every method has the same peak learning rate (BASE_LR) and schedule (BASE_SCHEDULE: 50 warm-up
+    updates, cosine decay to 0.1 x lr)."""
     args = [
         f"--model.init_args.model_name_or_path={model_name(start, seed)}",
         f"--data.init_args.expert_error_rate={error_rate}",
@@ -124,7 +129,9 @@ def start_args(start: str, error_rate: float, seed: int = 0, pass_at_k: tuple[in
     ]
     if pass_at_k:
         args.append(f"--model.init_args.pass_at_k=[{','.join(str(k) for k in pass_at_k)}]")
-    return args + ([f"--model.init_args.optimizer.init_args.lr={BASE_LR}"] if start != "scratch" else [])
+    if start != "scratch":
+        args += [f"--model.init_args.optimizer.init_args.lr={BASE_LR}", *BASE_SCHEDULE]
+    return args
 
 
 def evaluate_start(
