@@ -613,7 +613,8 @@ def main() -> None:
         nargs="+",
         type=float,
         default=None,
-        help="SFT-then-GRPO's SFT stage as shares of --steps, each tried on the first seed; the one with the best "
+        help="SFT-then-GRPO's SFT stage as shares of --steps (each a distinct number of SFT updates, at least one), "
+        "each tried on the first seed; the one with the best "
         f"final val/accuracy runs on the other seeds (default: {' '.join(f'{s:g}' for s in SWITCH_POINTS)}; "
         f"--start scratch: {SWITCH_POINTS_SCRATCH[0]:.3g})",
     )
@@ -666,6 +667,18 @@ def main() -> None:
         a.switch_points = list(SWITCH_POINTS_SCRATCH if a.start == "scratch" else SWITCH_POINTS)
     if any(not 0.0 < s < 1.0 for s in a.switch_points):
         p.error(f"--switch-points={a.switch_points}: each must lie in (0, 1), a share of --steps")
+    sft_updates = [int(a.steps * s) for s in a.switch_points]
+    if (
+        "sft_then_grpo" in a.methods
+        and not a.from_runs
+        and (min(sft_updates) < 1 or len(set(sft_updates)) < len(sft_updates))
+    ):
+        # each point is a run of its own directory: a repeat would run twice into one (and read back merged),
+        # and 0 SFT updates is plain GRPO under SFT-then-GRPO's name
+        p.error(
+            f"--switch-points={a.switch_points} give {sft_updates} SFT updates of --steps {a.steps}: each must give "
+            "at least one, and no two the same"
+        )
     if any(k < 1 for k in a.pass_at_k):
         p.error(f"--pass-at-k={a.pass_at_k}: each k must be an integer >= 1")
     pass_at_k = tuple(sorted(set(a.pass_at_k)))

@@ -225,6 +225,26 @@ def _methods_module():
     return methods
 
 
+@pytest.mark.parametrize(
+    "switch_points",
+    [["0.25", "0.25"], ["0.25", "0.3"], ["0.1"]],  # the same SFT stage twice (8 updates: 2 and 2), or none (0)
+)
+def test_methods_rejects_switch_points_that_repeat_or_give_no_sft_update(tmp_path, switch_points):
+    """Each switch point is one SFT-then-GRPO run into its own directory: a repeated one ran twice into the
+    same directory (its event files then read back merged, a row per copy), and one under 1 / --steps ran
+    0 SFT updates, plain GRPO under SFT-then-GRPO's name. Refused before any training."""
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/methods.py", "--quick", "--methods", "sft_then_grpo", "--out", str(tmp_path)]
+        + ["--switch-points", *switch_points],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--switch-points" in proc.stderr and "SFT updates" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_methods_chooses_the_switch_point_and_measures_drops_per_seed():
     methods = _methods_module()
 
