@@ -414,8 +414,8 @@ def switch_table(candidates: list[dict], budget: int) -> str:
         "| SFT updates (share of the budget) | "
         + " | ".join(f"val/accuracy @{q}%" for q in BUDGET_POINTS)
         + " | mean retention | "
-        + " | ".join(f"val/pass@{k}" for k in sorted(int(k) for k in chosen.get("final_pass", {})))
-        + " | chosen |",
+        + "".join(f"val/pass@{k} | " for k in sorted(int(k) for k in chosen.get("final_pass", {})))
+        + "chosen |",
     ]
     lines.append("|---" * (len(BUDGET_POINTS) + len(chosen.get("final_pass", {})) + 3) + "|")
     for r in sorted(candidates, key=lambda r: r["switch"]):

@@ -288,6 +288,29 @@ def test_methods_chooses_the_switch_point_and_measures_drops_per_seed():
     assert switch.count("yes") == 1
 
 
+@pytest.mark.parametrize("ks", [[], ["1", "16"]])
+def test_methods_switch_table_has_one_cell_per_column_with_or_without_pass_at_k(ks):
+    """--pass-at-k with no k logs no val/pass@k: the switch table's header then had an empty cell more than
+    its delimiter row, which Markdown does not render as a table."""
+    methods = _methods_module()
+    cands = [
+        {
+            "method": "sft_then_grpo",
+            "seed": 0,
+            "switch": switch,
+            "final_accuracy": acc,
+            "accuracy_at": {"25%": acc, "50%": acc, "100%": acc},
+            "final_retention": {"sub": 0.5},
+            "final_pass": {k: acc for k in ks},
+        }
+        for switch, acc in ((0.25, 0.5), (0.5, 0.7))
+    ]
+    rows = [line for line in methods.switch_table(cands, 8).splitlines() if line.startswith("|")]
+    assert len(rows) == 4
+    assert {line.count("|") for line in rows} == {len(ks) + 7}, rows
+    assert all("|  |" not in line for line in rows[:2]), rows
+
+
 def test_methods_flags_pairs_more_than_two_seed_stds_apart():
     methods = _methods_module()
 
