@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import date
 from pathlib import Path
 
@@ -110,6 +112,48 @@ STARTS = {
 }
 
 
+class Children:
+    """The ``train.py`` processes the benchmark has running, so that a failed run or a stop (SIGTERM, Ctrl-C)
+    ends the others at once instead of after every queued run."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
+
+    def run(self, args: list[str], env: dict) -> tuple[int, str]:
+        """Run ``args`` in the repository root; (return code, stderr). Raises RuntimeError once stopped."""
+        with self.lock:
+            if self.stopped:
+                raise RuntimeError("the benchmark is stopping: run not started")
+            proc = subprocess.Popen(
+                args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            self.running.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            with self.lock:
+                self.running.discard(proc)
+        return proc.returncode, stderr
+
+    def stop(self) -> None:
+        """Start no more runs and end the running ones (SIGTERM, then SIGKILL after 10 s)."""
+        with self.lock:
+            self.stopped = True
+            procs = list(self.running)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+CHILDREN = Children()
+
+
 def model_name(start: str, seed: int) -> str:
     """The checkpoint a run of ``seed`` starts from: ``embedded-instruct-<seed>`` (one per seed),
     ``embedded-base`` or ``embedded`` (one for every seed)."""
@@ -160,9 +204,9 @@ def evaluate_start(
         *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"validating {model_name(start, seed)} failed:\n{proc.stderr[-3000:]}")
+    code, stderr = CHILDREN.run(args, env)
+    if code != 0:
+        raise RuntimeError(f"validating {model_name(start, seed)} failed:\n{stderr[-3000:]}")
     return {k: v[-1][1] for k, v in read_scalars(save_dir).items() if k.startswith("val/")}
 
 
@@ -214,10 +258,10 @@ def run_one(
         args.append(f"--model.init_args.{name}={max(int(steps * share), 1 if name == 'prefix_steps' else 0)}")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     began = time.perf_counter()
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env)
+    code, stderr = CHILDREN.run(args, env)
     wall = time.perf_counter() - began
-    if proc.returncode != 0:
-        raise RuntimeError(f"{save_dir.name} failed:\n{proc.stderr[-3000:]}")
+    if code != 0:
+        raise RuntimeError(f"{save_dir.name} failed:\n{stderr[-3000:]}")
     return collect(method, seed, save_dir, wall, steps, switch)
 
 
@@ -589,11 +633,41 @@ def plot(runs: list[dict], methods: list[str], path: Path, start: dict | None = 
     return True
 
 
+def results(required: list[Future], submitted: list[Future]) -> list:
+    """The results of ``required`` once they are done; raises the first exception of any ``submitted``
+    future as soon as it is known (a failed run stops the benchmark without waiting for the queue)."""
+    while True:
+        for f in submitted:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        pending = [f for f in required if not f.done()]
+        if not pending:
+            return [f.result() for f in required]
+        wait(pending + [f for f in submitted if not f.done()], timeout=5, return_when=FIRST_COMPLETED)
+
+
+def planned_dirs(out: Path, a: argparse.Namespace) -> list[Path]:
+    """The run directories an invocation will write (SFT-then-GRPO's other seeds: any switch point)."""
+    seeds = a.seeds if a.start == "instruct" else a.seeds[:1]
+    dirs = [out / "runs" / (f"start-{a.start}-seed{s}" if a.start == "instruct" else f"start-{a.start}") for s in seeds]
+    for seed in a.seeds:
+        for m in a.methods:
+            if m != "sft_then_grpo":
+                dirs.append(run_dir(out, m, seed))
+            elif seed == a.seeds[0]:
+                dirs += [run_dir(out, m, seed, share) for share in a.switch_points]
+            else:
+                dirs += sorted((out / "runs").glob(f"{m}-switch*-seed{seed}")) or [run_dir(out, m, seed, 0.5)]
+    return dirs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=400, help="policy updates per run (a multiple of 4)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="policy updates per run, a multiple of 4 (default 400; --quick: 8)"
+    )
     p.add_argument(
         "--val-every",
         type=int,
@@ -645,8 +719,10 @@ def main() -> None:
         "--from-runs", action="store_true", help="train nothing: summarise the finished runs already under --out"
     )
     a, extra = p.parse_known_args()  # anything else is passed to every train.py run
-    if a.quick:
-        a.seeds, a.steps, a.val_every = [0], 8, 2
+    if a.quick:  # what --seeds, --steps and --val-every do not say
+        a.seeds = a.seeds or [0]
+        a.val_every = a.val_every or (2 if a.steps is None else None)
+        a.steps = a.steps or 8
         extra += [
             "--trainer.limit_val_batches=1",
             "--data.init_args.expert_batch_size=8",
@@ -655,6 +731,8 @@ def main() -> None:
             "--data.init_args.meta_batch_size=8",  # AMFT's held-out batch (the other modules ignore it)
         ]
         os.environ.setdefault(embedded.BASE_STEPS_ENV, "20")
+    a.seeds = a.seeds if a.seeds is not None else [0, 1, 2]
+    a.steps = a.steps if a.steps is not None else 400
     if a.steps < 4 or a.steps % 4:
         p.error(f"--steps={a.steps} must be a positive multiple of 4 (accuracy is reported at 25%, 50% and 100%)")
     # default: the largest divisor of steps / 4 that gives at least 8 validations
@@ -682,6 +760,14 @@ def main() -> None:
     if any(k < 1 for k in a.pass_at_k):
         p.error(f"--pass-at-k={a.pass_at_k}: each k must be an integer >= 1")
     pass_at_k = tuple(sorted(set(a.pass_at_k)))
+    if not a.from_runs:
+        # a run directory that exists would get a second version, read back merged with the first
+        taken = [d for d in planned_dirs(a.out, a) if d.exists()]
+        if taken:
+            p.error(
+                f"--out {a.out} already holds {len(taken)} of this invocation's run directories ({taken[0]}, ...): "
+                "give another --out, remove them, or summarise them with --from-runs"
+            )
     a.out.mkdir(parents=True, exist_ok=True)
 
     def one(seed: int, m: str, switch: float | None = None) -> dict:
@@ -702,26 +788,49 @@ def main() -> None:
     start_file = a.out / "start.json"
     if a.from_runs:
         runs = finished_runs(a.out, a.methods, a.seeds, a.steps)
+        if not runs:
+            p.error(f"--from-runs: no run under {a.out / 'runs'} reached --steps {a.steps} (give the --steps it ran)")
         a.seeds = sorted({r["seed"] for r in runs})
         start = json.loads(start_file.read_text()) if start_file.exists() else {}
     else:
-        with ThreadPoolExecutor(a.jobs) as pool:
+
+        def stop_on_signal(signum, frame):  # SIGTERM: end the running train.py processes too
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop_on_signal)
+        pool = ThreadPoolExecutor(a.jobs)
+        submitted: list[Future] = []
+        try:
             # the starting checkpoints first (a base checkpoint is built on first use, one per seed for instruct)
             seeds = a.seeds if a.start == "instruct" else a.seeds[:1]
-            futures = {
-                s: pool.submit(evaluate_start, a.start, a.expert_error_rate, a.out, extra, a.threads, s, pass_at_k)
+            futures = [
+                pool.submit(evaluate_start, a.start, a.expert_error_rate, a.out, extra, a.threads, s, pass_at_k)
                 for s in seeds
-            }
-            start = {s: f.result() for s, f in futures.items()} if a.start == "instruct" else futures[seeds[0]].result()
+            ]
+            submitted += futures
+            values = results(futures, submitted)
+            start = dict(zip(seeds, values)) if a.start == "instruct" else values[0]
             start_file.write_text(json.dumps(start, indent=1))
             # SFT-then-GRPO's switch points on the first seed go first, so that its other seeds can follow
             tuning = "sft_then_grpo" in a.methods
             candidates = [pool.submit(one, a.seeds[0], "sft_then_grpo", s) for s in a.switch_points] if tuning else []
             rest = [pool.submit(one, s, m) for s in a.seeds for m in a.methods if m != "sft_then_grpo"]
+            submitted += candidates + rest
             if tuning:
-                chosen = choose_switch([f.result() for f in candidates])["switch"]
+                chosen = choose_switch(results(candidates, submitted))["switch"]
                 rest += [pool.submit(one, s, "sft_then_grpo", chosen) for s in a.seeds[1:]]
-            runs = [f.result() for f in candidates + rest]
+                submitted += rest[-len(a.seeds[1:]) :] if a.seeds[1:] else []
+            runs = results(candidates + rest, submitted)
+        except BaseException:
+            CHILDREN.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            print(
+                f"stopped: the runs that finished are under {a.out / 'runs'}; `--from-runs` summarises those that "
+                "reached --steps",
+                file=sys.stderr,
+            )
+            raise
+        pool.shutdown()
     total = time.perf_counter() - start_time
     runs, candidates = split_switch(runs, a.seeds[0])
     order = {m: i for i, m in enumerate(a.methods)}

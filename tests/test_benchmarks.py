@@ -245,6 +245,70 @@ def test_methods_rejects_switch_points_that_repeat_or_give_no_sft_update(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def _methods(tmp_path, *flags, timeout=180):
+    return subprocess.run(
+        [sys.executable, "benchmarks/methods.py", "--quick", "--out", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_methods_refuses_an_out_that_holds_its_runs_and_from_runs_without_any(tmp_path):
+    """A second invocation into the same --out wrote a second version into each run directory, read back merged
+    with the first (old pass@k columns beside new ones): refused before any work. --from-runs where no run
+    reached --steps names the folder instead of an IndexError."""
+    (tmp_path / "runs" / "grpo-seed0" / "grpo" / "version_0").mkdir(parents=True)
+    proc = _methods(tmp_path, "--methods", "grpo")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "already holds 1 of this invocation's run directories" in proc.stderr and "grpo-seed0" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["grpo-seed0"], "nothing else written"
+    proc = _methods(tmp_path, "--methods", "grpo", "--from-runs")
+    assert proc.returncode == 2 and "no run under" in proc.stderr and "reached --steps 8" in proc.stderr
+
+
+def test_methods_stops_at_the_first_failed_run(tmp_path):
+    """A run that fails stops the benchmark at once, naming the run and train.py's error: the queued runs are not
+    started (they ran to the end before the error was shown)."""
+    proc = _methods(tmp_path, "--methods", "grpo", "sft", "--jobs", "1", "--model.init_args.num_generations=1")
+    assert proc.returncode != 0
+    assert "grpo-seed0 failed" in proc.stderr and "num_generations=1" in proc.stderr, proc.stderr[-2000:]
+    assert "`--from-runs` summarises" in proc.stderr
+    assert not (tmp_path / "runs" / "sft-seed0").exists(), "the queued run was not started"
+
+
+def test_methods_sigterm_ends_its_train_py_processes(tmp_path):
+    """SIGTERM to the benchmark ended it alone: its train.py processes ran on to the end, orphaned."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "benchmarks/methods.py", "--quick", "--methods", "sft", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children: list[int] = []
+    deadline = time.monotonic() + 60
+    while not children and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        children = [int(pid) for pid in found]
+    assert children, "the benchmark started no train.py process"
+    time.sleep(1.0)  # the child is running (importing torch), not only forked
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "stopped: the runs that finished" in stderr, stderr[-2000:]
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}/status").exists() else ""
+        assert "zombie" in status, f"train.py process {pid} outlived the benchmark"
+
+
 def test_methods_chooses_the_switch_point_and_measures_drops_per_seed():
     methods = _methods_module()
 
