@@ -269,12 +269,13 @@ def test_methods_refuses_an_out_that_holds_its_runs_and_from_runs_without_any(tm
 
 def test_methods_stops_at_the_first_failed_run(tmp_path):
     """A run that fails stops the benchmark at once, naming the run and train.py's error: the queued runs are not
-    started (they ran to the end before the error was shown)."""
-    proc = _methods(tmp_path, "--methods", "grpo", "sft", "--jobs", "1", "--model.init_args.num_generations=1")
+    started (they ran to the end before the error was shown). Here the first start-checkpoint validation fails on
+    a flag train.py refuses, and the second seed's, queued behind it, never starts."""
+    proc = _methods(tmp_path, "--methods", "sft", "--seeds", "0", "1", "--jobs", "1", "--model.init_args.nosuch=1")
     assert proc.returncode != 0
-    assert "grpo-seed0 failed" in proc.stderr and "num_generations=1" in proc.stderr, proc.stderr[-2000:]
+    assert "validating embedded-instruct-0 failed" in proc.stderr and "nosuch" in proc.stderr, proc.stderr[-2000:]
     assert "`--from-runs` summarises" in proc.stderr
-    assert not (tmp_path / "runs" / "sft-seed0").exists(), "the queued run was not started"
+    assert not (tmp_path / "runs" / "start-instruct-seed1").exists(), "the queued run was not started"
 
 
 def test_methods_sigterm_ends_its_train_py_processes(tmp_path):
