@@ -112,6 +112,10 @@ class EngineReport(L.Callback):
                 if r.sampler_logp is not None
                 else None,
                 "sampled_logp_diff_mean": float(diff.mean()) if diff is not None and diff.numel() else None,
+                # groups of the rollout batch trained on whose advantages are all 0 (equal rewards)
+                "groups_without_signal": sum(
+                    bool((cycle["advantages"][gid == g] == 0).all()) for g in gid.unique().tolist()
+                ),
             }
         )
 
