@@ -189,7 +189,7 @@ def evaluate_start(
 ) -> dict:
     """The starting checkpoint's held-out numbers (val/accuracy, val/retention/<skill>, val/pass@k, ...) for
     ``seed``, from ``train.py validate`` (which also builds a base checkpoint on first use)."""
-    save_dir = out / "runs" / (f"start-{start}-seed{seed}" if start == "instruct" else f"start-{start}")
+    save_dir = start_dir(out, start, seed)
     args = [
         sys.executable,
         str(ROOT / "train.py"),
@@ -208,6 +208,16 @@ def evaluate_start(
     if code != 0:
         raise RuntimeError(f"validating {model_name(start, seed)} failed:\n{stderr[-3000:]}")
     return {k: v[-1][1] for k, v in read_scalars(save_dir).items() if k.startswith("val/")}
+
+
+def start_dir(out: Path, start: str, seed: int) -> Path:
+    """Where a starting checkpoint's validation goes: one per seed for ``instruct``, one for every seed else."""
+    return out / "runs" / (f"start-{start}-seed{seed}" if start == "instruct" else f"start-{start}")
+
+
+def switch_dirs(out: Path, seed: int) -> list[Path]:
+    """SFT-then-GRPO's run directories of ``seed`` already under ``out``, one per switch point run."""
+    return sorted((out / "runs").glob(f"sft_then_grpo-switch*-seed{seed}"))
 
 
 def run_dir(out: Path, method: str, seed: int, switch: float | None = None) -> Path:
@@ -366,7 +376,7 @@ def finished_runs(out: Path, methods: list[str], seeds: list[int], steps: int) -
             if m == "sft_then_grpo":  # one directory per switch point: sft_then_grpo-switch<share>-seed<seed>
                 found = [
                     (d, float(d.name.removeprefix(f"{m}-switch").removesuffix(f"-seed{seed}")))
-                    for d in sorted((out / "runs").glob(f"{m}-switch*-seed{seed}"))
+                    for d in switch_dirs(out, seed)
                 ]
             for save_dir, switch in found:
                 if not save_dir.exists():
@@ -554,6 +564,7 @@ def plot(runs: list[dict], methods: list[str], path: Path, start: dict | None = 
             ax.bar(x, statistics.mean(values), yerr=statistics.stdev(values) if len(values) > 1 else 0, **kw)
 
     skills = sorted({k for r in runs for k in r.get("retention_curves", {})})
+    cols = axes(runs, start or {})
     ks = sorted({int(k) for r in runs for k in r.get("final_pass", {})})
     width = 0.8 / max(len(ks), 1)
     shown = [m for m in methods if any(r["method"] == m for r in runs)]
@@ -576,14 +587,8 @@ def plot(runs: list[dict], methods: list[str], path: Path, start: dict | None = 
             ret = mean_curve(per_run)
             if ret:
                 ax2.plot(*zip(*ret), marker="o", ms=3, **kw)
-            drops = [
-                statistics.mean(
-                    start_of(per_seed(start or {}), r["seed"]).get(f"val/retention/{k}", float("nan"))
-                    - r["final_retention"].get(k, float("nan"))
-                    for k in skills
-                )
-                for r in rs
-            ]
+            # the table's drop columns (each run against its own seed's start), averaged over the skills
+            drops = [statistics.mean(cols[f"drop {k}"](r) for k in skills) for r in rs]
             bar(ax6, i, drops, color=colour)
         bar(ax3, i, [r["final_expert_nll_correct"] for r in rs], color=colour)
         for j, k in enumerate(ks):
@@ -649,7 +654,7 @@ def results(required: list[Future], submitted: list[Future]) -> list:
 def planned_dirs(out: Path, a: argparse.Namespace) -> list[Path]:
     """The run directories an invocation will write (SFT-then-GRPO's other seeds: any switch point)."""
     seeds = a.seeds if a.start == "instruct" else a.seeds[:1]
-    dirs = [out / "runs" / (f"start-{a.start}-seed{s}" if a.start == "instruct" else f"start-{a.start}") for s in seeds]
+    dirs = [start_dir(out, a.start, s) for s in seeds]
     for seed in a.seeds:
         for m in a.methods:
             if m != "sft_then_grpo":
@@ -657,7 +662,7 @@ def planned_dirs(out: Path, a: argparse.Namespace) -> list[Path]:
             elif seed == a.seeds[0]:
                 dirs += [run_dir(out, m, seed, share) for share in a.switch_points]
             else:
-                dirs += sorted((out / "runs").glob(f"{m}-switch*-seed{seed}")) or [run_dir(out, m, seed, 0.5)]
+                dirs += switch_dirs(out, seed) or [run_dir(out, m, seed, 0.5)]
     return dirs
 
 
@@ -818,8 +823,9 @@ def main() -> None:
             submitted += candidates + rest
             if tuning:
                 chosen = choose_switch(results(candidates, submitted))["switch"]
-                rest += [pool.submit(one, s, "sft_then_grpo", chosen) for s in a.seeds[1:]]
-                submitted += rest[-len(a.seeds[1:]) :] if a.seeds[1:] else []
+                later = [pool.submit(one, s, "sft_then_grpo", chosen) for s in a.seeds[1:]]
+                rest += later
+                submitted += later
             runs = results(candidates + rest, submitted)
         except BaseException:
             CHILDREN.stop()
